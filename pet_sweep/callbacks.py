@@ -1,0 +1,111 @@
+"""fastai callbacks that keep a trial's own history across both phases.
+
+fastai restarts ``learn.epoch`` at 0 and `Recorder` clears its values at every
+``fit``, so after freeze + unfreeze ``learn.recorder.values`` holds only the last
+phase. `EpochHistory` numbers epochs globally (0 .. freeze_epochs + epochs - 1)
+and hands each finished epoch to its listeners: the Optuna reporter (pruning),
+the MLflow logger and the progress display. optuna-integration's
+``FastAIV2PruningCallback`` reports ``step=self.epoch``, which repeats in the
+second phase (Optuna ignores repeated steps), so pet-sweep does not use it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from fastai.callback.core import Callback
+from fastai.learner import Recorder
+
+from pet_sweep.errors import TrainingDiverged
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One finished epoch, numbered across both phases."""
+
+    epoch: int
+    phase: str  # "frozen" or "unfrozen"
+    train_loss: float
+    valid_loss: float
+    error_rate: float
+    seconds: float
+
+
+EpochListener = Callable[[EpochRecord], None]
+
+
+class EpochHistory(Callback):
+    """Record every epoch with a global index and notify listeners.
+
+    Runs right after `Recorder` has written the epoch's values. A listener may
+    raise (``optuna.TrialPruned``) to stop training.
+    """
+
+    order = Recorder.order + 1
+
+    def __init__(self, listeners: list[EpochListener] | tuple[EpochListener, ...] = ()) -> None:
+        self.records: list[EpochRecord] = []
+        self.listeners = list(listeners)
+        self.phase = "frozen"
+        self._started = 0.0
+        # class predicted for each validation item in the last validation pass
+        # (the report's paired test compares trials on the same items)
+        self.valid_preds: list[int] = []
+        self.valid_targets: list[int] = []
+        self._preds: list[int] = []
+        self._targets: list[int] = []
+
+    def before_epoch(self) -> None:
+        self._started = time.perf_counter()
+
+    def before_validate(self) -> None:
+        self._preds, self._targets = [], []
+
+    def after_batch(self) -> None:
+        if not self.training and len(self.learn.yb):
+            self._preds.extend(self.learn.pred.argmax(dim=-1).tolist())
+            self._targets.extend(self.learn.yb[0].tolist())
+
+    def after_validate(self) -> None:
+        self.valid_preds, self.valid_targets = self._preds, self._targets
+
+    def after_epoch(self) -> None:
+        names = list(self.learn.recorder.metric_names[1:])  # drop "epoch"
+        values = dict(zip(names, self.learn.recorder.values[-1]))
+        record = EpochRecord(
+            epoch=len(self.records), phase=self.phase,
+            train_loss=float(values.get("train_loss", math.nan)),
+            valid_loss=float(values.get("valid_loss", math.nan)),
+            error_rate=float(values.get("error_rate", math.nan)),
+            seconds=time.perf_counter() - self._started,
+        )
+        self.records.append(record)
+        for listener in self.listeners:
+            listener(record)
+
+
+class StopOnNonFinite(Callback):
+    """Stop a trial whose training loss turns NaN or infinite, saying where.
+
+    Unlike fastai's `TerminateOnNaNCallback` (which cancels the fit silently and
+    lets the next phase start), this raises `TrainingDiverged` so the trial ends
+    with its reason recorded.
+    """
+
+    order = EpochHistory.order + 1
+
+    def __init__(self, history: EpochHistory) -> None:
+        self.history = history
+
+    def after_batch(self) -> None:
+        if not self.training:
+            return
+        loss = float(self.learn.loss.detach())
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"training loss became {loss} at epoch {len(self.history.records)} "
+                f"({self.history.phase} phase, batch {self.learn.iter}); the learning rate is likely too high")
+

@@ -1,0 +1,111 @@
+"""The `pet-sweep` command: thin click commands over the library.
+
+Each command parses its options, calls the library, and turns a
+`PetSweepError` into a one-line message with exit code 2. Heavy modules
+(torch, fastai, mlflow, optuna) are imported inside the commands, so
+`pet-sweep --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any, Callable
+
+import click
+
+from pet_sweep.config import DEFAULT_CONFIG, Experiment, load_experiment
+from pet_sweep.errors import PetSweepError
+
+
+class CliError(click.ClickException):
+    """A user-facing error: message on stderr, exit code 2."""
+
+    exit_code = 2
+
+
+def fail_clearly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's errors into `CliError` (exit code 2, no traceback)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PetSweepError as err:
+            raise CliError(str(err)) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*Consider using tensor.detach.*")
+
+
+config_option = click.option(
+    "--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+    type=click.Path(dir_okay=False), help="The experiments file.")
+
+
+def load(config_path: str, experiment: str | None, **overrides: Any) -> Experiment:
+    return load_experiment(config_path, experiment).with_overrides(**overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pet-sweep")
+def cli() -> None:
+    """Optuna sweeps of fastai fine-tunes (fastbook chapter 5), every trial logged to MLflow.
+
+    Start with `pet-sweep run` (the default experiment of ./experiments.yaml).
+    """
+
+
+@cli.command()
+@click.argument("experiment", required=False)
+@config_option
+@click.option("--n-trials", type=int, help="Trials to add to the study in this run (default: budget.n_trials).")
+@click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
+@click.option("--storage", help="Optuna storage URL (default: the experiment's `storage`).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the experiment's `tracking.uri`).")
+@click.option("--study-name", help="Optuna study name (default: the experiment's name).")
+@fail_clearly
+def run(experiment: str | None, config_path: str, n_trials: int | None, timeout: float | None,
+        storage: str | None, tracking_uri: str | None, study_name: str | None) -> None:
+    """Run or resume the sweep of EXPERIMENT (default: the file's `default`).
+
+    Running the same command again resumes the same study and adds trials to it.
+    """
+    exp = load(config_path, experiment, n_trials=n_trials, timeout=timeout, storage=storage,
+               tracking_uri=tracking_uri, study_name=study_name)
+    _quiet_libraries()
+    from pet_sweep.study import quiet_optuna, run_sweep
+    from pet_sweep.tracking import redact_url
+
+    quiet_optuna()
+    budget = exp.config.budget
+    click.echo(f"experiment   {exp.name}  ({exp.config_path})")
+    click.echo(f"study        {exp.study_name}  (+{budget.n_trials} trials"
+               + (f", timeout {budget.timeout:g}s" if budget.timeout else "") + ")")
+    click.echo(f"storage      {redact_url(exp.storage_url)}")
+    click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'")
+    try:
+        outcome = run_sweep(exp, echo=lambda line: click.echo(line))
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; resume with: pet-sweep run {exp.name}"
+                   + (f" --config {config_path}" if config_path != DEFAULT_CONFIG else ""), err=True)
+        sys.exit(130)
+    if outcome.best_trial is None:
+        click.echo("no trial completed")
+        return
+    click.echo(f"best         trial {outcome.best_trial}: error_rate {outcome.best_value:.4f}")
+    click.echo(f"next         pet-sweep report {exp.name}   |   mlflow ui --backend-store-uri {redact_url(exp.tracking_uri)}")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""experiments.yaml: named experiments, validated strictly. The only YAML reader.
+
+`load_experiment(path, name)` returns a frozen `Experiment`: the validated
+settings, the parsed search space, and where relative paths point (the
+directory of the experiments file, so a sweep started from anywhere uses the
+same stores and data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pet_sweep.errors import ConfigError
+from pet_sweep.space import SearchSpace, parse_space
+
+DEFAULT_CONFIG = "experiments.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where the images come from and how they are split."""
+
+    source: Literal["digits", "pets", "folder"]
+    path: str | None = None
+    label: Literal["parent", "regex"] | None = None
+    pattern: str | None = None
+    valid_pct: float = Field(0.2, gt=0, lt=1)
+    test_pct: float = Field(0.0, ge=0, lt=1)
+    split_seed: int = 42
+    item_size: int | None = Field(None, ge=8)
+    augment: bool = False
+    flip: bool = True
+    cache: bool | None = None
+    num_workers: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, ge=10)
+    bad_images: Literal["refuse", "skip"] = "refuse"
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.valid_pct + self.test_pct >= 1:
+            raise ValueError(f"valid_pct + test_pct must be < 1, but got {self.valid_pct} + {self.test_pct}")
+        if self.source == "folder" and not self.path:
+            raise ValueError("a `folder` data set needs `path`")
+        if self.label == "regex" and self.source == "folder" and not self.pattern:
+            raise ValueError("`label: regex` needs `pattern` (a regex with one group, matched on the file name)")
+        return self
+
+
+class ModelConfig(_Strict):
+    """Settings every trial shares."""
+
+    img_size: int = Field(224, ge=8)
+    batch_size: int = Field(64, ge=1)
+    pretrained: bool = True
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    weights: str | None = None
+
+
+class BudgetConfig(_Strict):
+    n_trials: int = Field(10, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    max_trials: int | None = Field(None, ge=1)
+
+
+class SamplerConfig(_Strict):
+    name: Literal["tpe", "random"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = Field(10, ge=0)
+
+
+class PrunerConfig(_Strict):
+    name: Literal["none", "median", "hyperband"] = "none"
+    n_startup_trials: int = Field(3, ge=0)
+    n_warmup_steps: int = Field(1, ge=0)
+    min_resource: int = Field(1, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+
+
+class TrackingConfig(_Strict):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None
+
+
+class ExperimentConfig(_Strict):
+    """One named experiment of experiments.yaml."""
+
+    description: str = ""
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    sweep: Union[str, dict[str, Any]]
+    budget: BudgetConfig = BudgetConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    pruner: PrunerConfig = PrunerConfig()
+    storage: str = "sqlite:///optuna.db"
+    study_name: str | None = None
+    tracking: TrackingConfig = TrackingConfig()
+    seed: int = 0
+    lr_find: bool = False
+
+
+class ExperimentsFile(_Strict):
+    default: str | None = None
+    experiments: dict[str, ExperimentConfig] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated experiment, ready to run."""
+
+    name: str
+    config: ExperimentConfig
+    space: SearchSpace
+    config_path: Path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.config_path.parent
+
+    @property
+    def study_name(self) -> str:
+        return self.config.study_name or self.name
+
+    @property
+    def storage_url(self) -> str:
+        return resolve_url(self.config.storage, self.base_dir)
+
+    @property
+    def tracking_uri(self) -> str:
+        return resolve_url(self.config.tracking.uri, self.base_dir)
+
+    @property
+    def tracking_experiment(self) -> str:
+        return self.config.tracking.experiment or f"pet-sweep/{self.name}"
+
+    def data_path(self) -> Path | None:
+        path = self.config.data.path
+        return None if path is None else (self.base_dir / Path(path).expanduser())
+
+    def with_overrides(self, *, n_trials: int | None = None, timeout: float | None = None,
+                       storage: str | None = None, tracking_uri: str | None = None,
+                       study_name: str | None = None) -> "Experiment":
+        """A copy with command-line overrides applied (None leaves a setting as it is)."""
+        cfg = self.config
+        budget = cfg.budget.model_copy(update={k: v for k, v in
+                                               {"n_trials": n_trials, "timeout": timeout}.items() if v is not None})
+        tracking = cfg.tracking.model_copy(update={"uri": tracking_uri} if tracking_uri else {})
+        update: dict[str, Any] = {"budget": budget, "tracking": tracking}
+        if storage:
+            update["storage"] = storage
+        if study_name:
+            update["study_name"] = study_name
+        if n_trials is not None and n_trials < 1:
+            raise ConfigError(f"--n-trials must be >= 1, but got {n_trials}")
+        return Experiment(self.name, cfg.model_copy(update=update), self.space, self.config_path)
+
+
+def resolve_url(url: str, base_dir: Path) -> str:
+    """Make a relative ``sqlite:///file.db`` path relative to the experiments file, not the shell."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        return prefix + str((base_dir / url[len(prefix):]).resolve())
+    return url
+
+
+def read_yaml(path: Path) -> Any:
+    """Read one YAML file; a missing file or bad syntax becomes a ConfigError naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=str(path)) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read: {err.strerror}", file=str(path)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"malformed YAML{where}: {problem}", file=str(path)) from None
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys of the model reached by walking `loc` (for 'unknown key' messages)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        if current is ExperimentsFile and part == "experiments":
+            current = "experiments"
+            continue
+        if current == "experiments":
+            current = ExperimentConfig
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        ann = getattr(field, "annotation", None)
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _config_error(err: ValidationError, file: Path, model: type[BaseModel]) -> ConfigError:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    experiment = None
+    if model is ExperimentsFile and len(loc) >= 2 and loc[0] == "experiments":
+        experiment, rest = str(loc[1]), loc[2:]
+    else:
+        rest = loc
+    key = ".".join(str(p) for p in rest if not (isinstance(p, str) and p.startswith("function-")))
+    if first["type"] == "extra_forbidden":
+        valid = _fields_at(model, loc[:-1])
+        msg = f"unknown key {loc[-1]!r}" + (f"; valid keys: {', '.join(valid)}" if valid else "")
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    else:
+        msg = f"{first['msg']}, but got {first.get('input')!r}"
+    return ConfigError(msg, file=str(file), experiment=experiment, key=key or None)
+
+
+def load_experiments_file(path: str | Path = DEFAULT_CONFIG) -> tuple[ExperimentsFile, Path]:
+    """Read and validate a whole experiments file."""
+    path = Path(path).expanduser().resolve()
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError("must be a mapping with `experiments:`", file=str(path))
+    try:
+        parsed = ExperimentsFile(**raw)
+    except ValidationError as err:
+        raise _config_error(err, path, ExperimentsFile) from None
+    except TypeError as err:
+        raise ConfigError(str(err), file=str(path)) from None
+    if parsed.default is not None and parsed.default not in parsed.experiments:
+        raise ConfigError(f"default experiment {parsed.default!r} is not defined; valid choices: "
+                          f"{', '.join(parsed.experiments)}", file=str(path), key="default")
+    return parsed, path
+
+
+def experiment_names(path: str | Path = DEFAULT_CONFIG) -> list[str]:
+    parsed, _ = load_experiments_file(path)
+    return list(parsed.experiments)
+
+
+def load_space(sweep: Union[str, dict[str, Any]], base_dir: Path, *, file: str, experiment: str) -> SearchSpace:
+    """Read a search space from its file under sweeps/ (or inline in the experiment)."""
+    if isinstance(sweep, dict):
+        raw, where, prefix = sweep, file, "sweep."
+    else:
+        space_path = (base_dir / sweep).resolve()
+        raw, where, prefix = read_yaml(space_path), str(space_path), ""
+    try:
+        return parse_space(raw)
+    except ConfigError as err:
+        raise ConfigError(err.reason, file=where,
+                          experiment=experiment, key=(prefix + err.key) if err.key else None) from None
+
+
+def load_experiment(path: str | Path = DEFAULT_CONFIG, name: str | None = None) -> Experiment:
+    """Load one experiment (the file's `default`, or the only one, when `name` is None)."""
+    parsed, path = load_experiments_file(path)
+    names = list(parsed.experiments)
+    if name is None:
+        if parsed.default is None and len(names) > 1:
+            raise ConfigError(f"no experiment named and no `default:`; valid choices: {', '.join(names)}",
+                              file=str(path))
+        name = parsed.default or names[0]
+    if name not in parsed.experiments:
+        raise ConfigError(f"unknown experiment {name!r}; valid choices: {', '.join(names)}", file=str(path))
+    cfg = parsed.experiments[name]
+    space = load_space(cfg.sweep, path.parent, file=str(path), experiment=name)
+    return Experiment(name=name, config=cfg, space=space, config_path=path)

@@ -1,0 +1,223 @@
+"""DataLoaders for the three data sets: digits (embedded), pets (Oxford-IIIT Pet), folder.
+
+Knows nothing of Optuna or MLflow. A process builds its DataLoaders once and every
+trial of that process reuses them; with ``cache`` on (the default for digits) the
+decoded images stay in memory, so no trial decodes a file twice.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pet_sweep.config import DataConfig, Experiment, ModelConfig
+from pet_sweep.errors import DataError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+DIGITS_PATTERN = r"^(\d+)_\d+\.png$"
+PETS_PATTERN = r"^(.+)_\d+.jpg$"  # fastbook's regex for Oxford-IIIT Pet file names
+
+
+def cache_dir() -> Path:
+    """Where pet-sweep keeps materialised data ($PET_SWEEP_CACHE, else ~/.cache/pet-sweep)."""
+    return Path(os.environ.get("PET_SWEEP_CACHE") or Path.home() / ".cache" / "pet-sweep")
+
+
+def digits_folder(root: Path | None = None) -> Path:
+    """scikit-learn's 1,797 8x8 digits as ``<label>_<n>.png`` files, written once.
+
+    Written into a temporary folder and renamed into place, so a crash never
+    leaves a half-written data set behind.
+    """
+    target = (root or cache_dir()) / "digits"
+    if target.is_dir() and len(list(target.glob("*.png"))) == 1797:
+        return target
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=target.parent))
+    for n, (image, label) in enumerate(zip(digits.images, digits.target)):
+        pixels = np.clip(image * (255.0 / 16.0), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(tmp / f"{label}_{n}.png")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A fixed, seeded partition of the items. `test` is never seen by any trial."""
+
+    train: tuple[Path, ...]
+    valid: tuple[Path, ...]
+    test: tuple[Path, ...]
+
+
+def split_items(items: list[Path], valid_pct: float, test_pct: float, seed: int) -> Splits:
+    """Seeded split that depends only on the file names, not on listing order."""
+    ordered = sorted(items, key=lambda p: p.name)
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    n_test = int(round(len(ordered) * test_pct))
+    n_valid = int(round(len(ordered) * valid_pct))
+    pick = [ordered[i] for i in order]
+    test, valid, train = pick[:n_test], pick[n_test:n_test + n_valid], pick[n_test + n_valid:]
+    return Splits(tuple(train), tuple(valid), tuple(test))
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def find_bad_images(paths: list[Path]) -> list[Path]:
+    """Files that PIL cannot open and decode."""
+    from PIL import Image
+
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except Exception:  # PIL raises many types for a corrupt file; all mean "unreadable"
+            bad.append(path)
+    return bad
+
+
+def _source(data: DataConfig, exp: Experiment) -> tuple[Path, Callable[[Path], str], list[Path]]:
+    """The image folder, the labelling function and the item list of a data config."""
+    if data.source == "digits":
+        folder = digits_folder()
+        pattern: str | None = DIGITS_PATTERN
+    elif data.source == "pets":
+        given = exp.data_path()
+        if given is None:
+            from fastai.data.external import URLs, untar_data  # needs the network the first time
+
+            given = untar_data(URLs.PETS)
+        folder = given / "images" if (given / "images").is_dir() else given
+        pattern = data.pattern or PETS_PATTERN
+    else:
+        folder = exp.data_path()
+        pattern = data.pattern if data.label == "regex" else None
+    if folder is None or not folder.is_dir():
+        raise DataError(f"{exp.config_path}: experiment '{exp.name}': key 'data.path': "
+                        f"folder not found: {folder}")
+    items = image_files(folder)
+    if pattern is None:
+        def label(path: Path) -> str:
+            return path.parent.name
+    else:
+        regex = re.compile(pattern)
+
+        def label(path: Path) -> str:
+            match = regex.search(path.name)
+            if match is None:
+                raise DataError(f"file name {path.name!r} does not match the label pattern {pattern!r}")
+            return match.group(1)
+
+        unmatched = [p for p in items if regex.search(p.name) is None]
+        if unmatched:
+            raise DataError(f"{exp.config_path}: experiment '{exp.name}': key 'data.pattern': "
+                            f"{len(unmatched)} file(s) do not match {pattern!r}, first: {unmatched[0]}")
+    if not items:
+        raise DataError(f"{exp.config_path}: experiment '{exp.name}': no images found in {folder}")
+    return folder, label, items
+
+
+def check_images(items: list[Path], data: DataConfig, where: str) -> list[Path]:
+    """Find unreadable images before any training; refuse or skip them as configured."""
+    bad = find_bad_images(items)
+    if not bad:
+        return items
+    first = ", ".join(str(p) for p in bad[:3])
+    if data.bad_images == "refuse":
+        raise DataError(f"{where}: {len(bad)} unreadable image(s), first: {first}; fix or remove them,"
+                        " or set `data.bad_images: skip`")
+    print(f"pet-sweep: skipping {len(bad)} unreadable image(s), first: {first}")
+    bad_set = set(bad)
+    return [p for p in items if p not in bad_set]
+
+
+class ImageCache:
+    """Path -> decoded image, each file decoded once per process."""
+
+    def __init__(self) -> None:
+        self._images: dict[Path, Any] = {}
+
+    def __call__(self, path: Path) -> Any:
+        image = self._images.get(path)
+        if image is None:
+            from fastai.vision.core import PILImage
+
+            image = self._images[path] = PILImage.create(path)
+            image.load()
+        return image
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """What a worker builds once and every trial reuses."""
+
+    dls: Any  # fastai DataLoaders
+    splits: Splits
+    vocab: tuple[str, ...]
+    label: Callable[[Path], str]
+
+    @property
+    def n_valid(self) -> int:
+        return len(self.splits.valid)
+
+
+def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = None) -> DataBundle:
+    """Build the experiment's DataLoaders (train + valid); the test split is kept aside."""
+    from fastai.data.block import CategoryBlock, DataBlock
+    from fastai.data.transforms import IndexSplitter
+    from fastai.vision.augment import Resize, aug_transforms
+    from fastai.vision.data import ImageBlock
+
+    data, model = exp.config.data, model or exp.config.model
+    _, label, items = _source(data, exp)
+    if data.limit:
+        items = sorted(items, key=lambda p: p.name)
+        items = [items[i] for i in np.random.default_rng(data.split_seed).permutation(len(items))[:data.limit]]
+    if data.source != "digits":
+        items = check_images(items, data, f"{exp.config_path}: experiment '{exp.name}'")
+    splits = split_items(items, data.valid_pct, data.test_pct, data.split_seed)
+    cache = data.cache if data.cache is not None else data.source == "digits"
+    num_workers = data.num_workers if data.num_workers is not None else (0 if cache else min(8, os.cpu_count() or 1))
+
+    if data.augment:
+        item_tfms = [Resize(data.item_size or int(model.img_size * 460 / 224))]
+        batch_tfms = aug_transforms(size=model.img_size, min_scale=0.75, do_flip=data.flip)
+    else:
+        item_tfms = [Resize(model.img_size)]
+        batch_tfms = None
+    train_valid = list(splits.train) + list(splits.valid)
+    valid_idx = list(range(len(splits.train), len(train_valid)))
+    block = DataBlock(
+        blocks=(ImageBlock, CategoryBlock),
+        get_x=ImageCache() if cache else None,
+        get_y=label,
+        splitter=IndexSplitter(valid_idx),
+        item_tfms=item_tfms,
+        batch_tfms=batch_tfms,
+    )
+    dls = block.dataloaders(train_valid, bs=model.batch_size, num_workers=num_workers, device=device)
+    vocab = tuple(str(v) for v in dls.vocab)
+    missing = sorted({label(p) for p in splits.valid} - set(vocab))
+    if missing:
+        raise DataError(f"{exp.config_path}: experiment '{exp.name}': classes {missing} appear only in the "
+                        "validation split; use more data or a different split_seed")
+    return DataBundle(dls=dls, splits=splits, vocab=vocab, label=label)

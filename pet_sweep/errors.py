@@ -1,0 +1,46 @@
+"""The one error family of pet-sweep.
+
+The CLI turns any `PetSweepError` into a one-line message and exit code 2;
+everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PetSweepError(Exception):
+    """Root of every error pet-sweep raises on purpose."""
+
+
+class ConfigError(PetSweepError):
+    """A config file, experiment or search space is invalid.
+
+    The message names the file, the experiment and the dotted key path.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None,
+                 experiment: str | None = None, key: str | None = None) -> None:
+        self.reason, self.file, self.experiment, self.key = message, file, experiment, key
+        where = []
+        if file:
+            where.append(str(file))
+        if experiment:
+            where.append(f"experiment '{experiment}'")
+        if key:
+            where.append(f"key '{key}'")
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+class DataError(PetSweepError):
+    """A data set cannot be found or read."""
+
+
+class StudyError(PetSweepError):
+    """A study or its tracking store is missing or unusable."""
+
+
+class TrainingDiverged(PetSweepError):
+    """The training loss became NaN or infinite."""
+
+
+class TrialFailed(PetSweepError):
+    """A trial failed for a reason that should not stop the sweep (out of memory, ...)."""

@@ -1,0 +1,190 @@
+"""The fine-tune recipe of fastbook chapter 5: the only module that drives fastai training.
+
+    learn = vision_learner(dls, arch, pretrained=..., metrics=error_rate)
+    [fp16 on CUDA: learn.to_fp16()]
+    learn.freeze();   learn.fit_one_cycle(freeze_epochs, base_lr)        # head only
+    learn.unfreeze(); learn.fit_one_cycle(epochs, lr_max=slice(lo, hi))  # discriminative LRs
+
+`fine_tune` below is exactly that, readable top to bottom.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+# fastai adds fit_one_cycle, lr_find, to_fp16 and no_bar to Learner in these modules
+import fastai.callback.fp16  # noqa: F401
+import fastai.callback.progress  # noqa: F401
+import fastai.callback.schedule  # noqa: F401
+from fastai.metrics import error_rate
+from fastai.torch_core import set_seed
+from fastai.vision.learner import model_meta, vision_learner
+
+from pet_sweep.callbacks import EpochHistory, EpochListener, EpochRecord, StopOnNonFinite
+from pet_sweep.config import ModelConfig
+from pet_sweep.errors import PetSweepError
+from pet_sweep.space import ARCHITECTURES, TrialParams
+
+
+@dataclass
+class FineTuneResult:
+    """What one fine-tune produced."""
+
+    history: list[EpochRecord]
+    precision: str  # the precision that really ran: fp32 on a CPU whatever was asked
+    device: str
+    seconds: float
+    valid_preds: list[int] = field(default_factory=list)
+    valid_targets: list[int] = field(default_factory=list)
+    learner: Any = None  # kept only when asked (for export)
+
+    @property
+    def error_rate(self) -> float:
+        return self.history[-1].error_rate if self.history else float("nan")
+
+
+def resolve_arch(name: str, weights: str | None = None) -> Any:
+    """Architecture name -> what `vision_learner` takes (a torchvision/fastai function, or a timm name).
+
+    With `weights` (a local checkpoint of the full torchvision model), the returned
+    function builds the model and loads that file: pretrained weights with no hub.
+    """
+    if name.startswith("xresnet"):
+        from fastai.vision.models import xresnet
+
+        arch = getattr(xresnet, name)
+    elif name in ARCHITECTURES:
+        import torchvision.models
+
+        arch = getattr(torchvision.models, name)
+    else:
+        return name  # fastai hands unknown names to timm
+    if weights is None:
+        return arch
+    return _local_weights_arch(arch, str(Path(weights).expanduser()))
+
+
+@functools.lru_cache(maxsize=None)
+def _local_weights_arch(arch: Any, path: str) -> Any:
+    def build(pretrained: bool = True, **_: Any) -> torch.nn.Module:
+        model = arch(weights=None)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise PetSweepError(f"model.weights: checkpoint not found: {path}") from None
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise PetSweepError(f"model.weights: {path} does not fit {arch.__name__}: {str(err)[:300]}") from None
+        return model
+
+    build.__name__ = f"{arch.__name__}_local"
+    # model_meta is fastai's registry of how to cut, split and normalise an
+    # architecture; the local-weights builder is the same model as `arch`.
+    model_meta[build] = {k: v for k, v in model_meta.get(arch, {}).items() if k != "weights"}
+    return build
+
+
+@functools.lru_cache(maxsize=None)
+def _notice(message: str) -> None:
+    """Print a notice once per process."""
+    print(f"pet-sweep: {message}", file=sys.stderr)
+
+
+def precision_for(requested: str, device: Any) -> str:
+    """The precision that really runs: mixed precision only on CUDA, fp32 elsewhere."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    wanted = ("fp16" if cuda else "fp32") if requested == "auto" else requested
+    if wanted in ("fp16", "bf16") and not cuda:
+        _notice(f"{wanted} needs a CUDA GPU; training runs in fp32 on this machine")
+        return "fp32"
+    return wanted
+
+
+def apply_precision(learn: Any, requested: str) -> str:
+    """Switch on mixed precision where it can run; return the precision that really runs."""
+    wanted = precision_for(requested, learn.dls.device)
+    if wanted == "fp16":
+        learn.to_fp16()
+    elif wanted == "bf16":
+        learn.to_bf16()
+    return wanted
+
+
+def create_learner(dls: Any, arch: str, model: ModelConfig, path: Path) -> Any:
+    """`vision_learner` with pet-sweep's settings; a missing weight file becomes a clear error."""
+    pretrained = model.pretrained or model.weights is not None
+    try:
+        return vision_learner(dls, resolve_arch(arch, model.weights), pretrained=pretrained,
+                              metrics=error_rate, path=path)
+    except OSError as err:  # urllib's URLError is an OSError: weights not cached and no network
+        if not pretrained:
+            raise
+        raise PetSweepError(
+            f"pretrained weights for {arch} are not in the torch cache and could not be downloaded ({err}); "
+            "run once with network access, set TORCH_HOME to a cache that holds them, "
+            "set `model.weights` to a local checkpoint, or `model.pretrained: false`") from None
+
+
+def reseed(dls: Any, seed: int) -> None:
+    """Seed torch/numpy/random and the DataLoaders' own shuffling RNG.
+
+    fastai's DataLoader keeps a `random.Random` made when it was built, so without
+    this a trial's batches would depend on what the process trained before it.
+    """
+    set_seed(seed, reproducible=True)
+    for i, dl in enumerate(dls.loaders):
+        dl.rng = random.Random(seed + i)
+
+
+def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
+              listeners: Sequence[EpochListener] = (), keep_learner: bool = False) -> FineTuneResult:
+    """Run the chapter-5 recipe once. Listeners see every epoch (global numbering)."""
+    started = time.perf_counter()
+    reseed(dls, seed)
+    workdir = tempfile.TemporaryDirectory(prefix="pet-sweep-")
+    learn = create_learner(dls, params.arch, model, Path(workdir.name))
+    try:
+        precision = apply_precision(learn, model.precision)
+        history = EpochHistory(listeners)
+        learn.add_cbs([history, StopOnNonFinite(history)])
+        with learn.no_bar(), learn.no_logging():
+            if params.freeze_epochs > 0:
+                learn.freeze()
+                learn.fit_one_cycle(params.freeze_epochs, params.base_lr)
+            history.phase = "unfrozen"
+            learn.unfreeze()
+            learn.fit_one_cycle(params.epochs, lr_max=slice(params.lr_lo, params.lr_hi))
+        return FineTuneResult(
+            history=list(history.records), precision=precision, device=str(dls.device),
+            seconds=time.perf_counter() - started, valid_preds=history.valid_preds,
+            valid_targets=history.valid_targets, learner=learn if keep_learner else None)
+    finally:
+        if not keep_learner:
+            release(learn)
+        workdir.cleanup()
+
+
+def release(learn: Any) -> None:
+    """Free a learner's model, optimizer and the CUDA cache between trials."""
+    learn.remove_cbs(list(learn.cbs))
+    learn.opt = None
+    learn.model = None
+    del learn
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def unfrozen_lrs(learn: Any) -> list[float]:
+    """The learning rate of each parameter group (what `slice(lo, hi)` became)."""
+    return [float(h["lr"]) for h in learn.opt.hypers]

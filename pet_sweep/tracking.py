@@ -1,0 +1,176 @@
+"""MLflow at the edge: one experiment per pet-sweep experiment, one parent run per
+study (the sweep), one nested child run ``trial-<n>`` per Optuna trial.
+
+Everything goes through `MlflowClient` with explicit run ids, never the
+fluent ``mlflow.start_run`` stack, so several workers in one process tree, or
+a crash in the middle of a trial, cannot leave the wrong run active.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from pet_sweep.callbacks import EpochRecord
+
+# MLflow run statuses for Optuna trial states: a pruned trial was stopped on
+# purpose (KILLED), a failed one FAILED; no trial run is ever left RUNNING.
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+RUN_ID_ATTR = "mlflow_run_id"
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a database or server URL (``postgresql://u:***@host/db``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+def _quiet_mlflow() -> None:
+    # MLflow's alembic migrations log a dozen INFO lines the first time a store is used.
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Tracker:
+    """Writes a sweep and its trials to one MLflow tracking store."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str) -> None:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        _quiet_mlflow()
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        existing = self.client.get_experiment_by_name(experiment_name)
+        if existing is None:
+            try:
+                self.experiment_id = self.client.create_experiment(experiment_name)
+            except MlflowException:  # another worker created it first
+                self.experiment_id = self.client.get_experiment_by_name(experiment_name).experiment_id
+        else:
+            self.experiment_id = existing.experiment_id
+        self.experiment_name = experiment_name
+
+    # -- the sweep (parent run) ------------------------------------------------
+
+    def sweep_run(self, study_name: str, settings: Mapping[str, Any], run_id: str | None = None) -> str:
+        """Reuse the study's parent run (resume, other workers) or create it."""
+        from mlflow.entities import RunStatus
+
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+            except Exception:  # the id comes from another store (overridden --tracking-uri)
+                run = None
+            if run is not None and run.info.experiment_id == self.experiment_id:
+                if run.info.status != "RUNNING":
+                    self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+                return run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"sweep-{study_name}",
+            tags={"pet_sweep.role": "sweep", "pet_sweep.study": study_name})
+        self.log_params(run.info.run_id, settings)
+        return run.info.run_id
+
+    def update_sweep(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str] = ()) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)],
+            tags=[RunTag(k, str(v)) for k, v in dict(tags).items()])
+
+    def finish_sweep(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    # -- trials (child runs) ---------------------------------------------------
+
+    def start_trial(self, parent_run_id: str, study_name: str, number: int,
+                    params: Mapping[str, Any], tags: Mapping[str, str] = ()) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"trial-{number}",
+            tags={"mlflow.parentRunId": parent_run_id, "pet_sweep.role": "trial",
+                  "pet_sweep.study": study_name, "optuna.trial": str(number),
+                  "optuna.state": "RUNNING", **dict(tags)})
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def epoch_logger(self, run_id: str) -> "EpochLogger":
+        return EpochLogger(self.client, run_id)
+
+    def finish_trial(self, run_id: str, state: str, metrics: Mapping[str, float] = (),
+                     tags: Mapping[str, str] = (), artifacts: Iterable[Path] = ()) -> None:
+        """Final metrics, tags and artifacts, then close the run with the status of `state`."""
+        self.update_sweep(run_id, dict(metrics), {"optuna.state": state, **dict(tags)})
+        for path in artifacts:
+            self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(run_id, params=[Param(k, _param_text(v)) for k, v in params.items()])
+
+    def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+        for path in paths:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def close_stale_runs(self, study_name: str, running_trials: set[int], state_of: Mapping[int, str]) -> int:
+        """Close trial runs left RUNNING by a dead worker, using Optuna's final state."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`pet_sweep.study` = '{study_name}' and tags.`pet_sweep.role` = 'trial'"
+                          " and attributes.status = 'RUNNING'")
+        closed = 0
+        for run in runs:
+            number = int(run.data.tags.get("optuna.trial", -1))
+            if number in running_trials:
+                continue
+            state = state_of.get(number, "FAIL")
+            self.client.set_tag(run.info.run_id, "optuna.state", state)
+            self.client.set_terminated(run.info.run_id, status=RUN_STATUS.get(state, "FAILED"))
+            closed += 1
+        return closed
+
+
+class EpochLogger:
+    """Epoch listener: log train/valid loss and error rate at step = global epoch."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    def __call__(self, record: EpochRecord) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = {"train_loss": record.train_loss, "valid_loss": record.valid_loss,
+                  "error_rate": record.error_rate, "epoch_seconds": record.seconds}
+        self.client.log_batch(self.run_id, metrics=[
+            Metric(k, float(v), now, record.epoch) for k, v in values.items() if _finite(v)])
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _param_text(value: Any) -> str:
+    text = redact_url(value) if isinstance(value, str) else str(value)
+    return text[:6000]
