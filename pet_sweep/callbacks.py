@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 from fastai.callback.core import Callback
+from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Recorder
 
 from pet_sweep.errors import TrainingDiverged
@@ -57,6 +59,16 @@ class EpochHistory(Callback):
         self.valid_targets: list[int] = []
         self._preds: list[int] = []
         self._targets: list[int] = []
+        # lr_max of each parameter group per phase: what `slice(lo, hi)` became
+        self.group_lrs: dict[str, list[float]] = {}
+
+    def before_fit(self) -> None:
+        # fit_one_cycle hands its per-group lr_max to a ParamScheduler; the schedule
+        # peaks at lr_max (pct_start is on this grid for fastai's defaults).
+        sched = next((cb.scheds.get("lr") for cb in self.learn.cbs if isinstance(cb, ParamScheduler)), None)
+        if sched is not None:
+            peaks = np.max([np.atleast_1d(sched(pos)) for pos in np.linspace(0, 1, 401)], axis=0)
+            self.group_lrs[self.phase] = [float(v) for v in peaks]
 
     def before_epoch(self) -> None:
         self._started = time.perf_counter()

@@ -195,6 +195,10 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
     if data.source != "digits":
         items = check_images(items, data, f"{exp.config_path}: experiment '{exp.name}'")
     splits = split_items(items, data.valid_pct, data.test_pct, data.split_seed)
+    if len(splits.train) < model.batch_size:
+        # fastai drops the last partial training batch: fewer items than a batch means no training at all
+        raise DataError(f"{exp.config_path}: experiment '{exp.name}': key 'model.batch_size': "
+                        f"{model.batch_size} is larger than the training split ({len(splits.train)} items)")
     cache = data.cache if data.cache is not None else data.source == "digits"
     num_workers = data.num_workers if data.num_workers is not None else (0 if cache else min(8, os.cpu_count() or 1))
 

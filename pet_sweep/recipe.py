@@ -45,6 +45,7 @@ class FineTuneResult:
     seconds: float
     valid_preds: list[int] = field(default_factory=list)
     valid_targets: list[int] = field(default_factory=list)
+    group_lrs: dict[str, list[float]] = field(default_factory=dict)
     learner: Any = None  # kept only when asked (for export)
 
     @property
@@ -167,7 +168,7 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
         return FineTuneResult(
             history=list(history.records), precision=precision, device=str(dls.device),
             seconds=time.perf_counter() - started, valid_preds=history.valid_preds,
-            valid_targets=history.valid_targets, learner=learn if keep_learner else None)
+            valid_targets=history.valid_targets, group_lrs=history.group_lrs, learner=learn if keep_learner else None)
     finally:
         if not keep_learner:
             release(learn)
@@ -184,7 +185,3 @@ def release(learn: Any) -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-def unfrozen_lrs(learn: Any) -> list[float]:
-    """The learning rate of each parameter group (what `slice(lo, hi)` became)."""
-    return [float(h["lr"]) for h in learn.opt.hypers]

@@ -1,0 +1,99 @@
+"""Data sets: digits materialised once, seeded splits, a pets-shaped folder, user folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pet_sweep.config import load_experiment
+from pet_sweep.data import build_data, digits_folder, split_items
+from pet_sweep.errors import DataError
+
+
+def test_digits_written_once_with_label_names(tmp_path: Path) -> None:
+    folder = digits_folder(tmp_path)
+    files = sorted(folder.glob("*.png"))
+    assert len(files) == 1797
+    labels = {f.name.split("_")[0] for f in files}
+    assert labels == {str(d) for d in range(10)}
+    stamp = files[0].stat().st_mtime_ns
+    assert digits_folder(tmp_path) == folder and files[0].stat().st_mtime_ns == stamp  # not rewritten
+    assert Image.open(files[0]).size == (8, 8)
+
+
+def test_split_is_seeded_disjoint_and_order_free() -> None:
+    items = [Path(f"{i % 10}_{i}.png") for i in range(1000)]
+    a = split_items(items, 0.2, 0.1, seed=7)
+    b = split_items(list(reversed(items)), 0.2, 0.1, seed=7)
+    assert a == b
+    assert (len(a.train), len(a.valid), len(a.test)) == (700, 200, 100)
+    assert not (set(a.train) & set(a.valid)) and not (set(a.test) & set(a.train + a.valid))
+    assert split_items(items, 0.2, 0.1, seed=8).valid != a.valid
+
+
+def test_digits_dataloaders_keep_test_aside(write_experiments) -> None:
+    exp = load_experiment(write_experiments())
+    data = build_data(exp)
+    assert data.vocab == tuple(str(d) for d in range(10))
+    assert (len(data.splits.train), len(data.splits.valid), len(data.splits.test)) == (210, 60, 30)
+    assert len(data.dls.valid_ds) == 60 and len(data.dls.train_ds) == 210
+    xb, yb = data.dls.one_batch()
+    assert tuple(xb.shape[1:]) == (3, 16, 16)
+    valid_names = {p.name for p in data.splits.valid}
+    assert not valid_names & {p.name for p in data.splits.test}
+
+
+def _pets_folder(root: Path, breeds: dict[str, int]) -> Path:
+    images = root / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for breed, n in breeds.items():
+        for i in range(1, n + 1):
+            pixels = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(images / f"{breed}_{i}.jpg")
+    return root
+
+
+def test_pets_shaped_folder_labels_by_fastbook_regex(write_experiments, tmp_path: Path) -> None:
+    _pets_folder(tmp_path / "pets", {"Abyssinian": 8, "great_pyrenees": 8, "Bengal": 8})
+    path = write_experiments(data={"source": "pets", "path": "pets", "test_pct": 0.0, "limit": None,
+                                   "augment": True, "item_size": 24}, model={"batch_size": 8})
+    data = build_data(load_experiment(path))
+    assert set(data.vocab) == {"Abyssinian", "great_pyrenees", "Bengal"}
+    xb, _ = data.dls.one_batch()
+    assert tuple(xb.shape[1:]) == (3, 16, 16)
+
+
+def test_folder_with_parent_labels(write_experiments, tmp_path: Path) -> None:
+    for cls in ("cats", "dogs"):
+        (tmp_path / "mine" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (12, 12), (i * 20, 0, 0)).save(tmp_path / "mine" / cls / f"{i}.png")
+    path = write_experiments(data={"source": "folder", "path": "mine", "label": "parent", "test_pct": 0.0,
+                                   "limit": None}, model={"batch_size": 8})
+    data = build_data(load_experiment(path))
+    assert data.vocab == ("cats", "dogs")
+
+
+def test_missing_folder_names_key(write_experiments) -> None:
+    path = write_experiments(data={"source": "folder", "path": "nowhere", "label": "parent"})
+    with pytest.raises(DataError, match="data.path.*folder not found"):
+        build_data(load_experiment(path))
+
+
+def test_regex_that_does_not_match(write_experiments, tmp_path: Path) -> None:
+    _pets_folder(tmp_path / "pets", {"Abyssinian": 4})
+    (tmp_path / "pets" / "images" / "README.png").write_bytes((tmp_path / "pets" / "images" / "Abyssinian_1.jpg").read_bytes())
+    path = write_experiments(data={"source": "folder", "path": "pets", "label": "regex",
+                                   "pattern": r"^(.+)_\d+\.jpg$", "limit": None})
+    with pytest.raises(DataError, match=r"data.pattern.*1 file\(s\) do not match.*README.png"):
+        build_data(load_experiment(path))
+
+
+def test_batch_larger_than_training_split(write_experiments) -> None:
+    path = write_experiments(model={"batch_size": 512})
+    with pytest.raises(DataError, match="model.batch_size.*512 is larger than the training split"):
+        build_data(load_experiment(path))

@@ -1,0 +1,170 @@
+"""`pet-sweep run` end to end on a tiny digits study: Optuna storage, MLflow structure, resume, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from pet_sweep.cli import cli
+from pet_sweep.config import load_experiment
+
+
+def _invoke(*args: str):
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory):
+    """One 2-trial sweep, shared by the read-only checks below."""
+    import yaml
+
+    from tests.conftest import TINY_SPACE, tiny_experiment
+
+    folder = tmp_path_factory.mktemp("sweep")
+    (folder / "sweeps").mkdir()
+    space = {**TINY_SPACE, "lr_hi": {"low": 3e-3, "high": 3e-2, "log": True}}
+    (folder / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(space))
+    (folder / "experiments.yaml").write_text(
+        yaml.safe_dump({"default": "tiny", "experiments": {"tiny": tiny_experiment()}}))
+    result = CliRunner().invoke(cli, ["run", "--config", str(folder / "experiments.yaml")],
+                                catch_exceptions=False)
+    return folder, load_experiment(folder / "experiments.yaml"), result
+
+
+def test_run_prints_where_things_go_and_one_line_per_trial(swept) -> None:
+    folder, exp, result = swept
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "experiment   tiny" in out and "study        tiny" in out
+    assert exp.storage_url in out and exp.tracking_uri in out
+    lines = [line for line in out.splitlines() if line.startswith("trial ")]
+    assert len(lines) == 2 and all("COMPLETE" in line and "error_rate=" in line for line in lines)
+    assert "best         trial" in out
+    assert "%|" not in out and "epoch     train_loss" not in out  # no fastai bars or tables
+
+
+def test_optuna_storage_holds_trials_with_history(swept) -> None:
+    _, exp, _ = swept
+    study = optuna.load_study(study_name="tiny", storage=exp.storage_url)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for t in trials:
+        history = t.user_attrs["history"]
+        assert [h["epoch"] for h in history] == [0, 1]
+        assert [h["phase"] for h in history] == ["frozen", "unfrozen"]
+        assert t.value == pytest.approx(history[-1]["error_rate"])
+        assert sorted(t.intermediate_values) == [0, 1]  # reported at the global epoch
+        assert t.user_attrs["params"]["arch"] == "resnet18" and t.user_attrs["precision"] == "fp32"
+        assert len(t.user_attrs["valid_preds"]) == 60
+
+
+def test_mlflow_parent_and_nested_trial_runs(swept) -> None:
+    _, exp, _ = swept
+    client = MlflowClient(tracking_uri=exp.tracking_uri)
+    experiment = client.get_experiment_by_name("pet-sweep/tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("pet_sweep.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("pet_sweep.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep-tiny"
+    assert "best_error_rate" in parent.data.metrics and parent.data.params["n_trials"] == "2"
+    study = optuna.load_study(study_name="tiny", storage=exp.storage_url)
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    by_name = {r.info.run_name: r for r in children}
+    assert set(by_name) == {"trial-0", "trial-1"}
+    for trial in study.get_trials():
+        run = by_name[f"trial-{trial.number}"]
+        assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "COMPLETE"
+        assert run.data.tags["arch"] == "resnet18"
+        for key in ("arch", "base_lr", "lr_lo", "lr_hi", "freeze_epochs", "epochs", "precision",
+                    "img_size", "batch_size", "pretrained", "seed"):
+            assert key in run.data.params, key
+        assert float(run.data.params["lr_lo"]) <= float(run.data.params["lr_hi"])
+        for metric in ("train_loss", "valid_loss", "error_rate"):
+            history = client.get_metric_history(run.info.run_id, metric)
+            assert sorted(m.step for m in history) == [0, 1]  # freeze_epochs + epochs, global steps
+        assert run.data.metrics["final_error_rate"] == pytest.approx(trial.value)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"trial_config.yaml", "loss_curve.png"} <= artifacts
+    png = client.download_artifacts(children[0].info.run_id, "loss_curve.png")
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_optuna_cli_lists_the_trials(swept) -> None:
+    _, exp, _ = swept
+    optuna_cli = Path(sys.executable).parent / "optuna"
+    out = subprocess.run([str(optuna_cli), "trials", "--study-name", "tiny", "--storage", exp.storage_url,
+                          "-f", "yaml"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("state: COMPLETE") == 2 and "lr_hi:" in out.stdout
+
+
+def test_resume_adds_trials_to_the_same_study(write_experiments) -> None:
+    path = write_experiments(budget={"n_trials": 1})
+    assert _invoke("run", "--config", str(path)).exit_code == 0
+    second = _invoke("run", "--config", str(path), "--n-trials", "1")
+    assert second.exit_code == 0, second.output
+    exp = load_experiment(path)
+    study = optuna.load_study(study_name="tiny", storage=exp.storage_url)
+    assert [t.number for t in study.get_trials()] == [0, 1]
+    client = MlflowClient(tracking_uri=exp.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("pet-sweep/tiny").experiment_id])
+    assert sum(r.data.tags.get("pet_sweep.role") == "sweep" for r in runs) == 1  # same parent run
+
+
+def test_diverging_trials_are_pruned_with_reason_and_the_sweep_goes_on(write_experiments) -> None:
+    space = {"arch": "resnet18", "base_lr": 1.0e6, "lr_hi": 1.0e6, "lr_mult": 10, "freeze_epochs": 1,
+             "epochs": 1}
+    path = write_experiments(space=space)
+    result = _invoke("run", "--config", str(path))
+    assert result.exit_code == 0, result.output
+    assert result.output.count("PRUNED") == 2 and "training loss became" in result.output
+    exp = load_experiment(path)
+    study = optuna.load_study(study_name="tiny", storage=exp.storage_url)
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in study.get_trials())
+    assert "training loss became" in study.trials[0].user_attrs["reason"]
+    client = MlflowClient(tracking_uri=exp.tracking_uri)
+    run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "PRUNED"
+    assert "training loss became" in run.data.tags["reason"]
+
+
+@pytest.mark.parametrize("args, overrides, message", [
+    (["nope"], {}, "unknown experiment 'nope'; valid choices: tiny"),
+    ([], {"data": {"source": "folder", "path": "missing", "label": "parent"}}, "folder not found"),
+    ([], {"model": {"img_size": 2}}, "key 'model.img_size'"),
+])
+def test_bad_input_exits_2_and_creates_nothing(write_experiments, args, overrides, message) -> None:
+    path = write_experiments(**overrides)
+    result = CliRunner().invoke(cli, ["run", "--config", str(path), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (path.parent / "stores").exists()  # no study, no MLflow store
+
+
+def test_every_command_has_help() -> None:
+    for name, command in cli.commands.items():
+        assert command.help and len(command.help.strip()) > 10, name
+        result = CliRunner().invoke(cli, [name, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_python_dash_m_and_fast_help() -> None:
+    out = subprocess.run([sys.executable, "-c", "import sys, pet_sweep.cli; "
+                          "print(sorted(m for m in ('torch', 'fastai', 'mlflow', 'optuna') if m in sys.modules))"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]"  # heavy libraries stay out of the CLI's import
+    help_out = subprocess.run([sys.executable, "-m", "pet_sweep", "--help"], capture_output=True, text=True,
+                              timeout=60)
+    assert help_out.returncode == 0 and "run" in help_out.stdout
