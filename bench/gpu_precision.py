@@ -1,0 +1,117 @@
+"""Mixed precision on a CUDA GPU: training images/s for ResNet-18/34/50 at 224 px, fp32 vs fp16
+vs bf16, channels_last on and off, several batch sizes; then the GPU's busy share during a real
+pet-sweep trial on digits upscaled to 224 px (is data loading the bottleneck?).
+
+Synthetic batches live on the GPU, so the throughput part measures the model alone; the trial
+part uses pet-sweep's own DataLoaders. No network is needed. Prints a table; exits quietly on a
+machine without CUDA.
+
+    python bench/gpu_precision.py [--archs resnet18 resnet34 resnet50] [--batch-sizes 64 128 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import threading
+import time
+
+import torch
+
+from bench.common import default_digits, machine, median, temp_dir, write_experiment
+
+
+def images_per_second(arch: str, batch: int, precision: str, channels_last: bool, steps: int) -> float:
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=37).cuda()
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 37, (batch,), device="cuda")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+    def step() -> None:
+        ctx = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
+        with ctx:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - started)
+
+
+def busy_share_of_a_trial(arch: str, batch: int) -> tuple[float, float]:
+    """Fraction of a real trial's wall time the GPU was busy (NVML utilisation samples)."""
+    from pet_sweep.config import load_experiment
+    from pet_sweep.data import build_data
+    from pet_sweep.recipe import fine_tune
+    from pet_sweep.space import TrialParams
+
+    base = default_digits()
+    experiment = {**base, "model": {**base["model"], "img_size": 224, "batch_size": batch, "precision": "fp16"},
+                  "data": {**base["data"], "num_workers": 8}}
+    path = write_experiment(temp_dir("gpu"), experiment, {"arch": arch, "base_lr": 1e-3, "lr_hi": 1e-3,
+                                                         "lr_mult": 10, "freeze_epochs": 1, "epochs": 1})
+    exp = load_experiment(path)
+    data = build_data(exp, device=torch.device("cuda"))
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(torch.cuda.utilization())
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    started = time.perf_counter()
+    fine_tune(data.dls, TrialParams(arch, 1e-3, 1e-4, 1e-3, 1, 1), exp.config.model, seed=0)
+    seconds = time.perf_counter() - started
+    stop.set()
+    thread.join()
+    return (sum(samples) / len(samples) / 100 if samples else float("nan")), seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 128, 256])
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA GPU here: nothing to measure")
+        return
+    torch.backends.cudnn.benchmark = True
+    print(f"# mixed precision, {machine()}, torch {torch.__version__}")
+    print("arch | batch | channels_last | fp32 img/s | fp16 img/s | bf16 img/s | fp16/fp32 | bf16/fp32")
+    speedups: dict[str, list[float]] = {}
+    for arch in args.archs:
+        for batch in args.batch_sizes:
+            for cl in (False, True):
+                rates = {p: images_per_second(arch, batch, p, cl, args.steps) for p in ("fp32", "fp16", "bf16")}
+                speedups.setdefault(arch, []).append(rates["fp16"] / rates["fp32"])
+                print(f"{arch} | {batch} | {cl} | {rates['fp32']:.0f} | {rates['fp16']:.0f} | {rates['bf16']:.0f} | "
+                      f"{rates['fp16'] / rates['fp32']:.2f} | {rates['bf16'] / rates['fp32']:.2f}", flush=True)
+                torch.cuda.empty_cache()
+    for arch, values in speedups.items():
+        print(f"{arch}: median fp16/fp32 speed-up {median(values):.2f}x (target for resnet50: >= 2x)")
+    busy, seconds = busy_share_of_a_trial("resnet50", 128)
+    print(f"resnet50 fp16 trial on digits at 224 px (2 epochs, {seconds:.0f}s): GPU busy {busy:.0%} "
+          "of the wall time (target >= 90 %)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Orchestration overhead: the same fixed configurations trained (a) by pet-sweep
+(Optuna storage, MLflow logging, enqueued trials, no pruning, same seed) and (b) by a
+bare fastai script, side by side in one process, interleaved, several repetitions.
+
+(b) is what a user would write by hand: a DataBlock over the PNG files, then the recipe
+per configuration. (a) also builds its DataLoaders once and keeps decoded images in
+memory. Both stores already exist (as on every run after the first); the one-time cost
+of creating a fresh MLflow + Optuna store is printed separately.
+
+    python bench/overhead.py [--reps 3] [--img-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import default_digits, machine, median, temp_dir, write_experiment
+
+CONFIGS = [
+    {"arch": "resnet18", "base_lr": 1e-2, "lr_hi": 5e-3, "lr_mult": 10.0, "freeze_epochs": 1, "epochs": 2},
+    {"arch": "xresnet18", "base_lr": 5e-3, "lr_hi": 1e-2, "lr_mult": 3.0, "freeze_epochs": 0, "epochs": 3},
+    {"arch": "resnet18", "base_lr": 3e-3, "lr_hi": 1e-2, "lr_mult": 20.0, "freeze_epochs": 1, "epochs": 3},
+]
+SPACE = {"arch": {"choices": ["resnet18", "xresnet18"]}, "base_lr": {"low": 1e-3, "high": 3e-2, "log": True},
+         "lr_hi": {"low": 1e-3, "high": 3e-2, "log": True}, "lr_mult": {"low": 1, "high": 30, "log": True},
+         "freeze_epochs": {"low": 0, "high": 1}, "epochs": {"low": 1, "high": 8}}
+
+
+def with_pet_sweep(path: Path, study_name: str) -> float:
+    from pet_sweep.config import load_experiment
+    from pet_sweep.study import open_study, run_sweep
+
+    exp = load_experiment(path).with_overrides(study_name=study_name, n_trials=len(CONFIGS))
+    study = open_study(exp)  # enqueueing is the user's setup, not the sweep's
+    for params in CONFIGS:
+        study.enqueue_trial(params)
+    started = time.perf_counter()
+    run_sweep(exp, echo=lambda line: None)
+    return time.perf_counter() - started
+
+
+def bare_fastai(img_size: int, batch_size: int, seed: int) -> float:
+    """The recipe written by hand with fastai, on the same files and split."""
+    from fastai.callback.progress import ProgressCallback  # noqa: F401 (adds no_bar)
+    from fastai.callback.schedule import fit_one_cycle  # noqa: F401
+    from fastai.data.block import CategoryBlock, DataBlock
+    from fastai.data.transforms import IndexSplitter, RegexLabeller
+    from fastai.metrics import error_rate
+    from fastai.torch_core import set_seed
+    from fastai.vision.augment import Resize
+    from fastai.vision.data import ImageBlock
+    from fastai.vision.learner import vision_learner
+    from fastai.vision.models.xresnet import xresnet18
+    from fastcore.transform import Pipeline  # noqa: F401
+    from fastcore.xtras import using_attr
+    from torchvision.models import resnet18
+
+    from pet_sweep.data import digits_folder, image_files, split_items
+
+    started = time.perf_counter()
+    splits = split_items(image_files(digits_folder()), 0.2, 0.1, 42)
+    items = list(splits.train) + list(splits.valid)
+    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_y=using_attr(RegexLabeller(r"^(\d+)_"), "name"),
+                      splitter=IndexSplitter(range(len(splits.train), len(items))), item_tfms=Resize(img_size))
+    dls = block.dataloaders(items, bs=batch_size, num_workers=0)
+    archs = {"resnet18": resnet18, "xresnet18": xresnet18}
+    for cfg in CONFIGS:
+        set_seed(seed, reproducible=True)
+        learn = vision_learner(dls, archs[cfg["arch"]], pretrained=False, metrics=error_rate)
+        with learn.no_bar(), learn.no_logging():
+            if cfg["freeze_epochs"]:
+                learn.freeze()
+                learn.fit_one_cycle(cfg["freeze_epochs"], cfg["base_lr"])
+            learn.unfreeze()
+            learn.fit_one_cycle(cfg["epochs"], lr_max=slice(cfg["lr_hi"] / cfg["lr_mult"], cfg["lr_hi"]))
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--img-size", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    from pet_sweep.study import quiet_optuna
+    from pet_sweep.tracking import Tracker
+
+    quiet_optuna()
+    base = default_digits()
+    experiment = {**base, "model": {**base["model"], "img_size": args.img_size}, "pruner": {"name": "none"}}
+    folder = temp_dir("overhead")
+    path = write_experiment(folder, experiment, SPACE)
+    from pet_sweep.config import load_experiment
+    from pet_sweep.study import open_study
+
+    exp = load_experiment(path)
+    started = time.perf_counter()
+    Tracker(exp.tracking_uri, exp.tracking_experiment)
+    open_study(exp.with_overrides(study_name="warm-up"))
+    cold = time.perf_counter() - started
+    bare_fastai(args.img_size, base["model"]["batch_size"], base["seed"])  # warm caches, imports
+    epochs = sum(c["freeze_epochs"] + c["epochs"] for c in CONFIGS)
+    print(f"# overhead: {len(CONFIGS)} enqueued configs ({epochs} epochs), digits {args.img_size}px, {machine()}")
+    print(f"# one-time store creation (MLflow + Optuna sqlite, first run only): {cold:.1f}s")
+    ratios, a_times, b_times = [], [], []
+    print("rep | pet-sweep s | bare fastai s | ratio")
+    for rep in range(args.reps):
+        a = with_pet_sweep(path, f"overhead-{rep}")
+        b = bare_fastai(args.img_size, base["model"]["batch_size"], base["seed"])
+        a_times.append(a)
+        b_times.append(b)
+        ratios.append(a / b)
+        print(f"{rep} | {a:.1f} | {b:.1f} | {a / b:.3f}", flush=True)
+    print(f"median: pet-sweep {median(a_times):.1f}s, bare {median(b_times):.1f}s, "
+          f"ratio {median(ratios):.3f} (target <= 1.03)")
+
+
+if __name__ == "__main__":
+    main()
