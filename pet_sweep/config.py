@@ -77,7 +77,10 @@ class SamplerConfig(_Strict):
 
 
 class PrunerConfig(_Strict):
-    name: Literal["none", "median", "hyperband"] = "none"
+    """`schedule`: median pruning at the same point of each one-cycle schedule (pet_sweep.pruners);
+    `median`, `hyperband`: Optuna's own, which compare trials epoch by epoch."""
+
+    name: Literal["none", "schedule", "median", "hyperband"] = "none"
     n_startup_trials: int = Field(3, ge=0)
     n_warmup_steps: int = Field(1, ge=0)
     min_resource: int = Field(1, ge=1)

@@ -60,6 +60,10 @@ def make_sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
 
 def make_pruner(exp: Experiment) -> optuna.pruners.BasePruner:
     cfg = exp.config.pruner
+    if cfg.name == "schedule":
+        from pet_sweep.pruners import SchedulePruner
+
+        return SchedulePruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
     if cfg.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
     if cfg.name == "hyperband":

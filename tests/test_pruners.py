@@ -1,0 +1,60 @@
+"""SchedulePruner compares trials at the same phase and fraction of their one-cycle schedules."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import IntDistribution
+from optuna.trial import TrialState
+
+from pet_sweep.pruners import SchedulePruner, position, step_at
+
+
+def _finished(study: optuna.Study, freeze: int, epochs: int, errors: list[float]) -> None:
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.COMPLETE, value=errors[-1],
+        params={"freeze_epochs": freeze, "epochs": epochs},
+        distributions={"freeze_epochs": IntDistribution(0, 3), "epochs": IntDistribution(1, 12)},
+        intermediate_values=dict(enumerate(errors))))
+
+
+def test_positions_map_between_schedules() -> None:
+    assert position(0, (1, 4)) == ("frozen", 1.0)
+    assert position(2, (1, 4)) == ("unfrozen", 0.5)
+    assert step_at("unfrozen", 0.5, (0, 8)) == 3       # 4th of 8 unfrozen epochs
+    assert step_at("unfrozen", 1.0, (2, 3)) == 4       # the last epoch
+    assert step_at("frozen", 1.0, (0, 3)) is None      # no frozen phase to compare with
+
+
+def _running(study: optuna.Study, freeze: int, epochs: int, errors: list[float]) -> bool:
+    trial = study.ask()
+    trial.set_user_attr("params", {"freeze_epochs": freeze, "epochs": epochs})
+    for step, err in enumerate(errors):
+        trial.report(err, step)
+    return study.pruner.prune(study, study.trials[trial.number])
+
+
+def test_long_schedule_is_compared_with_the_same_point_of_short_ones() -> None:
+    study = optuna.create_study(pruner=SchedulePruner(n_startup_trials=2, n_warmup_steps=1))
+    for final in (0.05, 0.06, 0.07):
+        _finished(study, 0, 2, [0.30, final])  # short schedules: annealed by epoch 2
+    # epoch 2 of an 8-epoch schedule is mid-cycle; 0.20 is worse than the short ones' ends
+    # (which MedianPruner would compare it with) but better than their middles (0.30)
+    assert _running(study, 0, 8, [0.40, 0.20]) is False
+    assert _running(study, 0, 8, [0.40, 0.35]) is True
+
+
+def test_no_pruning_before_startup_or_warmup_or_at_the_end() -> None:
+    study = optuna.create_study(pruner=SchedulePruner(n_startup_trials=3, n_warmup_steps=1))
+    _finished(study, 0, 2, [0.3, 0.1])
+    assert _running(study, 0, 4, [0.9, 0.9]) is False  # one finished trial < n_startup_trials
+    for _ in range(3):
+        _finished(study, 0, 4, [0.3, 0.2, 0.1, 0.05])
+    assert _running(study, 0, 4, [0.9]) is False           # step 0 < n_warmup_steps
+    assert _running(study, 0, 4, [0.9, 0.9, 0.9, 0.9]) is False  # last epoch: nothing to save
+    assert _running(study, 0, 4, [0.9, 0.9, 0.9]) is True
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="n_min_trials >= 1"):
+        SchedulePruner(n_min_trials=0)
