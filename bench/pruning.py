@@ -7,7 +7,10 @@ a long one-cycle schedule is still at a high learning rate when a short one has
 finished, so the median pruner compares early epochs of schedules of different lengths;
 the `pruned at epoch` column shows where it stopped trials.
 
-    python bench/pruning.py [--n-trials 8] [--seeds 0 1 2] [--img-size 16]
+pet-sweep's `schedule` pruner compares trials at the same phase and fraction of their
+schedules instead; both are measured against no pruning.
+
+    python bench/pruning.py [--n-trials 12] [--seeds 0 1 2] [--img-size 16] [--pruners schedule median]
 """
 
 from __future__ import annotations
@@ -56,28 +59,32 @@ def sweep(pruner: dict, seed: int, n_trials: int, img_size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-trials", type=int, default=8)
+    parser.add_argument("--n-trials", type=int, default=12)
+    parser.add_argument("--pruners", nargs="+", default=["schedule", "median"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--img-size", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    pruner = default_digits()["pruner"]
+    settings = {k: v for k, v in default_digits()["pruner"].items() if k != "name"}
     print(f"# pruning savings: digits, {args.n_trials} trials/study, img {args.img_size}px, {machine()}")
-    print(f"# pruner: {pruner}")
-    savings = []
-    print("seed | epochs (pruner) | epochs (none) | saving | best err pruner [95% CI] | best err none [95% CI] | pruned (at epochs)")
+    print(f"# pruner settings: {settings}")
+    savings: dict[str, list[float]] = {name: [] for name in args.pruners}
+    print("seed | pruner | epochs (pruner) | epochs (none) | saving | best err pruner [95% CI] | "
+          "best err none [95% CI] | pruned (at epochs)")
     for seed in args.seeds:
-        with_p = sweep(pruner, seed, args.n_trials, args.img_size)
         without = sweep({"name": "none"}, seed, args.n_trials, args.img_size)
-        saving = 1 - with_p["epochs"] / without["epochs"]
-        savings.append(saving)
-        within = without["interval"][0] <= with_p["best"] <= without["interval"][1]
-        print(f"{seed} | {with_p['epochs']} | {without['epochs']} | {saving:.0%} | "
-              f"{with_p['best']:.4f} [{with_p['interval'][0]:.4f}, {with_p['interval'][1]:.4f}] | "
-              f"{without['best']:.4f} [{without['interval'][0]:.4f}, {without['interval'][1]:.4f}] "
-              f"({'within' if within else 'OUTSIDE'} its interval) | {with_p['pruned']} {with_p['pruned_at']}",
-              flush=True)
-    print(f"median saving: {median(savings):.0%} fewer epochs (target >= 40 %)")
+        for name in args.pruners:
+            with_p = sweep({"name": name, **settings}, seed, args.n_trials, args.img_size)
+            saving = 1 - with_p["epochs"] / without["epochs"]
+            savings[name].append(saving)
+            within = without["interval"][0] <= with_p["best"] <= without["interval"][1]
+            print(f"{seed} | {name} | {with_p['epochs']} | {without['epochs']} | {saving:.0%} | "
+                  f"{with_p['best']:.4f} [{with_p['interval'][0]:.4f}, {with_p['interval'][1]:.4f}] | "
+                  f"{without['best']:.4f} [{without['interval'][0]:.4f}, {without['interval'][1]:.4f}] "
+                  f"({'within' if within else 'OUTSIDE'} its interval) | {with_p['pruned']} {with_p['pruned_at']}",
+                  flush=True)
+    for name, values in savings.items():
+        print(f"{name}: median saving {median(values):.0%} fewer epochs (target >= 40 %)")
 
 
 if __name__ == "__main__":
