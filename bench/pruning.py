@@ -33,13 +33,14 @@ def wilson(errors: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def sweep(pruner: dict, seed: int, n_trials: int, img_size: int) -> dict:
+def sweep(pruner: dict, seed: int, n_trials: int, img_size: int, limit: int) -> dict:
     from pet_sweep.config import load_experiment
     from pet_sweep.study import open_study, quiet_optuna, run_sweep
 
     quiet_optuna()
     base = default_digits()
     experiment = {**base, "model": {**base["model"], "img_size": img_size},
+                  "data": {**base["data"], "limit": limit},
                   "budget": {"n_trials": n_trials}, "sampler": {**base["sampler"], "seed": seed},
                   "pruner": pruner}
     path = write_experiment(temp_dir(f"pruning-{pruner['name']}-{seed}"), experiment, digits_space())
@@ -63,18 +64,20 @@ def main() -> None:
     parser.add_argument("--pruners", nargs="+", default=["schedule", "median"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--img-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=900, help="digits images used (train + valid + test)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     settings = {k: v for k, v in default_digits()["pruner"].items() if k != "name"}
-    print(f"# pruning savings: digits, {args.n_trials} trials/study, img {args.img_size}px, {machine()}")
+    print(f"# pruning savings: digits ({args.limit} images), {args.n_trials} trials/study, img {args.img_size}px, "
+          f"{machine()}")
     print(f"# pruner settings: {settings}")
     savings: dict[str, list[float]] = {name: [] for name in args.pruners}
     print("seed | pruner | epochs (pruner) | epochs (none) | saving | best err pruner [95% CI] | "
           "best err none [95% CI] | pruned (at epochs)")
     for seed in args.seeds:
-        without = sweep({"name": "none"}, seed, args.n_trials, args.img_size)
+        without = sweep({"name": "none"}, seed, args.n_trials, args.img_size, args.limit)
         for name in args.pruners:
-            with_p = sweep({"name": name, **settings}, seed, args.n_trials, args.img_size)
+            with_p = sweep({"name": name, **settings}, seed, args.n_trials, args.img_size, args.limit)
             saving = 1 - with_p["epochs"] / without["epochs"]
             savings[name].append(saving)
             within = without["interval"][0] <= with_p["best"] <= without["interval"][1]

@@ -17,13 +17,14 @@ import torch
 from bench.common import default_digits, digits_space, machine, median, temp_dir, write_experiment
 
 
-def study_errors(sampler: str, seed: int, n_trials: int, img_size: int, epochs: int) -> list[float]:
+def study_errors(sampler: str, seed: int, n_trials: int, img_size: int, epochs: int, limit: int) -> list[float]:
     from pet_sweep.config import load_experiment
     from pet_sweep.study import open_study, quiet_optuna, run_sweep
 
     quiet_optuna()
     base = default_digits()
     experiment = {**base, "model": {**base["model"], "img_size": img_size},
+                  "data": {**base["data"], "limit": limit},
                   "budget": {"n_trials": n_trials + 1}, "pruner": {"name": "none"},
                   "sampler": {"name": sampler, "seed": seed, "n_startup_trials": 4}}
     path = write_experiment(temp_dir(f"search-{sampler}-{seed}"), experiment, digits_space())
@@ -48,15 +49,17 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--img-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=900, help="digits images used (train + valid + test)")
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print(f"# search efficiency: digits, baseline + {args.n_trials} trials/study, img {args.img_size}px, {machine()}")
+    print(f"# search efficiency: digits ({args.limit} images), baseline + {args.n_trials} trials/study, "
+          f"img {args.img_size}px, {machine()}")
     reach: dict[str, list[float]] = {"tpe": [], "random": []}
     print("sampler | seed | baseline err | best after N | trials to reach baseline | errors")
     for seed in args.seeds:
         for sampler in ("tpe", "random"):
-            errors = study_errors(sampler, seed, args.n_trials, args.img_size, args.epochs)
+            errors = study_errors(sampler, seed, args.n_trials, args.img_size, args.epochs, args.limit)
             n = trials_to_reach(errors)
             reach[sampler].append(n if n is not None else args.n_trials + 1)
             print(f"{sampler} | {seed} | {errors[0]:.4f} | {min(errors[1:]):.4f} | "
