@@ -40,8 +40,8 @@ from fastai.callback.schedule import minimum, slide, steep, valley
 from pet_sweep.config import Experiment, ModelConfig
 from pet_sweep.errors import ConfigError, LRFindError
 from pet_sweep.recipe import apply_precision, create_learner, release, reseed
-from pet_sweep.space import PHASES, Anchored, Anchors, Choice, Range, SearchSpace, TrialParams, check_anchors, \
-    known_architecture
+from pet_sweep.space import (PHASES, Anchored, Anchors, Choice, Range, SearchSpace, TrialParams, check_anchors,
+                              known_architecture)
 
 # fastai's defaults: 100 mock-training steps from 1e-7 to 10, stopped once the loss is 4x its best.
 NUM_IT = 100
