@@ -103,6 +103,39 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
     click.echo(f"next         pet-sweep report {exp.name}   |   mlflow ui --backend-store-uri {redact_url(exp.tracking_uri)}")
 
 
+@cli.command("lr-find")
+@click.argument("experiment", required=False)
+@config_option
+@click.option("--arch", "archs", multiple=True, help="Architecture to probe (repeatable; default: every one in the space).")
+@click.option("--out", "out_dir", default="lr-find", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the loss-vs-LR plots.")
+@click.option("--freeze-epochs", type=int,
+              help="Frozen epochs before the unfrozen phase (default: the space's value, or its lower bound).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the experiment's `tracking.uri`).")
+@fail_clearly
+def lr_find(experiment: str | None, config_path: str, archs: tuple[str, ...], out_dir: str,
+            freeze_epochs: int | None, tracking_uri: str | None) -> None:
+    """Run fastai's learning-rate finder for EXPERIMENT, frozen and then unfrozen.
+
+    Prints fastai's four suggestions (minimum, steep, valley, slide) per phase, writes
+    each phase's loss-vs-learning-rate plot, and logs a run `lr-find-<arch>` to MLflow.
+    """
+    from pathlib import Path
+
+    exp = load(config_path, experiment, tracking_uri=tracking_uri)
+    _quiet_libraries()
+    from pet_sweep.lrfind import find_for_experiment
+    from pet_sweep.tracking import redact_url
+
+    click.echo(f"experiment   {exp.name}  ({exp.config_path})")
+    click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'")
+    findings = find_for_experiment(exp, out_dir=Path(out_dir), archs=archs, freeze_epochs=freeze_epochs,
+                                   echo=lambda line: click.echo(line))
+    for found in findings:
+        click.echo(f"plots        {', '.join(str(p) for p in found.plots)}")
+        click.echo(f"MLflow run   lr-find-{found.arch} ({found.run_id})")
+
+
 def main() -> None:
     cli()
 

@@ -44,3 +44,7 @@ class TrainingDiverged(PetSweepError):
 
 class TrialFailed(PetSweepError):
     """A trial failed for a reason that should not stop the sweep (out of memory, ...)."""
+
+
+class LRFindError(PetSweepError):
+    """The learning-rate finder gave no usable suggestion (the loss diverged at once, or NaN)."""

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -38,6 +39,38 @@ def loss_curve(history: Sequence[EpochRecord], path: Path, title: str = "") -> P
     ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="upper right", fontsize=8)
     ax.set_title(title or "loss per epoch")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def lr_find_plot(lrs: Sequence[float], losses: Sequence[float], suggestions: dict[str, float],
+                 path: Path, title: str = "") -> Path:
+    """fastai's LR-finder view: smoothed loss against a log-scale learning rate, each suggestion
+    marked on the curve and named (with its value) in the legend."""
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(7, 4.4), dpi=110)
+    ax.plot(lrs, losses, color="tab:blue", label="smoothed training loss")
+    ax.set_xscale("log")
+    styles = {"minimum": ("v", "tab:green", "minimum (loss min / 10)"), "steep": ("^", "tab:orange", "steep"),
+              "valley": ("o", "tab:red", "valley"), "slide": ("s", "tab:purple", "slide")}
+    # hollow markers, each smaller than the last, so suggestions that coincide stay visible
+    for size, (name, lr) in zip(range(14, 0, -3), suggestions.items()):
+        marker, color, label = styles.get(name, ("o", "grey", name))
+        # the suggested LR itself, read off the curve
+        loss_at = float(np.interp(np.log10(lr), np.log10(lrs), losses))
+        ax.axvline(lr, color=color, alpha=0.4, linestyle=":")
+        ax.plot([lr], [loss_at], marker, color=color, markersize=size, markerfacecolor="none",
+                markeredgewidth=2, label=f"{label}: {lr:.2e}")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss (smoothed)")
+    lines = (title or "learning-rate finder").split("\n")
+    ax.set_title("\n".join([lines[0]] + [textwrap.fill(line, 80) for line in lines[1:]]), fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

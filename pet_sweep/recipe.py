@@ -2,6 +2,7 @@
 
     learn = vision_learner(dls, arch, pretrained=..., metrics=error_rate)
     [fp16 on CUDA: learn.to_fp16()]
+    [optional lr_find: suggestions and plot logged, weights restored]
     learn.freeze();   learn.fit_one_cycle(freeze_epochs, base_lr)        # head only
     learn.unfreeze(); learn.fit_one_cycle(epochs, lr_max=slice(lo, hi))  # discriminative LRs
 
@@ -18,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 # fastai adds fit_one_cycle, lr_find, to_fp16 and no_bar to Learner in these modules
@@ -148,14 +149,21 @@ def reseed(dls: Any, seed: int) -> None:
 
 
 def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
-              listeners: Sequence[EpochListener] = (), keep_learner: bool = False) -> FineTuneResult:
-    """Run the chapter-5 recipe once. Listeners see every epoch (global numbering)."""
+              listeners: Sequence[EpochListener] = (), keep_learner: bool = False,
+              lr_find: Callable[[Any, TrialParams], None] | None = None) -> FineTuneResult:
+    """Run the chapter-5 recipe once. Listeners see every epoch (global numbering).
+
+    `lr_find` (`lrfind.trial_finder`) runs on the fresh learner before training; it
+    leaves the weights and random state as they were.
+    """
     started = time.perf_counter()
     reseed(dls, seed)
     workdir = tempfile.TemporaryDirectory(prefix="pet-sweep-")
     learn = create_learner(dls, params.arch, model, Path(workdir.name))
     try:
         precision = apply_precision(learn, model.precision)
+        if lr_find is not None:  # before the history callbacks: the finder's mock epochs are not epochs
+            lr_find(learn, params)
         history = EpochHistory(listeners)
         learn.add_cbs([history, StopOnNonFinite(history)])
         with learn.no_bar(), learn.no_logging():

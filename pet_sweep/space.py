@@ -6,6 +6,16 @@ A space file (``sweeps/*.yaml``) gives each recipe parameter as one of
 * a choice:                 ``arch: {choices: [resnet18, resnet34]}``
 * an int or float range:    ``epochs: {low: 2, high: 8}``,
                             ``base_lr: {low: 1.0e-4, high: 1.0e-2, log: true}``
+* a learning rate anchored on an LR-finder suggestion:
+                            ``base_lr: {anchor: frozen.valley, factor: [0.3, 3], log: true}``
+
+An anchored learning rate is ``anchor x factor``: Optuna searches the factor
+(param ``<name>_factor``, a static distribution, which TPE needs), and the
+anchor is the suggestion (``minimum``, ``steep``, ``valley`` or ``slide``) of
+fastai's ``lr_find`` for the trial's architecture in the ``frozen`` phase (fresh
+head) or the ``unfrozen`` one (after the frozen epochs). `pet_sweep.lrfind` runs
+the finder once per architecture and phase and hands the results in as
+`Anchors`.
 
 The unfrozen phase trains with ``lr_max=slice(lr_lo, lr_hi)``. Give either
 ``lr_lo`` (whose range must lie below ``lr_hi``'s, so ``lr_lo <= lr_hi`` always
@@ -21,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -46,6 +56,15 @@ PARAMS: dict[str, tuple[type, float]] = {
 }
 REQUIRED = ("arch", "base_lr", "lr_hi", "freeze_epochs", "epochs")
 
+# The LR finder's phases and fastai's suggestion functions an anchor may name.
+PHASES = ("frozen", "unfrozen")
+SUGGESTIONS = ("minimum", "steep", "valley", "slide")
+ANCHORABLE = ("base_lr", "lr_lo", "lr_hi")
+ANCHORS = tuple(f"{phase}.{method}" for phase in PHASES for method in SUGGESTIONS)
+
+# LR-finder results: architecture -> phase -> suggestion -> learning rate.
+Anchors = Mapping[str, Mapping[str, Mapping[str, float]]]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -62,7 +81,23 @@ class Range(_Strict):
     step: float | None = None
 
 
-ParamSpec = Union[int, float, str, Choice, Range]
+class Anchored(_Strict):
+    """A learning rate relative to an LR-finder suggestion: ``anchor x factor``."""
+
+    anchor: str  # "<phase>.<suggestion>", one of ANCHORS
+    factor: tuple[float, float]
+    log: bool = False
+
+    @property
+    def phase(self) -> str:
+        return self.anchor.split(".")[0]
+
+    @property
+    def method(self) -> str:
+        return self.anchor.split(".")[1]
+
+
+ParamSpec = Union[int, float, str, Choice, Range, Anchored]
 
 
 class SearchSpace(_Strict):
@@ -71,14 +106,40 @@ class SearchSpace(_Strict):
     params: dict[str, ParamSpec]
     description: str = ""
 
-    def bounds(self, name: str) -> tuple[Any, Any]:
-        """Smallest and largest value a parameter can take."""
+    def bounds(self, name: str, arch: str | None = None, anchors: Anchors | None = None) -> tuple[Any, Any]:
+        """Smallest and largest value a parameter can take.
+
+        An anchored learning rate has bounds only once the finder has run: pass
+        the trial's `arch` and the `anchors`.
+        """
         spec = self.params[name]
+        if isinstance(spec, Anchored):
+            if arch is None or anchors is None:
+                raise ConfigError(f"`{name}` is anchored on {spec.anchor}; its range is known only once the"
+                                  " LR finder has run", key=name)
+            anchor = anchor_value(anchors, arch, spec.anchor, name)
+            return anchor * spec.factor[0], anchor * spec.factor[1]
         if isinstance(spec, Range):
             return spec.low, spec.high
         if isinstance(spec, Choice):
             return min(spec.choices), max(spec.choices)
         return spec, spec
+
+    @property
+    def anchored(self) -> dict[str, Anchored]:
+        """The anchored learning rates, by parameter name."""
+        return {name: spec for name, spec in self.params.items() if isinstance(spec, Anchored)}
+
+    @property
+    def anchor_phases(self) -> list[str]:
+        """The finder phases the anchors need, in recipe order."""
+        return [phase for phase in PHASES if any(spec.phase == phase for spec in self.anchored.values())]
+
+    @property
+    def architectures(self) -> list[str]:
+        """Every architecture a trial may use."""
+        spec = self.params["arch"]
+        return [str(c) for c in spec.choices] if isinstance(spec, Choice) else [str(spec)]
 
 
 @dataclass(frozen=True)
@@ -137,8 +198,39 @@ def _check_value(name: str, value: Any, key: str) -> Any:
     return number
 
 
+def _parse_anchored(name: str, raw: dict[str, Any]) -> Anchored:
+    """``{anchor: frozen.valley, factor: [0.3, 3], log: true}``; a single factor fixes the multiple."""
+    key = name
+    if name not in ANCHORABLE:
+        raise ConfigError(f"only the learning rates ({', '.join(ANCHORABLE)}) can be anchored on the LR finder",
+                          key=f"{key}.anchor")
+    unknown = sorted(set(raw) - {"anchor", "factor", "log"})
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r}; an anchored learning rate takes anchor, factor, log",
+                          key=f"{key}.{unknown[0]}")
+    anchor = raw["anchor"]
+    if anchor not in ANCHORS:
+        raise ConfigError(f"unknown anchor {anchor!r}; valid anchors: {', '.join(ANCHORS)}", key=f"{key}.anchor")
+    if "factor" not in raw:
+        raise ConfigError("an anchored learning rate needs `factor: [low, high]` (the LR is anchor x factor)",
+                          key=f"{key}.factor")
+    factor = raw["factor"]
+    factors = factor if isinstance(factor, list) else [factor, factor]
+    if len(factors) != 2:
+        raise ConfigError(f"must be [low, high] or one number, but got {factor!r}", key=f"{key}.factor")
+    low, high = (_check_value(name, v, f"{key}.factor[{i}]") for i, v in enumerate(factors))
+    if low > high:
+        raise ConfigError(f"`0 < low <= high` must hold, but got (low={low!r}, high={high!r})", key=f"{key}.factor")
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"must be true or false, but got {log!r}", key=f"{key}.log")
+    return Anchored(anchor=anchor, factor=(low, high), log=log)
+
+
 def _parse_param(name: str, raw: Any) -> ParamSpec:
     key = name
+    if isinstance(raw, dict) and "anchor" in raw:
+        return _parse_anchored(name, raw)
     if isinstance(raw, dict):
         try:
             spec = Choice(**raw) if "choices" in raw else Range(**raw)
@@ -183,13 +275,60 @@ def parse_space(raw: Any) -> SearchSpace:
                           " (lr_lo = lr_hi / lr_mult)", key="lr_lo")
     space = SearchSpace(params={name: _parse_param(name, value) for name, value in raw.items()},
                         description=str(description or ""))
-    if "lr_lo" in space.params:
-        lo_max, hi_min = space.bounds("lr_lo")[1], space.bounds("lr_hi")[0]
-        if lo_max > hi_min:
+    lo, hi = space.params.get("lr_lo"), space.params["lr_hi"]
+    if lo is None:
+        return space
+    if isinstance(lo, Anchored) and isinstance(hi, Anchored) and lo.anchor == hi.anchor:
+        # same anchor: the factors alone decide, whatever the finder says
+        if lo.factor[1] > hi.factor[0]:
             raise ConfigError(
-                f"`lr_lo <= lr_hi` must always hold, but lr_lo can reach {lo_max!r} while lr_hi can be"
-                f" as low as {hi_min!r}; keep the ranges apart or search `lr_mult` instead", key="lr_lo")
+                f"`lr_lo <= lr_hi` must always hold, but both are anchored on {lo.anchor} and lr_lo's factor can"
+                f" reach {lo.factor[1]!r} while lr_hi's can be as low as {hi.factor[0]!r}; keep the factor ranges"
+                " apart or search `lr_mult` instead", key="lr_lo")
+    elif not isinstance(lo, Anchored) and not isinstance(hi, Anchored):
+        _check_lo_hi(*space.bounds("lr_lo"), *space.bounds("lr_hi"))
+    # otherwise `check_anchors` checks it once the finder has run, before the first trial
     return space
+
+
+def _check_lo_hi(lo_min: float, lo_max: float, hi_min: float, hi_max: float, where: str = "") -> None:
+    if lo_max > hi_min:
+        raise ConfigError(
+            f"`lr_lo <= lr_hi` must always hold, but{where} lr_lo can reach {lo_max!r} while lr_hi can be"
+            f" as low as {hi_min!r}; keep the ranges apart or search `lr_mult` instead", key="lr_lo")
+
+
+def anchor_value(anchors: Anchors, arch: str, anchor: str, name: str) -> float:
+    """The learning rate an anchor (``frozen.valley``) stands for with `arch`."""
+    phase, method = anchor.split(".")
+    try:
+        return float(anchors[arch][phase][method])
+    except KeyError:
+        raise ConfigError(f"no LR-finder result {anchor} for architecture {arch!r}: anchored learning rates need"
+                          " the finder to run before the trials", key=name) from None
+
+
+def check_anchors(space: SearchSpace, anchors: Anchors) -> None:
+    """With the finder's results known, check every architecture can satisfy `lr_lo <= lr_hi`."""
+    if "lr_lo" not in space.params:
+        return
+    for arch in space.architectures:
+        lo, hi = space.bounds("lr_lo", arch, anchors), space.bounds("lr_hi", arch, anchors)
+        _check_lo_hi(*lo, *hi, where=f" with {arch} (anchors from its LR finder)")
+
+
+def anchor_params(space: SearchSpace, params: TrialParams, anchors: Anchors) -> dict[str, Any]:
+    """What a trial's anchored learning rates came from, for its MLflow params.
+
+    ``base_lr_anchor: frozen.valley``, ``base_lr_anchor_lr`` (the finder's LR) and
+    ``base_lr_factor``; the resulting LR itself is in `params`.
+    """
+    shown: dict[str, Any] = {}
+    for name, spec in space.anchored.items():
+        anchor = anchor_value(anchors, params.arch, spec.anchor, name)
+        shown.update({f"{name}_anchor": spec.anchor, f"{name}_anchor_lr": anchor,
+                      f"{name}_factor": getattr(params, name) / anchor})
+    return shown
 
 
 def _suggest_one(trial: Any, name: str, spec: ParamSpec) -> Any:
@@ -202,12 +341,18 @@ def _suggest_one(trial: Any, name: str, spec: ParamSpec) -> Any:
     return spec
 
 
-def suggest(space: SearchSpace, trial: Any) -> TrialParams:
+def suggest(space: SearchSpace, trial: Any, anchors: Anchors | None = None) -> TrialParams:
     """Map an Optuna trial (or `FixedTrial`) onto the recipe's parameters.
 
-    Fixed values are not suggested, so Optuna sees only what really varies.
+    Fixed values are not suggested, so Optuna sees only what really varies. An
+    anchored learning rate is suggested as its factor (``<name>_factor``) and
+    multiplied by the finder's suggestion for the trial's architecture.
     """
-    values = {name: _suggest_one(trial, name, spec) for name, spec in space.params.items()}
+    values = {name: _suggest_one(trial, name, spec) for name, spec in space.params.items()
+              if not isinstance(spec, Anchored)}
+    for name, spec in space.anchored.items():
+        anchor = anchor_value(anchors or {}, str(values["arch"]), spec.anchor, name)
+        values[name] = anchor * trial.suggest_float(f"{name}_factor", spec.factor[0], spec.factor[1], log=spec.log)
     lr_hi = float(values["lr_hi"])
     lr_lo = float(values["lr_lo"]) if "lr_lo" in values else lr_hi / float(values["lr_mult"])
     return TrialParams(arch=str(values["arch"]), base_lr=float(values["base_lr"]), lr_lo=lr_lo,

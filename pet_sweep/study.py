@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pet_sweep.callbacks import EpochRecord
 from pet_sweep.config import Experiment
 from pet_sweep.errors import StudyError, TrainingDiverged, TrialFailed
-from pet_sweep.space import TrialParams, suggest
+from pet_sweep.space import Anchors, TrialParams, anchor_params, suggest
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, redact_url
 
 # Trial user attributes pet-sweep writes (the report reads them back).
@@ -146,15 +146,16 @@ class Objective:
     """One trial: suggest -> child run -> fine-tune -> report back; never leaves a run RUNNING."""
 
     def __init__(self, exp: Experiment, data: Any, tracker: Tracker, parent_run_id: str,
-                 listeners: tuple[Callable[[int, EpochRecord], None], ...] = ()) -> None:
+                 listeners: tuple[Callable[[int, EpochRecord], None], ...] = (), anchors: Anchors | None = None) -> None:
         self.exp, self.data, self.tracker, self.parent_run_id = exp, data, tracker, parent_run_id
         self.listeners = listeners
+        self.anchors = anchors or {}  # LR-finder suggestions of an anchored space (lrfind.study_anchors)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from pet_sweep import recipe
+        from pet_sweep import lrfind, recipe
 
         exp, model = self.exp, self.exp.config.model
-        params = suggest(exp.space, trial)
+        params = suggest(exp.space, trial, self.anchors)
         precision = recipe.precision_for(model.precision, self.data.dls.device)
         trial.set_user_attr(PARAMS_ATTR, params.as_dict())
         trial.set_user_attr(PRECISION_ATTR, precision)
@@ -162,7 +163,7 @@ class Objective:
             self.parent_run_id, exp.study_name, trial.number,
             {**params.as_dict(), "precision": precision, "img_size": model.img_size,
              "batch_size": model.batch_size, "pretrained": model.pretrained, "seed": exp.config.seed,
-             "device": str(self.data.dls.device)},
+             "device": str(self.data.dls.device), **anchor_params(exp.space, params, self.anchors)},
             tags={"arch": params.arch})
         trial.set_user_attr(RUN_ID_ATTR, run_id)
         history: list[EpochRecord] = []
@@ -187,7 +188,8 @@ class Objective:
         started = time.perf_counter()
         try:
             result = recipe.fine_tune(self.data.dls, params, model, seed=exp.config.seed,
-                                      listeners=[self.tracker.epoch_logger(run_id), report])
+                                      listeners=[self.tracker.epoch_logger(run_id), report],
+                                      lr_find=lrfind.trial_finder(self.tracker, run_id) if exp.config.lr_find else None)
         except optuna.TrialPruned as err:
             close("PRUNED", str(err))
             raise
@@ -253,6 +255,7 @@ def best_of(study: optuna.Study) -> tuple[float, int] | None:
 def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
               epoch_listeners: tuple[Callable[[int, EpochRecord], None], ...] = ()) -> SweepOutcome:
     """Run (or resume) the experiment's study in this process: `budget.n_trials` more trials."""
+    from pet_sweep import lrfind
     from pet_sweep.data import build_data
 
     data = build_data(exp)  # first: a missing data folder must not leave a study or run behind
@@ -288,6 +291,8 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     objective = Objective(exp, data, tracker, parent, epoch_listeners)
     status = "FAILED"
     try:
+        # anchored spaces: the LR finder once per (arch, phase) for the study, before any trial
+        objective.anchors = lrfind.study_anchors(study, exp, data, tracker=tracker, parent_run_id=parent, echo=echo)
         study.optimize(objective, n_trials=exp.config.budget.n_trials, timeout=exp.config.budget.timeout,
                        callbacks=callbacks, catch=(TrialFailed,), gc_after_trial=True)
         status = "FINISHED"

@@ -1,0 +1,304 @@
+"""The learning-rate finder: `pet-sweep lr-find`, anchored search spaces, the per-trial finder."""
+
+from __future__ import annotations
+
+import math
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from optuna.trial import FixedTrial
+
+from pet_sweep.config import load_experiment
+from pet_sweep.errors import ConfigError, LRFindError
+from pet_sweep.space import Anchored, anchor_params, check_anchors, parse_space, suggest
+
+ANCHORED_SPACE: dict[str, Any] = {
+    "arch": "resnet18",
+    "base_lr": {"anchor": "frozen.valley", "factor": [0.3, 3], "log": True},
+    "lr_hi": {"anchor": "unfrozen.valley", "factor": [0.1, 1]},
+    "lr_mult": 10,
+    "freeze_epochs": 1,
+    "epochs": 1,
+}
+ANCHORS = {"resnet18": {"frozen": {"minimum": 1e-2, "steep": 5e-3, "valley": 2e-3, "slide": 3e-3},
+                        "unfrozen": {"minimum": 1e-4, "steep": 1e-6, "valley": 5e-5, "slide": 6e-5}}}
+
+
+@pytest.fixture(autouse=True)
+def _short_finder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """30 finder steps instead of fastai's 100: the same curve, coarser, on a shared CPU."""
+    from pet_sweep import lrfind
+
+    monkeypatch.setattr(lrfind, "NUM_IT", 30)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    """One torch thread: on a shared CPU, two threads per process cost more than they give."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def space_with(**params: Any) -> dict[str, Any]:
+    return {**ANCHORED_SPACE, **params}
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk, after checking the signature."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+# -- the space: pure ---------------------------------------------------------------------------
+
+
+def test_anchored_entry_parses() -> None:
+    space = parse_space(ANCHORED_SPACE)
+    assert space.params["base_lr"] == Anchored(anchor="frozen.valley", factor=(0.3, 3.0), log=True)
+    assert space.anchor_phases == ["frozen", "unfrozen"]
+    # one number fixes the multiple
+    fixed = parse_space(space_with(base_lr={"anchor": "frozen.minimum", "factor": 1}))
+    assert fixed.params["base_lr"].factor == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("entry, key, words", [
+    ({"anchor": "frozen.bottom", "factor": [0.3, 3]}, "base_lr.anchor", "unknown anchor 'frozen.bottom'"),
+    ({"anchor": "thawed.valley", "factor": [0.3, 3]}, "base_lr.anchor", "valid anchors: frozen.minimum"),
+    ({"anchor": "frozen.valley", "factor": [3, 0.3]}, "base_lr.factor", "`0 < low <= high` must hold"),
+    ({"anchor": "frozen.valley", "factor": [0, 3]}, "base_lr.factor[0]", "must be > 0"),
+    ({"anchor": "frozen.valley", "factor": [-1, 3]}, "base_lr.factor[0]", "must be > 0"),
+    ({"anchor": "frozen.valley", "factor": [1, 2, 3]}, "base_lr.factor", "[low, high]"),
+    ({"anchor": "frozen.valley"}, "base_lr.factor", "needs `factor"),
+    ({"anchor": "frozen.valley", "factor": [1, 2], "low": 1}, "base_lr.low", "unknown key 'low'"),
+])
+def test_bad_anchor_entries_name_the_key(entry: dict[str, Any], key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_space(space_with(base_lr=entry))
+    assert err.value.key == key
+    assert words in str(err.value)
+
+
+def test_only_learning_rates_can_be_anchored() -> None:
+    with pytest.raises(ConfigError, match="only the learning rates"):
+        parse_space(space_with(lr_mult={"anchor": "unfrozen.valley", "factor": [1, 10]}))
+
+
+def test_same_anchor_overlapping_factors_cannot_keep_lr_lo_below_lr_hi() -> None:
+    entry = {"anchor": "unfrozen.valley", "factor": [0.05, 0.2]}
+    raw = {k: v for k, v in space_with(lr_lo=entry).items() if k != "lr_mult"}
+    with pytest.raises(ConfigError, match="lr_lo <= lr_hi") as err:
+        parse_space(raw)
+    assert err.value.key == "lr_lo"
+    raw["lr_lo"] = {"anchor": "unfrozen.valley", "factor": [0.01, 0.1]}
+    assert parse_space(raw).params["lr_lo"].factor == (0.01, 0.1)
+
+
+def test_lr_lo_below_lr_hi_is_checked_once_the_anchors_are_known() -> None:
+    raw = {k: v for k, v in space_with(lr_lo={"low": 1e-6, "high": 1e-4}).items() if k != "lr_mult"}
+    space = parse_space(raw)  # cannot be decided before the finder has run
+    check_anchors(space, {"resnet18": {**ANCHORS["resnet18"], "unfrozen": {"valley": 1e-3}}})
+    with pytest.raises(ConfigError, match="with resnet18") as err:
+        check_anchors(space, ANCHORS)  # lr_hi as low as 0.1 x 5e-5 = 5e-6 < 1e-4
+    assert err.value.key == "lr_lo"
+
+
+def test_anchored_ranges_resolve_to_anchor_times_factor() -> None:
+    space = parse_space(ANCHORED_SPACE)
+    assert space.bounds("base_lr", "resnet18", ANCHORS) == pytest.approx((0.3 * 2e-3, 3 * 2e-3))
+    assert space.bounds("lr_hi", "resnet18", ANCHORS) == pytest.approx((0.1 * 5e-5, 1 * 5e-5))
+    low = suggest(space, FixedTrial({"base_lr_factor": 0.3, "lr_hi_factor": 0.1}), ANCHORS)
+    high = suggest(space, FixedTrial({"base_lr_factor": 3, "lr_hi_factor": 1}), ANCHORS)
+    assert (low.base_lr, high.base_lr) == pytest.approx((6e-4, 6e-3))
+    assert (low.lr_hi, low.lr_lo) == pytest.approx((5e-6, 5e-7))
+    # what Optuna samples is the factor; every LR lands inside anchor x [low, high]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(30):
+        trial = study.ask()
+        params = suggest(space, trial, ANCHORS)
+        assert set(trial.params) == {"base_lr_factor", "lr_hi_factor"}
+        assert 6e-4 * (1 - 1e-9) <= params.base_lr <= 6e-3 * (1 + 1e-9)
+        assert params.base_lr == pytest.approx(2e-3 * trial.params["base_lr_factor"])
+        study.tell(trial, 0.5)
+    shown = anchor_params(space, high, ANCHORS)
+    assert shown["base_lr_anchor"] == "frozen.valley"
+    assert shown["base_lr_anchor_lr"] == 2e-3
+    assert shown["base_lr_factor"] == pytest.approx(3)
+
+
+def test_suggest_without_anchors_names_the_missing_finder_result() -> None:
+    with pytest.raises(ConfigError, match="no LR-finder result frozen.valley for architecture 'resnet18'"):
+        suggest(parse_space(ANCHORED_SPACE), FixedTrial({"base_lr_factor": 1, "lr_hi_factor": 1}), {})
+
+
+def test_experiment_file_error_names_file_and_key(write_experiments: Callable[..., Path]) -> None:
+    path = write_experiments(space=space_with(lr_hi={"anchor": "unfrozen.nadir", "factor": [0.1, 1]}))
+    with pytest.raises(ConfigError) as err:
+        load_experiment(path)
+    assert "tiny.yaml" in str(err.value) and "key 'lr_hi.anchor'" in str(err.value)
+
+
+def test_a_curve_that_diverges_at_once_gives_no_suggestion() -> None:
+    from pet_sweep.lrfind import suggest_lrs
+
+    lrs = [1e-7 * 1.2 ** i for i in range(12)]
+    with pytest.raises(LRFindError, match="LR finder for resnet34, unfrozen phase: the loss diverged at once"):
+        suggest_lrs(lrs, [2.0 * 3 ** i for i in range(12)], 100, "resnet34", "unfrozen")
+    lrs = [1e-7 * 1.2 ** i for i in range(100)]
+    with pytest.raises(LRFindError, match="resnet18, frozen phase"):
+        suggest_lrs(lrs, [math.nan] * 100, 100, "resnet18", "frozen")
+
+
+# -- the finder on tiny digits -------------------------------------------------------------------
+
+
+def test_cli_lr_find_prints_plots_and_logs_both_phases(write_experiments: Callable[..., Path],
+                                                       tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from pet_sweep.cli import cli
+
+    path = write_experiments()
+    out = tmp_path / "plots"
+    result = CliRunner().invoke(cli, ["lr-find", "tiny", "--config", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for phase in ("frozen", "unfrozen"):
+        line = next(line for line in result.output.splitlines() if line.startswith(f"resnet18   {phase}"))
+        for method in ("minimum", "steep", "valley", "slide"):
+            assert method in line
+        width, height = png_size(out / f"lr-find-resnet18-{phase}.png")
+        assert width >= 600 and height >= 400
+    assert "after 1 frozen epoch of fit_one_cycle at 1.00e-02" in result.output
+
+    exp = load_experiment(path)
+    client = MlflowClient(exp.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(exp.tracking_experiment).experiment_id])
+    assert run.info.run_name == "lr-find-resnet18" and run.info.status == "FINISHED"
+    for phase in ("frozen", "unfrozen"):
+        for method in ("minimum", "steep", "valley", "slide"):
+            lr = float(run.data.params[f"{phase}.{method}"])
+            assert math.isfinite(lr) and lr > 0
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == [
+        "lr-find-resnet18-frozen.png", "lr-find-resnet18-unfrozen.png"]
+
+
+def test_cli_lr_find_rejects_an_unknown_arch(write_experiments: Callable[..., Path]) -> None:
+    from pet_sweep.cli import cli
+
+    result = CliRunner().invoke(cli, ["lr-find", "--config", str(write_experiments()), "--arch", "resnet9000"])
+    assert result.exit_code == 2
+    assert "--arch: unknown architecture 'resnet9000'" in result.output
+
+
+def test_finder_leaves_weights_and_training_unchanged(write_experiments: Callable[..., Path]) -> None:
+    import tempfile
+
+    import torch
+
+    from pet_sweep import lrfind, recipe
+    from pet_sweep.data import build_data
+    from pet_sweep.space import TrialParams
+    from pet_sweep.tracking import Tracker
+
+    exp = load_experiment(write_experiments())
+    data = build_data(exp)
+    model = exp.config.model
+    recipe.reseed(data.dls, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        learn = recipe.create_learner(data.dls, "resnet18", model, Path(tmp))
+        learn.freeze()
+        before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+        result = lrfind.run_finder(learn, "resnet18", "frozen")
+        after = learn.model.state_dict()
+        assert set(result.suggestions) == {"minimum", "steep", "valley", "slide"}
+        assert all(torch.equal(before[k], after[k]) for k in before), "the finder changed the weights"
+        # no zero gradients left behind: fastai would apply weight decay to the frozen body
+        assert all(p.grad is None for p in learn.model.parameters())
+        recipe.release(learn)
+
+    # a trial trains exactly as it would without the finder (weights, gradients, random state)
+    params = TrialParams("resnet18", 1e-2, 1e-3, 1e-2, 1, 1)
+    tracker = Tracker(exp.tracking_uri, "finder-in-trial")
+    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    plain = recipe.fine_tune(data.dls, params, model, seed=0)
+    found = recipe.fine_tune(data.dls, params, model, seed=0, lr_find=lrfind.trial_finder(tracker, run_id))
+    assert [r.valid_loss for r in found.history] == [r.valid_loss for r in plain.history]
+    assert len(found.history) == 2  # the finder's mock epochs are not trial epochs
+    assert float(tracker.client.get_run(run_id).data.params["lr_find.frozen.valley"]) > 0
+
+
+# -- anchored sweeps and the per-trial finder ------------------------------------------------------
+
+
+def test_anchored_sweep_runs_the_finder_once_per_arch_and_phase(
+        write_experiments: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    from pet_sweep import lrfind
+    from pet_sweep.study import open_study, run_sweep
+
+    calls: list[tuple[str, tuple[str, ...]]] = []
+    real_find = lrfind.find_lrs
+
+    def counted(dls: Any, arch: str, *args: Any, phases: Any, **kwargs: Any) -> Any:
+        calls.append((arch, tuple(phases)))
+        return real_find(dls, arch, *args, phases=phases, **kwargs)
+
+    monkeypatch.setattr(lrfind, "find_lrs", counted)
+    path = write_experiments(space=ANCHORED_SPACE, budget={"n_trials": 1}, lr_find=True)
+    exp = load_experiment(path)
+    lines: list[str] = []
+    run_sweep(exp, echo=lines.append)
+    assert calls == [("resnet18", ("frozen", "unfrozen"))]
+    # a second process: a fresh Study object on the same sqlite storage reuses the stored anchors
+    run_sweep(load_experiment(path), echo=lines.append)
+    assert len(calls) == 1
+    assert "lr-find resnet18 frozen: stored in the study" in lines
+
+    study = open_study(exp)
+    anchors = {p: study.user_attrs[f"lr_find:resnet18:{p}"]["suggestions"] for p in ("frozen", "unfrozen")}
+    trials = study.get_trials()
+    assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
+    client = MlflowClient(exp.tracking_uri)
+    for trial in trials:
+        base_lr = anchors["frozen"]["valley"] * trial.params["base_lr_factor"]
+        assert trial.user_attrs["params"]["base_lr"] == pytest.approx(base_lr)
+        assert trial.user_attrs["params"]["lr_hi"] == pytest.approx(
+            anchors["unfrozen"]["valley"] * trial.params["lr_hi_factor"])
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert float(run.data.params["base_lr_anchor_lr"]) == pytest.approx(anchors["frozen"]["valley"])
+        assert float(run.data.params["base_lr"]) == pytest.approx(base_lr)
+        assert run.data.params["lr_hi_anchor"] == "unfrozen.valley"
+        # lr_find: true -> the trial's own finder plot and suggestions
+        assert float(run.data.params["lr_find.frozen.valley"]) > 0
+        assert [a.path for a in client.list_artifacts(run.info.run_id) if a.path.startswith("lr_find")] == [
+            "lr_find_frozen.png"]
+    finder_runs = client.search_runs([client.get_experiment_by_name(exp.tracking_experiment).experiment_id],
+                                     filter_string="tags.`pet_sweep.role` = 'lr-find'")
+    assert [r.info.run_name for r in finder_runs] == ["lr-find-resnet18"]
+    assert finder_runs[0].data.tags["mlflow.parentRunId"] == study.user_attrs["mlflow_parent_run_id"]
+
+
+def test_a_diverging_finder_stops_the_sweep_before_any_trial(
+        write_experiments: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from pet_sweep import lrfind
+    from pet_sweep.cli import cli
+    from pet_sweep.study import open_study
+
+    monkeypatch.setattr(lrfind, "START_LR", 1e4)  # the loss explodes from the first step
+    path = write_experiments(space=ANCHORED_SPACE)
+    result = CliRunner().invoke(cli, ["run", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "LR finder for resnet18, frozen phase: the loss diverged at once" in result.output
+    study = open_study(load_experiment(path), create=False)
+    assert study.get_trials() == []
+    assert not any(k.startswith("lr_find:") for k in study.user_attrs)
