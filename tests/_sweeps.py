@@ -1,0 +1,76 @@
+"""Helpers shared by the scale-out and fault tests: run pet-sweep as a user does, read the stores back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+# Small enough for seconds per trial on a shared 2-core machine; heartbeats fast
+# so a killed worker's trial is noticed in a few seconds.
+FAST_FAULTS = {"heartbeat_interval": 1, "grace_period": 4, "max_retry": 2}
+FAST_DATA = {"limit": 120, "valid_pct": 0.25, "test_pct": 0.0}
+RANDOM_SPACE = {"arch": "resnet18", "base_lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
+                "lr_hi": 1.0e-2, "lr_mult": 10, "freeze_epochs": 0, "epochs": 1}
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def pet_sweep(*args: str, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
+    """`python -m pet_sweep ...` in a child process, this checkout first on the path."""
+    full_env = {**os.environ, "PYTHONPATH": f"{PROJECT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "pet_sweep", *args], env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def load(storage: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"pet-sweep exited ({proc.returncode}) before {what}:\n{out}\n{err}")
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_trial_with_epoch(storage: str, name: str) -> FrozenTrial | None:
+    """A trial that is RUNNING and has finished at least its first epoch (so more remain)."""
+    try:
+        trials = load(storage, name).get_trials(states=(TrialState.RUNNING,))
+    except KeyError:
+        return None
+    return next((t for t in trials if t.user_attrs.get("history") and "worker" in t.user_attrs), None)
+
+
+def mlflow_runs(tracking_uri: str, experiment: str) -> list[Any]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def trial_runs(tracking_uri: str, experiment: str, study: str) -> dict[int, Any]:
+    return {int(r.data.tags["optuna.trial"]): r for r in mlflow_runs(tracking_uri, experiment)
+            if r.data.tags.get("pet_sweep.role") == "trial" and r.data.tags.get("pet_sweep.study") == study}
+
+
+def assert_nothing_running(storage: str, name: str, tracking_uri: str, experiment: str) -> None:
+    running = load(storage, name).get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    assert not running, f"trials left running/waiting: {[t.number for t in running]}"
+    left = [r.info.run_name for r in mlflow_runs(tracking_uri, experiment)
+            if r.info.status == "RUNNING" and r.data.tags.get("pet_sweep.study") == name]
+    assert not left, f"MLflow runs left RUNNING: {left}"

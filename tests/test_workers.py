@@ -1,0 +1,74 @@
+"""`pet-sweep run --workers N`: N processes share one study and one budget."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from optuna.trial import TrialState
+
+from _sweeps import FAST_DATA, FAST_FAULTS, RANDOM_SPACE, assert_nothing_running, load, pet_sweep, trial_runs
+from pet_sweep.config import load_experiment
+from pet_sweep.errors import ConfigError
+from pet_sweep.workers import INVOCATION_ATTR, Budget, WorkerRole, parse_gpus, worker_envs
+
+
+def two_workers_finish_the_budget(write_experiments: Callable[..., Path], storage: str) -> None:
+    """Two CPU workers run exactly n_trials trials between them, with distinct numbers."""
+    name = f"w{uuid.uuid4().hex[:10]}"  # one study per test: a shared server keeps old ones
+    config = write_experiments(space=RANDOM_SPACE, data=FAST_DATA, faults=FAST_FAULTS, study_name=name)
+    exp = load_experiment(config)
+    proc = pet_sweep("run", "--config", str(config), "--workers", "2", "--n-trials", "3", "--storage", storage)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    trials = load(storage, name).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3, out + err
+    assert sorted(t.number for t in trials) == [0, 1, 2]
+    assert len({t.user_attrs[INVOCATION_ATTR] for t in trials}) == 1
+    assert len({t.user_attrs["worker"] for t in trials}) == 2, "both workers should have run trials"
+    assert {line.split("|")[0] for line in out.splitlines() if "COMPLETE" in line} == {"w0", "w1"}
+    runs = trial_runs(exp.tracking_uri, exp.tracking_experiment, name)
+    assert sorted(runs) == [0, 1, 2] and {r.info.status for r in runs.values()} == {"FINISHED"}
+    assert_nothing_running(storage, name, exp.tracking_uri, exp.tracking_experiment)
+    # the password of a storage URL never reaches the output (the workers get it via the environment)
+    assert "s3cret" not in out + err
+
+
+def test_two_workers_on_sqlite_finish_exactly_n_trials(write_experiments: Callable[..., Path], tmp_path: Path) -> None:
+    two_workers_finish_the_budget(write_experiments, f"sqlite:///{tmp_path}/shared.db")
+
+
+def test_budget_counts_slots_not_retries() -> None:
+    import optuna
+
+    role = WorkerRole("inv1")
+    budget = Budget(role, n_trials=2)
+    study = optuna.create_study()
+    mine = {INVOCATION_ATTR: "inv1"}
+    study.add_trial(optuna.create_trial(state=TrialState.FAIL, user_attrs=mine))
+    study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.1, user_attrs={INVOCATION_ATTR: "other"}))
+    assert budget.next_step(study) == "run"  # one slot used, the other invocation's trial is not ours
+    # the retry of a dead worker's trial carries the original's attrs and uses no slot
+    study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.2, user_attrs=mine,
+                                        system_attrs={"failed_trial": 0}))
+    assert budget.used(study.get_trials()) == 1
+    study.add_trial(optuna.create_trial(state=TrialState.RUNNING, user_attrs=mine))
+    # budget used, but a trial of ours runs: stay to retry it if its worker dies
+    assert budget.next_step(study) == "wait"
+    assert Budget(role, n_trials=2, heartbeats=False).next_step(study) == "stop"
+    assert Budget(role, n_trials=5, max_trials=2).next_step(study) == "stop"  # the study-wide cap
+
+
+def test_worker_role_round_trips_and_gpus_are_assigned(monkeypatch: pytest.MonkeyPatch) -> None:
+    role = WorkerRole("abc", 1, 2, "run123", 4)
+    assert WorkerRole.decode(role.encode()) == role
+    assert WorkerRole.decode(WorkerRole("abc").encode()) == WorkerRole("abc")
+    envs = worker_envs(3, ["0", "1"])
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0"]
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert [e["OMP_NUM_THREADS"] for e in worker_envs(2, [])] == ["4", "4"]
+    assert parse_gpus("0, 2") == ["0", "2"]
+    with pytest.raises(ConfigError, match="--gpus"):
+        parse_gpus("a,b")
