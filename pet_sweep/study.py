@@ -203,6 +203,14 @@ class SweepOutcome:
     best_trial: int | None = None
 
 
+def message_of(err: BaseException) -> str:
+    """An error's own message, without the line fastai prepends when a callback raises."""
+    text = str(err)
+    if text.startswith("Exception occured in `") and ":\n\t" in text:
+        return text.split(":\n\t", 1)[1]
+    return text
+
+
 def torch_oom() -> type[BaseException]:
     """The error type of a CUDA (or other accelerator) out-of-memory."""
     import torch
@@ -276,18 +284,18 @@ class Objective:
             result = recipe.fine_tune(self.data.dls, params, model, seed=exp.config.seed,
                                       listeners=[self.tracker.epoch_logger(run_id), report])
         except optuna.TrialPruned as err:
-            close("PRUNED", str(err))
+            close("PRUNED", message_of(err))
             raise
         except TrainingDiverged as err:
-            close("PRUNED", str(err))
-            raise optuna.TrialPruned(str(err)) from None
+            close("PRUNED", message_of(err))
+            raise optuna.TrialPruned(message_of(err)) from None
         except TrialFailed as err:
-            close("FAIL", str(err))
+            close("FAIL", message_of(err))
             raise
         except torch_oom() as err:
             # a deeper architecture or larger batch than the GPU holds: this trial fails,
             # the sweep goes on (recipe.fine_tune has already released the learner)
-            reason = f"out of memory: {str(err).splitlines()[0][:200] if str(err) else 'CUDA'}"
+            reason = f"out of memory: {message_of(err).splitlines()[0][:200] or 'CUDA'}"
             oom = True
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL, MLflow agrees
             close("FAIL", "interrupted")

@@ -9,7 +9,8 @@ from typing import Callable
 import pytest
 from optuna.trial import TrialState
 
-from _sweeps import FAST_DATA, FAST_FAULTS, RANDOM_SPACE, assert_nothing_running, load, pet_sweep, trial_runs
+from _sweeps import FAST_DATA, FAST_FAULTS, RANDOM_SPACE, assert_nothing_running, load, mlflow_runs, pet_sweep,
+                     trial_runs
 from pet_sweep.config import load_experiment
 from pet_sweep.errors import ConfigError
 from pet_sweep.workers import INVOCATION_ATTR, Budget, WorkerRole, parse_gpus, worker_envs
@@ -32,8 +33,16 @@ def two_workers_finish_the_budget(write_experiments: Callable[..., Path], storag
     runs = trial_runs(exp.tracking_uri, exp.tracking_experiment, name)
     assert sorted(runs) == [0, 1, 2] and {r.info.status for r in runs.values()} == {"FINISHED"}
     assert_nothing_running(storage, name, exp.tracking_uri, exp.tracking_experiment)
-    # the password of a storage URL never reaches the output (the workers get it via the environment)
+    # a password in the storage URL never reaches the output (the workers get it via the
+    # environment), MLflow params or the study's attributes
     assert "s3cret" not in out + err
+    parent = next(r for r in mlflow_runs(exp.tracking_uri, exp.tracking_experiment)
+                  if r.data.tags.get("pet_sweep.role") == "sweep" and r.data.tags.get("pet_sweep.study") == name)
+    assert parent.data.params["storage"].startswith(storage.split("://")[0])
+    assert parent.info.status == "FINISHED"
+    for run in [parent, *runs.values()]:
+        assert "s3cret" not in repr(run.data.params) + repr(run.data.tags)
+    assert "s3cret" not in repr(load(storage, name).user_attrs)
 
 
 def test_two_workers_on_sqlite_finish_exactly_n_trials(write_experiments: Callable[..., Path], tmp_path: Path) -> None:
