@@ -88,13 +88,29 @@ def make_storage(url: str, faults: FaultsConfig | None = None,
             engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
         else:
             engine_kwargs = {"pool_pre_ping": True}
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=faults.heartbeat_interval, grace_period=faults.grace_period,
-            heartbeat_stale_trial_callback=on_stale or StaleTrialHandler(faults.max_retry),
-            engine_kwargs=engine_kwargs)
+        return _rdb_storage(url, faults, on_stale or StaleTrialHandler(faults.max_retry), engine_kwargs)
     except Exception as err:  # SQLAlchemy/driver errors: bad URL, server down, missing driver
         raise StudyError(f"cannot open the Optuna storage {redact_url(url)}: "
                          f"{type(err).__name__}: {redact_url_in(str(err).splitlines()[0][:300], url)}") from None
+
+
+def _rdb_storage(url: str, faults: FaultsConfig, on_stale: StaleTrialHandler,
+                 engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+    import sqlalchemy.exc
+
+    def open_rdb() -> optuna.storages.RDBStorage:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=faults.heartbeat_interval, grace_period=faults.grace_period,
+            heartbeat_stale_trial_callback=on_stale, engine_kwargs=engine_kwargs)
+
+    for delay in (1, 2):
+        try:
+            return open_rdb()
+        except sqlalchemy.exc.IntegrityError:
+            # two processes created the tables of a new database at once (machines
+            # started together); the other one won, so the next try finds them
+            time.sleep(delay)
+    return open_rdb()
 
 
 def redact_url_in(text: str, url: str) -> str:

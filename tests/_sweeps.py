@@ -48,9 +48,12 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, proc: subproce
 
 def running_trial_with_epoch(storage: str, name: str) -> FrozenTrial | None:
     """A trial that is RUNNING and has finished at least its first epoch (so more remain)."""
+    import sqlalchemy.exc
+
     try:
         trials = load(storage, name).get_trials(states=(TrialState.RUNNING,))
-    except KeyError:
+    # the study (or its file, or its tables) is not there yet
+    except (KeyError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
         return None
     return next((t for t in trials if t.user_attrs.get("history") and "worker" in t.user_attrs), None)
 

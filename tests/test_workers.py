@@ -9,8 +9,8 @@ from typing import Callable
 import pytest
 from optuna.trial import TrialState
 
-from _sweeps import FAST_DATA, FAST_FAULTS, RANDOM_SPACE, assert_nothing_running, load, mlflow_runs, pet_sweep,
-                     trial_runs
+from _sweeps import (FAST_DATA, FAST_FAULTS, RANDOM_SPACE, assert_nothing_running, load, mlflow_runs, pet_sweep,
+                     trial_runs)
 from pet_sweep.config import load_experiment
 from pet_sweep.errors import ConfigError
 from pet_sweep.workers import INVOCATION_ATTR, Budget, WorkerRole, parse_gpus, worker_envs
@@ -81,3 +81,28 @@ def test_worker_role_round_trips_and_gpus_are_assigned(monkeypatch: pytest.Monke
     assert parse_gpus("0, 2") == ["0", "2"]
     with pytest.raises(ConfigError, match="--gpus"):
         parse_gpus("a,b")
+
+
+def test_journal_storage_is_shared_through_a_file(write_experiments: Callable[..., Path], tmp_path: Path) -> None:
+    from pet_sweep.study import make_storage, open_study
+
+    exp = load_experiment(write_experiments(storage="journal://stores/optuna.log"))
+    assert exp.storage_url == f"journal://{tmp_path}/stores/optuna.log"  # relative to experiments.yaml
+    first = open_study(exp)
+    first.enqueue_trial({"x": 1})
+    # a second process (or machine on the shared file system) sees the same study
+    other = load_experiment(write_experiments(storage=f"journal://{tmp_path}/stores/optuna.log"))
+    import optuna
+
+    again = optuna.load_study(study_name=exp.study_name, storage=make_storage(other.storage_url))
+    assert [t.state for t in again.get_trials()] == [TrialState.WAITING]
+
+
+def test_faults_settings_are_checked(write_experiments: Callable[..., Path]) -> None:
+    with pytest.raises(ConfigError, match="faults.*grace_period must be > heartbeat_interval"):
+        load_experiment(write_experiments(faults={"heartbeat_interval": 10, "grace_period": 5}))
+    exp = load_experiment(write_experiments(faults={"heartbeat_interval": 2, "grace_period": 7, "max_retry": 0}))
+    from pet_sweep.study import make_storage
+
+    storage = make_storage(exp.storage_url, exp.config.faults)
+    assert (storage.heartbeat_interval, storage.grace_period) == (2, 7)
