@@ -128,7 +128,11 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
     if workers > 1:
         argv = ["run", exp.name, "--config", str(exp.config_path), "--n-trials", str(budget.n_trials),
                 "--study-name", exp.study_name] + (["--timeout", str(budget.timeout)] if budget.timeout else [])
-        done = supervise(exp, workers, parse_gpus(gpus), argv, echo=lambda line: click.echo(line))
+        try:
+            done = supervise(exp, workers, parse_gpus(gpus), argv, echo=lambda line: click.echo(line))
+        except KeyboardInterrupt:  # before the workers started
+            click.echo(hint(0), err=True)
+            sys.exit(130)
         for worker_exit in done.exits:
             if worker_exit.returncode not in (0, 130):
                 click.echo(f"warning      {worker_exit.describe}", err=True)
