@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 import sys
 import time
 from pathlib import Path
@@ -77,3 +78,35 @@ def assert_nothing_running(storage: str, name: str, tracking_uri: str, experimen
     left = [r.info.run_name for r in mlflow_runs(tracking_uri, experiment)
             if r.info.status == "RUNNING" and r.data.tags.get("pet_sweep.study") == name]
     assert not left, f"MLflow runs left RUNNING: {left}"
+
+
+def two_workers_finish_the_budget(write_experiments: Callable[..., Path], storage: str) -> None:
+    """Two CPU workers run exactly n_trials trials between them, with distinct numbers."""
+    name = f"w{uuid.uuid4().hex[:10]}"  # one study per test: a shared server keeps old ones
+    from pet_sweep.config import load_experiment
+    from pet_sweep.workers import INVOCATION_ATTR
+
+    config = write_experiments(space=RANDOM_SPACE, data=FAST_DATA, faults=FAST_FAULTS, study_name=name)
+    exp = load_experiment(config)
+    proc = pet_sweep("run", "--config", str(config), "--workers", "2", "--n-trials", "3", "--storage", storage)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    trials = load(storage, name).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3, out + err
+    assert sorted(t.number for t in trials) == [0, 1, 2]
+    assert len({t.user_attrs[INVOCATION_ATTR] for t in trials}) == 1
+    assert len({t.user_attrs["worker"] for t in trials}) == 2, "both workers should have run trials"
+    assert {line.split("|")[0] for line in out.splitlines() if "COMPLETE" in line} == {"w0", "w1"}
+    runs = trial_runs(exp.tracking_uri, exp.tracking_experiment, name)
+    assert sorted(runs) == [0, 1, 2] and {r.info.status for r in runs.values()} == {"FINISHED"}
+    assert_nothing_running(storage, name, exp.tracking_uri, exp.tracking_experiment)
+    # a password in the storage URL never reaches the output (the workers get it via the
+    # environment), MLflow params or the study's attributes
+    assert "s3cret" not in out + err
+    parent = next(r for r in mlflow_runs(exp.tracking_uri, exp.tracking_experiment)
+                  if r.data.tags.get("pet_sweep.role") == "sweep" and r.data.tags.get("pet_sweep.study") == name)
+    assert parent.data.params["storage"].startswith(storage.split("://")[0])
+    assert parent.info.status == "FINISHED"
+    for run in [parent, *runs.values()]:
+        assert "s3cret" not in repr(run.data.params) + repr(run.data.tags)
+    assert "s3cret" not in repr(load(storage, name).user_attrs)

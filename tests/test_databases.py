@@ -12,7 +12,7 @@ from typing import Callable
 
 import pytest
 
-from test_workers import two_workers_finish_the_budget
+from _sweeps import two_workers_finish_the_budget
 
 SERVERS = {
     "postgres": ("PET_SWEEP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
@@ -44,11 +44,13 @@ def with_password(url: str, password: str) -> str:
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_two_workers_on_postgresql(write_experiments: Callable[..., Path]) -> None:
     # a password in the URL: the loopback server trusts local users, and nothing may print it
     two_workers_finish_the_budget(write_experiments, with_password(server_url("postgres"), "s3cret"))
 
 
 @pytest.mark.mysql
+@pytest.mark.slow
 def test_two_workers_on_mariadb(write_experiments: Callable[..., Path]) -> None:
     two_workers_finish_the_budget(write_experiments, server_url("mysql"))

@@ -29,6 +29,7 @@ def sweep_parent(exp, name: str):  # noqa: ANN001, ANN201 - test helper
                 if r.data.tags.get("pet_sweep.role") == "sweep" and r.data.tags.get("pet_sweep.study") == name)
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_worker_mid_trial_fails_and_retries_its_trial(write_experiments: Callable[..., Path]) -> None:
     name = f"k{uuid.uuid4().hex[:8]}"
     config = write_experiments(space=LONG_TRIALS, data=FAST_DATA, faults=FAST_FAULTS, study_name=name)
@@ -52,6 +53,7 @@ def test_sigkill_of_a_worker_mid_trial_fails_and_retries_its_trial(write_experim
     assert_nothing_running(exp.storage_url, name, exp.tracking_uri, exp.tracking_experiment)
 
 
+@pytest.mark.slow
 def test_sigint_stops_cleanly_and_the_hint_resumes(write_experiments: Callable[..., Path]) -> None:
     name = f"i{uuid.uuid4().hex[:8]}"
     config = write_experiments(space=LONG_TRIALS, data=FAST_DATA, faults=FAST_FAULTS, study_name=name)
