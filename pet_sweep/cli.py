@@ -141,11 +141,13 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         if done.interrupted:
             click.echo(hint(done.finished), err=True)
             sys.exit(130)
-        best = done.best
-        if done.used < budget.n_trials and any(e.returncode != 0 for e in done.exits):
-            _print_best(exp, best)
-            raise click.ClickException(f"the workers stopped after {done.used} of {budget.n_trials} trials")
-        _print_best(exp, best)
+        if done.orphans:
+            click.echo(f"retry        trial(s) {', '.join(map(str, done.orphans))} of dead workers: "
+                       "failed now, queued to run again in the next `pet-sweep run`")
+        _print_best(exp, done.best)
+        if not any(e.returncode == 0 for e in done.exits) or done.used < budget.n_trials:
+            click.echo(f"the workers stopped early; {hint(done.finished).split('; ', 1)[1]}", err=True)
+            sys.exit(1)
         return
     try:
         outcome = run_sweep(exp, echo=lambda line: click.echo(line))

@@ -238,6 +238,7 @@ class Supervised:
     used: int              # budget slots used (failed trials included)
     best: tuple[float, int] | None
     closed_runs: int       # MLflow runs a dead worker left RUNNING, closed at the end
+    orphans: list[int]     # trials whose worker died with no other worker left to retry them
 
 
 def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
@@ -271,6 +272,7 @@ def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
         exits, interrupted = wait_workers(procs)
         for pump in pumps:
             pump.join(timeout=5)
+        orphans = fail_orphans(study, tracker, exp.config.faults.max_retry, [p.pid for p in procs])
         budget = Budget(roles[0], exp.config.budget.n_trials)
         trials = study.get_trials(deepcopy=False)
         finished, used = budget.finished(trials), budget.used(trials)
@@ -279,4 +281,30 @@ def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
         closed = close_dead_runs(study, tracker)
         tracker.finish_sweep(parent, status)
         roles[0].lock_path.unlink(missing_ok=True)
-    return Supervised(exp.study_name, parent, exits, interrupted, finished, used, best_of(study), closed)
+    return Supervised(exp.study_name, parent, exits, interrupted, finished, used, best_of(study), closed, orphans)
+
+
+def fail_orphans(study: optuna.Study, tracker: Any, max_retry: int, pids: list[int]) -> list[int]:
+    """Fail the trials our dead workers left RUNNING, queue their retry, close their MLflow runs.
+
+    Every worker has exited, so none of their trials can still be running; waiting
+    for the grace period would only leave them RUNNING for the next `pet-sweep run`.
+    """
+    import socket
+
+    from pet_sweep.study import WORKER_ATTR, StaleTrialHandler
+
+    ours = {f"{socket.gethostname()}:{pid}" for pid in pids}
+    handler = StaleTrialHandler(max_retry)
+    handler.tracker = tracker
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(WORKER_ATTR) not in ours:
+            continue
+        frozen = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        retried = any(t.system_attrs.get(RETRY_OF) == trial.number for t in study.get_trials(deepcopy=False))
+        if frozen.state != TrialState.FAIL or retried:
+            continue  # finished meanwhile, or failed and retried by a worker on another machine
+        handler(study, frozen)
+        failed.append(trial.number)
+    return failed

@@ -164,3 +164,23 @@ def test_passwords_never_appear_in_errors_or_hints(write_experiments: Callable[.
     result = CliRunner().invoke(cli, ["run", "--config", str(config), "--storage", url])
     assert result.exit_code == 2
     assert "sweeper:***@127.0.0.1:9" in result.output and "s3cret" not in result.output
+
+
+@pytest.mark.slow
+def test_when_every_worker_dies_their_trial_is_failed_and_queued_again(write_experiments: Callable[..., Path]) -> None:
+    import psutil
+
+    name = f"o{uuid.uuid4().hex[:8]}"
+    config = write_experiments(space=LONG_TRIALS, data=FAST_DATA, study_name=name)  # default 120 s grace period
+    exp = load_experiment(config)
+    proc = pet_sweep("run", "--config", str(config), "--workers", "2", "--n-trials", "1")
+    victim = wait_for(lambda: running_trial_with_epoch(exp.storage_url, name), 300, "a trial past epoch 0", proc)
+    for worker in psutil.Process(proc.pid).children():
+        worker.kill()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "resume with:" in err, out + err
+    trials = load(exp.storage_url, name).get_trials()
+    assert trials[victim.number].state == TrialState.FAIL
+    assert [t.system_attrs.get("failed_trial") for t in trials if t.state == TrialState.WAITING] == [victim.number]
+    run = trial_runs(exp.tracking_uri, exp.tracking_experiment, name)[victim.number]
+    assert run.info.status == "FAILED" and run.data.tags.get("reason") == STALE_REASON
