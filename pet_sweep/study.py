@@ -50,10 +50,15 @@ class StaleTrialHandler:
 
     def __init__(self, max_retry: int) -> None:
         self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.max_retry = max_retry
         self.tracker: Tracker | None = None  # set once the worker has opened MLflow
+        self.echo: Callable[[str], None] = lambda line: None
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.retry(study, trial)
+        queued = self.max_retry > len(trial.system_attrs.get("retry_history", []))
+        self.echo(f"trial {trial.number:>3} FAIL     {STALE_REASON}; "
+                  + ("queued to run again" if queued else f"not retried (faults.max_retry={self.max_retry})"))
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if self.tracker is not None and run_id:
             from mlflow.exceptions import MlflowException
@@ -416,7 +421,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     stale = StaleTrialHandler(exp.config.faults.max_retry)
     study = open_study(exp, worker=role.index, on_stale=stale)
     tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
-    stale.tracker = tracker
+    stale.tracker, stale.echo = tracker, echo
     owns_parent = role.parent_run_id is None
     parent = open_parent_run(exp, study, tracker) if owns_parent else role.parent_run_id
     outcome = SweepOutcome(exp.study_name, parent)

@@ -296,7 +296,7 @@ def fail_orphans(study: optuna.Study, tracker: Any, max_retry: int, pids: list[i
 
     ours = {f"{socket.gethostname()}:{pid}" for pid in pids}
     handler = StaleTrialHandler(max_retry)
-    handler.tracker = tracker
+    handler.tracker = tracker  # no echo: the supervisor says which trials it queued again
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get(WORKER_ATTR) not in ours:

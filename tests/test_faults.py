@@ -48,6 +48,7 @@ def test_sigkill_of_a_worker_mid_trial_fails_and_retries_its_trial(write_experim
     # no completed trial lost or duplicated: exactly the budget completed
     assert sum(t.state == TrialState.COMPLETE for t in trials.values()) == 2
     assert f"[retry of trial {victim.number}]" in out
+    assert f"trial {victim.number:>3} FAIL     {STALE_REASON}; queued to run again" in out
     run = trial_runs(exp.tracking_uri, exp.tracking_experiment, name)[victim.number]
     assert run.info.status == "FAILED" and run.data.tags.get("reason") == STALE_REASON
     assert_nothing_running(exp.storage_url, name, exp.tracking_uri, exp.tracking_experiment)
