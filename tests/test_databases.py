@@ -12,7 +12,7 @@ from typing import Callable
 
 import pytest
 
-from _sweeps import two_workers_finish_the_budget
+from tests._sweeps import two_workers_finish_the_budget
 
 SERVERS = {
     "postgres": ("PET_SWEEP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),

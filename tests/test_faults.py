@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState
 
-from _sweeps import (FAST_DATA, FAST_FAULTS, RANDOM_SPACE, assert_nothing_running, load, mlflow_runs, pet_sweep,
+from tests._sweeps import (FAST_DATA, FAST_FAULTS, RANDOM_SPACE, assert_nothing_running, load, mlflow_runs, pet_sweep,
                      running_trial_with_epoch, trial_runs, wait_for)
 from pet_sweep.cli import cli
 from pet_sweep.config import load_experiment

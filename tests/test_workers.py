@@ -8,7 +8,7 @@ from typing import Callable
 import pytest
 from optuna.trial import TrialState
 
-from _sweeps import two_workers_finish_the_budget
+from tests._sweeps import two_workers_finish_the_budget
 from pet_sweep.config import load_experiment
 from pet_sweep.errors import ConfigError
 from pet_sweep.workers import INVOCATION_ATTR, Budget, WorkerRole, parse_gpus, worker_envs
