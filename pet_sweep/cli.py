@@ -67,39 +67,103 @@ def cli() -> None:
 @config_option
 @click.option("--n-trials", type=int, help="Trials to add to the study in this run (default: budget.n_trials).")
 @click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
-@click.option("--storage", help="Optuna storage URL (default: the experiment's `storage`).")
-@click.option("--tracking-uri", help="MLflow tracking URI (default: the experiment's `tracking.uri`).")
+@click.option("--storage", envvar="PET_SWEEP_STORAGE",
+              help="Optuna storage URL (default: the experiment's `storage`; env PET_SWEEP_STORAGE): "
+                   "sqlite:///file.db, postgresql://..., mysql+pymysql://..., journal:///shared/optuna.log.")
+@click.option("--tracking-uri", envvar="PET_SWEEP_TRACKING_URI",
+              help="MLflow tracking URI (default: the experiment's `tracking.uri`; env PET_SWEEP_TRACKING_URI).")
 @click.option("--study-name", help="Optuna study name (default: the experiment's name).")
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Worker processes sharing the study and the budget (one GPU each where there are GPUs).")
+@click.option("--gpus", help="GPUs for the workers, e.g. 0,1 (default: every visible GPU).")
+@click.option("--worker", "worker_role", hidden=True, help="Set by `--workers`: this process's role.")
 @fail_clearly
 def run(experiment: str | None, config_path: str, n_trials: int | None, timeout: float | None,
-        storage: str | None, tracking_uri: str | None, study_name: str | None) -> None:
+        storage: str | None, tracking_uri: str | None, study_name: str | None, workers: int,
+        gpus: str | None, worker_role: str | None) -> None:
     """Run or resume the sweep of EXPERIMENT (default: the file's `default`).
 
     Running the same command again resumes the same study and adds trials to it.
+    The same command on several machines, with a shared `--storage` database
+    (PostgreSQL, MySQL/MariaDB) or journal file, joins one study.
     """
     exp = load(config_path, experiment, n_trials=n_trials, timeout=timeout, storage=storage,
                tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
-    from pet_sweep.study import quiet_optuna, run_sweep
+    from pet_sweep.study import SweepInterrupted, quiet_optuna, run_sweep
     from pet_sweep.tracking import redact_url
+    from pet_sweep.workers import WorkerRole, parse_gpus, supervise
 
     quiet_optuna()
+    _sigterm_is_interrupt()
     budget = exp.config.budget
+    if worker_role:  # one of the supervisor's workers: it prints the banner and the hint
+        try:
+            run_sweep(exp, echo=lambda line: click.echo(line), role=WorkerRole.decode(worker_role))
+        except KeyboardInterrupt:
+            sys.exit(130)
+        return
     click.echo(f"experiment   {exp.name}  ({exp.config_path})")
     click.echo(f"study        {exp.study_name}  (+{budget.n_trials} trials"
-               + (f", timeout {budget.timeout:g}s" if budget.timeout else "") + ")")
+               + (f", timeout {budget.timeout:g}s" if budget.timeout else "")
+               + (f", {workers} workers" if workers > 1 else "") + ")")
     click.echo(f"storage      {redact_url(exp.storage_url)}")
     click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'")
+
+    def hint(finished: int) -> str:
+        again = ["pet-sweep run", exp.name]
+        if config_path != DEFAULT_CONFIG:
+            again += ["--config", config_path]
+        source = click.get_current_context().get_parameter_source
+        for flag, value in (("--storage", storage), ("--tracking-uri", tracking_uri),
+                            ("--study-name", study_name), ("--timeout", timeout), ("--gpus", gpus)):
+            from_env = source(flag[2:].replace("-", "_")) == click.core.ParameterSource.ENVIRONMENT
+            if value is not None and not from_env:
+                again += [flag, redact_url(str(value))]
+        if workers > 1:
+            again += ["--workers", str(workers)]
+        again += ["--n-trials", str(max(1, budget.n_trials - finished))]
+        return f"interrupted after {finished} of {budget.n_trials} trials; resume with: {' '.join(again)}"
+
+    if workers > 1:
+        argv = ["run", exp.name, "--config", str(exp.config_path), "--n-trials", str(budget.n_trials),
+                "--study-name", exp.study_name] + (["--timeout", str(budget.timeout)] if budget.timeout else [])
+        try:
+            done = supervise(exp, workers, parse_gpus(gpus), argv, echo=lambda line: click.echo(line))
+        except KeyboardInterrupt:  # before the workers started
+            click.echo(hint(0), err=True)
+            sys.exit(130)
+        for worker_exit in done.exits:
+            if worker_exit.returncode not in (0, 130):
+                click.echo(f"warning      {worker_exit.describe}", err=True)
+        if done.closed_runs:
+            click.echo(f"closed       {done.closed_runs} MLflow run(s) a dead worker left running")
+        if done.interrupted:
+            click.echo(hint(done.finished), err=True)
+            sys.exit(130)
+        if done.orphans:
+            click.echo(f"retry        trial(s) {', '.join(map(str, done.orphans))} of dead workers: "
+                       "failed now, queued to run again in the next `pet-sweep run`")
+        _print_best(exp, done.best)
+        if not any(e.returncode == 0 for e in done.exits) or done.used < budget.n_trials:
+            click.echo(f"the workers stopped early; {hint(done.finished).split('; ', 1)[1]}", err=True)
+            sys.exit(1)
+        return
     try:
         outcome = run_sweep(exp, echo=lambda line: click.echo(line))
-    except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; resume with: pet-sweep run {exp.name}"
-                   + (f" --config {config_path}" if config_path != DEFAULT_CONFIG else ""), err=True)
+    except SweepInterrupted as stop:
+        click.echo("\n" + hint(stop.finished), err=True)
         sys.exit(130)
-    if outcome.best_trial is None:
+    _print_best(exp, None if outcome.best_trial is None else (outcome.best_value, outcome.best_trial))
+
+
+def _print_best(exp: Experiment, best: tuple[float, int] | None) -> None:
+    from pet_sweep.tracking import redact_url
+
+    if best is None:
         click.echo("no trial completed")
         return
-    click.echo(f"best         trial {outcome.best_trial}: error_rate {outcome.best_value:.4f}")
+    click.echo(f"best         trial {best[1]}: error_rate {best[0]:.4f}")
     click.echo(f"next         pet-sweep report {exp.name}   |   mlflow ui --backend-store-uri {redact_url(exp.tracking_uri)}")
 
 
@@ -134,6 +198,16 @@ def lr_find(experiment: str | None, config_path: str, archs: tuple[str, ...], ou
     for found in findings:
         click.echo(f"plots        {', '.join(str(p) for p in found.plots)}")
         click.echo(f"MLflow run   lr-find-{found.arch} ({found.run_id})")
+
+
+def _sigterm_is_interrupt() -> None:
+    """SIGTERM (a scheduler or `kill`) stops a sweep the way Ctrl-C does: the trial is closed first."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def main() -> None:

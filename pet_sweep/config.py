@@ -87,6 +87,21 @@ class PrunerConfig(_Strict):
     reduction_factor: int = Field(3, ge=2)
 
 
+class FaultsConfig(_Strict):
+    """How a sweep notices dead workers (RDB storages only: Optuna's heartbeats)."""
+
+    heartbeat_interval: int = Field(30, ge=1)   # seconds between a running trial's heartbeats
+    grace_period: int = Field(120, ge=1)        # a trial silent this long is failed and retried
+    max_retry: int = Field(3, ge=0)             # retries of a trial whose worker died
+
+    @model_validator(mode="after")
+    def _check(self) -> "FaultsConfig":
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"grace_period must be > heartbeat_interval, but got "
+                             f"{self.grace_period} <= {self.heartbeat_interval}")
+        return self
+
+
 class TrackingConfig(_Strict):
     uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None
@@ -105,6 +120,7 @@ class ExperimentConfig(_Strict):
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None
     tracking: TrackingConfig = TrackingConfig()
+    faults: FaultsConfig = FaultsConfig()
     seed: int = 0
     lr_find: bool = False
 
@@ -165,8 +181,14 @@ class Experiment:
         return Experiment(self.name, cfg.model_copy(update=update), self.space, self.config_path)
 
 
+JOURNAL_PREFIX = "journal://"  # journal:///abs/optuna.log or journal://relative/optuna.log
+
+
 def resolve_url(url: str, base_dir: Path) -> str:
-    """Make a relative ``sqlite:///file.db`` path relative to the experiments file, not the shell."""
+    """Make a relative ``sqlite:///file.db`` (or ``journal://file.log``) path relative to the
+    experiments file, not the shell."""
+    if url.startswith(JOURNAL_PREFIX):
+        return JOURNAL_PREFIX + str((base_dir / Path(url[len(JOURNAL_PREFIX):]).expanduser()).resolve())
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
         return prefix + str((base_dir / url[len(prefix):]).resolve())

@@ -147,6 +147,16 @@ def check_images(items: list[Path], data: DataConfig, where: str) -> list[Path]:
     return [p for p in items if p not in bad_set]
 
 
+def check_data(exp: Experiment) -> int:
+    """Check the data set without building DataLoaders (what a supervisor does before
+    starting workers); return the number of usable images."""
+    data = exp.config.data
+    _, _, items = _source(data, exp)
+    if data.source != "digits":
+        items = check_images(items, data, f"{exp.config_path}: experiment '{exp.name}'")
+    return len(items)
+
+
 class ImageCache:
     """Path -> decoded image, each file decoded once per process."""
 

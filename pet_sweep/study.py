@@ -8,7 +8,10 @@ listeners (MLflow, Optuna pruning) -> result back to Optuna.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,10 +23,11 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.callbacks import EpochRecord
-from pet_sweep.config import Experiment
+from pet_sweep.config import JOURNAL_PREFIX, Experiment, FaultsConfig
 from pet_sweep.errors import StudyError, TrainingDiverged, TrialFailed
 from pet_sweep.space import Anchors, TrialParams, anchor_params, suggest
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, redact_url
+from pet_sweep.workers import INVOCATION_ATTR, RETRY_OF, Budget, Claim, WorkerRole
 
 # Trial user attributes pet-sweep writes (the report reads them back).
 PARAMS_ATTR = "params"            # the full TrialParams, fixed values included
@@ -32,30 +36,106 @@ PRECISION_ATTR = "precision"      # what really ran
 PREDS_ATTR = "valid_preds"        # predicted class per validation item (last epoch)
 TARGETS_ATTR = "valid_targets"
 REASON_ATTR = "reason"            # why a trial was pruned or failed
+WORKER_ATTR = "worker"            # host:pid of the process that ran the trial
 
-HEARTBEAT_INTERVAL = 30  # seconds between a running trial's heartbeats (RDB storages)
-GRACE_PERIOD = 120       # a trial silent this long is stale: failed and retried
+STALE_REASON = "its worker stopped sending heartbeats (killed or lost)"
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna RDB storage with heartbeats: a killed worker's trial is failed and retried."""
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+class StaleTrialHandler:
+    """Storage callback for a trial whose worker died: retry it and close its MLflow run.
+
+    Optuna calls it from `fail_stale_trials` in whichever worker notices first; the
+    trial's MLflow run id is in its user attrs, so that worker closes the run.
+    """
+
+    def __init__(self, max_retry: int) -> None:
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.max_retry = max_retry
+        self.tracker: Tracker | None = None  # set once the worker has opened MLflow
+        self.echo: Callable[[str], None] = lambda line: None
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.retry(study, trial)
+        queued = self.max_retry > len(trial.system_attrs.get("retry_history", []))
+        self.echo(f"trial {trial.number:>3} FAIL     {STALE_REASON}; "
+                  + ("queued to run again" if queued else f"not retried (faults.max_retry={self.max_retry})"))
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if self.tracker is not None and run_id:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.tracker.finish_trial(run_id, "FAIL", tags={"reason": STALE_REASON})
+            except MlflowException:  # the run lives in another tracking store; close_stale_runs there
+                pass
+
+
+def make_storage(url: str, faults: FaultsConfig | None = None,
+                 on_stale: StaleTrialHandler | None = None) -> optuna.storages.BaseStorage:
+    """The Optuna storage of a URL.
+
+    RDB URLs (sqlite, postgresql, mysql+pymysql) get heartbeats: a killed worker's
+    trial is failed after the grace period and retried. ``journal:///path/optuna.log``
+    is Optuna's journal file storage for a shared file system with no database
+    server; it has no heartbeats, so a killed worker's trial stays RUNNING.
+    """
+    faults = faults or FaultsConfig()
     try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
-            failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        if url.startswith(JOURNAL_PREFIX):
+            from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+
+            path = Path(url[len(JOURNAL_PREFIX):])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # the open(O_EXCL) lock works on NFSv3+, where symlink locks may not
+            return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            # several workers on one file: wait for the write lock instead of "database is locked"
+            engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
+        else:
+            engine_kwargs = {"pool_pre_ping": True}
+        return _rdb_storage(url, faults, on_stale or StaleTrialHandler(faults.max_retry), engine_kwargs)
     except Exception as err:  # SQLAlchemy/driver errors: bad URL, server down, missing driver
         raise StudyError(f"cannot open the Optuna storage {redact_url(url)}: "
-                         f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
+                         f"{type(err).__name__}: {redact_url_in(str(err).splitlines()[0][:300], url)}") from None
 
 
-def make_sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
+def _rdb_storage(url: str, faults: FaultsConfig, on_stale: StaleTrialHandler,
+                 engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+    import sqlalchemy.exc
+
+    def open_rdb() -> optuna.storages.RDBStorage:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=faults.heartbeat_interval, grace_period=faults.grace_period,
+            heartbeat_stale_trial_callback=on_stale, engine_kwargs=engine_kwargs)
+
+    for delay in (1, 2):
+        try:
+            return open_rdb()
+        except sqlalchemy.exc.IntegrityError:
+            # two processes created the tables of a new database at once (machines
+            # started together); the other one won, so the next try finds them
+            time.sleep(delay)
+    return open_rdb()
+
+
+def redact_url_in(text: str, url: str) -> str:
+    """Remove a URL's password from a message (drivers quote it in some errors)."""
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return text
+    return text.replace(password, "***") if password else text
+
+
+def make_sampler(exp: Experiment, worker: int = 0) -> optuna.samplers.BaseSampler:
     cfg = exp.config.sampler
+    # workers with the same seed would draw the same parameters: each gets its own
+    seed = None if cfg.seed is None else cfg.seed + worker
     if cfg.name == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
-    return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
 
 
 def make_pruner(exp: Experiment) -> optuna.pruners.BasePruner:
@@ -71,17 +151,18 @@ def make_pruner(exp: Experiment) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(exp: Experiment, *, create: bool = True) -> optuna.Study:
+def open_study(exp: Experiment, *, create: bool = True, worker: int = 0,
+               on_stale: StaleTrialHandler | None = None) -> optuna.Study:
     """Create the experiment's study, or load it to resume (same name = same study)."""
-    storage = make_storage(exp.storage_url)
+    storage = make_storage(exp.storage_url, exp.config.faults, on_stale)
     if not create:
         try:
             return optuna.load_study(study_name=exp.study_name, storage=storage,
-                                     sampler=make_sampler(exp), pruner=make_pruner(exp))
+                                     sampler=make_sampler(exp, worker), pruner=make_pruner(exp))
         except KeyError:
             raise StudyError(f"no study named {exp.study_name!r} in {redact_url(exp.storage_url)}; "
                              f"run `pet-sweep run {exp.name}` first") from None
-    study = optuna.create_study(study_name=exp.study_name, storage=storage, sampler=make_sampler(exp),
+    study = optuna.create_study(study_name=exp.study_name, storage=storage, sampler=make_sampler(exp, worker),
                                 pruner=make_pruner(exp), direction="minimize", load_if_exists=True)
     if "experiment" not in study.user_attrs:
         study.set_user_attr("experiment", exp.name)
@@ -119,6 +200,14 @@ def history_from_attrs(trial: FrozenTrial) -> list[EpochRecord]:
     return [EpochRecord(**r) for r in trial.user_attrs.get(HISTORY_ATTR, [])]
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the sweep; the running trial was closed first."""
+
+    def __init__(self, finished: int) -> None:
+        super().__init__(f"interrupted after {finished} finished trial(s)")
+        self.finished = finished  # this invocation's trials that ran to the end
+
+
 @dataclass
 class TrialOutcome:
     number: int
@@ -127,6 +216,7 @@ class TrialOutcome:
     params: dict[str, Any]
     seconds: float
     reason: str = ""
+    retry_of: int | None = None  # the trial of a dead worker this one re-ran
 
 
 @dataclass
@@ -136,6 +226,31 @@ class SweepOutcome:
     trials: list[TrialOutcome] = field(default_factory=list)
     best_value: float | None = None
     best_trial: int | None = None
+
+
+def message_of(err: BaseException) -> str:
+    """An error's own message, without the line fastai prepends when a callback raises."""
+    text = str(err)
+    if text.startswith("Exception occured in `") and ":\n\t" in text:
+        return text.split(":\n\t", 1)[1]
+    return text
+
+
+def torch_oom() -> type[BaseException]:
+    """The error type of a CUDA (or other accelerator) out-of-memory."""
+    import torch
+
+    return torch.OutOfMemoryError
+
+
+def release_cuda_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -150,10 +265,14 @@ class Objective:
         self.exp, self.data, self.tracker, self.parent_run_id = exp, data, tracker, parent_run_id
         self.listeners = listeners
         self.anchors = anchors or {}  # LR-finder suggestions of an anchored space (lrfind.study_anchors)
+        # called first thing in every trial: the sweep loop takes the budget slot there
+        self.on_start: Callable[[optuna.Trial], None] | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
         from pet_sweep import lrfind, recipe
 
+        if self.on_start is not None:
+            self.on_start(trial)
         exp, model = self.exp, self.exp.config.model
         params = suggest(exp.space, trial, self.anchors)
         precision = recipe.precision_for(model.precision, self.data.dls.device)
@@ -186,22 +305,35 @@ class Objective:
                                           {"reason": reason} if reason else {}, artifacts)
 
         started = time.perf_counter()
+        oom, reason = False, ""
         try:
             result = recipe.fine_tune(self.data.dls, params, model, seed=exp.config.seed,
                                       listeners=[self.tracker.epoch_logger(run_id), report],
                                       lr_find=lrfind.trial_finder(self.tracker, run_id) if exp.config.lr_find else None)
         except optuna.TrialPruned as err:
-            close("PRUNED", str(err))
+            close("PRUNED", message_of(err))
             raise
         except TrainingDiverged as err:
-            close("PRUNED", str(err))
-            raise optuna.TrialPruned(str(err)) from None
+            close("PRUNED", message_of(err))
+            raise optuna.TrialPruned(message_of(err)) from None
         except TrialFailed as err:
-            close("FAIL", str(err))
+            close("FAIL", message_of(err))
             raise
-        except BaseException as err:  # interrupts and bugs: close the run, then let them stop the sweep
+        except torch_oom() as err:
+            # a deeper architecture or larger batch than the GPU holds: this trial fails,
+            # the sweep goes on (recipe.fine_tune has already released the learner)
+            reason = f"out of memory: {message_of(err).splitlines()[0][:200] or 'CUDA'}"
+            oom = True
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL, MLflow agrees
+            close("FAIL", "interrupted")
+            raise
+        except BaseException as err:  # bugs: close the run, then let them stop the sweep
             close("FAIL", f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
             raise
+        if oom:
+            release_cuda_memory()
+            close("FAIL", reason)
+            raise TrialFailed(reason)
         trial.set_user_attr(PREDS_ATTR, result.valid_preds)
         trial.set_user_attr(TARGETS_ATTR, result.valid_targets)
         close("COMPLETE", metrics={"final_error_rate": result.error_rate,
@@ -227,8 +359,9 @@ def describe_trial(trial: FrozenTrial) -> TrialOutcome:
     params = trial.user_attrs.get(PARAMS_ATTR) or dict(trial.params)
     value = trial.value if trial.state == TrialState.COMPLETE else (
         trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
+    retry_of = trial.system_attrs.get(RETRY_OF)
     return TrialOutcome(trial.number, trial.state.name, value, params, seconds,
-                        str(trial.user_attrs.get(REASON_ATTR, "")))
+                        str(trial.user_attrs.get(REASON_ATTR, "")), retry_of)
 
 
 def format_trial(outcome: TrialOutcome, best: tuple[float, int] | None) -> str:
@@ -239,6 +372,8 @@ def format_trial(outcome: TrialOutcome, best: tuple[float, int] | None) -> str:
     line = f"trial {outcome.number:>3} {outcome.state:<8} {value}  {shown}  ({outcome.seconds:.1f}s)"
     if best:
         line += f"  best={best[0]:.4f} (trial {best[1]})"
+    if outcome.retry_of is not None:
+        line += f"  [retry of trial {outcome.retry_of}]"
     if outcome.reason and outcome.state != "COMPLETE":
         line += f"\n            reason: {outcome.reason}"
     return line
@@ -252,21 +387,54 @@ def best_of(study: optuna.Study) -> tuple[float, int] | None:
     return float(top.value), top.number
 
 
-def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
-              epoch_listeners: tuple[Callable[[int, EpochRecord], None], ...] = ()) -> SweepOutcome:
-    """Run (or resume) the experiment's study in this process: `budget.n_trials` more trials."""
-    from pet_sweep import lrfind
-    from pet_sweep.data import build_data
-
-    data = build_data(exp)  # first: a missing data folder must not leave a study or run behind
-    study = open_study(exp)
-    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
+def open_parent_run(exp: Experiment, study: optuna.Study, tracker: Tracker) -> str:
+    """The study's MLflow parent run (the sweep), reused by resumes and every worker."""
     parent = tracker.sweep_run(exp.study_name, sweep_settings(exp), study.user_attrs.get(PARENT_RUN_ATTR))
     if study.user_attrs.get(PARENT_RUN_ATTR) != parent:
         study.set_user_attr(PARENT_RUN_ATTR, parent)
         study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
         study.set_user_attr("mlflow_tracking_uri", redact_url(exp.tracking_uri))
+    return parent
+
+
+def close_dead_runs(study: optuna.Study, tracker: Tracker) -> int:
+    """Close MLflow trial runs left RUNNING whose Optuna trial is no longer running."""
+    trials = study.get_trials(deepcopy=False)
+    return tracker.close_stale_runs(
+        study.study_name, {t.number for t in trials if t.state == TrialState.RUNNING},
+        {t.number: t.state.name for t in trials})
+
+
+def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
+              epoch_listeners: tuple[Callable[[int, EpochRecord], None], ...] = (),
+              role: WorkerRole | None = None) -> SweepOutcome:
+    """Run (or resume) the experiment's study in this process: `budget.n_trials` more trials.
+
+    With a `role` from a supervisor (`pet-sweep run --workers N`) this process is one
+    of N workers sharing that budget, and the supervisor owns the MLflow parent run.
+    """
+    from optuna.storages import fail_stale_trials
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    from pet_sweep import lrfind
+    from pet_sweep.data import build_data
+
+    role = role or WorkerRole()
+    if role.threads:
+        import torch
+
+        torch.set_num_threads(role.threads)
+    data = build_data(exp)  # first: a missing data folder must not leave a study or run behind
+    stale = StaleTrialHandler(exp.config.faults.max_retry)
+    study = open_study(exp, worker=role.index, on_stale=stale)
+    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
+    stale.tracker, stale.echo = tracker, echo
+    owns_parent = role.parent_run_id is None
+    parent = open_parent_run(exp, study, tracker) if owns_parent else role.parent_run_id
     outcome = SweepOutcome(exp.study_name, parent)
+    budget_cfg, faults = exp.config.budget, exp.config.faults
+    budget = Budget(role, budget_cfg.n_trials, budget_cfg.max_trials,
+                    heartbeats=is_heartbeat_enabled(study._storage))
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         done = describe_trial(trial)
@@ -284,27 +452,51 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
             tags["best_trial"] = str(best[1])
         tracker.update_sweep(parent, metrics, tags)
 
-    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [after_trial]
-    if exp.config.budget.max_trials:
-        callbacks.append(optuna.study.MaxTrialsCallback(
-            exp.config.budget.max_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     objective = Objective(exp, data, tracker, parent, epoch_listeners)
+    started = time.monotonic()
     status = "FAILED"
     try:
         # anchored spaces: the LR finder once per (arch, phase) for the study, before any trial
         objective.anchors = lrfind.study_anchors(study, exp, data, tracker=tracker, parent_run_id=parent, echo=echo)
-        study.optimize(objective, n_trials=exp.config.budget.n_trials, timeout=exp.config.budget.timeout,
-                       callbacks=callbacks, catch=(TrialFailed,), gc_after_trial=True)
+        while budget_cfg.timeout is None or time.monotonic() - started < budget_cfg.timeout:
+            with budget.claim() as claim:
+                step = budget.next_step(study)
+                if step == "stop":
+                    break
+                if step == "run":
+                    objective.on_start = functools.partial(_take_slot, role=role, claim=claim)
+                    study.optimize(objective, n_trials=1, callbacks=[after_trial], catch=(TrialFailed,),
+                                   gc_after_trial=True)
+                    continue
+            # "wait": another worker's trial is running; if that worker died, its trial
+            # turns stale after the grace period and is failed and retried here.
+            time.sleep(min(faults.heartbeat_interval, 5))
+            fail_stale_trials(study)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
-        raise
+        raise SweepInterrupted(budget.finished(study.get_trials(deepcopy=False))) from None
     finally:
-        tracker.finish_sweep(parent, status)
+        if owns_parent:
+            close_dead_runs(study, tracker)
+            tracker.finish_sweep(parent, status)
+            role.lock_path.unlink(missing_ok=True)
     best = best_of(study)
     if best:
         outcome.best_value, outcome.best_trial = best
     return outcome
+
+
+def _take_slot(trial: optuna.Trial, *, role: WorkerRole, claim: Claim) -> None:
+    """The trial exists (RUNNING): mark it as this invocation's, then let the next worker claim.
+
+    A retry of a dead worker's trial carries the original's user attrs, so it
+    already has an invocation and takes no new slot.
+    """
+    if INVOCATION_ATTR not in trial.user_attrs:
+        trial.set_user_attr(INVOCATION_ATTR, role.invocation)
+    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    claim.release()
 
 
 def quiet_optuna() -> None:

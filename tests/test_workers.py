@@ -1,0 +1,78 @@
+"""`pet-sweep run --workers N`: N processes share one study and one budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from optuna.trial import TrialState
+
+from tests._sweeps import two_workers_finish_the_budget
+from pet_sweep.config import load_experiment
+from pet_sweep.errors import ConfigError
+from pet_sweep.workers import INVOCATION_ATTR, Budget, WorkerRole, parse_gpus, worker_envs
+
+
+@pytest.mark.slow
+def test_two_workers_on_sqlite_finish_exactly_n_trials(write_experiments: Callable[..., Path], tmp_path: Path) -> None:
+    two_workers_finish_the_budget(write_experiments, f"sqlite:///{tmp_path}/shared.db")
+
+
+def test_budget_counts_slots_not_retries() -> None:
+    import optuna
+
+    role = WorkerRole("inv1")
+    budget = Budget(role, n_trials=2)
+    study = optuna.create_study()
+    mine = {INVOCATION_ATTR: "inv1"}
+    study.add_trial(optuna.create_trial(state=TrialState.FAIL, user_attrs=mine))
+    study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.1, user_attrs={INVOCATION_ATTR: "other"}))
+    assert budget.next_step(study) == "run"  # one slot used, the other invocation's trial is not ours
+    # the retry of a dead worker's trial carries the original's attrs and uses no slot
+    study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.2, user_attrs=mine,
+                                        system_attrs={"failed_trial": 0}))
+    assert budget.used(study.get_trials()) == 1
+    study.add_trial(optuna.create_trial(state=TrialState.RUNNING, user_attrs=mine))
+    # budget used, but a trial of ours runs: stay to retry it if its worker dies
+    assert budget.next_step(study) == "wait"
+    assert Budget(role, n_trials=2, heartbeats=False).next_step(study) == "stop"
+    assert Budget(role, n_trials=5, max_trials=2).next_step(study) == "stop"  # the study-wide cap
+
+
+def test_worker_role_round_trips_and_gpus_are_assigned(monkeypatch: pytest.MonkeyPatch) -> None:
+    role = WorkerRole("abc", 1, 2, "run123", 4)
+    assert WorkerRole.decode(role.encode()) == role
+    assert WorkerRole.decode(WorkerRole("abc").encode()) == WorkerRole("abc")
+    envs = worker_envs(3, ["0", "1"])
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0"]
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert [e["OMP_NUM_THREADS"] for e in worker_envs(2, [])] == ["4", "4"]
+    assert parse_gpus("0, 2") == ["0", "2"]
+    with pytest.raises(ConfigError, match="--gpus"):
+        parse_gpus("a,b")
+
+
+def test_journal_storage_is_shared_through_a_file(write_experiments: Callable[..., Path], tmp_path: Path) -> None:
+    from pet_sweep.study import make_storage, open_study
+
+    exp = load_experiment(write_experiments(storage="journal://stores/optuna.log"))
+    assert exp.storage_url == f"journal://{tmp_path}/stores/optuna.log"  # relative to experiments.yaml
+    first = open_study(exp)
+    first.enqueue_trial({"x": 1})
+    # a second process (or machine on the shared file system) sees the same study
+    other = load_experiment(write_experiments(storage=f"journal://{tmp_path}/stores/optuna.log"))
+    import optuna
+
+    again = optuna.load_study(study_name=exp.study_name, storage=make_storage(other.storage_url))
+    assert [t.state for t in again.get_trials()] == [TrialState.WAITING]
+
+
+def test_faults_settings_are_checked(write_experiments: Callable[..., Path]) -> None:
+    with pytest.raises(ConfigError, match="faults.*grace_period must be > heartbeat_interval"):
+        load_experiment(write_experiments(faults={"heartbeat_interval": 10, "grace_period": 5}))
+    exp = load_experiment(write_experiments(faults={"heartbeat_interval": 2, "grace_period": 7, "max_retry": 0}))
+    from pet_sweep.study import make_storage
+
+    storage = make_storage(exp.storage_url, exp.config.faults)
+    assert (storage.heartbeat_interval, storage.grace_period) == (2, 7)
