@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pet_sweep.errors import StudyError
-from pet_sweep.space import ARCHITECTURES
+from pet_sweep.space import ARCHITECTURES, PARAMS
 
 Z95 = NormalDist().inv_cdf(0.975)  # 1.959964...
 ALPHA = 0.05          # a difference is "beyond noise" when the paired test's p < ALPHA
@@ -442,7 +442,7 @@ def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, compari
         pos = (math.log(value / low) if low > 0 and "lr" in name else value - low) / span
         if pos >= 0.95:
             steps.append(f"best {name}={value:.3g} is at the top of its range [{low:.3g}, {high:.3g}]: widen it")
-        elif pos <= 0.05:
+        elif pos <= 0.05 and low > PARAMS.get(name, (None, -math.inf))[1]:  # 0 frozen epochs cannot go lower
             steps.append(f"best {name}={value:.3g} is at the bottom of its range [{low:.3g}, {high:.3g}]: widen it")
     close = [c for c in comparisons if c.verdict == "within noise"]
     if close:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -195,3 +197,10 @@ def test_no_completed_trial_is_a_clear_error() -> None:
     with pytest.raises(StudyError, match=r"no completed trial yet \(1 pruned, 1 running\)"):
         rp.build_report([record(0, "resnet18", [0.5], state="PRUNED"), record(1, "resnet18", [0.5], state="RUNNING")],
                         experiment="e", study_name="s")
+
+
+def test_report_module_stays_pure() -> None:
+    code = ("import sys, pet_sweep.report; "
+            "print(sorted(m for m in ('fastai', 'torch', 'mlflow', 'optuna', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
