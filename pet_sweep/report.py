@@ -241,7 +241,7 @@ def analyse_history(history: Sequence[Any], *, n_valid: int | None = None, n_cla
     chance = 1 - 1 / n_classes if n_classes else None
     if not (np.all(np.isfinite(train)) and np.all(np.isfinite(valid)) and np.all(np.isfinite(error))):
         return verdict(DIVERGED, "a loss or the error rate became non-finite", None)
-    if n >= 2 and train[-1] > train[0]:
+    if n >= 2 and train[-1] > train[0] * (1 + LOSS_RISE * 2):  # a 10 % rise, not one-cycle jitter
         return verdict(DIVERGED, f"training loss rose from {train[0]:.3g} to {train[-1]:.3g}", None)
     if chance is not None and best >= chance - noise:
         return verdict(DIVERGED, f"error rate {best:.2%} is at chance level ({chance:.2%})", None)
@@ -458,17 +458,23 @@ def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, compari
     return steps
 
 
-def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name: str,
-                 importances: Mapping[str, float] | None = None, heldout: Sequence[HeldOut] = (),
-                 bounds: Mapping[str, tuple[float, float]] | None = None,
-                 n_classes: int | None = None) -> StudyReport:
-    """Analyse every trial with a history and compare the best with its rivals."""
+def completed(records: Sequence[TrialRecord], *, experiment: str, study_name: str) -> list[TrialRecord]:
+    """The completed trials with a finite error rate; none is a `StudyError` saying what there is."""
     done = [r for r in records if r.state == "COMPLETE" and r.value is not None and math.isfinite(r.value)]
     if not done:
         states = pd.Series([r.state for r in records], dtype=object).value_counts().to_dict()
         found = ", ".join(f"{v} {k.lower()}" for k, v in states.items()) or "no trials"
         raise StudyError(f"study {study_name!r} has no completed trial yet ({found}); "
                          f"wait for one, or run `pet-sweep run {experiment}`")
+    return done
+
+
+def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name: str,
+                 importances: Mapping[str, float] | None = None, heldout: Sequence[HeldOut] = (),
+                 bounds: Mapping[str, tuple[float, float]] | None = None,
+                 n_classes: int | None = None) -> StudyReport:
+    """Analyse every trial with a history and compare the best with its rivals."""
+    done = completed(records, experiment=experiment, study_name=study_name)
     best = min(done, key=lambda r: (r.value, r.number))
     n_valid = _n_items(best)  # every trial is judged on the same validation items
     analyses = {}

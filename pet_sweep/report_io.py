@@ -18,7 +18,7 @@ from typing import Any
 
 from pet_sweep.config import Experiment
 from pet_sweep.errors import StudyError
-from pet_sweep.report import HeldOut, StudyReport, TrialRecord, build_report, html, markdown
+from pet_sweep.report import HeldOut, StudyReport, TrialRecord, build_report, completed, html, markdown
 from pet_sweep.space import Range
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, redact_url
 
@@ -139,9 +139,8 @@ def load_report(exp: Experiment) -> ReportBundle:
     """Read the study and the MLflow store and analyse them; writes nothing."""
     study = open_existing_study(exp)
     records = trial_records(study)
-    if not any(r.state == "COMPLETE" for r in records):
-        # checked before MLflow: the clearer message for a study that has just started
-        build_report(records, experiment=exp.name, study_name=exp.study_name)
+    # checked before MLflow: the clearer message for a study that has just started
+    completed(records, experiment=exp.name, study_name=exp.study_name)
     tracking = open_tracking(exp, study)
     importances, note = param_importances(study)
     targets = next((r.targets for r in records if r.targets), ())
