@@ -83,6 +83,23 @@ def test_report_end_to_end(study: Path, tmp_path: Path) -> None:
     assert {"report.html", "report.md", "figures"} <= attached
 
 
+def test_report_on_a_running_study(study: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import optuna
+
+    copy = tmp_path / "copy"
+    shutil.copytree(study.parent, copy, ignore=shutil.ignore_patterns("reports"))
+    live = optuna.load_study(study_name="tiny", storage=f"sqlite:///{copy / 'stores' / 'optuna.db'}")
+    trial = live.ask()  # a worker is training it right now: one epoch so far
+    trial.set_user_attr("params", live.trials[0].user_attrs["params"])
+    trial.set_user_attr("history", live.trials[0].user_attrs["history"][:1])
+    result = invoke("report", "--config", copy / "experiments.yaml", "--out", tmp_path / "out", "--no-mlflow-attach")
+    assert result.exit_code == 0, result.output
+    assert "3 trials (2 complete, 1 running)" in result.output and "still running" in result.output
+    assert re.search(r"\| 2 \| RUNNING \|.*\| running \|", (tmp_path / "out" / "report.md").read_text())
+
+
 def test_export_train_round_trip(study: Path, tmp_path: Path) -> None:
     best_yaml = tmp_path / "best.yaml"
     result = invoke("export", "--config", study, "-o", best_yaml)
