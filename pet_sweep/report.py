@@ -382,8 +382,10 @@ def group_table(frame: pd.DataFrame, by: str | pd.Series, name: str | None = Non
 
 def study_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Error rate by architecture depth, freeze epochs, epochs and learning rates."""
+    arch = group_table(frame, "arch")
+    arch.insert(1, "depth", [ARCHITECTURES.get(str(a)) for a in arch["arch"]])
     tables = {
-        "architecture": group_table(frame, "arch"),
+        "architecture": arch.sort_values(["depth", "arch"], na_position="last").reset_index(drop=True),
         "freeze_epochs": group_table(frame, "freeze_epochs"),
         "epochs": group_table(frame, "epochs"),
     }

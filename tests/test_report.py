@@ -172,6 +172,7 @@ def test_build_report_ranks_compares_and_advises() -> None:
     assert rep.verdict_counts[rp.STILL_IMPROVING] == 4
     arch = rep.tables["architecture"].set_index("arch")
     assert arch.loc["resnet34", "completed"] == 2 and arch.loc["resnet34", "best_error"] == 0.05
+    assert list(arch["depth"]) == [18, 34, 50]
     assert arch.loc["resnet50", "trials"] == 2 and math.isnan(arch.loc["resnet50", "best_error"])
     assert "lr_hi (binned)" in rep.tables and rep.tables["lr_hi (binned)"]["trials"].sum() == 5
     text = rp.summary_text(rep)
