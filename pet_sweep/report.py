@@ -248,14 +248,20 @@ def analyse_history(history: Sequence[Any], *, n_valid: int | None = None, n_cla
     if final > best + noise and best_idx < n - 1:
         return verdict(OVERFITTING, f"error rate rose from {best:.2%} at epoch {best_idx + 1} to "
                                     f"{final:.2%} at epoch {n}", settled + 1)
+    # a new best at the last epoch counts as improvement only beyond noise: by more than
+    # `noise` over the best before it, or on a falling trend over the last epochs
     new_best_last = n == 1 or final < float(np.min(finite_err[:-1]))
+    trend_drop = -stats["error_slope"] * (min(n, TREND_EPOCHS) - 1)
+    improving = n == 1 or (new_best_last and (float(np.min(finite_err[:-1])) - final > noise or trend_drop > noise))
     valid_rising = n >= 2 and valid[-1] > float(np.min(valid)) * (1 + LOSS_RISE) and stats["valid_loss_slope"] > 0
     if valid_rising:
         return verdict(OVERCONFIDENT, f"validation loss rose from {np.min(valid):.3g} to {valid[-1]:.3g} "
                                       f"while the error rate {'fell' if new_best_last else 'held'} "
                                       f"({final:.2%})", settled + 1)
-    if new_best_last:
-        return verdict(STILL_IMPROVING, f"the last epoch set a new best error rate ({final:.2%})", longer)
+    if improving:
+        return verdict(STILL_IMPROVING, f"the error rate was still falling at the last epoch ({final:.2%}, down "
+                                        f"{trend_drop * 100:.2f} points over the last {min(n, TREND_EPOCHS)} epochs)"
+                                        if n > 1 else "one epoch: no trend yet", longer)
     if gap[-1] < 0:
         return verdict(UNDERFIT, f"training loss {train[-1]:.3g} is above validation loss {valid[-1]:.3g} "
                                  f"and the error rate has stopped improving", longer)

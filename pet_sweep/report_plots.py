@@ -148,6 +148,7 @@ def optuna_figures(study: Any) -> tuple[dict[str, Figure], list[str]]:
               "parallel_coordinate": "Settings of every completed trial (colour: error rate)"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # matplotlib on a parameter with one value
         for name, make in makers.items():
             try:
                 ax = make()

@@ -29,6 +29,15 @@ def test_still_improving_recommends_more_epochs() -> None:
     assert a.valid_loss_slope == pytest.approx(-0.2)
 
 
+def test_a_one_item_new_best_on_a_flat_curve_is_not_improvement() -> None:
+    flat = history([0.5, 0.3, 0.2, 0.15], [0.3, 0.25, 0.24, 0.24], [0.05, 0.04, 0.04, 0.0375])
+    assert rp.analyse_history(flat, n_valid=400).verdict == rp.CONVERGED  # 16 -> 15 of 400 wrong
+    # digits trial: 2.51 %, 1.39 %, 1.11 % on 359 items is a falling trend, although the last step is one item
+    digits = history([0.21, 0.15, 0.105, 0.072], [0.15, 0.094, 0.075, 0.078], [0.0223, 0.0251, 0.0139, 0.0111])
+    a = rp.analyse_history(digits, n_valid=359)
+    assert a.verdict == rp.STILL_IMPROVING and "down 1.40 points over the last 3 epochs" in a.reason
+
+
 def test_overconfident_valid_loss_rises_while_error_falls() -> None:
     # fastbook's reading: validation loss gets worse, yet accuracy still improves
     a = rp.analyse_history(history([0.5, 0.3, 0.2, 0.12, 0.08], [0.30, 0.25, 0.24, 0.26, 0.29],
