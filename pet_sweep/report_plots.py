@@ -14,13 +14,26 @@ import warnings
 from typing import Any
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import NullLocator, PercentFormatter
 
 from pet_sweep.report import VERDICTS, StudyReport, unfreeze_epoch
 
 # One colour per verdict, the same in every figure.
 VERDICT_COLOURS: dict[str, str] = dict(zip(VERDICTS, ("tab:green", "tab:orange", "tab:red", "tab:blue",
                                                       "tab:purple", "black"), strict=True))
+
+
+def _error_axis(ax: Any, floor: float = 0.01, from_zero: bool = True) -> None:
+    """Error rates from ~90 % at the first epoch to ~1 % at the end: log above `floor`, linear below
+    (so 0 % still shows), so the last epochs, where trials differ, stay readable."""
+    ax.set_yscale("symlog", linthresh=floor, linscale=0.5)
+    if from_zero:
+        ax.set_ylim(bottom=0)
+    low, high = ax.get_ylim()
+    ticks = [t for t in (0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0) if low <= t <= max(high, 0.01)]
+    ax.set_yticks(ticks)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+    ax.yaxis.set_minor_locator(NullLocator())
 
 
 def _label(report: StudyReport, number: int) -> str:
@@ -44,19 +57,20 @@ def loss_curves(report: StudyReport, k: int = 4) -> Figure:
             (line,) = ax.plot(epochs, [h[key] for h in history], style, ms=4, label=name)
             handles[name] = line
         ax.set_xlabel("epoch (frozen + unfrozen)")
-        ax.set_ylabel("loss")
+        ax.set_yscale("log")  # a spike in one epoch must not flatten the end of the curve
+        ax.set_ylabel("loss (log scale)")
         ax.grid(alpha=0.3)
         err = ax.twinx()
         (line,) = err.plot(epochs, [h["error_rate"] for h in history], "s--", color="tab:red", ms=4, alpha=0.8,
                            label="error rate")
         handles["error rate (right axis)"] = line
-        err.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
         err.set_ylabel("error rate")
         analysis = report.analyses.get(number)
         if analysis:
             (star,) = err.plot([analysis.best_epoch], [analysis.best_error], "*", color="tab:red", ms=13,
                                label="best error rate")
             handles["best error rate"] = star
+        _error_axis(err)
         split = unfreeze_epoch(history)
         if split is not None:
             handles["unfreeze"] = ax.axvline(split - 0.5, color="grey", linestyle=":", lw=1.5, label="unfreeze")
@@ -91,9 +105,9 @@ def error_curves(report: StudyReport, k: int = 6) -> Figure:
                    label=f"best trial's 95% interval ({row['n_valid']:.0f} items)")
     ax.plot([], [], "v", color="grey", label="first unfrozen epoch")
     ax.set_xticks(range(1, longest + 1))
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+    _error_axis(ax)
     ax.set_xlabel("epoch (frozen + unfrozen)")
-    ax.set_ylabel("validation error rate")
+    ax.set_ylabel("validation error rate (log scale above 1%)")
     ax.set_title(f"{report.study_name}: error rate per epoch, top trials")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
@@ -104,7 +118,7 @@ def error_vs_gap(report: StudyReport) -> Figure:
     """Every analysed trial: final error rate against the final generalisation gap, by verdict."""
     fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
     ax = fig.subplots()
-    frame = report.trials[report.trials["verdict"] != ""]
+    frame = report.trials[report.trials["verdict"].isin(VERDICTS)]  # running trials have no verdict yet
     for verdict in VERDICTS:
         rows = frame[frame["verdict"] == verdict]
         if rows.empty:
@@ -123,14 +137,18 @@ def error_vs_gap(report: StudyReport) -> Figure:
         for _, r in rows.iterrows():
             ax.annotate(str(int(r["number"])), (r["final_gap"], r["error_rate"]), textcoords="offset points",
                         xytext=(5, 4), fontsize=8, color="#333")
-    ax.scatter([], [], marker="x", color="grey", label="pruned / failed / running")
+    if (frame["state"] != "COMPLETE").any():
+        ax.scatter([], [], marker="x", color="grey", label="pruned / failed (its last epoch)")
     ax.axvline(0, color="grey", lw=1, linestyle=":")
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+    values = frame[["error_rate", "ci_low", "ci_high"]].astype(float).stack()
+    if not values.empty:
+        ax.set_ylim(max(0.0, values.min() * 0.8), min(1.0, values.max() * 1.15) or 0.01)
+    _error_axis(ax, from_zero=False)
     ax.set_xlabel("generalisation gap at the last epoch (valid loss − train loss)")
     ax.set_ylabel("error rate at the last epoch (bars: 95% interval)")
     ax.set_title(f"{report.study_name}: error rate vs generalisation gap (labels: trial numbers)")
     ax.grid(alpha=0.3)
-    ax.legend(title="verdict", fontsize=8)
+    ax.legend(title="verdict", fontsize=8, loc="best")
     return fig
 
 
