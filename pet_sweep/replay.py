@@ -168,6 +168,14 @@ class ReplayOutcome:
     seconds: float
 
 
+def without_training_callbacks(learn: Any) -> None:
+    """Drop pet-sweep's per-trial callbacks: they would fire again in `validate`, `predict`
+    and in every use of the exported learner (and fail outside a fit)."""
+    from pet_sweep.callbacks import EpochHistory, StopOnNonFinite
+
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (EpochHistory, StopOnNonFinite))])
+
+
 def evaluate_test(learn: Any, items: tuple[Path, ...]) -> float:
     """Error rate on held-out items (labelled like the training items)."""
     dl = learn.dls.test_dl(list(items), with_labels=True)
@@ -221,6 +229,7 @@ def train(path: str | Path, *, export_model: bool = False, echo: Callable[[str],
         result = recipe.fine_tune(data.dls, params, cfg.model, seed=cfg.seed,
                                   listeners=[tracker.epoch_logger(run_id)], keep_learner=True)
         n_valid = len(result.valid_targets) or data.n_valid
+        without_training_callbacks(result.learner)
         test_error = evaluate_test(result.learner, data.splits.test) if data.splits.test else None
         reproduced = None
         if source and source.validation_error is not None:
