@@ -210,6 +210,87 @@ def _sigterm_is_interrupt() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+@cli.command()
+@click.argument("experiment", required=False)
+@config_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for report.html, report.md and figures/ (default: reports/<study> beside the config).")
+@click.option("--storage", help="Optuna storage URL (default: the experiment's `storage`).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the experiment's `tracking.uri`).")
+@click.option("--study-name", help="Optuna study name (default: the experiment's name).")
+@click.option("--no-mlflow-attach", is_flag=True, help="Do not attach the report to the sweep's MLflow run.")
+@fail_clearly
+def report(experiment: str | None, config_path: str, out_dir: str | None, storage: str | None,
+           tracking_uri: str | None, study_name: str | None, no_mlflow_attach: bool) -> None:
+    """Read the sweep of EXPERIMENT: verdicts, tables, intervals, figures; never trains.
+
+    Works on a finished or a still-running study. Writes a self-contained
+    report.html and report.md (with figures/) and attaches them to the sweep's
+    parent MLflow run.
+    """
+    from pathlib import Path
+
+    exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
+    _quiet_libraries()
+    from pet_sweep.report import summary_text
+    from pet_sweep.report_io import load_report, write_report
+
+    bundle = load_report(exp)
+    out = Path(out_dir) if out_dir else exp.base_dir / "reports" / exp.study_name
+    written = write_report(bundle, out, attach=not no_mlflow_attach)
+    click.echo(summary_text(bundle.report))
+    click.echo(f"report       {written.out_dir / 'report.html'}  (+ report.md, {len(written.files) - 2} figures)"
+               + ("" if no_mlflow_attach else f"; attached to MLflow run {written.parent_run_id}"))
+
+
+@cli.command()
+@click.argument("experiment", required=False)
+@config_option
+@click.option("-o", "--output", default="best.yaml", show_default=True, type=click.Path(dir_okay=False),
+              help="Where to write the standalone config.")
+@click.option("--trial", type=int, help="Export this trial number instead of the best completed one.")
+@click.option("--storage", help="Optuna storage URL (default: the experiment's `storage`).")
+@click.option("--study-name", help="Optuna study name (default: the experiment's name).")
+@fail_clearly
+def export(experiment: str | None, config_path: str, output: str, trial: int | None, storage: str | None,
+           study_name: str | None) -> None:
+    """Write the best (or --trial N) trial of EXPERIMENT as a standalone config for `pet-sweep train`."""
+    from pathlib import Path
+
+    exp = load(config_path, experiment, storage=storage, study_name=study_name)
+    _quiet_libraries()
+    from pet_sweep.replay import export_config, write_config
+
+    doc, number = export_config(exp, trial)
+    path = write_config(doc, Path(output))
+    click.echo(f"trial {number} of study {exp.study_name} -> {path}")
+    click.echo(f"next         pet-sweep train {output}   (add --export-model to keep the learner)")
+
+
+@cli.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--export-model", is_flag=True, help="Save the trained learner (learn.export) as an MLflow artifact.")
+@fail_clearly
+def train(config_file: str, export_model: bool) -> None:
+    """Re-run the fine-tune of CONFIG_FILE (written by `pet-sweep export`) once, logged to MLflow.
+
+    Reports the validation error (and whether it reproduces the trial's, within
+    its 95 % interval) and the error on the held-out test split, if any.
+    """
+    _quiet_libraries()
+    from pet_sweep.replay import train as replay
+    from pet_sweep.report import format_rate
+
+    outcome = replay(config_file, export_model=export_model, echo=lambda line: click.echo(line))
+    click.echo(f"valid error  {format_rate(outcome.valid_error, outcome.n_valid)}"
+               + ("" if outcome.reproduced is None else
+                  "  reproduces the trial (within its 95% interval)" if outcome.reproduced else
+                  "  does NOT reproduce the trial (outside its 95% interval)"))
+    click.echo("test error   " + (format_rate(outcome.test_error, outcome.n_test) + "  (held out: never seen by any trial)"
+                                  if outcome.test_error is not None else "no held-out split (data.test_pct: 0)"))
+    click.echo(f"MLflow run   {outcome.run_id}" + (f"; model {outcome.model_artifact}" if outcome.model_artifact else ""))
+
+
 def main() -> None:
     cli()
 

@@ -1,0 +1,261 @@
+"""Export one trial as a standalone config, and replay it once (`pet-sweep train`).
+
+The exported file (``best.yaml``) holds everything the fine-tune needs: data,
+model, every recipe parameter, the seed, where to log, and where it came from.
+It is read by `config.read_yaml` (the only YAML reader) and validated with the
+same pydantic models as experiments.yaml. `train` re-runs that fine-tune once,
+logs an MLflow run (tagged as a replay of the trial, nested under the sweep's
+parent run when the store has it), reports the error on the held-out test
+split, and with ``export_model`` saves `learn.export()` as an artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pet_sweep.config import (DataConfig, Experiment, ExperimentConfig, ModelConfig, TrackingConfig, _config_error,
+                              load_space, read_yaml)
+from pet_sweep.errors import ConfigError, StudyError
+from pet_sweep.report import errors_of, format_rate, wilson
+from pet_sweep.report_io import N_TEST_METRIC, REPLAY_OF_TAG, REPLAY_ROLE, TEST_METRIC, VALID_METRIC, \
+    open_existing_study
+from pet_sweep.space import params_from_dict
+
+FORMAT = "pet-sweep/replay-1"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReplaySource(_Strict):
+    """Where an exported config came from (informational; `train` works without the study)."""
+
+    experiment: str
+    study: str
+    trial: int
+    storage: str
+    validation_error: float | None = None
+    n_valid: int | None = None
+    mlflow_run_id: str | None = None
+    mlflow_parent_run_id: str | None = None
+
+
+class ReplayConfig(_Strict):
+    """One fine-tune, complete: what `pet-sweep export` writes and `pet-sweep train` reads."""
+
+    format: Literal["pet-sweep/replay-1"]
+    name: str
+    source: ReplaySource | None = None
+    data: DataConfig
+    model: ModelConfig
+    params: dict[str, Any]
+    seed: int = 0
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def load_replay(path: str | Path) -> tuple[ReplayConfig, Experiment]:
+    """Read and validate an exported config; the Experiment is a one-trial, fixed-value experiment."""
+    path = Path(path).expanduser().resolve()
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError("must be a mapping written by `pet-sweep export`", file=str(path))
+    try:
+        cfg = ReplayConfig(**raw)
+    except ValidationError as err:
+        raise _config_error(err, path, ReplayConfig) from None
+    space = load_space(cfg.params, path.parent, file=str(path), experiment=cfg.name)
+    if "lr_lo" not in cfg.params:
+        raise ConfigError("an exported config gives `lr_lo` (the slice's low end), not `lr_mult`",
+                          file=str(path), key="params.lr_lo")
+    params_from_dict(cfg.params)
+    source = cfg.source
+    exp_cfg = ExperimentConfig(
+        description=f"replay of trial {source.trial} of study {source.study!r}" if source else "replay",
+        data=cfg.data, model=cfg.model, sweep=dict(cfg.params), seed=cfg.seed, tracking=cfg.tracking,
+        **({"storage": source.storage, "study_name": source.study} if source else {}))
+    return cfg, Experiment(name=cfg.name, config=exp_cfg, space=space, config_path=path)
+
+
+# -- export --------------------------------------------------------------------
+
+
+def _pick_trial(study: Any, number: int | None) -> Any:
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
+    if number is None:
+        if not done:
+            raise StudyError(f"study {study.study_name!r} has no completed trial to export yet")
+        return min(done, key=lambda t: (t.value, t.number))
+    chosen = next((t for t in trials if t.number == number), None)
+    listed = ", ".join(str(t.number) for t in done) or "none"
+    if chosen is None:
+        raise StudyError(f"trial {number} does not exist in study {study.study_name!r} "
+                         f"(it has {len(trials)} trials; completed: {listed})")
+    if chosen.state.name != "COMPLETE":
+        raise StudyError(f"trial {number} of study {study.study_name!r} is {chosen.state.name}, not complete; "
+                         f"export a completed trial ({listed})")
+    return chosen
+
+
+def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, Any], int]:
+    """The standalone config of the best (or the given) completed trial, as a mapping."""
+    from pet_sweep.study import PARAMS_ATTR, TARGETS_ATTR, trial_config
+    from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR
+
+    study = open_existing_study(exp)
+    chosen = _pick_trial(study, trial)
+    attrs = chosen.user_attrs
+    if PARAMS_ATTR not in attrs:
+        raise StudyError(f"trial {chosen.number} has no recorded parameters ({PARAMS_ATTR!r} user attribute); "
+                         "was it run by pet-sweep?")
+    base = trial_config(exp, params_from_dict(attrs[PARAMS_ATTR]))
+    data = dict(base["data"])
+    if exp.data_path() is not None:
+        data["path"] = str(exp.data_path())  # the exported file may live anywhere
+    n_valid = len(attrs.get(TARGETS_ATTR, ())) or None
+    source = ReplaySource(experiment=exp.name, study=exp.study_name, trial=chosen.number,
+                          storage=exp.storage_url, validation_error=float(chosen.value), n_valid=n_valid,
+                          mlflow_run_id=attrs.get(RUN_ID_ATTR),
+                          mlflow_parent_run_id=study.user_attrs.get(PARENT_RUN_ATTR))
+    doc = {"format": FORMAT, "name": f"{exp.name}-trial-{chosen.number}",
+           "source": source.model_dump(exclude_none=True), "data": data, "model": base["model"],
+           "params": base["params"], "seed": base["seed"],
+           "tracking": {"uri": exp.tracking_uri, "experiment": exp.tracking_experiment}}
+    ReplayConfig(**doc)  # what we write must read back
+    return doc, chosen.number
+
+
+def write_config(doc: dict[str, Any], path: Path) -> Path:
+    """Write the exported config atomically (a temporary file renamed into place)."""
+    path = path.expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = doc.get("source", {})
+    header = (f"# pet-sweep: trial {source.get('trial')} of study {source.get('study')!r}, validation error "
+              f"{format_rate(source.get('validation_error'), source.get('n_valid'))}\n"
+              f"# Re-run exactly this fine-tune once: pet-sweep train {path.name} [--export-model]\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(header + yaml.safe_dump(doc, sort_keys=False))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# -- train (replay) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    run_id: str
+    valid_error: float
+    n_valid: int
+    test_error: float | None
+    n_test: int
+    reproduced: bool | None      # within the original trial's 95 % interval; None: nothing to compare
+    model_artifact: str | None
+    seconds: float
+
+
+def without_training_callbacks(learn: Any) -> None:
+    """Drop pet-sweep's per-trial callbacks: they would fire again in `validate`, `predict`
+    and in every use of the exported learner (and fail outside a fit)."""
+    from pet_sweep.callbacks import EpochHistory, StopOnNonFinite
+
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (EpochHistory, StopOnNonFinite))])
+
+
+def evaluate_test(learn: Any, items: tuple[Path, ...]) -> float:
+    """Error rate on held-out items (labelled like the training items)."""
+    dl = learn.dls.test_dl(list(items), with_labels=True)
+    with learn.no_bar(), learn.no_logging():
+        values = learn.validate(dl=dl)
+    return float(values[1])  # [valid_loss, error_rate]
+
+
+def _parent_in_store(client: Any, run_id: str | None) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return None
+    return run_id
+
+
+def train(path: str | Path, *, export_model: bool = False, echo: Callable[[str], None] = print) -> ReplayOutcome:
+    """Re-run an exported fine-tune once, logged to MLflow; report validation and test error."""
+    from pet_sweep import recipe
+    from pet_sweep.data import build_data
+    from pet_sweep.tracking import Tracker
+
+    cfg, exp = load_replay(path)
+    params = params_from_dict(cfg.params)
+    data = build_data(exp)
+    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
+    source = cfg.source
+    tags = {"pet_sweep.role": REPLAY_ROLE, "arch": params.arch}
+    if source:
+        tags.update({"pet_sweep.study": source.study, REPLAY_OF_TAG: str(source.trial)})
+        parent = _parent_in_store(tracker.client, source.mlflow_parent_run_id)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+    run = tracker.client.create_run(tracker.experiment_id, run_name=f"replay-{cfg.name}", tags=tags)
+    run_id = run.info.run_id
+    precision = recipe.precision_for(cfg.model.precision, data.dls.device)
+    tracker.log_params(run_id, {**params.as_dict(), "seed": cfg.seed, "precision": precision,
+                                "img_size": cfg.model.img_size, "batch_size": cfg.model.batch_size,
+                                "pretrained": cfg.model.pretrained, "data": cfg.data.source,
+                                "n_test": len(data.splits.test), "device": str(data.dls.device)})
+    echo(f"replay       {cfg.name}: {params.arch} base_lr={params.base_lr:.2e} "
+         f"lr=slice({params.lr_lo:.2e}, {params.lr_hi:.2e}) freeze_epochs={params.freeze_epochs} "
+         f"epochs={params.epochs} seed={cfg.seed} ({precision}, {data.dls.device})")
+    started = time.perf_counter()
+    result = None
+    try:
+        result = recipe.fine_tune(data.dls, params, cfg.model, seed=cfg.seed,
+                                  listeners=[tracker.epoch_logger(run_id)], keep_learner=True)
+        n_valid = len(result.valid_targets) or data.n_valid
+        without_training_callbacks(result.learner)
+        test_error = evaluate_test(result.learner, data.splits.test) if data.splits.test else None
+        reproduced = None
+        if source and source.validation_error is not None:
+            lo, hi = wilson(errors_of(source.validation_error, n_valid), n_valid)
+            reproduced = lo <= result.error_rate <= hi
+        metrics = {VALID_METRIC: result.error_rate, "n_valid": float(n_valid), "duration_s":
+                   time.perf_counter() - started}
+        if test_error is not None:
+            metrics.update({TEST_METRIC: test_error, N_TEST_METRIC: float(len(data.splits.test))})
+        with tempfile.TemporaryDirectory() as tmp:
+            artifacts = [Path(path).expanduser().resolve()]
+            model_artifact = None
+            if export_model:
+                model_path = Path(tmp) / "learner.pkl"
+                result.learner.export(model_path)
+                artifacts.append(model_path)
+                model_artifact = f"runs:/{run_id}/{model_path.name}"
+            tracker.finish_trial(run_id, "COMPLETE", metrics,
+                                 {"reproduced": str(reproduced).lower()} if reproduced is not None else {},
+                                 artifacts)
+    except BaseException as err:
+        tracker.client.set_tag(run_id, "reason", f"{type(err).__name__}: {err}"[:5000])
+        tracker.client.set_terminated(run_id, status="FAILED")
+        raise
+    finally:
+        if result is not None and result.learner is not None:
+            recipe.release(result.learner)
+    return ReplayOutcome(run_id, result.error_rate, n_valid, test_error, len(data.splits.test), reproduced,
+                         model_artifact, time.perf_counter() - started)

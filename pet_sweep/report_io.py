@@ -1,0 +1,199 @@
+"""`pet-sweep report` at the edges: read the Optuna storage and the MLflow store,
+hand plain records to the pure `report` module, write the outputs.
+
+Reading never writes: a missing SQLite file is an error here, not a new empty
+store. Writing is all or nothing: every output goes to a temporary folder, is
+attached to the sweep's parent MLflow run, and only then moved into ``--out``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pet_sweep.config import Experiment
+from pet_sweep.errors import StudyError
+from pet_sweep.report import HeldOut, StudyReport, TrialRecord, build_report, completed, html, markdown
+from pet_sweep.space import Range
+from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, redact_url
+
+REPLAY_ROLE = "replay"              # tag pet_sweep.role of a `pet-sweep train` run
+REPLAY_OF_TAG = "pet_sweep.replay_of"
+TEST_METRIC, N_TEST_METRIC, VALID_METRIC = "test_error_rate", "n_test", "valid_error_rate"
+
+
+def require_sqlite_file(url: str, what: str, hint: str) -> None:
+    """Refuse a ``sqlite:///`` URL whose file does not exist (opening it would create an empty store)."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and ":memory:" not in url and not Path(url[len(prefix):]).is_file():
+        raise StudyError(f"no {what} at {url[len(prefix):]}; {hint}")
+
+
+def open_existing_study(exp: Experiment) -> Any:
+    """The experiment's study, read-only in spirit: never creates a storage or a study."""
+    from pet_sweep.study import open_study, quiet_optuna
+
+    quiet_optuna()
+    require_sqlite_file(exp.storage_url, "Optuna storage", f"run `pet-sweep run {exp.name}` first")
+    return open_study(exp, create=False)
+
+
+def trial_records(study: Any) -> list[TrialRecord]:
+    """Every trial of the study as a plain `TrialRecord` (running ones with their history so far)."""
+    from pet_sweep.study import HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, REASON_ATTR, TARGETS_ATTR
+
+    records = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        seconds = ((t.datetime_complete - t.datetime_start).total_seconds()
+                   if t.datetime_complete and t.datetime_start else 0.0)
+        value = t.value if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value) else None
+        records.append(TrialRecord(
+            number=t.number, state=t.state.name, params=attrs.get(PARAMS_ATTR) or dict(t.params),
+            history=tuple(attrs.get(HISTORY_ATTR, ())), value=value,
+            preds=tuple(attrs.get(PREDS_ATTR, ())), targets=tuple(attrs.get(TARGETS_ATTR, ())),
+            precision=str(attrs.get(PRECISION_ATTR, "")), reason=str(attrs.get(REASON_ATTR, "")),
+            seconds=seconds, run_id=attrs.get(RUN_ID_ATTR)))
+    return records
+
+
+def param_importances(study: Any) -> tuple[dict[str, float], str]:
+    """Optuna's fANOVA importances (seeded), or a note saying why there are none."""
+    import optuna
+
+    try:
+        return optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)), ""
+    except (ValueError, RuntimeError) as err:  # fewer than two completed trials, or nothing varies
+        return {}, f"parameter importances not computed: {err}"
+
+
+def space_bounds(exp: Experiment) -> dict[str, tuple[float, float]]:
+    """Ranges of the searched numeric parameters (to say "at the edge of its range: widen it")."""
+    return {name: (spec.low, spec.high) for name, spec in exp.space.params.items() if isinstance(spec, Range)}
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """The sweep's MLflow store: client, experiment and parent run."""
+
+    client: Any
+    experiment_id: str
+    parent_run_id: str
+
+
+def open_tracking(exp: Experiment, study: Any) -> Tracking:
+    """The sweep's parent run in the MLflow store; a store lacking it is an error."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pet_sweep.tracking import _quiet_mlflow
+
+    hint = ("point `tracking.uri` (or --tracking-uri) at the store the sweep logged to")
+    require_sqlite_file(exp.tracking_uri, "MLflow store", hint)
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    if not parent:
+        raise StudyError(f"study {exp.study_name!r} has no MLflow parent run recorded; was it made by pet-sweep run?")
+    _quiet_mlflow()
+    client = MlflowClient(tracking_uri=exp.tracking_uri)
+    try:
+        run = client.get_run(parent)
+    except MlflowException:
+        raise StudyError(f"the MLflow store {redact_url(exp.tracking_uri)} lacks the sweep's runs "
+                         f"(parent run {parent} of study {exp.study_name!r}); {hint}") from None
+    return Tracking(client, run.info.experiment_id, parent)
+
+
+def read_heldout(tracking: Tracking, study_name: str) -> list[HeldOut]:
+    """Finished `pet-sweep train` replays of this study's trials, oldest first."""
+    runs = tracking.client.search_runs(
+        [tracking.experiment_id], order_by=["attributes.start_time ASC"],
+        filter_string=f"tags.`pet_sweep.role` = '{REPLAY_ROLE}' and tags.`pet_sweep.study` = '{study_name}'"
+                      " and attributes.status = 'FINISHED'")
+    out = []
+    for run in runs:
+        m, tags = run.data.metrics, run.data.tags
+        trial = tags.get(REPLAY_OF_TAG)
+        out.append(HeldOut(trial=int(trial) if trial not in (None, "") else None, test_error=m.get(TEST_METRIC),
+                           n_test=int(m.get(N_TEST_METRIC, 0)), valid_error=m.get(VALID_METRIC),
+                           run_id=run.info.run_id))
+    return out
+
+
+@dataclass
+class ReportBundle:
+    """A built report with what made it (the notebook uses `study` for Optuna's plots)."""
+
+    report: StudyReport
+    study: Any
+    tracking: Tracking
+    notes: list[str] = field(default_factory=list)
+
+
+def load_report(exp: Experiment) -> ReportBundle:
+    """Read the study and the MLflow store and analyse them; writes nothing."""
+    study = open_existing_study(exp)
+    records = trial_records(study)
+    # checked before MLflow: the clearer message for a study that has just started
+    completed(records, experiment=exp.name, study_name=exp.study_name)
+    tracking = open_tracking(exp, study)
+    importances, note = param_importances(study)
+    targets = next((r.targets for r in records if r.targets), ())
+    report = build_report(records, experiment=exp.name, study_name=exp.study_name, importances=importances,
+                          heldout=read_heldout(tracking, exp.study_name), bounds=space_bounds(exp),
+                          n_classes=len(set(targets)) or None)
+    report.notes.extend([note] if note else [])
+    return ReportBundle(report, study, tracking)
+
+
+@dataclass(frozen=True)
+class Written:
+    out_dir: Path
+    files: list[Path]
+    parent_run_id: str
+
+
+def render(bundle: ReportBundle, folder: Path) -> list[Path]:
+    """Figures (PNG), report.html (figures embedded) and report.md into `folder`."""
+    from pet_sweep.report_plots import optuna_figures, png_bytes, report_figures
+
+    figures = report_figures(bundle.report)
+    extra, notes = optuna_figures(bundle.study)
+    bundle.report.notes.extend(notes)
+    pngs = {name: png_bytes(fig) for name, fig in {**figures, **extra}.items()}
+    (folder / "figures").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, png in pngs.items():
+        path = folder / "figures" / f"{name}.png"
+        path.write_bytes(png)
+        paths.append(path)
+    md = folder / "report.md"
+    md.write_text(markdown(bundle.report, {n: f"figures/{n}.png" for n in pngs}), encoding="utf-8")
+    page = folder / "report.html"
+    page.write_text(html(bundle.report, pngs), encoding="utf-8")
+    return [page, md, *paths]
+
+
+def write_report(bundle: ReportBundle, out_dir: Path, *, attach: bool = True) -> Written:
+    """Render into a temporary folder, attach to the parent MLflow run, then move into `out_dir`."""
+    out_dir = out_dir.expanduser().resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        files = render(bundle, tmp)
+        if attach:
+            bundle.tracking.client.log_artifacts(bundle.tracking.parent_run_id, str(tmp), artifact_path="report")
+        final = []
+        for path in files:
+            target = out_dir / path.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)  # same file system: each file appears whole
+            final.append(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Written(out_dir, final, bundle.tracking.parent_run_id)

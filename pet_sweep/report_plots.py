@@ -1,0 +1,205 @@
+"""The report's figures: matplotlib `Figure`s built from a `report.StudyReport`.
+
+Figures are made with `matplotlib.figure.Figure` (not pyplot), so they never
+touch the backend: the CLI saves them as PNG, a notebook shows them inline.
+Optuna's own plots (importances, parallel coordinates) come from its
+matplotlib backend.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from typing import Any
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator, PercentFormatter
+
+from pet_sweep.report import VERDICTS, StudyReport, unfreeze_epoch
+
+# One colour per verdict, the same in every figure.
+VERDICT_COLOURS: dict[str, str] = dict(zip(VERDICTS, ("tab:green", "tab:orange", "tab:red", "tab:blue",
+                                                      "tab:purple", "black"), strict=True))
+
+
+def _error_axis(ax: Any, floor: float = 0.01, from_zero: bool = True) -> None:
+    """Error rates from ~90 % at the first epoch to ~1 % at the end: log above `floor`, linear below
+    (so 0 % still shows), so the last epochs, where trials differ, stay readable."""
+    ax.set_yscale("symlog", linthresh=floor, linscale=0.5)
+    if from_zero:
+        ax.set_ylim(bottom=0)
+    low, high = ax.get_ylim()
+    ticks = [t for t in (0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0) if low <= t <= max(high, 0.01)]
+    ax.set_yticks(ticks)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
+def _label(report: StudyReport, number: int) -> str:
+    record, analysis = report.records[number], report.analyses.get(number)
+    verdict = f", {analysis.verdict}" if analysis else ""
+    return f"trial {number} ({record.params.get('arch')}{verdict})"
+
+
+def loss_curves(report: StudyReport, k: int = 4) -> Figure:
+    """fastai's `plot_loss` view of the top k trials: train/valid loss, error rate, unfreeze point."""
+    top = [n for n in report.top(k) if report.records[n].history]
+    cols = 2 if len(top) > 1 else 1
+    rows = math.ceil(len(top) / cols) or 1
+    fig = Figure(figsize=(6.2 * cols, 3.8 * rows), dpi=100, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    handles: dict[str, Any] = {}
+    for ax, number in zip(axes, top):
+        history = report.records[number].history
+        epochs = [i + 1 for i in range(len(history))]
+        for key, style, name in (("train_loss", "o-", "train loss"), ("valid_loss", "o-", "valid loss")):
+            (line,) = ax.plot(epochs, [h[key] for h in history], style, ms=4, label=name)
+            handles[name] = line
+        ax.set_xlabel("epoch (frozen + unfrozen)")
+        ax.set_yscale("log")  # a spike in one epoch must not flatten the end of the curve
+        ax.set_ylabel("loss (log scale)")
+        ax.grid(alpha=0.3)
+        err = ax.twinx()
+        (line,) = err.plot(epochs, [h["error_rate"] for h in history], "s--", color="tab:red", ms=4, alpha=0.8,
+                           label="error rate")
+        handles["error rate (right axis)"] = line
+        err.set_ylabel("error rate")
+        analysis = report.analyses.get(number)
+        if analysis:
+            (star,) = err.plot([analysis.best_epoch], [analysis.best_error], "*", color="tab:red", ms=13,
+                               label="best error rate")
+            handles["best error rate"] = star
+        _error_axis(err)
+        split = unfreeze_epoch(history)
+        if split is not None:
+            handles["unfreeze"] = ax.axvline(split - 0.5, color="grey", linestyle=":", lw=1.5, label="unfreeze")
+        ax.set_xticks(epochs)
+        ax.set_title(_label(report, number), fontsize=10)
+    for ax in axes[len(top):]:
+        ax.set_visible(False)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=len(handles), fontsize=9)
+    fig.suptitle(f"{report.study_name}: loss curves of the top {len(top)} trials")
+    return fig
+
+
+def error_curves(report: StudyReport, k: int = 6) -> Figure:
+    """Error rate per epoch of the top k trials, with the best trial's 95 % interval as a band."""
+    fig = Figure(figsize=(8, 4.6), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    longest = 1
+    for i, number in enumerate(report.top(k)):
+        history = report.records[number].history
+        if not history:
+            continue
+        epochs = [j + 1 for j in range(len(history))]
+        longest = max(longest, len(history))
+        (line,) = ax.plot(epochs, [h["error_rate"] for h in history], "o-", ms=4, lw=2.2 if i == 0 else 1.3,
+                          label=_label(report, number))
+        split = unfreeze_epoch(history)
+        if split is not None:
+            ax.plot([split], [history[split - 1]["error_rate"]], "v", color=line.get_color(), ms=9)
+    row = report.trials.set_index("number").loc[report.best.number]
+    if row["ci_low"] is not None and not math.isnan(row["ci_low"]):
+        ax.axhspan(row["ci_low"], row["ci_high"], color="grey", alpha=0.15,
+                   label=f"best trial's 95% interval ({row['n_valid']:.0f} items)")
+    ax.plot([], [], "v", color="grey", label="first unfrozen epoch")
+    ax.set_xticks(range(1, longest + 1))
+    _error_axis(ax)
+    ax.set_xlabel("epoch (frozen + unfrozen)")
+    ax.set_ylabel("validation error rate (log scale above 1%)")
+    ax.set_title(f"{report.study_name}: error rate per epoch, top trials")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def error_vs_gap(report: StudyReport) -> Figure:
+    """Every analysed trial: final error rate against the final generalisation gap, by verdict."""
+    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    frame = report.trials[report.trials["verdict"].isin(VERDICTS)]  # running trials have no verdict yet
+    for verdict in VERDICTS:
+        rows = frame[frame["verdict"] == verdict]
+        if rows.empty:
+            continue
+        colour = VERDICT_COLOURS[verdict]
+        done = rows[rows["state"] == "COMPLETE"]
+        other = rows[rows["state"] != "COMPLETE"]
+        if not done.empty:
+            low = (done["error_rate"] - done["ci_low"]).fillna(0).clip(lower=0)
+            high = (done["ci_high"] - done["error_rate"]).fillna(0).clip(lower=0)
+            ax.errorbar(done["final_gap"], done["error_rate"], yerr=[low, high], fmt="o", color=colour,
+                        ms=7, capsize=3, alpha=0.85, label=f"{verdict} ({len(rows)})")
+        if not other.empty:
+            ax.scatter(other["final_gap"], other["error_rate"], marker="x", color=colour,
+                       label=None if not done.empty else f"{verdict} ({len(rows)})")
+        for _, r in rows.iterrows():
+            ax.annotate(str(int(r["number"])), (r["final_gap"], r["error_rate"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8, color="#333")
+    if (frame["state"] != "COMPLETE").any():
+        ax.scatter([], [], marker="x", color="grey", label="pruned / failed (its last epoch)")
+    ax.axvline(0, color="grey", lw=1, linestyle=":")
+    values = frame[["error_rate", "ci_low", "ci_high"]].astype(float).stack()
+    if not values.empty:
+        ax.set_ylim(max(0.0, values.min() * 0.8), min(1.0, values.max() * 1.15) or 0.01)
+    _error_axis(ax, from_zero=False)
+    ax.set_xlabel("generalisation gap at the last epoch (valid loss − train loss)")
+    ax.set_ylabel("error rate at the last epoch (bars: 95% interval)")
+    ax.set_title(f"{report.study_name}: error rate vs generalisation gap (labels: trial numbers)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="verdict", fontsize=8, loc="best")
+    return fig
+
+
+def optuna_figures(study: Any) -> tuple[dict[str, Figure], list[str]]:
+    """Optuna's matplotlib importances and parallel-coordinate plots; notes for those it cannot draw."""
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    figures: dict[str, Figure] = {}
+    notes: list[str] = []
+    makers = {"param_importances": lambda: ovm.plot_param_importances(
+                  study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target_name="error rate"),
+              "parallel_coordinate": lambda: ovm.plot_parallel_coordinate(study, target_name="error rate")}
+    titles = {"param_importances": "Which settings matter: fANOVA importance for the error rate",
+              "parallel_coordinate": "Settings of every completed trial (colour: error rate)"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # matplotlib on a parameter with one value
+        for name, make in makers.items():
+            try:
+                ax = make()
+            except (ValueError, RuntimeError) as err:  # too few trials, nothing varies
+                notes.append(f"{name.replace('_', ' ')} not drawn: {err}")
+                continue
+            fig = ax.figure
+            if not fig.axes or not any(a.has_data() for a in fig.axes):
+                notes.append(f"{name.replace('_', ' ')} not drawn: not enough completed trials")
+                _close(fig)
+                continue
+            ax.set_title(titles[name])
+            fig.set_size_inches(9, 5)
+            fig.tight_layout()
+            figures[name] = fig
+    return figures, notes
+
+
+def _close(fig: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def report_figures(report: StudyReport) -> dict[str, Figure]:
+    """The report's own figures, by name (see `report.FIGURE_CAPTIONS`)."""
+    return {"loss_curves": loss_curves(report), "error_curves": error_curves(report),
+            "error_vs_gap": error_vs_gap(report)}
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """A figure as PNG bytes (closing pyplot's handle, if it has one)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    _close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,216 @@
+"""The pure analysis: verdicts on hand-made histories, Wilson and McNemar against known values."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from pet_sweep import report as rp
+from pet_sweep.errors import StudyError
+
+
+def history(train: list[float], valid: list[float], error: list[float], frozen: int = 0) -> list[dict[str, Any]]:
+    return [{"epoch": i, "phase": "frozen" if i < frozen else "unfrozen", "train_loss": t, "valid_loss": v,
+             "error_rate": e, "seconds": 1.0} for i, (t, v, e) in enumerate(zip(train, valid, error))]
+
+
+# -- verdicts ------------------------------------------------------------------
+
+
+def test_still_improving_recommends_more_epochs() -> None:
+    a = rp.analyse_history(history([1.2, 0.9, 0.5], [1.0, 0.8, 0.6], [0.3, 0.2, 0.1], frozen=1), n_valid=200)
+    assert a.verdict == rp.STILL_IMPROVING
+    assert (a.best_epoch, a.epochs_past_best, a.best_error, a.final_error) == (3, 0, 0.1, 0.1)
+    assert a.recommended_total_epochs == 5 and a.recommended_epochs == 4  # one frozen epoch
+    assert a.valid_loss_slope == pytest.approx(-0.2)
+
+
+def test_a_one_item_new_best_on_a_flat_curve_is_not_improvement() -> None:
+    flat = history([0.5, 0.3, 0.2, 0.15], [0.3, 0.25, 0.24, 0.24], [0.05, 0.04, 0.04, 0.0375])
+    assert rp.analyse_history(flat, n_valid=400).verdict == rp.CONVERGED  # 16 -> 15 of 400 wrong
+    # digits trial: 2.51 %, 1.39 %, 1.11 % on 359 items is a falling trend, although the last step is one item
+    digits = history([0.21, 0.15, 0.105, 0.072], [0.15, 0.094, 0.075, 0.078], [0.0223, 0.0251, 0.0139, 0.0111])
+    a = rp.analyse_history(digits, n_valid=359)
+    assert a.verdict == rp.STILL_IMPROVING and "down 1.40 points over the last 3 epochs" in a.reason
+
+
+def test_overconfident_valid_loss_rises_while_error_falls() -> None:
+    # fastbook's reading: validation loss gets worse, yet accuracy still improves
+    a = rp.analyse_history(history([0.5, 0.3, 0.2, 0.12, 0.08], [0.30, 0.25, 0.24, 0.26, 0.29],
+                                   [0.10, 0.08, 0.07, 0.065, 0.064]), n_valid=1000)
+    assert a.verdict == rp.OVERCONFIDENT
+    assert a.valid_loss_slope > 0 and a.gap_trend > 0
+    assert a.final_gap == pytest.approx(0.21)
+    assert a.recommended_total_epochs == 4  # 6.5% is within 1.5 items of the best 6.4%
+
+
+def test_overfitting_error_rises_from_its_best() -> None:
+    a = rp.analyse_history(history([0.6, 0.3, 0.2, 0.1, 0.05], [0.5, 0.3, 0.25, 0.35, 0.5],
+                                   [0.2, 0.1, 0.08, 0.12, 0.15]), n_valid=200)
+    assert a.verdict == rp.OVERFITTING
+    assert (a.best_epoch, a.epochs_past_best, a.recommended_total_epochs) == (3, 2, 3)
+
+
+def test_converged_and_one_image_wobble_is_not_overfitting() -> None:
+    flat = rp.analyse_history(history([0.6, 0.3, 0.2, 0.15, 0.12], [0.5, 0.3, 0.25, 0.25, 0.25],
+                                      [0.2, 0.1, 0.08, 0.08, 0.08]), n_valid=200)
+    assert flat.verdict == rp.CONVERGED and flat.recommended_total_epochs == 3
+    wobble = rp.analyse_history(history([0.6, 0.3, 0.2], [0.5, 0.3, 0.3], [0.10, 0.09, 0.095]), n_valid=200)
+    assert wobble.verdict != rp.OVERFITTING  # 0.5 % is one of 200 images
+    strict = rp.analyse_history(history([0.6, 0.3, 0.2], [0.5, 0.3, 0.3], [0.10, 0.09, 0.095]), min_change=0.0)
+    assert strict.verdict == rp.OVERFITTING
+
+
+def test_underfit_train_loss_above_valid_loss_and_stalled() -> None:
+    a = rp.analyse_history(history([1.5, 1.4, 1.35, 1.3], [1.2, 1.1, 1.05, 1.05], [0.5, 0.4, 0.4, 0.4]), n_valid=500)
+    assert a.verdict == rp.UNDERFIT and a.final_gap < 0
+    assert a.recommended_total_epochs == 6
+
+
+@pytest.mark.parametrize("train, valid, error, kwargs", [
+    ([1.0, math.nan], [1.0, 1.0], [0.5, 0.5], {}),                   # NaN loss
+    ([1.0, 2.0, 5.0], [1.0, 3.0, 9.0], [0.5, 0.8, 0.9], {}),         # training loss blew up
+    ([2.3, 2.3, 2.29], [2.3, 2.3, 2.3], [0.9, 0.9, 0.9], {"n_classes": 10}),  # at chance level
+])
+def test_diverged(train: list[float], valid: list[float], error: list[float], kwargs: dict[str, Any]) -> None:
+    a = rp.analyse_history(history(train, valid, error), n_valid=100, **kwargs)
+    assert a.verdict == rp.DIVERGED and a.recommended_epochs is None
+
+
+def test_empty_history_is_refused() -> None:
+    with pytest.raises(ValueError, match="empty history"):
+        rp.analyse_history([])
+
+
+def test_unfreeze_epoch() -> None:
+    assert rp.unfreeze_epoch(history([1, 1, 1], [1, 1, 1], [1, 1, 1], frozen=2)) == 3
+    assert rp.unfreeze_epoch(history([1, 1], [1, 1], [1, 1], frozen=0)) is None
+
+
+# -- uncertainty -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k, n, low, high", [
+    # Newcombe (1998), Statistics in Medicine 17:857, table I, method 3 (Wilson score)
+    (81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718),
+    (5, 10, 0.2366, 0.7634),
+])
+def test_wilson_known_values(k: int, n: int, low: float, high: float) -> None:
+    lo, hi = rp.wilson(k, n)
+    assert (lo, hi) == (pytest.approx(low, abs=5e-5), pytest.approx(high, abs=5e-5))
+
+
+def test_wilson_refuses_impossible_counts() -> None:
+    with pytest.raises(ValueError, match="n > 0"):
+        rp.wilson(0, 0)
+    with pytest.raises(ValueError, match="errors <= n"):
+        rp.wilson(11, 10)
+
+
+@pytest.mark.parametrize("b, c, p", [(1, 6, 0.125), (2, 10, 158 / 4096), (0, 1, 1.0), (3, 3, 1.0), (0, 0, 1.0),
+                                     (0, 20, 2 / 2 ** 20)])
+def test_mcnemar_exact_known_values(b: int, c: int, p: float) -> None:
+    assert rp.mcnemar_exact(b, c) == pytest.approx(p) and rp.mcnemar_exact(c, b) == pytest.approx(p)
+
+
+def test_fastbook_pets_figures_are_within_noise() -> None:
+    # fastbook: 5.41 % vs 5.48 % on ~1,478 validation images: one image apart
+    rates = rp.compare_rates("runner-up", (0, 0.0541), (1, 0.0548), 1478)
+    assert (rates.only_best_wrong, rates.only_other_wrong) == (0, 1)
+    assert rates.verdict == "within noise" and "within noise" in rates.text()
+    # the same with real per-item predictions: 79 shared errors, 1 + 2 of their own
+    targets = [0] * 1478
+    a = [1 if i < 80 else 0 for i in range(1478)]
+    b = [1 if (i < 79 or 80 <= i < 82) else 0 for i in range(1478)]
+    paired = rp.compare_predictions("runner-up", (0, a), (1, b), targets)
+    assert (paired.only_best_wrong, paired.only_other_wrong) == (1, 2)
+    assert paired.verdict == "within noise" and paired.p_value == pytest.approx(1.0)
+
+
+def test_a_real_difference_is_beyond_noise() -> None:
+    targets = list(range(10)) * 30
+    best = list(targets)
+    other = [t if i >= 20 else (t + 1) % 10 for i, t in enumerate(targets)]
+    c = rp.compare_predictions("best resnet34", (3, best), (5, other), targets)
+    assert (c.only_best_wrong, c.only_other_wrong) == (0, 20)
+    assert c.verdict == "beyond noise" and "beyond noise" in c.text()
+    # with totals only, a big gap cannot be called: it depends on which items
+    assert rp.compare_rates("x", (3, 0.0), (5, 20 / 300), 300).verdict == "cannot tell"
+
+
+def test_format_rate() -> None:
+    assert rp.format_rate(0.05, 100) == "5.00% (95% CI 2.15%–11.18%, 5/100 wrong)"
+    assert rp.format_rate(0.05) == "5.00%" and rp.format_rate(None) == "-"
+
+
+# -- the study -------------------------------------------------------------------
+
+
+def record(number: int, arch: str, errors: list[float], *, state: str = "COMPLETE", wrong: int | None = None,
+           lr: float = 1e-3, epochs: int | None = None) -> rp.TrialRecord:
+    n = 100
+    targets = tuple(i % 10 for i in range(n))
+    k = wrong if wrong is not None else round(errors[-1] * n)
+    preds = tuple((t + 1) % 10 if i < k else t for i, t in enumerate(targets))
+    h = history([1.0 - 0.1 * i for i in range(len(errors))], [1.0 - 0.05 * i for i in range(len(errors))], errors)
+    return rp.TrialRecord(
+        number=number, state=state,
+        params={"arch": arch, "base_lr": lr, "lr_lo": lr / 10, "lr_hi": lr, "freeze_epochs": 0,
+                "epochs": epochs or len(errors)},
+        history=tuple(h), value=errors[-1] if state == "COMPLETE" else None,
+        preds=preds if state == "COMPLETE" else (), targets=targets if state == "COMPLETE" else (), seconds=10.0)
+
+
+def test_build_report_ranks_compares_and_advises() -> None:
+    records = [record(0, "resnet18", [0.3, 0.2, 0.10]), record(1, "resnet34", [0.3, 0.12, 0.05], lr=3e-3),
+               record(2, "resnet34", [0.3, 0.1, 0.06], lr=1e-2), record(3, "resnet50", [0.5], state="PRUNED"),
+               record(4, "resnet50", [0.6], state="RUNNING")]
+    rep = rp.build_report(records, experiment="pets", study_name="pets", importances={"lr_hi": 0.7, "arch": 0.3},
+                          bounds={"lr_hi": (1e-4, 1e-2)})
+    assert rep.best.number == 1 and rep.n_valid == 100 and rep.top(2) == [1, 2]
+    labels = {c.label: c for c in rep.comparisons}
+    assert set(labels) == {"runner-up", "best resnet18"}
+    assert labels["runner-up"].other_trial == 2 and labels["runner-up"].verdict == "within noise"
+    assert labels["best resnet18"].other_trial == 0 and labels["best resnet18"].paired
+    assert rep.counts == {"COMPLETE": 3, "PRUNED": 1, "RUNNING": 1}
+    assert 4 not in rep.analyses and rep.trials.set_index("number").loc[4, "verdict"] == "running"
+    assert rep.verdict_counts[rp.STILL_IMPROVING] == 4
+    arch = rep.tables["architecture"].set_index("arch")
+    assert arch.loc["resnet34", "completed"] == 2 and arch.loc["resnet34", "best_error"] == 0.05
+    assert list(arch["depth"]) == [18, 34, 50]
+    assert arch.loc["resnet50", "trials"] == 2 and math.isnan(arch.loc["resnet50", "best_error"])
+    assert "lr_hi (binned)" in rep.tables and rep.tables["lr_hi (binned)"]["trials"].sum() == 5
+    text = rp.summary_text(rep)
+    assert "5.00% (95% CI" in text and "raise epochs (try epochs=5 instead of 3)" in text
+    assert "within noise of trial 2" in text and "pet-sweep train best.yaml" in text
+    assert "still running" in text
+    md = rp.markdown(rep, {"loss_curves": "figures/loss_curves.png"})
+    assert "![Loss curves" in md and "| number | state |" in md
+    page = rp.html(rep, {"loss_curves": b"\x89PNG fake"})
+    assert "data:image/png;base64,iVBORyBmYWtl" in page and page.startswith("<!doctype html>")
+
+
+def test_edge_of_range_and_heldout_are_reported() -> None:
+    records = [record(0, "resnet18", [0.3, 0.2, 0.10], lr=1e-2), record(1, "resnet18", [0.3, 0.2, 0.2])]
+    held = rp.HeldOut(trial=0, test_error=0.08, n_test=200, valid_error=0.10, run_id="abc")
+    rep = rp.build_report(records, experiment="e", study_name="s", bounds={"lr_hi": (1e-4, 1e-2)}, heldout=[held])
+    text = rp.summary_text(rep)
+    assert "lr_hi=0.01 is at the top of its range" in text
+    assert "8.00% (95% CI" in text and "replay of trial 0" in text and "held-out split: pet-sweep" not in text
+
+
+def test_no_completed_trial_is_a_clear_error() -> None:
+    with pytest.raises(StudyError, match=r"no completed trial yet \(1 pruned, 1 running\)"):
+        rp.build_report([record(0, "resnet18", [0.5], state="PRUNED"), record(1, "resnet18", [0.5], state="RUNNING")],
+                        experiment="e", study_name="s")
+
+
+def test_report_module_stays_pure() -> None:
+    code = ("import sys, pet_sweep.report; "
+            "print(sorted(m for m in ('fastai', 'torch', 'mlflow', 'optuna', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

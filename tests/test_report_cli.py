@@ -1,0 +1,237 @@
+"""`pet-sweep report`, `export` and `train` end to end on a tiny real study, the notebook, bad input.
+
+One two-trial digits study (300 digits at 16 px, 1 frozen + 1 unfrozen epoch) is
+trained once for the whole module; every test reads it, so each must leave it as
+it found it (replays only add MLflow runs).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import TINY_SPACE, tiny_experiment
+from pet_sweep.cli import cli
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "analysis.ipynb"
+
+
+def invoke(*args: str) -> Any:
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def write_config(folder: Path, **overrides: Any) -> Path:
+    (folder / "sweeps").mkdir(parents=True, exist_ok=True)
+    space = {**TINY_SPACE, "arch": {"choices": ["resnet18", "xresnet18"]},
+             "base_lr": {"low": 3e-3, "high": 3e-2, "log": True}}
+    (folder / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(space))
+    doc = {"default": "tiny", "experiments": {"tiny": tiny_experiment(**overrides)}}
+    path = folder / "experiments.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """experiments.yaml of a finished two-trial study (trained once per module)."""
+    path = write_config(tmp_path_factory.mktemp("study"))
+    result = invoke("run", "--config", path)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("COMPLETE") == 2
+    return path
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_report_end_to_end(study: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = invoke("report", "--config", study, "--out", out)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for label in ("best", "valid error", "vs runner-up", "held-out", "verdicts", "next", "report"):
+        assert re.search(rf"^{label}\s", text, re.M), (label, text)
+    assert re.search(r"\d+\.\d\d% \(95% CI \d+\.\d\d%–\d+\.\d\d%, \d+/60 wrong\)", text)  # 20 % of 300 digits
+    assert re.search(r"within noise|beyond noise", text)
+    names = {p.name for p in files_under(out)}
+    assert {"report.html", "report.md", "loss_curves.png", "error_curves.png", "error_vs_gap.png",
+            "param_importances.png", "parallel_coordinate.png"} <= names
+    page = (out / "report.html").read_text()
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(images) == 5 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert "src='figures/" not in page  # self-contained
+    md = (out / "report.md").read_text()
+    assert "## Trials, best first" in md and "(figures/loss_curves.png)" in md
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-")]  # temp folder cleaned up
+
+    from mlflow import MlflowClient
+
+    import optuna
+
+    storage = f"sqlite:///{study.parent / 'stores' / 'optuna.db'}"
+    parent = optuna.load_study(study_name="tiny", storage=storage).user_attrs["mlflow_parent_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{study.parent / 'stores' / 'mlflow.db'}")
+    attached = {Path(a.path).name for a in client.list_artifacts(parent, "report")}
+    assert {"report.html", "report.md", "figures"} <= attached
+
+
+def test_report_on_a_running_study(study: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import optuna
+
+    copy = tmp_path / "copy"
+    shutil.copytree(study.parent, copy, ignore=shutil.ignore_patterns("reports"))
+    live = optuna.load_study(study_name="tiny", storage=f"sqlite:///{copy / 'stores' / 'optuna.db'}")
+    trial = live.ask()  # a worker is training it right now: one epoch so far
+    trial.set_user_attr("params", live.trials[0].user_attrs["params"])
+    trial.set_user_attr("history", live.trials[0].user_attrs["history"][:1])
+    result = invoke("report", "--config", copy / "experiments.yaml", "--out", tmp_path / "out", "--no-mlflow-attach")
+    assert result.exit_code == 0, result.output
+    assert "3 trials (2 complete, 1 running)" in result.output and "still running" in result.output
+    assert re.search(r"\| 2 \| RUNNING \|.*\| running \|", (tmp_path / "out" / "report.md").read_text())
+
+
+def test_export_train_round_trip(study: Path, tmp_path: Path) -> None:
+    best_yaml = tmp_path / "best.yaml"
+    result = invoke("export", "--config", study, "-o", best_yaml)
+    assert result.exit_code == 0, result.output
+    doc = yaml.safe_load(best_yaml.read_text())
+    assert set(doc["params"]) == {"arch", "base_lr", "lr_lo", "lr_hi", "freeze_epochs", "epochs"}
+    assert doc["data"]["test_pct"] == 0.1 and doc["seed"] == 0 and doc["model"]["img_size"] == 16
+    trial = doc["source"]["trial"]
+
+    result = invoke("train", best_yaml, "--export-model")
+    assert result.exit_code == 0, result.output
+    assert "reproduces the trial (within its 95% interval)" in result.output
+    assert re.search(r"test error\s+\d+\.\d\d% \(95% CI .*/30 wrong\)", result.output)  # 10 % of 300 held out
+    run_id = re.search(r"MLflow run\s+(\w+)", result.output).group(1)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=doc["tracking"]["uri"])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["pet_sweep.role"] == "replay" and run.data.tags["pet_sweep.replay_of"] == str(trial)
+    assert run.data.tags["mlflow.parentRunId"] == doc["source"]["mlflow_parent_run_id"]
+    assert run.data.metrics["valid_error_rate"] == pytest.approx(doc["source"]["validation_error"], abs=1 / 60 + 1e-6)
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"learner.pkl", "best.yaml"}
+
+    # the exported learner loads and predicts
+    from fastai.learner import load_learner
+
+    learner_file = client.download_artifacts(run_id, "learner.pkl", str(tmp_path))
+    learn = load_learner(learner_file)
+    digit = next((Path(os.environ["PET_SWEEP_CACHE"]) / "digits").glob("7_*.png"))
+    predicted, _, probs = learn.predict(digit)
+    assert str(predicted) in [str(v) for v in learn.dls.vocab] and len(probs) == 10
+
+    # the report now shows the held-out test error beside the validation error
+    result = invoke("report", "--config", study, "--out", tmp_path / "out", "--no-mlflow-attach")
+    assert result.exit_code == 0, result.output
+    held = next(line for line in result.output.splitlines() if line.startswith("held-out"))
+    assert f"on the test split, replay of trial {trial}" in held and run_id in held
+
+
+def test_notebook_executes(study: Path) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    env_before = dict(os.environ)
+    os.environ.update(PET_SWEEP_CONFIG=str(study), PET_SWEEP_EXPERIMENT="tiny")
+    os.environ.pop("MPLBACKEND", None)  # let the kernel use its inline backend
+    try:
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    outputs = [o for cell in nb.cells for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
+    printed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "valid error" in printed and "vs runner-up" in printed
+
+
+# -- bad input: exit code 2, a clear message, nothing written --------------------
+
+
+def test_no_study_yet(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    out = tmp_path / "out"
+    result = invoke("report", "--config", path, "--out", out)
+    assert result.exit_code == 2
+    assert "no Optuna storage at" in result.output and "pet-sweep run tiny" in result.output
+    assert not out.exists() and not (tmp_path / "stores").exists()
+    result = invoke("export", "--config", path, "-o", tmp_path / "best.yaml")
+    assert result.exit_code == 2 and not (tmp_path / "best.yaml").exists()
+
+
+def test_unknown_study_name(study: Path, tmp_path: Path) -> None:
+    result = invoke("report", "--config", study, "--study-name", "nope", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "no study named 'nope'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_completed_trial(tmp_path: Path) -> None:
+    import optuna
+
+    path = write_config(tmp_path)
+    (tmp_path / "stores").mkdir()
+    study = optuna.create_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'stores' / 'optuna.db'}")
+    study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)
+    study.ask()  # still running
+    result = invoke("report", "--config", path, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "no completed trial yet (1 pruned, 1 running)" in result.output
+    assert not (tmp_path / "out").exists()
+    result = invoke("export", "--config", path, "-o", tmp_path / "best.yaml")
+    assert result.exit_code == 2 and "no completed trial" in result.output
+
+
+def test_mlflow_store_lacking_the_runs(study: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "elsewhere.db"
+    result = invoke("report", "--config", study, "--tracking-uri", f"sqlite:///{missing}", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "no MLflow store at" in result.output
+    assert not missing.exists() and not (tmp_path / "out").exists()
+
+    from mlflow import MlflowClient
+
+    empty = tmp_path / "empty.db"
+    MlflowClient(tracking_uri=f"sqlite:///{empty}").search_experiments()  # a store with no runs in it
+    result = invoke("report", "--config", study, "--tracking-uri", f"sqlite:///{empty}", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "lacks the sweep's runs" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_unknown_or_unfinished_trial(study: Path, tmp_path: Path) -> None:
+    result = invoke("export", "--config", study, "--trial", "99", "-o", tmp_path / "best.yaml")
+    assert result.exit_code == 2
+    assert "trial 99 does not exist in study 'tiny' (it has 2 trials; completed: 0, 1)" in result.output
+    assert not (tmp_path / "best.yaml").exists()
+
+
+def test_train_refuses_a_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "best.yaml"
+    bad.write_text(yaml.safe_dump({"format": "pet-sweep/replay-1", "name": "x", "data": {"source": "digits"},
+                                   "model": {}, "params": {**TINY_SPACE, "lr_lo": 1e-3, "lr_mult": None}}))
+    result = invoke("train", bad)
+    assert result.exit_code == 2 and str(bad) in result.output
+    doc = {"format": "pet-sweep/replay-1", "name": "x", "data": {"source": "digits"}, "model": {"img_size": 0},
+           "params": {"arch": "resnet18", "base_lr": 1e-3, "lr_lo": 1e-4, "lr_hi": 1e-3, "freeze_epochs": 1,
+                      "epochs": 1}}
+    bad.write_text(yaml.safe_dump(doc))
+    result = invoke("train", bad)
+    assert result.exit_code == 2 and "key 'model.img_size'" in result.output
+    result = invoke("train", tmp_path / "missing.yaml")
+    assert result.exit_code == 2 and "file not found" in result.output
+    assert not (tmp_path / "stores").exists()
