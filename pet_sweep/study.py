@@ -253,10 +253,6 @@ def release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
 class Objective:
     """One trial: suggest -> child run -> fine-tune -> report back; never leaves a run RUNNING."""
 
