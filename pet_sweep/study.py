@@ -9,7 +9,6 @@ listeners (MLflow, Optuna pruning) -> result back to Optuna.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import socket
 import tempfile
