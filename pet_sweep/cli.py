@@ -70,37 +70,137 @@ def cli() -> None:
 @click.option("--storage", help="Optuna storage URL (default: the experiment's `storage`).")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the experiment's `tracking.uri`).")
 @click.option("--study-name", help="Optuna study name (default: the experiment's name).")
+@click.option("--quiet", "-q", is_flag=True, help="Print only failed trials and the final summary.")
+@click.option("--verbose", "-v", is_flag=True, help="Also print one line per epoch.")
 @fail_clearly
 def run(experiment: str | None, config_path: str, n_trials: int | None, timeout: float | None,
-        storage: str | None, tracking_uri: str | None, study_name: str | None) -> None:
+        storage: str | None, tracking_uri: str | None, study_name: str | None,
+        quiet: bool, verbose: bool) -> None:
     """Run or resume the sweep of EXPERIMENT (default: the file's `default`).
 
     Running the same command again resumes the same study and adds trials to it.
+    In a terminal a status line shows the trials done, the running trial and its
+    epoch, the best error rate so far, and the time elapsed and left.
     """
+    if quiet and verbose:
+        raise CliError("--quiet and --verbose exclude each other; choose one")
     exp = load(config_path, experiment, n_trials=n_trials, timeout=timeout, storage=storage,
                tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
+    from pet_sweep.progress import Progress
     from pet_sweep.study import quiet_optuna, run_sweep
     from pet_sweep.tracking import redact_url
 
     quiet_optuna()
     budget = exp.config.budget
-    click.echo(f"experiment   {exp.name}  ({exp.config_path})")
-    click.echo(f"study        {exp.study_name}  (+{budget.n_trials} trials"
-               + (f", timeout {budget.timeout:g}s" if budget.timeout else "") + ")")
-    click.echo(f"storage      {redact_url(exp.storage_url)}")
-    click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'")
+    if not quiet:
+        click.echo(f"experiment   {exp.name}  ({exp.config_path})")
+        click.echo(f"study        {exp.study_name}  (+{budget.n_trials} trials"
+                   + (f", timeout {budget.timeout:g}s" if budget.timeout else "") + ")")
+        click.echo(f"storage      {redact_url(exp.storage_url)}")
+        click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'")
+    progress = Progress(budget.n_trials, level="quiet" if quiet else "verbose" if verbose else "normal",
+                        timeout=budget.timeout, stream=click.get_text_stream("stdout"),
+                        err=click.get_text_stream("stderr"))
     try:
-        outcome = run_sweep(exp, echo=lambda line: click.echo(line))
+        outcome = run_sweep(exp, echo=progress.echo, epoch_listeners=(progress.epoch_done,),
+                            trial_listeners=(progress,))
     except KeyboardInterrupt:
+        progress.close()
         click.echo(f"\ninterrupted; resume with: pet-sweep run {exp.name}"
                    + (f" --config {config_path}" if config_path != DEFAULT_CONFIG else ""), err=True)
         sys.exit(130)
+    progress.close()
     if outcome.best_trial is None:
         click.echo("no trial completed")
         return
     click.echo(f"best         trial {outcome.best_trial}: error_rate {outcome.best_value:.4f}")
-    click.echo(f"next         pet-sweep report {exp.name}   |   mlflow ui --backend-store-uri {redact_url(exp.tracking_uri)}")
+    if not quiet:
+        where = f" --config {config_path}" if config_path != DEFAULT_CONFIG else ""
+        click.echo(f"next         pet-sweep report {exp.name}{where}   |   pet-sweep ui {exp.name}{where}")
+
+
+@cli.command("list")
+@config_option
+@fail_clearly
+def list_(config_path: str) -> None:
+    """List the experiments of the file with their studies' state (default marked *).
+
+    Counts trials complete / pruned / failed / running and shows the best error
+    rate; reads the storages without creating anything.
+    """
+    from pet_sweep.browse import format_states, list_studies
+
+    states, default = list_studies(config_path)
+    for line in format_states(states, default):
+        click.echo(line.rstrip())
+
+
+host_option = click.option("--host", default="127.0.0.1", show_default=True,
+                           help="Interface to bind; anything but loopback exposes the UI (no login).")
+
+
+@cli.command()
+@click.argument("experiment", required=False)
+@config_option
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="Port to listen on.")
+@host_option
+@fail_clearly
+def ui(experiment: str | None, config_path: str, port: int, host: str) -> None:
+    """Open the MLflow UI on EXPERIMENT's tracking store and print its page's URL.
+
+    The sweep is a parent run `sweep-<study>` with the trials `trial-<n>` nested
+    under it. With a remote tracking server (http[s]://), prints that server's
+    page for the experiment instead of starting anything. Ctrl-C stops the UI.
+    """
+    from pet_sweep import browse
+
+    exp = load(config_path, experiment)
+    if browse.is_remote(exp.tracking_uri):
+        url, note = browse.remote_experiment_url(exp.tracking_uri, exp.tracking_experiment)
+        click.echo(f"MLflow experiment '{exp.tracking_experiment}' is on the tracking server")
+        click.echo(f"open {url}")
+        if note:
+            click.echo(f"note: {note}", err=True)
+        return
+    warning = browse.host_warning(host)
+    if warning:
+        click.echo(warning, err=True)
+    experiment_id = browse.mlflow_experiment_id(exp)
+    browse.check_port_free(host, port)
+    base = f"http://{browse.url_host(host)}:{port}"
+    click.echo(f"starting the MLflow UI on {browse.redact_url(exp.tracking_uri)}")
+    browse.serve(browse.mlflow_command(exp.tracking_uri, host, port), ready_url=f"{base}/health",
+                 open_url=browse.mlflow_experiment_url(base, experiment_id), echo=click.echo)
+
+
+@cli.command()
+@click.argument("experiment", required=False)
+@config_option
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
+@host_option
+@fail_clearly
+def dashboard(experiment: str | None, config_path: str, port: int, host: str) -> None:
+    """Open optuna-dashboard on EXPERIMENT's study storage and print the study's URL.
+
+    Needs the optional extra: pip install 'pet-sweep[dashboard]'. Ctrl-C stops it.
+    """
+    from pet_sweep import browse
+
+    exp = load(config_path, experiment)
+    executable = browse.dashboard_executable()
+    warning = browse.host_warning(host)
+    if warning:
+        click.echo(warning, err=True)
+    state = browse.study_state(exp)
+    if not state.found:
+        raise CliError(f"no study {exp.study_name!r} in {state.storage}"
+                       + (f" ({state.note})" if state.note else "") + f"; run `pet-sweep run {exp.name}` first")
+    browse.check_port_free(host, port)
+    base = f"http://{browse.url_host(host)}:{port}"
+    click.echo(f"starting optuna-dashboard on {state.storage}")
+    browse.serve(browse.dashboard_command(executable, exp.storage_url, host, port), ready_url=f"{base}/api/studies",
+                 open_url=f"{base}/dashboard/studies/{state.study_id}", echo=click.echo)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import optuna
 import yaml
@@ -134,6 +134,14 @@ class SweepOutcome:
     best_trial: int | None = None
 
 
+class TrialListener(Protocol):
+    """Told when a trial starts and ends (the progress display of `pet-sweep run`)."""
+
+    def trial_started(self, number: int, params: dict[str, Any]) -> None: ...
+
+    def trial_finished(self, outcome: TrialOutcome, best: tuple[float, int] | None) -> None: ...
+
+
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
@@ -142,9 +150,10 @@ class Objective:
     """One trial: suggest -> child run -> fine-tune -> report back; never leaves a run RUNNING."""
 
     def __init__(self, exp: Experiment, data: Any, tracker: Tracker, parent_run_id: str,
-                 listeners: tuple[Callable[[int, EpochRecord], None], ...] = ()) -> None:
+                 listeners: tuple[Callable[[int, EpochRecord], None], ...] = (),
+                 trial_listeners: tuple[TrialListener, ...] = ()) -> None:
         self.exp, self.data, self.tracker, self.parent_run_id = exp, data, tracker, parent_run_id
-        self.listeners = listeners
+        self.listeners, self.trial_listeners = listeners, trial_listeners
 
     def __call__(self, trial: optuna.Trial) -> float:
         from pet_sweep import recipe
@@ -161,6 +170,8 @@ class Objective:
              "device": str(self.data.dls.device)},
             tags={"arch": params.arch})
         trial.set_user_attr(RUN_ID_ATTR, run_id)
+        for listener in self.trial_listeners:
+            listener.trial_started(trial.number, params.as_dict())
         history: list[EpochRecord] = []
 
         def report(record: EpochRecord) -> None:
@@ -247,7 +258,8 @@ def best_of(study: optuna.Study) -> tuple[float, int] | None:
 
 
 def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
-              epoch_listeners: tuple[Callable[[int, EpochRecord], None], ...] = ()) -> SweepOutcome:
+              epoch_listeners: tuple[Callable[[int, EpochRecord], None], ...] = (),
+              trial_listeners: tuple[TrialListener, ...] = ()) -> SweepOutcome:
     """Run (or resume) the experiment's study in this process: `budget.n_trials` more trials."""
     from pet_sweep.data import build_data
 
@@ -266,6 +278,8 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         outcome.trials.append(done)
         best = best_of(study)
         echo(format_trial(done, best))
+        for listener in trial_listeners:
+            listener.trial_finished(done, best)
         counts = {s.name.lower(): 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
         for t in study.get_trials(deepcopy=False):
             if t.state.name.lower() in counts:
@@ -281,7 +295,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     if exp.config.budget.max_trials:
         callbacks.append(optuna.study.MaxTrialsCallback(
             exp.config.budget.max_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    objective = Objective(exp, data, tracker, parent, epoch_listeners)
+    objective = Objective(exp, data, tracker, parent, epoch_listeners, trial_listeners)
     status = "FAILED"
     try:
         study.optimize(objective, n_trials=exp.config.budget.n_trials, timeout=exp.config.budget.timeout,
