@@ -242,6 +242,8 @@ def format_states(states: Sequence[StudyState], default: str | None) -> list[str
 def check_port_free(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # as the servers do: a port left in TIME_WAIT by a UI stopped a moment ago is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as err:
