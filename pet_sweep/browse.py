@@ -99,8 +99,9 @@ def remote_experiment_url(server: str, experiment: str, timeout: float = 5.0) ->
                                     timeout=timeout) as answer:
             experiment_id = json.load(answer)["experiment"]["experiment_id"]
     except urllib.error.HTTPError as err:
-        note = (f"the server has no experiment {experiment!r} yet" if err.code == 404
-                else f"the server answered HTTP {err.code}")
+        note = {404: f"the server has no experiment {experiment!r} yet",
+                401: "the server asks for a login", 403: "the server asks for a login"}.get(
+                    err.code, f"the server answered HTTP {err.code}")
         return f"{base}/#/experiments", note
     except (OSError, ValueError, KeyError) as err:  # unreachable, timeout, not MLflow's JSON
         return f"{base}/#/experiments", f"could not ask the server for experiment {experiment!r}: {err}"

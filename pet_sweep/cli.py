@@ -159,7 +159,7 @@ def ui(experiment: str | None, config_path: str, port: int, host: str) -> None:
     if browse.is_remote(exp.tracking_uri):
         url, note = browse.remote_experiment_url(exp.tracking_uri, exp.tracking_experiment)
         click.echo(f"MLflow experiment '{exp.tracking_experiment}' is on the tracking server")
-        click.echo(f"open {url}")
+        click.echo(f"open {browse.redact_url(url)}")
         if note:
             click.echo(f"note: {note}", err=True)
         return

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import sqlite3
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -262,3 +265,31 @@ def test_host_warning_only_beyond_loopback() -> None:
     assert browse.host_warning("127.0.0.1") is None and browse.host_warning("localhost") is None
     assert browse.host_warning("::1") is None
     assert "0.0.0.0" in (browse.host_warning("0.0.0.0") or "")
+
+
+# -- the server loop ----------------------------------------------------------------
+
+
+def test_serve_prints_the_url_once_up_and_stops_the_server_on_sigterm() -> None:
+    port = free_port()
+    lines: list[str] = []
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if line.startswith("open "):  # the user is done: stop as `kill` or Ctrl-C would
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    previous = signal.getsignal(signal.SIGTERM)
+    code = browse.serve([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                        ready_url=f"http://127.0.0.1:{port}/", open_url="http://example/page", echo=echo)
+    assert code == 0
+    assert lines == ["open http://example/page", "(Ctrl-C stops the server)", "stopping the server"]
+    assert signal.getsignal(signal.SIGTERM) == previous  # our handler is gone again
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0  # the server is gone
+
+
+def test_serve_reports_a_server_that_exits_at_once() -> None:
+    with pytest.raises(browse.ServerError, match="exited with code 3"):
+        browse.serve([sys.executable, "-c", "raise SystemExit(3)"], ready_url=f"http://127.0.0.1:{free_port()}/",
+                     open_url="-", echo=lambda line: None)
