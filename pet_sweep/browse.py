@@ -283,6 +283,15 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         proc.wait()
 
 
+def open_ui(title: str, cmd: list[str], host: str, port: int, *, ready_path: str, page_path: str,
+            echo: Callable[[str], None]) -> int:
+    """Start a UI server on `host`:`port`, print the page to open, run until Ctrl-C."""
+    check_port_free(host, port)
+    base = f"http://{url_host(host)}:{port}"
+    echo(f"starting {title}")
+    return serve(cmd, ready_url=base + ready_path, open_url=base + page_path, echo=echo)
+
+
 def serve(cmd: list[str], *, ready_url: str, open_url: str, echo: Callable[[str], None],
           startup_timeout: float = 120.0) -> int:
     """Run a UI server until Ctrl-C (or SIGTERM); print `open_url` once it answers."""

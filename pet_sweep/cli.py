@@ -93,6 +93,7 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
 
     quiet_optuna()
     budget = exp.config.budget
+    where = f" --config {config_path}" if config_path != DEFAULT_CONFIG else ""
     if not quiet:
         click.echo(f"experiment   {exp.name}  ({exp.config_path})")
         click.echo(f"study        {exp.study_name}  (+{budget.n_trials} trials"
@@ -107,8 +108,7 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
                             trial_listeners=(progress,))
     except KeyboardInterrupt:
         progress.close()
-        click.echo(f"\ninterrupted; resume with: pet-sweep run {exp.name}"
-                   + (f" --config {config_path}" if config_path != DEFAULT_CONFIG else ""), err=True)
+        click.echo(f"\ninterrupted; resume with: pet-sweep run {exp.name}{where}", err=True)
         sys.exit(130)
     progress.close()
     if outcome.best_trial is None:
@@ -116,7 +116,6 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         return
     click.echo(f"best         trial {outcome.best_trial}: error_rate {outcome.best_value:.4f}")
     if not quiet:
-        where = f" --config {config_path}" if config_path != DEFAULT_CONFIG else ""
         click.echo(f"next         pet-sweep report {exp.name}{where}   |   pet-sweep ui {exp.name}{where}")
 
 
@@ -134,6 +133,14 @@ def list_(config_path: str) -> None:
     states, default = list_studies(config_path)
     for line in format_states(states, default):
         click.echo(line.rstrip())
+
+
+def _warn_host(host: str) -> None:
+    from pet_sweep.browse import host_warning
+
+    warning = host_warning(host)
+    if warning:
+        click.echo(warning, err=True)
 
 
 host_option = click.option("--host", default="127.0.0.1", show_default=True,
@@ -163,15 +170,11 @@ def ui(experiment: str | None, config_path: str, port: int, host: str) -> None:
         if note:
             click.echo(f"note: {note}", err=True)
         return
-    warning = browse.host_warning(host)
-    if warning:
-        click.echo(warning, err=True)
+    _warn_host(host)
     experiment_id = browse.mlflow_experiment_id(exp)
-    browse.check_port_free(host, port)
-    base = f"http://{browse.url_host(host)}:{port}"
-    click.echo(f"starting the MLflow UI on {browse.redact_url(exp.tracking_uri)}")
-    browse.serve(browse.mlflow_command(exp.tracking_uri, host, port), ready_url=f"{base}/health",
-                 open_url=browse.mlflow_experiment_url(base, experiment_id), echo=click.echo)
+    browse.open_ui(f"the MLflow UI on {browse.redact_url(exp.tracking_uri)}",
+                   browse.mlflow_command(exp.tracking_uri, host, port), host, port,
+                   ready_path="/health", page_path=browse.mlflow_experiment_url("", experiment_id), echo=click.echo)
 
 
 @cli.command()
@@ -189,18 +192,14 @@ def dashboard(experiment: str | None, config_path: str, port: int, host: str) ->
 
     exp = load(config_path, experiment)
     executable = browse.dashboard_executable()
-    warning = browse.host_warning(host)
-    if warning:
-        click.echo(warning, err=True)
+    _warn_host(host)
     state = browse.study_state(exp)
     if not state.found:
         raise CliError(f"no study {exp.study_name!r} in {state.storage}"
                        + (f" ({state.note})" if state.note else "") + f"; run `pet-sweep run {exp.name}` first")
-    browse.check_port_free(host, port)
-    base = f"http://{browse.url_host(host)}:{port}"
-    click.echo(f"starting optuna-dashboard on {state.storage}")
-    browse.serve(browse.dashboard_command(executable, exp.storage_url, host, port), ready_url=f"{base}/api/studies",
-                 open_url=f"{base}/dashboard/studies/{state.study_id}", echo=click.echo)
+    browse.open_ui(f"optuna-dashboard on {state.storage}",
+                   browse.dashboard_command(executable, exp.storage_url, host, port), host, port,
+                   ready_path="/api/studies", page_path=f"/dashboard/studies/{state.study_id}", echo=click.echo)
 
 
 def main() -> None:
