@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import threading
 import time
 from typing import Any, Callable, Literal, TextIO
 
@@ -56,7 +57,14 @@ class Progress:
         self.running: int | None = None
         self.planned_epochs: int | None = None
         self.epoch: int | None = None  # last finished epoch of the running trial
+        self.last_finished = 0.0  # seconds into the sweep when the last trial ended
         self._status_shown = False
+        # the sweep's thread and the ticker both write the status line
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        if self.live:
+            # an epoch can take minutes on a big data set: keep the clock moving between events
+            threading.Thread(target=self._tick, name="pet-sweep-progress", daemon=True).start()
 
     # -- hooks of study.run_sweep ------------------------------------------------
 
@@ -66,6 +74,10 @@ class Progress:
             self._print(line)
 
     def trial_started(self, number: int, params: dict[str, Any]) -> None:
+        with self._lock:
+            self._trial_started(number, params)
+
+    def _trial_started(self, number: int, params: dict[str, Any]) -> None:
         self.running, self.epoch = number, None
         self.planned_epochs = _planned_epochs(params)
         if self.live:
@@ -76,6 +88,10 @@ class Progress:
                         f"  [{self._counts()}]")
 
     def epoch_done(self, number: int, record: EpochRecord) -> None:
+        with self._lock:
+            self._epoch_done(number, record)
+
+    def _epoch_done(self, number: int, record: EpochRecord) -> None:
         self.running, self.epoch = number, record.epoch
         if self.level == "verbose":
             self._print(f"trial {number:>3} epoch {record.epoch + 1}/{self.planned_epochs or '?'} "
@@ -85,8 +101,13 @@ class Progress:
             self._draw()
 
     def trial_finished(self, outcome: TrialOutcome, best: tuple[float, int] | None) -> None:
+        with self._lock:
+            self._trial_finished(outcome, best)
+
+    def _trial_finished(self, outcome: TrialOutcome, best: tuple[float, int] | None) -> None:
         self.done += 1
         self.best = best
+        self.last_finished = self.clock() - self.started
         self.running = self.epoch = None
         if self.level == "quiet" and outcome.state == "FAIL":
             self._print(format_trial(outcome, best), stream=self.err)
@@ -94,8 +115,10 @@ class Progress:
             self._draw()
 
     def close(self) -> None:
-        """Remove the status line (before the caller's summary)."""
-        self._clear()
+        """Stop the clock and remove the status line (before the caller's summary)."""
+        self._stop.set()
+        with self._lock:
+            self._clear()
 
     # -- drawing -----------------------------------------------------------------
 
@@ -113,10 +136,12 @@ class Progress:
         return " | ".join(parts)
 
     def eta(self, elapsed: float) -> float | None:
-        """Seconds left: the mean trial time so far times the trials left, capped by the timeout."""
+        """Seconds left: the mean trial time so far times the trials left, less the running
+        trial's time so far, capped by the timeout."""
         if self.done == 0:
             return None
-        left = max(0, self.budget - self.done) * elapsed / self.done
+        per_trial = self.last_finished / self.done
+        left = max(0.0, max(0, self.budget - self.done) * per_trial - (elapsed - self.last_finished))
         if self.timeout is not None:
             left = min(left, max(0.0, self.timeout - elapsed))
         return left
@@ -126,10 +151,17 @@ class Progress:
         return f"{self.done}/{self.budget} done{best}, elapsed {format_duration(self.clock() - self.started)}"
 
     def _print(self, line: str, stream: TextIO | None = None) -> None:
-        self._clear()
-        print(line, file=stream or self.stream, flush=True)
-        if self.live and self.running is not None:
-            self._draw()
+        with self._lock:
+            self._clear()
+            print(line, file=stream or self.stream, flush=True)
+            if self.live and self.running is not None:
+                self._draw()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            with self._lock:
+                if self._status_shown and not self._stop.is_set():
+                    self._draw()
 
     def _draw(self) -> None:
         width = shutil.get_terminal_size((100, 20)).columns
@@ -144,6 +176,12 @@ class Progress:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self._status_shown = False
+        # the sweep's thread and the ticker both write the status line
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        if self.live:
+            # an epoch can take minutes on a big data set: keep the clock moving between events
+            threading.Thread(target=self._tick, name="pet-sweep-progress", daemon=True).start()
 
 
 def _planned_epochs(params: dict[str, Any]) -> int | None:

@@ -104,8 +104,19 @@ def test_status_line_in_a_terminal_says_where_the_sweep_is() -> None:
 def test_estimate_is_capped_by_the_timeout() -> None:
     clock = Clock()
     progress = Progress(10, timeout=100, stream=io.StringIO(), clock=clock)
-    progress.done, clock.now = 1, clock.now + 30
+    clock.now += 30
+    progress.trial_finished(TrialOutcome(0, "COMPLETE", 0.5, PARAMS, 30.0), (0.5, 0))
     assert progress.eta(30) == 70  # 9 trials x 30 s would be 270 s, but the sweep stops at 100 s
+
+
+def test_estimate_counts_down_during_a_trial() -> None:
+    clock = Clock()
+    progress = Progress(3, stream=io.StringIO(), clock=clock)
+    clock.now += 40
+    progress.trial_finished(TrialOutcome(0, "COMPLETE", 0.5, PARAMS, 40.0), (0.5, 0))
+    assert progress.eta(40) == 80  # two trials of 40 s left
+    assert progress.eta(70) == 50  # 30 s into the next one
+    assert progress.eta(200) == 0  # slower than the mean: never negative
 
 
 def test_format_duration() -> None:
