@@ -49,12 +49,12 @@ def free_port() -> int:
 
 
 class UiProcess:
-    """`pet-sweep ui` as a user runs it; collects its output and finds the URL it prints."""
+    """`pet-sweep ui` (or `dashboard`) as a user runs it; collects its output and finds the URL it prints."""
 
-    def __init__(self, config: Path, port: int) -> None:
+    def __init__(self, config: Path, port: int, command: str = "ui") -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pet_sweep", "ui", "--config", str(config), "--port", str(port)],
+            [sys.executable, "-m", "pet_sweep", command, "--config", str(config), "--port", str(port)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -163,3 +163,34 @@ def test_mlflow_ui_shows_the_sweep_and_its_trials(write_experiments: Callable[..
     with socket.socket() as sock:  # the MLflow server went with it: nothing listens on its port
         assert sock.connect_ex(("127.0.0.1", port)) != 0
     assert (screenshots / "mlflow-runs.png").stat().st_size > 10_000
+
+
+def test_dashboard_shows_the_study(write_experiments: Callable[..., Path], browser_page: Any,
+                                   screenshots: Path) -> None:
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (pip install 'pet-sweep[dashboard]')")
+    import optuna
+
+    config = write_experiments()
+    (config.parent / "stores").mkdir()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{config.parent / 'stores' / 'optuna.db'}")
+    study = optuna.create_study(study_name="tiny", storage=storage)
+    for value in (0.30, 0.12, 0.2):  # a study as a sweep leaves it, without training
+        trial = study.ask({"base_lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+        study.tell(trial, value)
+
+    port = free_port()
+    dashboard = UiProcess(config, port, "dashboard")
+    try:
+        url = dashboard.url(UI_START_TIMEOUT)
+        assert url == f"http://127.0.0.1:{port}/dashboard/studies/{storage.get_study_id_from_name('tiny')}"
+        page = browser_page
+        page.goto(url)
+        page.get_by_text("tiny").first.wait_for()
+        page.get_by_text("Best Trial (number=1)").first.wait_for()  # the 0.12 trial
+        page.screenshot(path=str(screenshots / "optuna-dashboard.png"))
+    finally:
+        code = dashboard.interrupt()
+    assert code == 0, "\n".join(dashboard.lines[-30:])
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
