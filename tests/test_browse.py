@@ -293,3 +293,18 @@ def test_serve_reports_a_server_that_exits_at_once() -> None:
     with pytest.raises(browse.ServerError, match="exited with code 3"):
         browse.serve([sys.executable, "-c", "raise SystemExit(3)"], ready_url=f"http://127.0.0.1:{free_port()}/",
                      open_url="-", echo=lambda line: None)
+
+
+def test_tracker_keeps_artifacts_beside_the_store_and_opens_on_runs(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    from pet_sweep.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default would be ./mlruns here
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    tracker = Tracker(uri, "pet-sweep/x")
+    found = MlflowClient(uri).get_experiment(tracker.experiment_id)
+    assert found.artifact_location == (tmp_path / "runs" / "mlartifacts").as_uri()
+    assert found.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert not (tmp_path / "mlruns").exists()
