@@ -77,19 +77,26 @@ def cli() -> None:
               help="Worker processes sharing the study and the budget (one GPU each where there are GPUs).")
 @click.option("--gpus", help="GPUs for the workers, e.g. 0,1 (default: every visible GPU).")
 @click.option("--worker", "worker_role", hidden=True, help="Set by `--workers`: this process's role.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only failed trials and the final summary.")
+@click.option("--verbose", "-v", is_flag=True, help="Also print one line per epoch.")
 @fail_clearly
 def run(experiment: str | None, config_path: str, n_trials: int | None, timeout: float | None,
         storage: str | None, tracking_uri: str | None, study_name: str | None, workers: int,
-        gpus: str | None, worker_role: str | None) -> None:
+        gpus: str | None, worker_role: str | None, quiet: bool, verbose: bool) -> None:
     """Run or resume the sweep of EXPERIMENT (default: the file's `default`).
 
     Running the same command again resumes the same study and adds trials to it.
     The same command on several machines, with a shared `--storage` database
     (PostgreSQL, MySQL/MariaDB) or journal file, joins one study.
+    In a terminal a status line shows the trials done, the running trial and its
+    epoch, the best error rate so far, and the time elapsed and left.
     """
+    if quiet and verbose:
+        raise CliError("--quiet and --verbose exclude each other; choose one")
     exp = load(config_path, experiment, n_trials=n_trials, timeout=timeout, storage=storage,
                tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
+    from pet_sweep.progress import Progress
     from pet_sweep.study import SweepInterrupted, quiet_optuna, run_sweep
     from pet_sweep.tracking import redact_url
     from pet_sweep.workers import WorkerRole, parse_gpus, supervise
@@ -103,12 +110,14 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         except KeyboardInterrupt:
             sys.exit(130)
         return
-    click.echo(f"experiment   {exp.name}  ({exp.config_path})")
-    click.echo(f"study        {exp.study_name}  (+{budget.n_trials} trials"
-               + (f", timeout {budget.timeout:g}s" if budget.timeout else "")
-               + (f", {workers} workers" if workers > 1 else "") + ")")
-    click.echo(f"storage      {redact_url(exp.storage_url)}")
-    click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'")
+    where = f" --config {config_path}" if config_path != DEFAULT_CONFIG else ""
+    if not quiet:
+        click.echo(f"experiment   {exp.name}  ({exp.config_path})")
+        click.echo(f"study        {exp.study_name}  (+{budget.n_trials} trials"
+                   + (f", timeout {budget.timeout:g}s" if budget.timeout else "")
+                   + (f", {workers} workers" if workers > 1 else "") + ")")
+        click.echo(f"storage      {redact_url(exp.storage_url)}")
+        click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'")
 
     def hint(finished: int) -> str:
         again = ["pet-sweep run", exp.name]
@@ -144,27 +153,32 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         if done.orphans:
             click.echo(f"retry        trial(s) {', '.join(map(str, done.orphans))} of dead workers: "
                        "failed now, queued to run again in the next `pet-sweep run`")
-        _print_best(exp, done.best)
+        _print_best(exp, done.best, where, quiet)
         if not any(e.returncode == 0 for e in done.exits) or done.used < budget.n_trials:
             click.echo(f"the workers stopped early; {hint(done.finished).split('; ', 1)[1]}", err=True)
             sys.exit(1)
         return
+    progress = Progress(budget.n_trials, level="quiet" if quiet else "verbose" if verbose else "normal",
+                        timeout=budget.timeout, stream=click.get_text_stream("stdout"),
+                        err=click.get_text_stream("stderr"))
     try:
-        outcome = run_sweep(exp, echo=lambda line: click.echo(line))
+        outcome = run_sweep(exp, echo=progress.echo, epoch_listeners=(progress.epoch_done,),
+                            trial_listeners=(progress,))
     except SweepInterrupted as stop:
+        progress.close()
         click.echo("\n" + hint(stop.finished), err=True)
         sys.exit(130)
-    _print_best(exp, None if outcome.best_trial is None else (outcome.best_value, outcome.best_trial))
+    progress.close()
+    _print_best(exp, None if outcome.best_trial is None else (outcome.best_value, outcome.best_trial), where, quiet)
 
 
-def _print_best(exp: Experiment, best: tuple[float, int] | None) -> None:
-    from pet_sweep.tracking import redact_url
-
+def _print_best(exp: Experiment, best: tuple[float, int] | None, where: str, quiet: bool) -> None:
     if best is None:
         click.echo("no trial completed")
         return
     click.echo(f"best         trial {best[1]}: error_rate {best[0]:.4f}")
-    click.echo(f"next         pet-sweep report {exp.name}   |   mlflow ui --backend-store-uri {redact_url(exp.tracking_uri)}")
+    if not quiet:
+        click.echo(f"next         pet-sweep report {exp.name}{where}   |   pet-sweep ui {exp.name}{where}")
 
 
 @cli.command("lr-find")

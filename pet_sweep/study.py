@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import optuna
 import yaml
@@ -252,13 +252,22 @@ def release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class TrialListener(Protocol):
+    """Told when a trial starts and ends (the progress display of `pet-sweep run`)."""
+
+    def trial_started(self, number: int, params: dict[str, Any]) -> None: ...
+
+    def trial_finished(self, outcome: TrialOutcome, best: tuple[float, int] | None) -> None: ...
+
+
 class Objective:
     """One trial: suggest -> child run -> fine-tune -> report back; never leaves a run RUNNING."""
 
     def __init__(self, exp: Experiment, data: Any, tracker: Tracker, parent_run_id: str,
-                 listeners: tuple[Callable[[int, EpochRecord], None], ...] = (), anchors: Anchors | None = None) -> None:
+                 listeners: tuple[Callable[[int, EpochRecord], None], ...] = (),
+                 trial_listeners: tuple[TrialListener, ...] = (), anchors: Anchors | None = None) -> None:
         self.exp, self.data, self.tracker, self.parent_run_id = exp, data, tracker, parent_run_id
-        self.listeners = listeners
+        self.listeners, self.trial_listeners = listeners, trial_listeners
         self.anchors = anchors or {}  # LR-finder suggestions of an anchored space (lrfind.study_anchors)
         # called first thing in every trial: the sweep loop takes the budget slot there
         self.on_start: Callable[[optuna.Trial], None] | None = None
@@ -280,6 +289,8 @@ class Objective:
              "device": str(self.data.dls.device), **anchor_params(exp.space, params, self.anchors)},
             tags={"arch": params.arch})
         trial.set_user_attr(RUN_ID_ATTR, run_id)
+        for listener in self.trial_listeners:
+            listener.trial_started(trial.number, params.as_dict())
         history: list[EpochRecord] = []
 
         def report(record: EpochRecord) -> None:
@@ -402,6 +413,7 @@ def close_dead_runs(study: optuna.Study, tracker: Tracker) -> int:
 
 def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
               epoch_listeners: tuple[Callable[[int, EpochRecord], None], ...] = (),
+              trial_listeners: tuple[TrialListener, ...] = (),
               role: WorkerRole | None = None) -> SweepOutcome:
     """Run (or resume) the experiment's study in this process: `budget.n_trials` more trials.
 
@@ -436,6 +448,8 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         outcome.trials.append(done)
         best = best_of(study)
         echo(format_trial(done, best))
+        for listener in trial_listeners:
+            listener.trial_finished(done, best)
         counts = {s.name.lower(): 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
         for t in study.get_trials(deepcopy=False):
             if t.state.name.lower() in counts:
@@ -447,7 +461,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
             tags["best_trial"] = str(best[1])
         tracker.update_sweep(parent, metrics, tags)
 
-    objective = Objective(exp, data, tracker, parent, epoch_listeners)
+    objective = Objective(exp, data, tracker, parent, epoch_listeners, trial_listeners)
     started = time.monotonic()
     status = "FAILED"
     try:

@@ -12,16 +12,20 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from pet_sweep.callbacks import EpochRecord
+if TYPE_CHECKING:  # callbacks imports fastai; `pet-sweep ui` and `list` do not need it
+    from pet_sweep.callbacks import EpochRecord
 
 # MLflow run statuses for Optuna trial states: a pruned trial was stopped on
 # purpose (KILLED), a failed one FAILED; no trial run is ever left RUNNING.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ID_ATTR = "mlflow_run_id"
+# MLflow 3's UI opens an experiment of unknown kind on its GenAI (traces) overview;
+# this tag makes it open on the runs table, where the sweep and its trials are.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 
 
 def redact_url(url: str) -> str:
@@ -35,6 +39,25 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)
     user = netloc[0].split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (None for other URLs and in-memory databases)."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or ":memory:" in url:
+        return None
+    return Path(url[len(prefix):].split("?", 1)[0])
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where a local store's artifacts go: beside its database, not in the shell's folder.
+
+    MLflow's default for a SQL store is ``./mlruns`` of whatever directory the
+    process started in, so plots and configs would scatter over the user's
+    folders and `pet-sweep ui` started elsewhere could not show them.
+    """
+    db = sqlite_path(tracking_uri)
+    return (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
 
 
 def _quiet_mlflow() -> None:
@@ -51,18 +74,22 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         _quiet_mlflow()
-        if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite_path(tracking_uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         existing = self.client.get_experiment_by_name(experiment_name)
         if existing is None:
             try:
-                self.experiment_id = self.client.create_experiment(experiment_name)
+                self.experiment_id = self.client.create_experiment(
+                    experiment_name, artifact_location=artifact_root(tracking_uri))
             except MlflowException:  # another worker created it first
                 self.experiment_id = self.client.get_experiment_by_name(experiment_name).experiment_id
         else:
             self.experiment_id = existing.experiment_id
+        if existing is None or EXPERIMENT_KIND_TAG[0] not in existing.tags:
+            self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND_TAG)
         self.experiment_name = experiment_name
 
     # -- the sweep (parent run) ------------------------------------------------
