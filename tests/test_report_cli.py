@@ -17,7 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import TINY_SPACE, tiny_experiment
+from tests.conftest import TINY_SPACE, tiny_experiment
 from pet_sweep.cli import cli
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "analysis.ipynb"
