@@ -153,7 +153,7 @@ def test_corrupt_images_are_skipped_when_the_experiment_says_so(write_experiment
     folder = _image_folder(tmp_path / "images", corrupt=1)
     exp = load_experiment(write_experiments(data={"source": "folder", "path": str(folder), "label": "parent",
                                                   "limit": None, "valid_pct": 0.25, "test_pct": 0.0,
-                                                  "bad_images": "skip"}))
+                                                  "bad_images": "skip"}, model={"batch_size": 8}))
     bundle = build_data(exp)
     assert len(bundle.splits.train) + len(bundle.splits.valid) == 24
     assert "skipping 1 unreadable image(s), first: " in capsys.readouterr().out

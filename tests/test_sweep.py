@@ -44,8 +44,10 @@ def test_run_prints_where_things_go_and_one_line_per_trial(swept) -> None:
     out = result.output
     assert "experiment   tiny" in out and "study        tiny" in out
     assert exp.storage_url in out and exp.tracking_uri in out
-    lines = [line for line in out.splitlines() if line.startswith("trial ")]
-    assert len(lines) == 2 and all("COMPLETE" in line and "error_rate=" in line for line in lines)
+    finished = [line for line in out.splitlines() if line.startswith("trial ") and "started" not in line]
+    assert len(finished) == 2 and all("COMPLETE" in line and "error_rate=" in line for line in finished)
+    started = [line for line in out.splitlines() if line.startswith("trial ") and "started" in line]
+    assert len(started) == 2  # not a terminal: one plain line per event, no status line
     assert "best         trial" in out
     assert "%|" not in out and "epoch     train_loss" not in out  # no fastai bars or tables
 
