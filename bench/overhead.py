@@ -55,7 +55,6 @@ def bare_fastai(img_size: int, batch_size: int, seed: int) -> float:
     from fastai.vision.data import ImageBlock
     from fastai.vision.learner import vision_learner
     from fastai.vision.models.xresnet import xresnet18
-    from fastcore.transform import Pipeline  # noqa: F401
     from fastcore.xtras import using_attr
     from torchvision.models import resnet18
 
