@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,6 +19,7 @@ from pet_sweep.errors import ConfigError
 from pet_sweep.space import SearchSpace, parse_space
 
 DEFAULT_CONFIG = "experiments.yaml"
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -249,18 +250,23 @@ def _config_error(err: ValidationError, file: Path, model: type[BaseModel]) -> C
     return ConfigError(msg, file=str(file), experiment=experiment, key=key or None)
 
 
-def load_experiments_file(path: str | Path = DEFAULT_CONFIG) -> tuple[ExperimentsFile, Path]:
-    """Read and validate a whole experiments file."""
+def read_model(path: str | Path, model: type[ModelT], shape: str) -> tuple[ModelT, Path]:
+    """Read a YAML file and validate it as `model`; `shape` says what the file must be."""
     path = Path(path).expanduser().resolve()
     raw = read_yaml(path)
     if not isinstance(raw, dict):
-        raise ConfigError("must be a mapping with `experiments:`", file=str(path))
+        raise ConfigError(f"must be {shape}", file=str(path))
     try:
-        parsed = ExperimentsFile(**raw)
+        return model(**raw), path
     except ValidationError as err:
-        raise _config_error(err, path, ExperimentsFile) from None
+        raise _config_error(err, path, model) from None
     except TypeError as err:
         raise ConfigError(str(err), file=str(path)) from None
+
+
+def load_experiments_file(path: str | Path = DEFAULT_CONFIG) -> tuple[ExperimentsFile, Path]:
+    """Read and validate a whole experiments file."""
+    parsed, path = read_model(path, ExperimentsFile, "a mapping with `experiments:`")
     if parsed.default is not None and parsed.default not in parsed.experiments:
         raise ConfigError(f"default experiment {parsed.default!r} is not defined; valid choices: "
                           f"{', '.join(parsed.experiments)}", file=str(path), key="default")

@@ -2,7 +2,7 @@
 
 The exported file (``best.yaml``) holds everything the fine-tune needs: data,
 model, every recipe parameter, the seed, where to log, and where it came from.
-It is read by `config.read_yaml` (the only YAML reader) and validated with the
+It is read by `config.read_model` (config.py stays the only YAML reader) and validated with the
 same pydantic models as experiments.yaml. `train` re-runs that fine-tune once,
 logs an MLflow run (tagged as a replay of the trial, nested under the sweep's
 parent run when the store has it), reports the error on the held-out test
@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from pet_sweep.config import (DataConfig, Experiment, ExperimentConfig, ModelConfig, TrackingConfig, _config_error,
-                              load_space, read_yaml)
+from pet_sweep.config import (DataConfig, Experiment, ExperimentConfig, ModelConfig, TrackingConfig, load_space,
+                              read_model)
 from pet_sweep.errors import ConfigError, StudyError
 from pet_sweep.report import errors_of, format_rate, wilson
 from pet_sweep.report_io import N_TEST_METRIC, REPLAY_OF_TAG, REPLAY_ROLE, TEST_METRIC, VALID_METRIC, \
@@ -64,14 +64,7 @@ class ReplayConfig(_Strict):
 
 def load_replay(path: str | Path) -> tuple[ReplayConfig, Experiment]:
     """Read and validate an exported config; the Experiment is a one-trial, fixed-value experiment."""
-    path = Path(path).expanduser().resolve()
-    raw = read_yaml(path)
-    if not isinstance(raw, dict):
-        raise ConfigError("must be a mapping written by `pet-sweep export`", file=str(path))
-    try:
-        cfg = ReplayConfig(**raw)
-    except ValidationError as err:
-        raise _config_error(err, path, ReplayConfig) from None
+    cfg, path = read_model(path, ReplayConfig, "a mapping written by `pet-sweep export`")
     space = load_space(cfg.params, path.parent, file=str(path), experiment=cfg.name)
     if "lr_lo" not in cfg.params:
         raise ConfigError("an exported config gives `lr_lo` (the slice's low end), not `lr_mult`",
