@@ -72,9 +72,9 @@ def mlflow_experiment_id(exp: Experiment) -> str:
         raise StudyError(f"no MLflow store at {db}; run `pet-sweep run {exp.name}` first")
     from mlflow import MlflowClient
 
-    from pet_sweep.tracking import _quiet_mlflow
+    from pet_sweep.tracking import quiet_mlflow
 
-    _quiet_mlflow()
+    quiet_mlflow()
     found = MlflowClient(tracking_uri=exp.tracking_uri).get_experiment_by_name(exp.tracking_experiment)
     if found is None:
         raise StudyError(f"no MLflow experiment {exp.tracking_experiment!r} in {redact_url(exp.tracking_uri)}; "

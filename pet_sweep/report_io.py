@@ -92,14 +92,14 @@ def open_tracking(exp: Experiment, study: Any) -> Tracking:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pet_sweep.tracking import _quiet_mlflow
+    from pet_sweep.tracking import quiet_mlflow
 
     hint = ("point `tracking.uri` (or --tracking-uri) at the store the sweep logged to")
     require_sqlite_file(exp.tracking_uri, "MLflow store", hint)
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
     if not parent:
         raise StudyError(f"study {exp.study_name!r} has no MLflow parent run recorded; was it made by pet-sweep run?")
-    _quiet_mlflow()
+    quiet_mlflow()
     client = MlflowClient(tracking_uri=exp.tracking_uri)
     try:
         run = client.get_run(parent)

@@ -60,7 +60,7 @@ def artifact_root(tracking_uri: str) -> str | None:
     return (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
 
 
-def _quiet_mlflow() -> None:
+def quiet_mlflow() -> None:
     # MLflow's alembic migrations log a dozen INFO lines the first time a store is used.
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -73,7 +73,7 @@ class Tracker:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        _quiet_mlflow()
+        quiet_mlflow()
         db = sqlite_path(tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
