@@ -421,7 +421,6 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     of N workers sharing that budget, and the supervisor owns the MLflow parent run.
     """
     from optuna.storages import fail_stale_trials
-    from optuna.storages._heartbeat import is_heartbeat_enabled
 
     from pet_sweep import lrfind
     from pet_sweep.data import build_data
@@ -441,7 +440,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     outcome = SweepOutcome(exp.study_name, parent)
     budget_cfg, faults = exp.config.budget, exp.config.faults
     budget = Budget(role, budget_cfg.n_trials, budget_cfg.max_trials,
-                    heartbeats=is_heartbeat_enabled(study._storage))
+                    heartbeats=not exp.storage_url.startswith(JOURNAL_PREFIX))  # make_storage: RDB has them
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         done = describe_trial(trial)
