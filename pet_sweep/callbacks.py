@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
+import torch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Recorder
@@ -57,8 +58,10 @@ class EpochHistory(Callback):
         # (the report's paired test compares trials on the same items)
         self.valid_preds: list[int] = []
         self.valid_targets: list[int] = []
-        self._preds: list[int] = []
-        self._targets: list[int] = []
+        # per validation batch, kept as tensors: converting each batch would make a GPU
+        # wait for every batch instead of once per validation pass
+        self._preds: list[Any] = []
+        self._targets: list[Any] = []
         # lr_max of each parameter group per phase: what `slice(lo, hi)` became
         self.group_lrs: dict[str, list[float]] = {}
 
@@ -78,11 +81,14 @@ class EpochHistory(Callback):
 
     def after_batch(self) -> None:
         if not self.training and len(self.learn.yb):
-            self._preds.extend(self.learn.pred.argmax(dim=-1).tolist())
-            self._targets.extend(self.learn.yb[0].tolist())
+            self._preds.append(self.learn.pred.detach().argmax(dim=-1))
+            self._targets.append(self.learn.yb[0].detach())
 
     def after_validate(self) -> None:
-        self.valid_preds, self.valid_targets = self._preds, self._targets
+        if self._preds:
+            self.valid_preds = torch.cat(self._preds).tolist()
+            self.valid_targets = torch.cat(self._targets).tolist()
+        self._preds, self._targets = [], []
 
     def after_epoch(self) -> None:
         names = list(self.learn.recorder.metric_names[1:])  # drop "epoch"
@@ -104,20 +110,30 @@ class StopOnNonFinite(Callback):
 
     Unlike fastai's `TerminateOnNaNCallback` (which cancels the fit silently and
     lets the next phase start), this raises `TrainingDiverged` so the trial ends
-    with its reason recorded.
+    with its reason recorded. The loss is read every `every` batches and at the end
+    of each training epoch, not after every batch: reading a CUDA tensor makes the
+    CPU wait for the GPU, and fastai's own training loop never does. Once the loss is
+    NaN the weights are too, so it stays NaN until the next check.
     """
 
     order = EpochHistory.order + 1
 
-    def __init__(self, history: EpochHistory) -> None:
-        self.history = history
+    def __init__(self, history: EpochHistory, every: int = 16) -> None:
+        self.history, self.every = history, every
 
     def after_batch(self) -> None:
-        if not self.training:
-            return
-        loss = float(self.learn.loss.detach())
-        if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"training loss became {loss} at epoch {len(self.history.records)} "
-                f"({self.history.phase} phase, batch {self.learn.iter}); the learning rate is likely too high")
+        if self.training and (self.learn.iter + 1) % self.every == 0:
+            self._check()
 
+    def after_train(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        loss = getattr(self.learn, "loss", None)
+        if loss is None:
+            return
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"training loss became {value} at epoch {len(self.history.records)} "
+                f"({self.history.phase} phase, by batch {self.learn.iter}); the learning rate is likely too high")
