@@ -9,6 +9,7 @@ listeners (MLflow, Optuna pruning) -> result back to Optuna.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import socket
 import tempfile
@@ -243,8 +244,6 @@ def torch_oom() -> type[BaseException]:
 
 
 def release_cuda_memory() -> None:
-    import gc
-
     import torch
 
     gc.collect()
@@ -466,6 +465,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     try:
         # anchored spaces: the LR finder once per (arch, phase) for the study, before any trial
         objective.anchors = lrfind.study_anchors(study, exp, data, tracker=tracker, parent_run_id=parent, echo=echo)
+        freeze_long_lived_objects()
         while budget_cfg.timeout is None or time.monotonic() - started < budget_cfg.timeout:
             with budget.claim() as claim:
                 step = budget.next_step(study)
@@ -486,6 +486,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         status = "KILLED"
         raise SweepInterrupted(budget.finished(study.get_trials(deepcopy=False))) from None
     finally:
+        gc.unfreeze()  # a library caller's later collections see everything again
         if owns_parent:
             close_dead_runs(study, tracker)
             tracker.finish_sweep(parent, status)
@@ -494,6 +495,19 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     if best:
         outcome.best_value, outcome.best_trial = best
     return outcome
+
+
+def freeze_long_lived_objects() -> None:
+    """Move everything alive now (modules, stores, DataLoaders, cached images) out of
+    the garbage collector's sight.
+
+    `recipe.release` runs a full collection after every trial so a finished
+    learner's reference cycles free their memory at once. With torch, fastai, MLflow
+    and SQLAlchemy loaded that is some 600,000 objects and about 0.3 s a trial; after
+    `gc.freeze()` a collection scans only what the trial itself created.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _take_slot(trial: optuna.Trial, *, role: WorkerRole, claim: Claim) -> None:
