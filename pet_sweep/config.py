@@ -78,14 +78,24 @@ class SamplerConfig(_Strict):
 
 
 class PrunerConfig(_Strict):
-    """`schedule`: median pruning at the same point of each one-cycle schedule (pet_sweep.pruners);
-    `median`, `hyperband`: Optuna's own, which compare trials epoch by epoch."""
+    """`schedule`: pruning at the same point of each one-cycle schedule (pet_sweep.pruners);
+    `median`, `percentile`, `hyperband`: Optuna's own, which compare trials epoch by epoch.
+    `percentile` applies to `schedule` and `percentile` (50 is the median; 25 keeps only
+    trials in the best quarter, which prunes more)."""
 
-    name: Literal["none", "schedule", "median", "hyperband"] = "none"
+    name: Literal["none", "schedule", "median", "percentile", "hyperband"] = "none"
     n_startup_trials: int = Field(3, ge=0)
     n_warmup_steps: int = Field(1, ge=0)
+    percentile: float = Field(50.0, gt=0, lt=100)
     min_resource: int = Field(1, ge=1)
     reduction_factor: int = Field(3, ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PrunerConfig":
+        if self.name == "median" and self.percentile != 50:
+            raise ValueError(f"the median pruner is the 50th percentile, but got percentile {self.percentile:g}; "
+                             "use `name: percentile` (or `schedule`) to set another")
+        return self
 
 
 class FaultsConfig(_Strict):

@@ -143,9 +143,13 @@ def make_pruner(exp: Experiment) -> optuna.pruners.BasePruner:
     if cfg.name == "schedule":
         from pet_sweep.pruners import SchedulePruner
 
-        return SchedulePruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
+        return SchedulePruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps,
+                              percentile=cfg.percentile)
     if cfg.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
+    if cfg.name == "percentile":
+        return optuna.pruners.PercentilePruner(cfg.percentile, n_startup_trials=cfg.n_startup_trials,
+                                               n_warmup_steps=cfg.n_warmup_steps)
     if cfg.name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor)
     return optuna.pruners.NopPruner()

@@ -58,3 +58,36 @@ def test_no_pruning_before_startup_or_warmup_or_at_the_end() -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="n_min_trials >= 1"):
         SchedulePruner(n_min_trials=0)
+
+
+def test_percentile_keeps_only_the_best_quarter() -> None:
+    median = optuna.create_study(pruner=SchedulePruner(n_startup_trials=4, n_warmup_steps=1))
+    quarter = optuna.create_study(pruner=SchedulePruner(n_startup_trials=4, n_warmup_steps=1, percentile=25))
+    for study in (median, quarter):
+        for middle in (0.10, 0.20, 0.30, 0.40):
+            _finished(study, 0, 4, [0.5, middle, 0.05, 0.04])
+    # 0.18 at epoch 2: better than the median of the others (0.25), worse than their best quarter (0.175)
+    assert _running(median, 0, 4, [0.5, 0.18]) is False
+    assert _running(quarter, 0, 4, [0.5, 0.18]) is True
+    assert _running(quarter, 0, 4, [0.5, 0.17]) is False
+    with pytest.raises(ValueError, match="0 < percentile < 100"):
+        SchedulePruner(percentile=100)
+
+
+def test_experiment_pruner_settings_reach_the_pruners(write_experiments) -> None:
+    from pet_sweep.config import load_experiment
+    from pet_sweep.errors import ConfigError
+    from pet_sweep.study import make_pruner
+
+    def pruner(**cfg: object) -> optuna.pruners.BasePruner:
+        return make_pruner(load_experiment(write_experiments(pruner=cfg)))
+
+    schedule = pruner(name="schedule", percentile=25, n_startup_trials=2, n_warmup_steps=1)
+    assert isinstance(schedule, SchedulePruner) and schedule.percentile == 25 and schedule.n_startup_trials == 2
+    percentile = pruner(name="percentile", percentile=25)
+    assert isinstance(percentile, optuna.pruners.PercentilePruner)
+    assert not isinstance(percentile, optuna.pruners.MedianPruner)
+    assert isinstance(pruner(name="median"), optuna.pruners.MedianPruner)
+    with pytest.raises(ConfigError, match="use `name: percentile`") as info:
+        pruner(name="median", percentile=25)
+    assert info.value.key == "pruner"
