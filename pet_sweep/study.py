@@ -129,10 +129,24 @@ def redact_url_in(text: str, url: str) -> str:
     return text.replace(password, "***") if password else text
 
 
-def make_sampler(exp: Experiment, worker: int = 0) -> optuna.samplers.BaseSampler:
+def sampler_seed(seed: int | None, worker: int = 0, existing: int = 0) -> int | None:
+    """The seed of one worker's sampler: `seed` itself for a new study's first worker.
+
+    Workers with the same seed would draw the same parameters, and so would a resumed
+    study whose sampler starts again from the same seed (its random start-up trials
+    would repeat the first run's): each worker, and each resume (counted by the trials
+    already in the study), gets its own reproducible stream.
+    """
+    if seed is None or (worker == 0 and existing == 0):
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, worker, existing]).generate_state(1)[0])
+
+
+def make_sampler(exp: Experiment, worker: int = 0, existing: int = 0) -> optuna.samplers.BaseSampler:
     cfg = exp.config.sampler
-    # workers with the same seed would draw the same parameters: each gets its own
-    seed = None if cfg.seed is None else cfg.seed + worker
+    seed = sampler_seed(cfg.seed, worker, existing)
     if cfg.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
@@ -168,9 +182,13 @@ def open_study(exp: Experiment, *, create: bool = True, worker: int = 0,
                              f"run `pet-sweep run {exp.name}` first") from None
     study = optuna.create_study(study_name=exp.study_name, storage=storage, sampler=make_sampler(exp, worker),
                                 pruner=make_pruner(exp), direction="minimize", load_if_exists=True)
+    existing = len(study.get_trials(deepcopy=False))
+    if existing:  # a resume (or an enqueued trial): a fresh random stream, not the first run's again
+        study.sampler = make_sampler(exp, worker, existing)
     if "experiment" not in study.user_attrs:
         study.set_user_attr("experiment", exp.name)
         study.set_user_attr("metric", "error_rate")
+        study.set_metric_names(["error_rate"])  # optuna-dashboard and `optuna trials` name the value
     return study
 
 

@@ -170,3 +170,19 @@ def test_python_dash_m_and_fast_help() -> None:
     help_out = subprocess.run([sys.executable, "-m", "pet_sweep", "--help"], capture_output=True, text=True,
                               timeout=60)
     assert help_out.returncode == 0 and "run" in help_out.stdout
+
+
+def test_a_resumed_study_draws_new_parameters(write_experiments) -> None:
+    from pet_sweep.study import open_study, sampler_seed
+
+    exp = load_experiment(write_experiments())  # random sampler, seed 0
+    first = open_study(exp)
+    assert first.metric_names == ["error_rate"]
+    trial = first.ask()
+    drawn = trial.suggest_float("base_lr", 1e-4, 1e-1, log=True)
+    first.tell(trial, 0.5)
+    # the same seed again would repeat the first run's draw; a resume gets its own stream
+    resumed = open_study(exp)
+    assert resumed.ask().suggest_float("base_lr", 1e-4, 1e-1, log=True) != drawn
+    assert sampler_seed(0) == 0 and sampler_seed(None, 2, 5) is None
+    assert sampler_seed(0, 0, 1) == sampler_seed(0, 0, 1) != sampler_seed(0, 1, 0)
