@@ -8,7 +8,9 @@ finished, so the median pruner compares early epochs of schedules of different l
 the `pruned at epoch` column shows where it stopped trials.
 
 pet-sweep's `schedule` pruner compares trials at the same phase and fraction of their
-schedules instead; both are measured against no pruning.
+schedules instead; both are measured against no pruning. Each pruner starts from the
+shipped digits experiment's pruner settings; an entry of --pruners may override them,
+e.g. `schedule,percentile=50,n_warmup_steps=2`.
 
     python bench/pruning.py [--n-trials 12] [--seeds 0 1 2] [--img-size 16] [--pruners schedule median]
 """
@@ -58,6 +60,18 @@ def sweep(pruner: dict, seed: int, n_trials: int, img_size: int, limit: int) -> 
             "pruned": len(pruned_at), "pruned_at": pruned_at}
 
 
+def pruner_settings(spec: str, base: dict) -> dict:
+    """`name[,key=value...]` -> the experiment's `pruner` mapping (base settings overridden)."""
+    name, *pairs = spec.split(",")
+    settings = {**base, "name": name}
+    if name in ("median", "hyperband"):  # the median is the 50th percentile by definition
+        settings.pop("percentile", None)
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        settings[key] = float(value) if "." in value else int(value)
+    return settings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-trials", type=int, default=12)
@@ -68,23 +82,26 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     settings = {k: v for k, v in default_digits()["pruner"].items() if k != "name"}
+    variants = {spec: pruner_settings(spec, settings) for spec in args.pruners}
     print(f"# pruning savings: digits ({args.limit} images), {args.n_trials} trials/study, img {args.img_size}px, "
           f"{machine()}")
-    print(f"# pruner settings: {settings}")
-    savings: dict[str, list[float]] = {name: [] for name in args.pruners}
+    for spec, pruner in variants.items():
+        print(f"# {spec}: {pruner}")
+    savings: dict[str, list[float]] = {spec: [] for spec in args.pruners}
     print("seed | pruner | epochs (pruner) | epochs (none) | saving | best err pruner [95% CI] | "
-          "best err none [95% CI] | pruned (at epochs)")
+          "best err none [95% CI] | pruned (at epochs) | wall time pruner vs none")
     for seed in args.seeds:
         without = sweep({"name": "none"}, seed, args.n_trials, args.img_size, args.limit)
-        for name in args.pruners:
-            with_p = sweep({"name": name, **settings}, seed, args.n_trials, args.img_size, args.limit)
+        for name, pruner in variants.items():
+            with_p = sweep(pruner, seed, args.n_trials, args.img_size, args.limit)
             saving = 1 - with_p["epochs"] / without["epochs"]
             savings[name].append(saving)
             within = without["interval"][0] <= with_p["best"] <= without["interval"][1]
             print(f"{seed} | {name} | {with_p['epochs']} | {without['epochs']} | {saving:.0%} | "
                   f"{with_p['best']:.4f} [{with_p['interval'][0]:.4f}, {with_p['interval'][1]:.4f}] | "
                   f"{without['best']:.4f} [{without['interval'][0]:.4f}, {without['interval'][1]:.4f}] "
-                  f"({'within' if within else 'OUTSIDE'} its interval) | {with_p['pruned']} {with_p['pruned_at']}",
+                  f"({'within' if within else 'OUTSIDE'} its interval) | {with_p['pruned']} {with_p['pruned_at']} | "
+                  f"{with_p['seconds']:.0f}s vs {without['seconds']:.0f}s",
                   flush=True)
     for name, values in savings.items():
         print(f"{name}: median saving {median(values):.0%} fewer epochs (target >= 40 %)")
