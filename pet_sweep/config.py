@@ -87,6 +87,7 @@ class PrunerConfig(_Strict):
     n_startup_trials: int = Field(3, ge=0)
     n_warmup_steps: int = Field(1, ge=0)
     percentile: float = Field(50.0, gt=0, lt=100)
+    min_fraction: float = Field(0.0, ge=0, lt=1)   # `schedule`: no pruning before this fraction of a phase
     min_resource: int = Field(1, ge=1)
     reduction_factor: int = Field(3, ge=2)
 
@@ -95,6 +96,8 @@ class PrunerConfig(_Strict):
         if self.name == "median" and self.percentile != 50:
             raise ValueError(f"the median pruner is the 50th percentile, but got percentile {self.percentile:g}; "
                              "use `name: percentile` (or `schedule`) to set another")
+        if self.name != "schedule" and self.min_fraction:
+            raise ValueError(f"min_fraction is a setting of the schedule pruner, not of {self.name!r}")
         return self
 
 

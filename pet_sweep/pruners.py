@@ -56,16 +56,21 @@ class SchedulePruner(optuna.pruners.BasePruner):
         percentile: a trial is kept only while its error is at or below this percentile of
             its peers' (50: the median; 25: it must be in the best quarter, as Optuna's
             `PercentilePruner(25)`).
+        min_fraction: no pruning before this fraction of a phase's schedule. Trained from
+            scratch, a model's validation error stays near chance while the one-cycle
+            learning rate is high and drops only as it anneals, so before about half of the
+            schedule the error says little about where a trial will end.
     """
 
     def __init__(self, n_startup_trials: int = 3, n_warmup_steps: int = 1, n_min_trials: int = 2,
-                 percentile: float = 50.0) -> None:
-        if n_startup_trials < 0 or n_warmup_steps < 0 or n_min_trials < 1 or not 0 < percentile < 100:
-            raise ValueError(f"n_startup_trials >= 0, n_warmup_steps >= 0, n_min_trials >= 1 and "
-                             f"0 < percentile < 100 must hold, but got "
-                             f"({n_startup_trials}, {n_warmup_steps}, {n_min_trials}, {percentile})")
+                 percentile: float = 50.0, min_fraction: float = 0.0) -> None:
+        if (n_startup_trials < 0 or n_warmup_steps < 0 or n_min_trials < 1 or not 0 < percentile < 100
+                or not 0 <= min_fraction < 1):
+            raise ValueError(f"n_startup_trials >= 0, n_warmup_steps >= 0, n_min_trials >= 1, "
+                             f"0 < percentile < 100 and 0 <= min_fraction < 1 must hold, but got "
+                             f"({n_startup_trials}, {n_warmup_steps}, {n_min_trials}, {percentile}, {min_fraction})")
         self.n_startup_trials, self.n_warmup_steps, self.n_min_trials = n_startup_trials, n_warmup_steps, n_min_trials
-        self.percentile = percentile
+        self.percentile, self.min_fraction = percentile, min_fraction
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
@@ -79,6 +84,8 @@ class SchedulePruner(optuna.pruners.BasePruner):
         if len(finished) < self.n_startup_trials:
             return False
         phase, fraction = position(step, schedule)
+        if fraction < self.min_fraction:
+            return False
         peers = []
         for other in finished:
             other_schedule = schedule_of(other)

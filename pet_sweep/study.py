@@ -158,7 +158,7 @@ def make_pruner(exp: Experiment) -> optuna.pruners.BasePruner:
         from pet_sweep.pruners import SchedulePruner
 
         return SchedulePruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps,
-                              percentile=cfg.percentile)
+                              percentile=cfg.percentile, min_fraction=cfg.min_fraction)
     if cfg.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
     if cfg.name == "percentile":

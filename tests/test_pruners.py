@@ -82,8 +82,11 @@ def test_experiment_pruner_settings_reach_the_pruners(write_experiments) -> None
     def pruner(**cfg: object) -> optuna.pruners.BasePruner:
         return make_pruner(load_experiment(write_experiments(pruner=cfg)))
 
-    schedule = pruner(name="schedule", percentile=25, n_startup_trials=2, n_warmup_steps=1)
+    schedule = pruner(name="schedule", percentile=25, n_startup_trials=2, n_warmup_steps=1, min_fraction=0.5)
     assert isinstance(schedule, SchedulePruner) and schedule.percentile == 25 and schedule.n_startup_trials == 2
+    assert schedule.min_fraction == 0.5
+    with pytest.raises(ConfigError, match="min_fraction is a setting of the schedule pruner"):
+        pruner(name="percentile", min_fraction=0.5)
     percentile = pruner(name="percentile", percentile=25)
     assert isinstance(percentile, optuna.pruners.PercentilePruner)
     assert not isinstance(percentile, optuna.pruners.MedianPruner)
@@ -91,3 +94,12 @@ def test_experiment_pruner_settings_reach_the_pruners(write_experiments) -> None
     with pytest.raises(ConfigError, match="use `name: percentile`") as info:
         pruner(name="median", percentile=25)
     assert info.value.key == "pruner"
+
+
+def test_min_fraction_waits_for_the_annealing_half_of_the_schedule() -> None:
+    study = optuna.create_study(pruner=SchedulePruner(n_startup_trials=2, n_warmup_steps=0, min_fraction=0.5))
+    for _ in range(3):
+        _finished(study, 0, 4, [0.8, 0.7, 0.1, 0.05])
+    assert _running(study, 0, 4, [0.9]) is False             # 1/4 of the schedule: too early to tell
+    assert _running(study, 0, 4, [0.9, 0.9]) is True         # half way: far behind the others
+    assert _running(study, 0, 8, [0.9, 0.9, 0.9]) is False   # 3/8 of a longer schedule: still too early
