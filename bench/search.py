@@ -33,10 +33,11 @@ def study_errors(sampler: str, seed: int, n_trials: int, img_size: int, epochs: 
                   "data": {**base["data"], "limit": limit},
                   "budget": {"n_trials": n_trials + 1}, "pruner": {"name": "none"},
                   "sampler": {"name": sampler, "seed": seed, "n_startup_trials": 4}}
-    path = write_experiment(temp_dir(f"search-{sampler}-{seed}"), experiment, digits_space())
+    space = digits_space()
+    path = write_experiment(temp_dir(f"search-{sampler}-{seed}"), experiment, space)
     exp = load_experiment(path)
     study = open_study(exp)
-    study.enqueue_trial({"arch": "resnet18", "base_lr": 2e-3, "lr_hi": 1e-3, "lr_mult": 100.0,
+    study.enqueue_trial({"arch": space["arch"]["choices"][0], "base_lr": 2e-3, "lr_hi": 1e-3, "lr_mult": 100.0,
                          "freeze_epochs": 1, "epochs": epochs}, skip_if_exists=True)
     run_sweep(exp, echo=lambda line: None)
     return [t.value if t.value is not None else 1.0 for t in open_study(exp, create=False).trials]
