@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import subprocess
 import threading
 import time
 
@@ -53,6 +54,25 @@ def images_per_second(arch: str, batch: int, precision: str, channels_last: bool
     return steps * batch / (time.perf_counter() - started)
 
 
+def gpu_utilization() -> int | None:
+    """The GPU's busy percentage over the last sample period (NVML), or None when unreadable.
+
+    torch reads it through pynvml, which a CUDA wheel does not always bring along;
+    nvidia-smi, which every driver installs, reads the same counter.
+    """
+    try:
+        return int(torch.cuda.utilization())
+    except Exception:  # pynvml missing or NVML unavailable
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                              "-i", str(torch.cuda.current_device())],
+                             capture_output=True, text=True, timeout=5, check=True).stdout
+        return int(out.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def busy_share_of_a_trial(arch: str, batch: int) -> tuple[float, float]:
     """Fraction of a real trial's wall time the GPU was busy (NVML utilisation samples)."""
     from pet_sweep.config import load_experiment
@@ -72,7 +92,9 @@ def busy_share_of_a_trial(arch: str, batch: int) -> tuple[float, float]:
 
     def sample() -> None:
         while not stop.is_set():
-            samples.append(torch.cuda.utilization())
+            value = gpu_utilization()
+            if value is not None:
+                samples.append(value)
             time.sleep(0.1)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -82,7 +104,7 @@ def busy_share_of_a_trial(arch: str, batch: int) -> tuple[float, float]:
     seconds = time.perf_counter() - started
     stop.set()
     thread.join()
-    return (sum(samples) / len(samples) / 100 if samples else float("nan")), seconds
+    return (sum(samples) / len(samples) / 100 if samples else float("nan")), seconds  # nan: no counter
 
 
 def main() -> None:

@@ -64,6 +64,8 @@ def pruner_settings(spec: str, base: dict) -> dict:
     """`name[,key=value...]` -> the experiment's `pruner` mapping (base settings overridden)."""
     name, *pairs = spec.split(",")
     settings = {**base, "name": name}
+    if name != "schedule":  # settings of pet-sweep's schedule pruner only
+        settings.pop("min_fraction", None)
     if name in ("median", "hyperband"):  # the median is the 50th percentile by definition
         settings.pop("percentile", None)
     for pair in pairs:

@@ -32,6 +32,7 @@ Z95 = NormalDist().inv_cdf(0.975)  # 1.959964...
 ALPHA = 0.05          # a difference is "beyond noise" when the paired test's p < ALPHA
 TREND_EPOCHS = 3      # slopes are fitted over this many last epochs
 LOSS_RISE = 0.05      # valid loss "rising": last value > its minimum by more than 5 %
+UNFIT_SHARE = 0.5     # "underfit" needs the train loss still above this share of its first epoch's
 
 STILL_IMPROVING = "still improving"
 OVERCONFIDENT = "overconfident"
@@ -49,7 +50,7 @@ ADVICE: dict[str, str] = {
                    "overconfident, not less accurate; the epoch count is about right",
     OVERFITTING: "error rate rose from its best: train fewer epochs (stop where it stopped improving)",
     CONVERGED: "error rate and validation loss have flattened: the epoch count is about right",
-    UNDERFIT: "training loss stays above validation loss and the error rate has stalled: "
+    UNDERFIT: "training loss stays high, above validation loss, and the error rate has stalled: "
               "raise the learning rate or the epoch count",
     DIVERGED: "the loss blew up or the model never learned: lower the learning rate",
 }
@@ -262,9 +263,13 @@ def analyse_history(history: Sequence[Any], *, n_valid: int | None = None, n_cla
         return verdict(STILL_IMPROVING, f"the error rate was still falling at the last epoch ({final:.2%}, down "
                                         f"{trend_drop * 100:.2f} points over the last {min(n, TREND_EPOCHS)} epochs)"
                                         if n > 1 else "one epoch: no trend yet", longer)
-    if gap[-1] < 0:
+    # train loss above valid loss alone is common on healthy runs: fastai's head has dropout
+    # and the train loss is averaged over an epoch of a falling curve. Underfit also means
+    # the model has not fit its training data: the loss is still above half its first epoch's.
+    if gap[-1] < 0 and n >= 2 and train[-1] > UNFIT_SHARE * train[0]:
         return verdict(UNDERFIT, f"training loss {train[-1]:.3g} is above validation loss {valid[-1]:.3g} "
-                                 f"and the error rate has stopped improving", longer)
+                                 f"and above half its first epoch's ({train[0]:.3g}), and the error rate has "
+                                 "stopped improving", longer)
     return verdict(CONVERGED, f"error rate within noise of its best ({best:.2%}) since epoch {settled + 1}",
                    settled + 1)
 
