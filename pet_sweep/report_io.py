@@ -39,7 +39,6 @@ def open_existing_study(exp: Experiment) -> Any:
     from pet_sweep.study import open_study, quiet_optuna
 
     quiet_optuna()
-    require_sqlite_file(exp.storage_url, "Optuna storage", f"run `pet-sweep run {exp.name}` first")
     return open_study(exp, create=False)
 
 

@@ -129,6 +129,14 @@ def redact_url_in(text: str, url: str) -> str:
     return text.replace(password, "***") if password else text
 
 
+def missing_store_file(url: str) -> Path | None:
+    """The file of a sqlite or journal storage URL when it does not exist (opening it would create it)."""
+    from pet_sweep.tracking import sqlite_path
+
+    path = Path(url[len(JOURNAL_PREFIX):]) if url.startswith(JOURNAL_PREFIX) else sqlite_path(url)
+    return path if path is not None and not path.is_file() else None
+
+
 def sampler_seed(seed: int | None, worker: int = 0, existing: int = 0) -> int | None:
     """The seed of one worker's sampler: `seed` itself for a new study's first worker.
 
@@ -171,7 +179,15 @@ def make_pruner(exp: Experiment) -> optuna.pruners.BasePruner:
 
 def open_study(exp: Experiment, *, create: bool = True, worker: int = 0,
                on_stale: StaleTrialHandler | None = None) -> optuna.Study:
-    """Create the experiment's study, or load it to resume (same name = same study)."""
+    """Create the experiment's study, or load it to resume (same name = same study).
+
+    With ``create=False`` (report, export, bench) nothing is created: a sqlite or
+    journal file that does not exist is an error, not a new empty store.
+    """
+    if not create:
+        missing = missing_store_file(exp.storage_url)
+        if missing is not None:
+            raise StudyError(f"no Optuna storage at {missing}; run `pet-sweep run {exp.name}` first")
     storage = make_storage(exp.storage_url, exp.config.faults, on_stale)
     if not create:
         try:

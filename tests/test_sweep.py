@@ -186,3 +186,14 @@ def test_a_resumed_study_draws_new_parameters(write_experiments) -> None:
     assert resumed.ask().suggest_float("base_lr", 1e-4, 1e-1, log=True) != drawn
     assert sampler_seed(0) == 0 and sampler_seed(None, 2, 5) is None
     assert sampler_seed(0, 0, 1) == sampler_seed(0, 0, 1) != sampler_seed(0, 1, 0)
+
+
+def test_opening_a_missing_study_creates_no_store(write_experiments, tmp_path: Path) -> None:
+    from pet_sweep.errors import StudyError
+    from pet_sweep.study import open_study
+
+    exp = load_experiment(write_experiments())
+    for url in (exp.storage_url, f"journal:///{tmp_path}/journal/optuna.log"):
+        with pytest.raises(StudyError, match="no Optuna storage at .*run `pet-sweep run tiny` first"):
+            open_study(exp.with_overrides(storage=url), create=False)
+    assert not (tmp_path / "stores").exists() and not (tmp_path / "journal").exists()
