@@ -20,7 +20,7 @@ from pet_sweep.config import Experiment
 from pet_sweep.errors import StudyError
 from pet_sweep.report import HeldOut, StudyReport, TrialRecord, build_report, completed, html, markdown
 from pet_sweep.space import Range
-from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, redact_url
+from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, redact_url, sqlite_path
 
 REPLAY_ROLE = "replay"              # tag pet_sweep.role of a `pet-sweep train` run
 REPLAY_OF_TAG = "pet_sweep.replay_of"
@@ -29,9 +29,9 @@ TEST_METRIC, N_TEST_METRIC, VALID_METRIC = "test_error_rate", "n_test", "valid_e
 
 def require_sqlite_file(url: str, what: str, hint: str) -> None:
     """Refuse a ``sqlite:///`` URL whose file does not exist (opening it would create an empty store)."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and ":memory:" not in url and not Path(url[len(prefix):]).is_file():
-        raise StudyError(f"no {what} at {url[len(prefix):]}; {hint}")
+    db = sqlite_path(url)
+    if db is not None and not db.is_file():
+        raise StudyError(f"no {what} at {db}; {hint}")
 
 
 def open_existing_study(exp: Experiment) -> Any:
