@@ -1,8 +1,10 @@
 """DataLoaders for the three data sets: digits (embedded), pets (Oxford-IIIT Pet), folder.
 
 Knows nothing of Optuna or MLflow. A process builds its DataLoaders once and every
-trial of that process reuses them; with ``cache`` on (the default for digits) the
-decoded images stay in memory, so no trial decodes a file twice.
+trial of that process reuses them. With ``cache`` on (the default for digits) no
+file is decoded twice: without augmentation each image is kept as the tensor the
+model sees (decoded, resized, uint8), so an epoch only looks items up; with
+augmentation the decoded images are kept and the random transforms still run.
 """
 
 from __future__ import annotations
@@ -176,6 +178,34 @@ class ImageCache:
         return len(self._images)
 
 
+class TensorCache:
+    """Path -> the image as the model sees it (decoded, resized, uint8 C x H x W), made once per process.
+
+    The resize is fastai's own `Resize` as it treats the validation set (centre
+    crop), so training images get the same crop every epoch. For square images
+    (digits) that is exactly what the per-item `Resize` gives, pixel for pixel.
+    """
+
+    def __init__(self, size: int) -> None:
+        from fastai.data.transforms import ToTensor
+        from fastai.vision.augment import Resize
+
+        self._resize, self._to_tensor = Resize(size), ToTensor()
+        self._tensors: dict[Path, Any] = {}
+
+    def __call__(self, path: Path) -> Any:
+        tensor = self._tensors.get(path)
+        if tensor is None:
+            from fastai.vision.core import PILImage
+
+            image = self._resize(PILImage.create(path), split_idx=1)
+            tensor = self._tensors[path] = self._to_tensor(image)
+        return tensor
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 @dataclass(frozen=True)
 class DataBundle:
     """What a worker builds once and every trial reuses."""
@@ -192,8 +222,8 @@ class DataBundle:
 
 def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = None) -> DataBundle:
     """Build the experiment's DataLoaders (train + valid); the test split is kept aside."""
-    from fastai.data.block import CategoryBlock, DataBlock
-    from fastai.data.transforms import IndexSplitter
+    from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
+    from fastai.data.transforms import IndexSplitter, IntToFloatTensor
     from fastai.vision.augment import Resize, aug_transforms
     from fastai.vision.data import ImageBlock
 
@@ -212,17 +242,19 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
     cache = data.cache if data.cache is not None else data.source == "digits"
     num_workers = data.num_workers if data.num_workers is not None else (0 if cache else min(8, os.cpu_count() or 1))
 
+    x_block, get_x, item_tfms, batch_tfms = ImageBlock, None, [Resize(model.img_size)], None
     if data.augment:
         item_tfms = [Resize(data.item_size or int(model.img_size * 460 / 224))]
         batch_tfms = aug_transforms(size=model.img_size, min_scale=0.75, do_flip=data.flip)
-    else:
-        item_tfms = [Resize(model.img_size)]
-        batch_tfms = None
+        get_x = ImageCache() if cache else None
+    elif cache:
+        # nothing random is left per item: keep each image as the model's input tensor
+        x_block, item_tfms = TransformBlock(type_tfms=TensorCache(model.img_size), batch_tfms=IntToFloatTensor), None
     train_valid = list(splits.train) + list(splits.valid)
     valid_idx = list(range(len(splits.train), len(train_valid)))
     block = DataBlock(
-        blocks=(ImageBlock, CategoryBlock),
-        get_x=ImageCache() if cache else None,
+        blocks=(x_block, CategoryBlock),
+        get_x=get_x,
         get_y=label,
         splitter=IndexSplitter(valid_idx),
         item_tfms=item_tfms,

@@ -46,6 +46,40 @@ def test_digits_dataloaders_keep_test_aside(write_experiments) -> None:
     assert not valid_names & {p.name for p in data.splits.test}
 
 
+def test_cached_digits_are_decoded_and_resized_once_as_fastai_would(write_experiments, monkeypatch) -> None:
+    from fastai.data.transforms import ToTensor
+    from fastai.vision.augment import Resize
+    from fastai.vision.core import PILImage
+
+    create = PILImage.create.__func__
+    opened: list[Path] = []
+
+    def counting_create(cls, fn, **kwargs):
+        opened.append(Path(fn))
+        return create(cls, fn, **kwargs)
+
+    monkeypatch.setattr(PILImage, "create", classmethod(counting_create))
+    exp = load_experiment(write_experiments())
+    data = build_data(exp)
+    for _ in range(2):  # two epochs of both loaders
+        for loader in (data.dls.train, data.dls.valid):
+            for _batch in loader:
+                pass
+    items = set(data.splits.train) | set(data.splits.valid)
+    # the training loader drops its last partial batch, so a few training items may be unseen yet
+    assert len(opened) == len(set(opened)) and items - set(data.splits.train) <= set(opened) <= items
+    assert len(opened) >= len(items) - exp.config.model.batch_size
+    assert [type(t).__name__ for t in data.dls.train.after_item.fs] == ["ToTensor"]  # no Resize per item
+    # what the model sees is what fastai's per-item Resize gives a training item
+    sample = sorted(data.splits.train)[:3]
+    cached = data.dls.train_ds.tls[0].tfms
+    per_item = [ToTensor()(Resize(16)(create(PILImage, p), split_idx=0)) for p in sample]
+    for path, expected in zip(sample, per_item):
+        assert cached(path).dtype == expected.dtype and bool((cached(path) == expected).all())
+    xb, _ = data.dls.one_batch()
+    assert xb.dtype.is_floating_point and 0.0 <= float(xb.min()) and float(xb.max()) <= 1.0
+
+
 def _pets_folder(root: Path, breeds: dict[str, int]) -> Path:
     images = root / "images"
     images.mkdir(parents=True)
