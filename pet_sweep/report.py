@@ -430,6 +430,29 @@ def comparisons_for(best: TrialRecord, done: Sequence[TrialRecord]) -> list[Comp
     return out
 
 
+def trial_cost(row: Mapping[str, Any]) -> tuple[float, str]:
+    """What a trial cost: its wall time where recorded, else its epochs (frozen + unfrozen)."""
+    seconds = row.get("seconds")
+    if seconds is not None and math.isfinite(seconds) and seconds > 0:
+        return float(seconds), f"{seconds:.0f}s"
+    epochs = float((row.get("freeze_epochs") or 0) + (row.get("epochs") or 0))
+    return epochs, f"{epochs:.0f} epochs"
+
+
+def tie_advice(best: int, rivals: Sequence[int], frame: pd.DataFrame) -> str:
+    """Two configs within noise are a tie: point at the cheaper one, naming it, or say the best is it."""
+    rows = frame.set_index("number")
+    costs = {n: trial_cost(rows.loc[n].to_dict()) for n in (best, *rivals)}
+    names = ", ".join(f"trial {n} ({costs[n][1]})" for n in rivals)
+    head = f"the best trial ({costs[best][1]}) is within noise of {names}"
+    # a tenth cheaper at least: wall times of equal configs differ by a few per cent
+    cheaper = sorted((n for n in rivals if costs[n][0] < 0.9 * costs[best][0]), key=lambda n: costs[n][0])
+    if cheaper:
+        return (f"{head}: prefer the cheaper trial {cheaper[0]} (pet-sweep export --trial {cheaper[0]}), "
+                "or validate on more items before choosing")
+    return f"{head}: it costs no more than they do, so keep it; validate on more items to separate them"
+
+
 def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, comparisons: Sequence[Comparison],
                verdict_counts: Mapping[str, int], frame: pd.DataFrame,
                bounds: Mapping[str, tuple[float, float]], heldout: HeldOut | None) -> list[str]:
@@ -459,9 +482,8 @@ def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, compari
             steps.append(f"best {name}={value:.3g} is at the bottom of its range [{low:.3g}, {high:.3g}]: widen it")
     close = [c for c in comparisons if c.verdict == "within noise"]
     if close:
-        names = ", ".join(f"trial {c.other_trial}" for c in close)
-        steps.append(f"the best trial is within noise of {names}: prefer the cheaper one, "
-                     "or validate on more items before choosing")
+        # the runner-up can also be the best of another architecture: name each trial once
+        steps.append(tie_advice(report_best.number, list(dict.fromkeys(c.other_trial for c in close)), frame))
     if verdict_counts.get(DIVERGED):
         div = frame[frame["verdict"] == DIVERGED]
         steps.append(f"{verdict_counts[DIVERGED]} trial(s) diverged (lowest lr_hi {div['lr_hi'].min():.2g}, "

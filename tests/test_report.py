@@ -7,6 +7,7 @@ import subprocess
 import sys
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from pet_sweep import report as rp
@@ -151,7 +152,7 @@ def test_format_rate() -> None:
 
 
 def record(number: int, arch: str, errors: list[float], *, state: str = "COMPLETE", wrong: int | None = None,
-           lr: float = 1e-3, epochs: int | None = None) -> rp.TrialRecord:
+           lr: float = 1e-3, epochs: int | None = None, seconds: float = 10.0) -> rp.TrialRecord:
     n = 100
     targets = tuple(i % 10 for i in range(n))
     k = wrong if wrong is not None else round(errors[-1] * n)
@@ -162,7 +163,7 @@ def record(number: int, arch: str, errors: list[float], *, state: str = "COMPLET
         params={"arch": arch, "base_lr": lr, "lr_lo": lr / 10, "lr_hi": lr, "freeze_epochs": 0,
                 "epochs": epochs or len(errors)},
         history=tuple(h), value=errors[-1] if state == "COMPLETE" else None,
-        preds=preds if state == "COMPLETE" else (), targets=targets if state == "COMPLETE" else (), seconds=10.0)
+        preds=preds if state == "COMPLETE" else (), targets=targets if state == "COMPLETE" else (), seconds=seconds)
 
 
 def test_build_report_ranks_compares_and_advises() -> None:
@@ -192,6 +193,24 @@ def test_build_report_ranks_compares_and_advises() -> None:
     assert "![Loss curves" in md and "| number | state |" in md
     page = rp.html(rep, {"loss_curves": b"\x89PNG fake"})
     assert "data:image/png;base64,iVBORyBmYWtl" in page and page.startswith("<!doctype html>")
+
+
+def test_a_tie_points_at_the_cheaper_trial_only_when_there_is_one() -> None:
+    def advice(best_seconds: float, rival_seconds: float) -> str:
+        records = [record(0, "resnet34", [0.3, 0.1, 0.05], seconds=best_seconds),
+                   record(1, "resnet18", [0.3, 0.1, 0.06], seconds=rival_seconds)]
+        rep = rp.build_report(records, experiment="e", study_name="s")
+        assert rep.best.number == 0 and rep.comparisons[0].verdict == "within noise"
+        return next(step for step in rep.next_steps if "within noise" in step)
+
+    assert advice(60.0, 30.0) == ("the best trial (60s) is within noise of trial 1 (30s): prefer the cheaper "
+                                  "trial 1 (pet-sweep export --trial 1), or validate on more items before choosing")
+    assert "keep it" in advice(30.0, 60.0) and "prefer" not in advice(30.0, 60.0)
+    assert "keep it" in advice(30.0, 29.0)  # a few per cent is timing noise, not a cheaper config
+    # no wall time recorded (an imported study): epochs stand in for the cost
+    frame = pd.DataFrame([{"number": 0, "seconds": 0.0, "freeze_epochs": 1, "epochs": 8},
+                          {"number": 1, "seconds": 0.0, "freeze_epochs": 0, "epochs": 4}])
+    assert "trial 1 (4 epochs): prefer the cheaper trial 1" in rp.tie_advice(0, [1], frame)
 
 
 def test_edge_of_range_and_heldout_are_reported() -> None:
