@@ -12,8 +12,10 @@ or a journal file). What pet-sweep adds is the budget and the supervision:
   count survives a dead worker: a trial whose worker was killed and which
   Optuna retried (`RetryHeartbeatStaleTrialCallback` marks the copy with the
   system attr ``failed_trial``) uses no second slot. Invocations on other
-  machines have their own ids and their own budgets (`budget.max_trials` caps
-  the whole study).
+  machines have their own ids and their own budgets; `budget.max_trials` caps
+  the whole study, counting the trials running anywhere, so machines do not all
+  start one more when the cap is near (only two that check within the same
+  instant can both start the last one).
 * **Supervisor.** Starts the workers (`python -m pet_sweep run ... --worker`),
   one GPU each via ``CUDA_VISIBLE_DEVICES`` (CPU cores split between them
   otherwise), prints their trial lines with a worker prefix, forwards Ctrl-C /
@@ -94,9 +96,14 @@ class Budget:
     def next_step(self, study: optuna.Study) -> Literal["run", "wait", "stop"]:
         """What a free worker does now (call it holding the claim lock)."""
         trials = study.get_trials(deepcopy=False)
-        if self.max_trials is not None and sum(
-                t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) >= self.max_trials:
-            return "stop"
+        if self.max_trials is not None:
+            finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+            if finished >= self.max_trials:
+                return "stop"
+            if finished + sum(t.state == TrialState.RUNNING for t in trials) >= self.max_trials:
+                # the rest of the cap is running (on this machine or another): start none beyond it,
+                # but stay while they run, to retry one whose worker dies
+                return "wait" if self.heartbeats else "stop"
         if any(t.state == TrialState.WAITING for t in trials):
             return "run"  # a retry (or an enqueued trial): optimize pops it first, no new slot
         if self.used(trials) < self.n_trials:

@@ -40,6 +40,21 @@ def test_budget_counts_slots_not_retries() -> None:
     assert Budget(role, n_trials=5, max_trials=2).next_step(study) == "stop"  # the study-wide cap
 
 
+def test_max_trials_counts_trials_running_on_other_machines() -> None:
+    import optuna
+
+    study = optuna.create_study()
+    study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.1, user_attrs={INVOCATION_ATTR: "a"}))
+    study.add_trial(optuna.create_trial(state=TrialState.RUNNING, user_attrs={INVOCATION_ATTR: "b"}))
+    study.add_trial(optuna.create_trial(state=TrialState.WAITING))  # enqueued: would run if the cap allowed
+    mine = WorkerRole("c")
+    # one finished + one running elsewhere fill a cap of 2: start nothing, stay in case that worker dies
+    assert Budget(mine, n_trials=5, max_trials=2).next_step(study) == "wait"
+    assert Budget(mine, n_trials=5, max_trials=2, heartbeats=False).next_step(study) == "stop"
+    assert Budget(mine, n_trials=5, max_trials=3).next_step(study) == "run"
+    assert Budget(mine, n_trials=5, max_trials=1).next_step(study) == "stop"
+
+
 def test_worker_role_round_trips_and_gpus_are_assigned(monkeypatch: pytest.MonkeyPatch) -> None:
     role = WorkerRole("abc", 1, 2, "run123", 4)
     assert WorkerRole.decode(role.encode()) == role
