@@ -501,8 +501,12 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     started = time.monotonic()
     status = "FAILED"
     try:
-        # anchored spaces: the LR finder once per (arch, phase) for the study, before any trial
-        objective.anchors = lrfind.study_anchors(study, exp, data, tracker=tracker, parent_run_id=parent, echo=echo)
+        # anchored spaces: the LR finder once per (arch, phase) for the study, before any trial.
+        # Under the claim lock, so of the workers starting together on one machine the first
+        # runs it and stores it in the study, and the others read it back when it is their turn.
+        with budget.claim():
+            objective.anchors = lrfind.study_anchors(study, exp, data, tracker=tracker, parent_run_id=parent,
+                                                     echo=echo)
         freeze_long_lived_objects()
         while budget_cfg.timeout is None or time.monotonic() - started < budget_cfg.timeout:
             with budget.claim() as claim:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import math
 import struct
 from pathlib import Path
@@ -15,6 +16,7 @@ from optuna.trial import FixedTrial
 from pet_sweep.config import load_experiment
 from pet_sweep.errors import ConfigError, LRFindError
 from pet_sweep.space import Anchored, anchor_params, check_anchors, parse_space, suggest
+from pet_sweep.workers import WorkerRole
 
 ANCHORED_SPACE: dict[str, Any] = {
     "arch": "resnet18",
@@ -249,15 +251,21 @@ def test_anchored_sweep_runs_the_finder_once_per_arch_and_phase(
     calls: list[tuple[str, tuple[str, ...]]] = []
     real_find = lrfind.find_lrs
 
+    role = WorkerRole("finder-lock-test")
+
     def counted(dls: Any, arch: str, *args: Any, phases: Any, **kwargs: Any) -> Any:
         calls.append((arch, tuple(phases)))
+        # the finder runs holding this machine's claim lock: a worker started beside this
+        # one waits for it, then finds the anchors stored instead of running the finder again
+        with open(role.lock_path, "a+") as other_worker, pytest.raises(BlockingIOError):
+            fcntl.flock(other_worker, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return real_find(dls, arch, *args, phases=phases, **kwargs)
 
     monkeypatch.setattr(lrfind, "find_lrs", counted)
     path = write_experiments(space=ANCHORED_SPACE, budget={"n_trials": 1}, lr_find=True)
     exp = load_experiment(path)
     lines: list[str] = []
-    run_sweep(exp, echo=lines.append)
+    run_sweep(exp, echo=lines.append, role=role)
     assert calls == [("resnet18", ("frozen", "unfrozen"))]
     # a second process: a fresh Study object on the same sqlite storage reuses the stored anchors
     run_sweep(load_experiment(path), echo=lines.append)
