@@ -107,6 +107,7 @@ class FaultsConfig(_Strict):
     heartbeat_interval: int = Field(30, ge=1)   # seconds between a running trial's heartbeats
     grace_period: int = Field(120, ge=1)        # a trial silent this long is failed and retried
     max_retry: int = Field(3, ge=0)             # retries of a trial whose worker died
+    oom_retries: int = Field(1, ge=0)           # re-queue an out-of-memory trial at half its batch size, this often
 
     @model_validator(mode="after")
     def _check(self) -> "FaultsConfig":

@@ -27,7 +27,7 @@ from pet_sweep.config import JOURNAL_PREFIX, Experiment, FaultsConfig
 from pet_sweep.errors import StudyError, TrainingDiverged, TrialFailed
 from pet_sweep.space import Anchors, TrialParams, anchor_params, suggest
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, redact_url
-from pet_sweep.workers import INVOCATION_ATTR, RETRY_OF, Budget, Claim, WorkerRole
+from pet_sweep.workers import INVOCATION_ATTR, OOM_RETRY_OF, RETRY_OF, Budget, Claim, WorkerRole
 
 # Trial user attributes pet-sweep writes (the report reads them back).
 PARAMS_ATTR = "params"            # the full TrialParams, fixed values included
@@ -37,6 +37,7 @@ PREDS_ATTR = "valid_preds"        # predicted class per validation item (last ep
 TARGETS_ATTR = "valid_targets"
 REASON_ATTR = "reason"            # why a trial was pruned or failed
 WORKER_ATTR = "worker"            # host:pid of the process that ran the trial
+BATCH_ATTR = "batch_size"         # set on a trial re-queued after an out-of-memory: the halved batch size
 
 STALE_REASON = "its worker stopped sending heartbeats (killed or lost)"
 
@@ -222,13 +223,19 @@ def sweep_settings(exp: Experiment) -> dict[str, Any]:
     }
 
 
-def trial_config(exp: Experiment, params: TrialParams) -> dict[str, Any]:
-    """A trial's complete configuration (what `export` writes and `train` replays)."""
+def trial_config(exp: Experiment, params: TrialParams, batch_size: int | None = None) -> dict[str, Any]:
+    """A trial's complete configuration (what `export` writes and `train` replays).
+
+    `batch_size`: the one the trial really ran with, where an out-of-memory retry halved it.
+    """
     cfg = exp.config
+    model = cfg.model.model_dump(exclude_none=True)
+    if batch_size is not None:
+        model["batch_size"] = int(batch_size)
     return {
         "experiment": exp.name,
         "data": cfg.data.model_dump(exclude_none=True),
-        "model": cfg.model.model_dump(exclude_none=True),
+        "model": model,
         "params": params.as_dict(),
         "seed": cfg.seed,
     }
@@ -255,6 +262,8 @@ class TrialOutcome:
     seconds: float
     reason: str = ""
     retry_of: int | None = None  # the trial of a dead worker this one re-ran
+    oom_retry_of: int | None = None  # the trial that ran out of memory at twice this one's batch size
+    batch_size: int | None = None    # set where an out-of-memory retry changed it
 
 
 @dataclass
@@ -308,6 +317,17 @@ class Objective:
         self.anchors = anchors or {}  # LR-finder suggestions of an anchored space (lrfind.study_anchors)
         # called first thing in every trial: the sweep loop takes the budget slot there
         self.on_start: Callable[[optuna.Trial], None] | None = None
+        self._loaders = {exp.config.model.batch_size: data.dls}  # batch size -> DataLoaders
+
+    def loaders(self, batch_size: int) -> Any:
+        """The worker's DataLoaders at another batch size (an out-of-memory retry), made once."""
+        if batch_size not in self._loaders:
+            from fastai.data.core import DataLoaders
+
+            dls = self.data.dls
+            self._loaders[batch_size] = DataLoaders(*(dl.new(bs=batch_size) for dl in dls.loaders),
+                                                    path=dls.path, device=dls.device)
+        return self._loaders[batch_size]
 
     def __call__(self, trial: optuna.Trial) -> float:
         from pet_sweep import lrfind, recipe
@@ -316,14 +336,17 @@ class Objective:
             self.on_start(trial)
         exp, model = self.exp, self.exp.config.model
         params = suggest(exp.space, trial, self.anchors)
-        precision = recipe.precision_for(model.precision, self.data.dls.device)
+        batch_size = int(trial.user_attrs.get(BATCH_ATTR, model.batch_size))
+        dls = self.loaders(batch_size)
+        precision = recipe.precision_for(model.precision, dls.device)
         trial.set_user_attr(PARAMS_ATTR, params.as_dict())
         trial.set_user_attr(PRECISION_ATTR, precision)
+        retry = {OOM_RETRY_OF: trial.user_attrs[OOM_RETRY_OF]} if OOM_RETRY_OF in trial.user_attrs else {}
         run_id = self.tracker.start_trial(
             self.parent_run_id, exp.study_name, trial.number,
             {**params.as_dict(), "precision": precision, "img_size": model.img_size,
-             "batch_size": model.batch_size, "pretrained": model.pretrained, "seed": exp.config.seed,
-             "device": str(self.data.dls.device), **anchor_params(exp.space, params, self.anchors)},
+             "batch_size": batch_size, "pretrained": model.pretrained, "seed": exp.config.seed,
+             "device": str(dls.device), **retry, **anchor_params(exp.space, params, self.anchors)},
             tags={"arch": params.arch})
         trial.set_user_attr(RUN_ID_ATTR, run_id)
         for listener in self.trial_listeners:
@@ -343,14 +366,14 @@ class Objective:
             if reason:
                 trial.set_user_attr(REASON_ATTR, reason)
             with tempfile.TemporaryDirectory() as tmp:
-                artifacts = self._artifacts(Path(tmp), params, history, trial.number)
+                artifacts = self._artifacts(Path(tmp), params, history, trial.number, batch_size)
                 self.tracker.finish_trial(run_id, state, metrics or {},
                                           {"reason": reason} if reason else {}, artifacts)
 
         started = time.perf_counter()
         oom, reason = False, ""
         try:
-            result = recipe.fine_tune(self.data.dls, params, model, seed=exp.config.seed,
+            result = recipe.fine_tune(dls, params, model, seed=exp.config.seed,
                                       listeners=[self.tracker.epoch_logger(run_id), report],
                                       lr_find=lrfind.trial_finder(self.tracker, run_id) if exp.config.lr_find else None)
         except optuna.TrialPruned as err:
@@ -375,6 +398,7 @@ class Objective:
             raise
         if oom:
             release_cuda_memory()
+            reason += self._requeue_smaller(trial, batch_size)
             close("FAIL", reason)
             raise TrialFailed(reason)
         trial.set_user_attr(PREDS_ATTR, result.valid_preds)
@@ -384,11 +408,31 @@ class Objective:
                                    "duration_s": time.perf_counter() - started})
         return result.error_rate
 
-    def _artifacts(self, folder: Path, params: TrialParams, history: list[EpochRecord], number: int) -> list[Path]:
+    def _requeue_smaller(self, trial: optuna.Trial, batch_size: int) -> str:
+        """Queue the same parameters at half the batch size, `faults.oom_retries` halvings at most.
+
+        Returns what to add to the failed trial's reason. The retry is a new trial
+        (Optuna's own queue: `enqueue_trial`), so the failed attempt's epochs never mix
+        with its own; it uses no second slot of the budget.
+        """
+        allowed = self.exp.config.faults.oom_retries
+        halvings = (self.exp.config.model.batch_size // batch_size).bit_length() - 1
+        smaller = batch_size // 2
+        if allowed == 0:
+            return ""
+        if halvings >= allowed:
+            return f" (not re-queued: halved {halvings} time(s) already, faults.oom_retries is {allowed})"
+        if smaller < 2:  # batch norm needs two items a batch
+            return f" (not re-queued: batch_size {batch_size} cannot be halved)"
+        trial.study.enqueue_trial(dict(trial.params), user_attrs={BATCH_ATTR: smaller, OOM_RETRY_OF: trial.number})
+        return f"; re-queued at batch_size {smaller}"
+
+    def _artifacts(self, folder: Path, params: TrialParams, history: list[EpochRecord], number: int,
+                   batch_size: int) -> list[Path]:
         from pet_sweep.plots import loss_curve
 
         config = folder / "trial_config.yaml"
-        config.write_text(yaml.safe_dump(trial_config(self.exp, params), sort_keys=False))
+        config.write_text(yaml.safe_dump(trial_config(self.exp, params, batch_size), sort_keys=False))
         paths = [config]
         if history:
             paths.append(loss_curve(history, folder / "loss_curve.png",
@@ -404,7 +448,8 @@ def describe_trial(trial: FrozenTrial) -> TrialOutcome:
         trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
     retry_of = trial.system_attrs.get(RETRY_OF)
     return TrialOutcome(trial.number, trial.state.name, value, params, seconds,
-                        str(trial.user_attrs.get(REASON_ATTR, "")), retry_of)
+                        str(trial.user_attrs.get(REASON_ATTR, "")), retry_of,
+                        trial.user_attrs.get(OOM_RETRY_OF), trial.user_attrs.get(BATCH_ATTR))
 
 
 def format_trial(outcome: TrialOutcome, best: tuple[float, int] | None) -> str:
@@ -417,6 +462,8 @@ def format_trial(outcome: TrialOutcome, best: tuple[float, int] | None) -> str:
         line += f"  best={best[0]:.4f} (trial {best[1]})"
     if outcome.retry_of is not None:
         line += f"  [retry of trial {outcome.retry_of}]"
+    if outcome.oom_retry_of is not None:
+        line += f"  [batch_size {outcome.batch_size}: trial {outcome.oom_retry_of} ran out of memory]"
     if outcome.reason and outcome.state != "COMPLETE":
         line += f"\n            reason: {outcome.reason}"
     return line

@@ -11,7 +11,8 @@ or a journal file). What pet-sweep adds is the budget and the supervision:
   one machine. The slots used are the invocation's trials in the storage, so the
   count survives a dead worker: a trial whose worker was killed and which
   Optuna retried (`RetryHeartbeatStaleTrialCallback` marks the copy with the
-  system attr ``failed_trial``) uses no second slot. Invocations on other
+  system attr ``failed_trial``) uses no second slot, nor does a trial re-queued
+  at half the batch size after running out of memory. Invocations on other
   machines have their own ids and their own budgets; `budget.max_trials` caps
   the whole study, counting the trials running anywhere, so machines do not all
   start one more when the cap is near (only two that check within the same
@@ -43,6 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 # Trial user attribute: the invocation (one `pet-sweep run`) whose budget the trial used.
 INVOCATION_ATTR = "pet_sweep_invocation"
 RETRY_OF = "failed_trial"  # system attr RetryHeartbeatStaleTrialCallback sets on a retry
+OOM_RETRY_OF = "oom_retry_of"  # user attr of a trial re-queued at half the batch size after an out-of-memory
 WORKER_ENV = "PET_SWEEP_WORKER"
 
 
@@ -73,7 +75,8 @@ class WorkerRole:
 
 
 def is_retry(trial: FrozenTrial) -> bool:
-    return RETRY_OF in trial.system_attrs
+    """A second go at a trial that already used a slot: its worker died, or it ran out of memory."""
+    return RETRY_OF in trial.system_attrs or OOM_RETRY_OF in trial.user_attrs
 
 
 class Budget:

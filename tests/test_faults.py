@@ -105,7 +105,8 @@ def test_out_of_memory_fails_the_trial_and_the_sweep_goes_on(write_experiments: 
     import torch
 
     quiet_optuna()
-    exp = load_experiment(write_experiments(space=RANDOM_SPACE, data=FAST_DATA, budget={"n_trials": 2}))
+    exp = load_experiment(write_experiments(space=RANDOM_SPACE, data=FAST_DATA, budget={"n_trials": 2},
+                                            faults={"oom_retries": 0}))
 
     def first_trial_runs_out_of_memory(number: int, record: object) -> None:
         if number == 0:  # what a too-deep model or too-large batch raises on a GPU
@@ -120,6 +121,51 @@ def test_out_of_memory_fails_the_trial_and_the_sweep_goes_on(write_experiments: 
     assert runs[0].info.status == "FAILED" and runs[0].data.tags["reason"].startswith("out of memory")
     assert runs[1].info.status == "FINISHED"
     assert "reason: out of memory" in "\n".join(lines)
+
+
+def test_out_of_memory_is_retried_once_at_half_the_batch_size(write_experiments: Callable[..., Path],
+                                                               monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import torch
+    import yaml
+
+    from pet_sweep import recipe
+    from pet_sweep.replay import export_config
+
+    quiet_optuna()
+    real_fine_tune, seen = recipe.fine_tune, []
+    fits = {"limit": 16}
+
+    def fine_tune_on_a_small_gpu(dls, params, model, **kwargs):  # noqa: ANN001, ANN202 - test double
+        seen.append(dls.train.bs)
+        if dls.train.bs > fits["limit"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_fine_tune(dls, params, model, **kwargs)
+
+    monkeypatch.setattr(recipe, "fine_tune", fine_tune_on_a_small_gpu)
+    exp = load_experiment(write_experiments(space=RANDOM_SPACE, data=FAST_DATA, budget={"n_trials": 1}))
+    assert exp.config.model.batch_size == 32 and exp.config.faults.oom_retries == 1
+    lines: list[str] = []
+    run_sweep(exp, echo=lines.append)
+    failed, retry = load(exp.storage_url, exp.study_name).get_trials()  # the retry used no second slot
+    assert seen == [32, 16]
+    assert failed.state == TrialState.FAIL and failed.user_attrs["reason"].endswith("; re-queued at batch_size 16")
+    assert retry.state == TrialState.COMPLETE and retry.params == failed.params
+    assert retry.user_attrs["batch_size"] == 16 and retry.user_attrs["oom_retry_of"] == 0
+    assert "[batch_size 16: trial 0 ran out of memory]" in "\n".join(lines)
+    run = trial_runs(exp.tracking_uri, exp.tracking_experiment, exp.study_name)[1]
+    assert run.data.params["batch_size"] == "16" and run.data.params["oom_retry_of"] == "0"
+    artifact = run.info.artifact_uri.removeprefix("file://") + "/trial_config.yaml"
+    assert yaml.safe_load(Path(artifact).read_text())["model"]["batch_size"] == 16
+    doc, number = export_config(exp)
+    assert number == 1 and doc["model"]["batch_size"] == 16  # the winner replays at the size it ran
+
+    # once halved, a second out-of-memory fails for good (faults.oom_retries: 1)
+    fits["limit"], seen[:] = 8, []
+    again = exp.with_overrides(study_name="still-too-big")
+    run_sweep(again, echo=lines.append)
+    first, second = load(again.storage_url, again.study_name).get_trials()
+    assert seen == [32, 16] and first.state == second.state == TrialState.FAIL
+    assert second.user_attrs["reason"].endswith("(not re-queued: halved 1 time(s) already, faults.oom_retries is 1)")
 
 
 def _image_folder(root: Path, corrupt: int) -> Path:
