@@ -189,10 +189,12 @@ def _print_best(exp: Experiment, best: tuple[float, int] | None, where: str, qui
               help="Folder for the loss-vs-LR plots.")
 @click.option("--freeze-epochs", type=int,
               help="Frozen epochs before the unfrozen phase (default: the space's value, or its lower bound).")
+@click.option("--num-it", type=click.IntRange(min=30), default=100, show_default=True,
+              help="Mock-training steps per phase (fastai's num_it); fewer is faster and coarser.")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the experiment's `tracking.uri`).")
 @fail_clearly
 def lr_find(experiment: str | None, config_path: str, archs: tuple[str, ...], out_dir: str,
-            freeze_epochs: int | None, tracking_uri: str | None) -> None:
+            freeze_epochs: int | None, num_it: int, tracking_uri: str | None) -> None:
     """Run fastai's learning-rate finder for EXPERIMENT, frozen and then unfrozen.
 
     Prints fastai's four suggestions (minimum, steep, valley, slide) per phase, writes
@@ -208,7 +210,7 @@ def lr_find(experiment: str | None, config_path: str, archs: tuple[str, ...], ou
     click.echo(f"experiment   {exp.name}  ({exp.config_path})")
     click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'")
     findings = find_for_experiment(exp, out_dir=Path(out_dir), archs=archs, freeze_epochs=freeze_epochs,
-                                   echo=lambda line: click.echo(line))
+                                   num_it=num_it, echo=lambda line: click.echo(line))
     for found in findings:
         click.echo(f"plots        {', '.join(str(p) for p in found.plots)}")
         click.echo(f"MLflow run   lr-find-{found.arch} ({found.run_id})")

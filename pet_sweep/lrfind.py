@@ -228,7 +228,7 @@ class ArchFinding:
 
 
 def find_for_experiment(exp: Experiment, *, out_dir: Path, archs: Sequence[str] = (),
-                        freeze_epochs: int | None = None,
+                        freeze_epochs: int | None = None, num_it: int | None = None,
                         echo: Callable[[str], None] = print) -> list[ArchFinding]:
     """``pet-sweep lr-find``: both phases for each architecture (default: every one in the space)."""
     from pet_sweep.data import build_data
@@ -243,7 +243,8 @@ def find_for_experiment(exp: Experiment, *, out_dir: Path, archs: Sequence[str] 
     tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
     findings = []
     for arch in archs or exp.space.architectures:
-        results = find_lrs(data.dls, arch, exp.config.model, seed=exp.config.seed, phases=PHASES, protocol=protocol)
+        results = find_lrs(data.dls, arch, exp.config.model, seed=exp.config.seed, phases=PHASES, protocol=protocol,
+                           num_it=num_it)
         plots = [plot_phase(r, out_dir / f"lr-find-{arch}-{phase}.png") for phase, r in results.items()]
         run_id = log_finder_run(tracker, arch, results, plots, protocol=protocol, seed=exp.config.seed)
         for phase, result in results.items():

@@ -171,7 +171,7 @@ def test_cli_lr_find_prints_plots_and_logs_both_phases(write_experiments: Callab
 
     path = write_experiments()
     out = tmp_path / "plots"
-    result = CliRunner().invoke(cli, ["lr-find", "tiny", "--config", str(path), "--out", str(out)])
+    result = CliRunner().invoke(cli, ["lr-find", "tiny", "--config", str(path), "--out", str(out), "--num-it", "40"])
     assert result.exit_code == 0, result.output
     for phase in ("frozen", "unfrozen"):
         line = next(line for line in result.output.splitlines() if line.startswith(f"resnet18   {phase}"))
@@ -185,6 +185,7 @@ def test_cli_lr_find_prints_plots_and_logs_both_phases(write_experiments: Callab
     client = MlflowClient(exp.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(exp.tracking_experiment).experiment_id])
     assert run.info.run_name == "lr-find-resnet18" and run.info.status == "FINISHED"
+    assert run.data.params["num_it"] == "40"  # --num-it reached fastai's lr_find
     for phase in ("frozen", "unfrozen"):
         for method in ("minimum", "steep", "valley", "slide"):
             lr = float(run.data.params[f"{phase}.{method}"])
