@@ -9,6 +9,7 @@ Each command parses its options, calls the library, and turns a
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from typing import Any, Callable
 
@@ -128,7 +129,7 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
                             ("--study-name", study_name), ("--timeout", timeout), ("--gpus", gpus)):
             from_env = source(flag[2:].replace("-", "_")) == click.core.ParameterSource.ENVIRONMENT
             if value is not None and not from_env:
-                again += [flag, redact_url(str(value))]
+                again += [flag, f"{value:g}" if isinstance(value, float) else redact_url(str(value))]
         if workers > 1:
             again += ["--workers", str(workers)]
         again += ["--n-trials", str(max(1, budget.n_trials - finished))]
@@ -137,6 +138,7 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
     if workers > 1:
         argv = ["run", exp.name, "--config", str(exp.config_path), "--n-trials", str(budget.n_trials),
                 "--study-name", exp.study_name] + (["--timeout", str(budget.timeout)] if budget.timeout else [])
+        started = time.monotonic()
         try:
             done = supervise(exp, workers, parse_gpus(gpus), argv, echo=lambda line: click.echo(line))
         except KeyboardInterrupt:  # before the workers started
@@ -154,9 +156,12 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
             click.echo(f"retry        trial(s) {', '.join(map(str, done.orphans))} of dead workers: "
                        "failed now, queued to run again in the next `pet-sweep run`")
         _print_best(exp, done.best, where, quiet)
-        if not any(e.returncode == 0 for e in done.exits) or done.used < budget.n_trials:
+        timed_out = budget.timeout is not None and time.monotonic() - started >= budget.timeout
+        if not any(e.returncode == 0 for e in done.exits) or (done.used < budget.n_trials and not timed_out):
             click.echo(f"the workers stopped early; {hint(done.finished).split('; ', 1)[1]}", err=True)
             sys.exit(1)
+        if done.used < budget.n_trials:
+            _print_timeout(budget.timeout, done.used, budget.n_trials, hint(done.finished))
         return
     progress = Progress(budget.n_trials, level="quiet" if quiet else "verbose" if verbose else "normal",
                         timeout=budget.timeout, stream=click.get_text_stream("stdout"),
@@ -170,6 +175,15 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         sys.exit(130)
     progress.close()
     _print_best(exp, None if outcome.best_trial is None else (outcome.best_value, outcome.best_trial), where, quiet)
+    if budget.timeout is not None and len(outcome.trials) < budget.n_trials:
+        _print_timeout(budget.timeout, len(outcome.trials), budget.n_trials, hint(len(outcome.trials)))
+
+
+def _print_timeout(timeout: float | None, ran: int, n_trials: int, again: str) -> None:
+    """The time budget, not the trial budget, ended the run: say so, and how to add more."""
+    more = again.split("; ", 1)[1] if "; " in again else again
+    click.echo(f"budget       time budget reached (budget.timeout {timeout:g}s): {ran} of {n_trials} trials ran;"
+               f" {more}")
 
 
 def _print_best(exp: Experiment, best: tuple[float, int] | None, where: str, quiet: bool) -> None:

@@ -124,6 +124,14 @@ def test_resume_adds_trials_to_the_same_study(write_experiments) -> None:
     runs = client.search_runs([client.get_experiment_by_name("pet-sweep/tiny").experiment_id])
     assert sum(r.data.tags.get("pet_sweep.role") == "sweep" for r in runs) == 1  # same parent run
 
+    # a time budget ends a run before its trial budget: exit 0, and say how to add the rest
+    third = _invoke("run", "--config", str(path), "--n-trials", "3", "--timeout", "2")
+    assert third.exit_code == 0, third.output
+    ran = len(study.get_trials()) - 2
+    assert ran < 3
+    assert (f"budget       time budget reached (budget.timeout 2s): {ran} of 3 trials ran; resume with: "
+            f"pet-sweep run tiny --config {path} --timeout 2 --n-trials {3 - ran}") in third.output
+
 
 def test_diverging_trials_are_pruned_with_reason_and_the_sweep_goes_on(write_experiments) -> None:
     space = {"arch": "resnet18", "base_lr": 1.0e6, "lr_hi": 1.0e6, "lr_mult": 10, "freeze_epochs": 1,
