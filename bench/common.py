@@ -25,15 +25,35 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    gpu = ""
+    gpu = kernels = ""
     try:
         import torch
 
+        # which vector kernels torch picked (AVX2, AVX512): CPUs that print the same name differ here
+        kernels = f", torch CPU kernels {torch.backends.cpu.get_cpu_capability()}"
         if torch.cuda.is_available():
             gpu = f", GPU {torch.cuda.get_device_name(0)}"
     except ImportError:
         pass
-    return f"{os.cpu_count()} cores ({cpu}){gpu}, Python {platform.python_version()}"
+    return f"{os.cpu_count()} cores ({cpu}){kernels}{gpu}, Python {platform.python_version()}"
+
+
+def hand_written_dls(img_size: int, batch_size: int) -> Any:
+    """What a user writes by hand with fastai: a DataBlock over the digits PNGs, pet-sweep's split,
+    decoded and resized per item every epoch."""
+    from fastai.data.block import CategoryBlock, DataBlock
+    from fastai.data.transforms import IndexSplitter, RegexLabeller
+    from fastai.vision.augment import Resize
+    from fastai.vision.data import ImageBlock
+    from fastcore.xtras import using_attr
+
+    from pet_sweep.data import digits_folder, image_files, split_items
+
+    splits = split_items(image_files(digits_folder()), 0.2, 0.1, 42)
+    items = list(splits.train) + list(splits.valid)
+    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_y=using_attr(RegexLabeller(r"^(\d+)_"), "name"),
+                      splitter=IndexSplitter(range(len(splits.train), len(items))), item_tfms=Resize(img_size))
+    return block.dataloaders(items, bs=batch_size, num_workers=0)
 
 
 def write_experiment(folder: Path, experiment: dict[str, Any], space: dict[str, Any], name: str = "bench") -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench.common import default_digits, machine, median, temp_dir, write_experiment
+from bench.common import default_digits, hand_written_dls, machine, median, temp_dir, write_experiment
 
 CONFIGS = [
     {"arch": "resnet18", "base_lr": 1e-2, "lr_hi": 5e-3, "lr_mult": 10.0, "freeze_epochs": 1, "epochs": 2},
@@ -53,26 +53,15 @@ def bare_fastai(img_size: int, batch_size: int, seed: int, dls: Any = None) -> f
     """
     from fastai.callback.progress import ProgressCallback  # noqa: F401 (adds no_bar)
     from fastai.callback.schedule import fit_one_cycle  # noqa: F401
-    from fastai.data.block import CategoryBlock, DataBlock
-    from fastai.data.transforms import IndexSplitter, RegexLabeller
     from fastai.metrics import error_rate
     from fastai.torch_core import set_seed
-    from fastai.vision.augment import Resize
-    from fastai.vision.data import ImageBlock
     from fastai.vision.learner import vision_learner
     from fastai.vision.models.xresnet import xresnet18
-    from fastcore.xtras import using_attr
     from torchvision.models import resnet18
-
-    from pet_sweep.data import digits_folder, image_files, split_items
 
     started = time.perf_counter()
     if dls is None:
-        splits = split_items(image_files(digits_folder()), 0.2, 0.1, 42)
-        items = list(splits.train) + list(splits.valid)
-        block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_y=using_attr(RegexLabeller(r"^(\d+)_"), "name"),
-                          splitter=IndexSplitter(range(len(splits.train), len(items))), item_tfms=Resize(img_size))
-        dls = block.dataloaders(items, bs=batch_size, num_workers=0)
+        dls = hand_written_dls(img_size, batch_size)
     archs = {"resnet18": resnet18, "xresnet18": xresnet18}
     for cfg in CONFIGS:
         set_seed(seed, reproducible=True)
