@@ -175,15 +175,16 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         sys.exit(130)
     progress.close()
     _print_best(exp, None if outcome.best_trial is None else (outcome.best_value, outcome.best_trial), where, quiet)
-    if budget.timeout is not None and len(outcome.trials) < budget.n_trials:
-        _print_timeout(budget.timeout, len(outcome.trials), budget.n_trials, hint(len(outcome.trials)))
+    if outcome.timed_out:
+        ran = sum(t.retry_of is None and t.oom_retry_of is None for t in outcome.trials)  # budget slots used
+        _print_timeout(budget.timeout, ran, budget.n_trials, hint(ran))
 
 
 def _print_timeout(timeout: float | None, ran: int, n_trials: int, again: str) -> None:
     """The time budget, not the trial budget, ended the run: say so, and how to add more."""
-    more = again.split("; ", 1)[1] if "; " in again else again
+    command = again.split("resume with: ", 1)[-1]
     click.echo(f"budget       time budget reached (budget.timeout {timeout:g}s): {ran} of {n_trials} trials ran;"
-               f" {more}")
+               f" add more with: {command} (--timeout SECONDS for a longer run)")
 
 
 def _print_best(exp: Experiment, best: tuple[float, int] | None, where: str, quiet: bool) -> None:

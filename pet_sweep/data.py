@@ -178,34 +178,6 @@ class ImageCache:
         return len(self._images)
 
 
-class TensorCache:
-    """Path -> the image as the model sees it (decoded, resized, uint8 C x H x W), made once per process.
-
-    The resize is fastai's own `Resize` as it treats the validation set (centre
-    crop), so training images get the same crop every epoch. For square images
-    (digits) that is exactly what the per-item `Resize` gives, pixel for pixel.
-    """
-
-    def __init__(self, size: int) -> None:
-        from fastai.data.transforms import ToTensor
-        from fastai.vision.augment import Resize
-
-        self._resize, self._to_tensor = Resize(size), ToTensor()
-        self._tensors: dict[Path, Any] = {}
-
-    def __call__(self, path: Path) -> Any:
-        tensor = self._tensors.get(path)
-        if tensor is None:
-            from fastai.vision.core import PILImage
-
-            image = self._resize(PILImage.create(path), split_idx=1)
-            tensor = self._tensors[path] = self._to_tensor(image)
-        return tensor
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-
 @dataclass(frozen=True)
 class DataBundle:
     """What a worker builds once and every trial reuses."""
@@ -249,7 +221,10 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
         get_x = ImageCache() if cache else None
     elif cache:
         # nothing random is left per item: keep each image as the model's input tensor
-        x_block, item_tfms = TransformBlock(type_tfms=TensorCache(model.img_size), batch_tfms=IntToFloatTensor), None
+        from pet_sweep.tensor_cache import TensorCache
+
+        cached = TensorCache(model.img_size, keep=[*splits.train, *splits.valid])
+        x_block, item_tfms = TransformBlock(type_tfms=cached, batch_tfms=IntToFloatTensor), None
     train_valid = list(splits.train) + list(splits.valid)
     valid_idx = list(range(len(splits.train), len(train_valid)))
     block = DataBlock(

@@ -430,19 +430,24 @@ def comparisons_for(best: TrialRecord, done: Sequence[TrialRecord]) -> list[Comp
     return out
 
 
-def trial_cost(row: Mapping[str, Any]) -> tuple[float, str]:
-    """What a trial cost: its wall time where recorded, else its epochs (frozen + unfrozen)."""
-    seconds = row.get("seconds")
-    if seconds is not None and math.isfinite(seconds) and seconds > 0:
-        return float(seconds), f"{seconds:.0f}s"
+def trial_cost(row: Mapping[str, Any], by_time: bool = True) -> tuple[float, str]:
+    """What a trial cost: its wall time (`by_time`), else its epochs (frozen + unfrozen)."""
+    if by_time:
+        return float(row["seconds"]), f"{row['seconds']:.0f}s"
     epochs = float((row.get("freeze_epochs") or 0) + (row.get("epochs") or 0))
     return epochs, f"{epochs:.0f} epochs"
 
 
+def _timed(row: Mapping[str, Any]) -> bool:
+    seconds = row.get("seconds")
+    return seconds is not None and math.isfinite(seconds) and seconds > 0
+
+
 def tie_advice(best: int, rivals: Sequence[int], frame: pd.DataFrame) -> str:
     """Two configs within noise are a tie: point at the cheaper one, naming it, or say the best is it."""
-    rows = frame.set_index("number")
-    costs = {n: trial_cost(rows.loc[n].to_dict()) for n in (best, *rivals)}
+    rows = {n: frame.set_index("number").loc[n].to_dict() for n in (best, *rivals)}
+    by_time = all(_timed(row) for row in rows.values())  # never seconds against epochs
+    costs = {n: trial_cost(row, by_time) for n, row in rows.items()}
     names = ", ".join(f"trial {n} ({costs[n][1]})" for n in rivals)
     head = f"the best trial ({costs[best][1]}) is within noise of {names}"
     # a tenth cheaper at least: wall times of equal configs differ by a few per cent
@@ -450,7 +455,7 @@ def tie_advice(best: int, rivals: Sequence[int], frame: pd.DataFrame) -> str:
     if cheaper:
         return (f"{head}: prefer the cheaper trial {cheaper[0]} (pet-sweep export --trial {cheaper[0]}), "
                 "or validate on more items before choosing")
-    return f"{head}: it costs no more than they do, so keep it; validate on more items to separate them"
+    return f"{head}: none is clearly cheaper (by a tenth), so keep it; validate on more items to separate them"
 
 
 def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, comparisons: Sequence[Comparison],

@@ -273,6 +273,7 @@ class SweepOutcome:
     trials: list[TrialOutcome] = field(default_factory=list)
     best_value: float | None = None
     best_trial: int | None = None
+    timed_out: bool = False  # budget.timeout, not the trial budget, ended the run
 
 
 def message_of(err: BaseException) -> str:
@@ -570,6 +571,8 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
             # turns stale after the grace period and is failed and retried here.
             time.sleep(min(faults.heartbeat_interval, 5))
             fail_stale_trials(study)
+        else:
+            outcome.timed_out = True  # the loop's condition ended it: no break
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

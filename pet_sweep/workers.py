@@ -99,18 +99,18 @@ class Budget:
     def next_step(self, study: optuna.Study) -> Literal["run", "wait", "stop"]:
         """What a free worker does now (call it holding the claim lock)."""
         trials = study.get_trials(deepcopy=False)
+        cap_full = False
         if self.max_trials is not None:
             finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
             if finished >= self.max_trials:
                 return "stop"
-            if finished + sum(t.state == TrialState.RUNNING for t in trials) >= self.max_trials:
-                # the rest of the cap is running (on this machine or another): start none beyond it,
-                # but stay while they run, to retry one whose worker dies
-                return "wait" if self.heartbeats else "stop"
-        if any(t.state == TrialState.WAITING for t in trials):
+            # the rest of the cap may be running, on this machine or another: start none beyond it
+            cap_full = finished + sum(t.state == TrialState.RUNNING for t in trials) >= self.max_trials
+        if not cap_full and any(t.state == TrialState.WAITING for t in trials):
             return "run"  # a retry (or an enqueued trial): optimize pops it first, no new slot
         if self.used(trials) < self.n_trials:
-            return "run"
+            # with the cap full, stay while those trials run, to retry one whose worker dies
+            return "wait" if cap_full and self.heartbeats else "stop" if cap_full else "run"
         mine_running = any(t.state == TrialState.RUNNING and t.user_attrs.get(INVOCATION_ATTR) == self.role.invocation
                            for t in trials)
         # Stay while another worker's trial runs: if that worker dies, its trial is

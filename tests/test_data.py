@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,8 @@ def test_cached_digits_are_decoded_and_resized_once_as_fastai_would(write_experi
     monkeypatch.setattr(PILImage, "create", classmethod(counting_create))
     exp = load_experiment(write_experiments())
     data = build_data(exp)
+    (cache,) = [f for f in data.dls.train_ds.tls[0].tfms.fs if type(f).__name__ == "TensorCache"]
+    pickled = len(pickle.dumps(cache))  # what an exported learner.pkl holds of it
     for _ in range(2):  # two epochs of both loaders
         for loader in (data.dls.train, data.dls.valid):
             for _batch in loader:
@@ -78,6 +81,12 @@ def test_cached_digits_are_decoded_and_resized_once_as_fastai_would(write_experi
         assert cached(path).dtype == expected.dtype and bool((cached(path) == expected).all())
     xb, _ = data.dls.one_batch()
     assert xb.dtype.is_floating_point and 0.0 <= float(xb.min()) and float(xb.max()) <= 1.0
+    # the cache now holds ~270 tensors of 3x16x16 bytes; a pickled copy leaves them behind
+    assert len(cache) >= len(items) - exp.config.model.batch_size
+    assert len(pickle.dumps(cache)) == pickled
+    kept = len(cache)
+    cache(sorted(data.splits.test)[0])  # a file outside the data set is not kept
+    assert len(cache) == kept
 
 
 def _pets_folder(root: Path, breeds: dict[str, int]) -> Path:

@@ -211,6 +211,9 @@ def test_a_tie_points_at_the_cheaper_trial_only_when_there_is_one() -> None:
     frame = pd.DataFrame([{"number": 0, "seconds": 0.0, "freeze_epochs": 1, "epochs": 8},
                           {"number": 1, "seconds": 0.0, "freeze_epochs": 0, "epochs": 4}])
     assert "trial 1 (4 epochs): prefer the cheaper trial 1" in rp.tie_advice(0, [1], frame)
+    # one wall time missing: epochs for both, never seconds against epochs
+    frame.loc[0, "seconds"] = 60.0
+    assert rp.tie_advice(0, [1], frame).startswith("the best trial (9 epochs) is within noise of trial 1 (4 epochs)")
 
 
 def test_edge_of_range_and_heldout_are_reported() -> None:

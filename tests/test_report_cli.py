@@ -133,6 +133,10 @@ def test_export_train_round_trip(study: Path, tmp_path: Path) -> None:
     digit = next((Path(os.environ["PET_SWEEP_CACHE"]) / "digits").glob("7_*.png"))
     predicted, _, probs = learn.predict(digit)
     assert str(predicted) in [str(v) for v in learn.dls.vocab] and len(probs) == 10
+    # a file name or an image in memory work as well as a Path, and give the same answer
+    from fastai.vision.core import PILImage
+
+    assert str(learn.predict(str(digit))[0]) == str(learn.predict(PILImage.create(digit))[0]) == str(predicted)
 
     # the report now shows the held-out test error beside the validation error
     result = invoke("report", "--config", study, "--out", tmp_path / "out", "--no-mlflow-attach")
