@@ -53,6 +53,11 @@ def test_max_trials_counts_trials_running_on_other_machines() -> None:
     assert Budget(mine, n_trials=5, max_trials=2, heartbeats=False).next_step(study) == "stop"
     assert Budget(mine, n_trials=5, max_trials=3).next_step(study) == "run"
     assert Budget(mine, n_trials=5, max_trials=1).next_step(study) == "stop"
+    # a worker whose own budget is spent stops rather than wait on other machines' trials
+    study.add_trial(optuna.create_trial(state=TrialState.PRUNED, value=None, intermediate_values={0: 0.5},
+                                        user_attrs={INVOCATION_ATTR: "c"}))
+    assert Budget(mine, n_trials=1, max_trials=3).next_step(study) == "stop"
+    assert Budget(mine, n_trials=2, max_trials=3).next_step(study) == "wait"
 
 
 def test_worker_role_round_trips_and_gpus_are_assigned(monkeypatch: pytest.MonkeyPatch) -> None:
