@@ -120,7 +120,7 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         click.echo(f"storage      {redact_url(exp.storage_url)}")
         click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'")
 
-    def hint(finished: int) -> str:
+    def resume_command(finished: int) -> str:
         again = ["pet-sweep run", exp.name]
         if config_path != DEFAULT_CONFIG:
             again += ["--config", config_path]
@@ -133,7 +133,10 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         if workers > 1:
             again += ["--workers", str(workers)]
         again += ["--n-trials", str(max(1, budget.n_trials - finished))]
-        return f"interrupted after {finished} of {budget.n_trials} trials; resume with: {' '.join(again)}"
+        return " ".join(again)
+
+    def hint(finished: int) -> str:
+        return f"interrupted after {finished} of {budget.n_trials} trials; resume with: {resume_command(finished)}"
 
     if workers > 1:
         argv = ["run", exp.name, "--config", str(exp.config_path), "--n-trials", str(budget.n_trials),
@@ -158,10 +161,10 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         _print_best(exp, done.best, where, quiet)
         timed_out = budget.timeout is not None and time.monotonic() - started >= budget.timeout
         if not any(e.returncode == 0 for e in done.exits) or (done.used < budget.n_trials and not timed_out):
-            click.echo(f"the workers stopped early; {hint(done.finished).split('; ', 1)[1]}", err=True)
+            click.echo(f"the workers stopped early; resume with: {resume_command(done.finished)}", err=True)
             sys.exit(1)
         if done.used < budget.n_trials:
-            _print_timeout(budget.timeout, done.used, budget.n_trials, hint(done.finished))
+            _print_timeout(budget.timeout, done.used, budget.n_trials, resume_command(done.finished))
         return
     progress = Progress(budget.n_trials, level="quiet" if quiet else "verbose" if verbose else "normal",
                         timeout=budget.timeout, stream=click.get_text_stream("stdout"),
@@ -177,12 +180,11 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
     _print_best(exp, None if outcome.best_trial is None else (outcome.best_value, outcome.best_trial), where, quiet)
     if outcome.timed_out:
         ran = sum(t.retry_of is None and t.oom_retry_of is None for t in outcome.trials)  # budget slots used
-        _print_timeout(budget.timeout, ran, budget.n_trials, hint(ran))
+        _print_timeout(budget.timeout, ran, budget.n_trials, resume_command(ran))
 
 
-def _print_timeout(timeout: float | None, ran: int, n_trials: int, again: str) -> None:
+def _print_timeout(timeout: float | None, ran: int, n_trials: int, command: str) -> None:
     """The time budget, not the trial budget, ended the run: say so, and how to add more."""
-    command = again.split("resume with: ", 1)[-1]
     click.echo(f"budget       time budget reached (budget.timeout {timeout:g}s): {ran} of {n_trials} trials ran;"
                f" add more with: {command} (--timeout SECONDS for a longer run)")
 

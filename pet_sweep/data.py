@@ -214,6 +214,7 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
     cache = data.cache if data.cache is not None else data.source == "digits"
     num_workers = data.num_workers if data.num_workers is not None else (0 if cache else min(8, os.cpu_count() or 1))
 
+    train_valid = list(splits.train) + list(splits.valid)
     x_block, get_x, item_tfms, batch_tfms = ImageBlock, None, [Resize(model.img_size)], None
     if data.augment:
         item_tfms = [Resize(data.item_size or int(model.img_size * 460 / 224))]
@@ -223,9 +224,8 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
         # nothing random is left per item: keep each image as the model's input tensor
         from pet_sweep.tensor_cache import TensorCache
 
-        cached = TensorCache(model.img_size, keep=[*splits.train, *splits.valid])
+        cached = TensorCache(model.img_size, keep=train_valid)
         x_block, item_tfms = TransformBlock(type_tfms=cached, batch_tfms=IntToFloatTensor), None
-    train_valid = list(splits.train) + list(splits.valid)
     valid_idx = list(range(len(splits.train), len(train_valid)))
     block = DataBlock(
         blocks=(x_block, CategoryBlock),

@@ -445,7 +445,8 @@ def _timed(row: Mapping[str, Any]) -> bool:
 
 def tie_advice(best: int, rivals: Sequence[int], frame: pd.DataFrame) -> str:
     """Two configs within noise are a tie: point at the cheaper one, naming it, or say the best is it."""
-    rows = {n: frame.set_index("number").loc[n].to_dict() for n in (best, *rivals)}
+    by_number = frame.set_index("number")
+    rows = {n: by_number.loc[n].to_dict() for n in (best, *rivals)}
     by_time = all(_timed(row) for row in rows.values())  # never seconds against epochs
     costs = {n: trial_cost(row, by_time) for n, row in rows.items()}
     names = ", ".join(f"trial {n} ({costs[n][1]})" for n in rivals)

@@ -109,8 +109,10 @@ class Budget:
         if not cap_full and any(t.state == TrialState.WAITING for t in trials):
             return "run"  # a retry (or an enqueued trial): optimize pops it first, no new slot
         if self.used(trials) < self.n_trials:
-            # with the cap full, stay while those trials run, to retry one whose worker dies
-            return "wait" if cap_full and self.heartbeats else "stop" if cap_full else "run"
+            if not cap_full:
+                return "run"
+            # the cap is full: stay while those trials run, to retry one whose worker dies
+            return "wait" if self.heartbeats else "stop"
         mine_running = any(t.state == TrialState.RUNNING and t.user_attrs.get(INVOCATION_ATTR) == self.role.invocation
                            for t in trials)
         # Stay while another worker's trial runs: if that worker dies, its trial is
