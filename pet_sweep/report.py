@@ -292,6 +292,7 @@ class TrialRecord:
     reason: str = ""
     seconds: float = 0.0
     run_id: str | None = None
+    batch_size: int | None = None           # what it ran with (an out-of-memory retry halves it)
 
 
 @dataclass(frozen=True)
@@ -362,7 +363,7 @@ def trials_frame(records: Sequence[TrialRecord], analyses: Mapping[int, TrialAna
             "valid_loss_slope": a.valid_loss_slope if a else None,
             "verdict": a.verdict if a else ("running" if r.state in UNFINISHED and history else ""),
             "rec_epochs": a.recommended_epochs if a else None,
-            "seconds": r.seconds, "precision": r.precision, "reason": r.reason,
+            "seconds": r.seconds, "precision": r.precision, "reason": r.reason, "batch_size": r.batch_size,
         })
     return pd.DataFrame(rows)
 
@@ -566,7 +567,8 @@ def summary_lines(report: StudyReport) -> list[tuple[str, str]]:
     b, a = report.best, report.best_analysis
     counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(report.counts.items()))
     lines = [("study", f"{report.study_name} ({report.experiment}): {len(report.trials)} trials ({counts})"),
-             ("best", f"trial {b.number}: {describe_params(b.params)}"),
+             ("best", f"trial {b.number}: {describe_params(b.params)}"
+                      + (f"  batch_size={b.batch_size}" if batch_sizes_vary(report) else "")),
              ("valid error", f"{format_rate(b.value, report.n_valid)}  (selected on it: optimistic)")]
     if a is not None:
         lines.append(("reading", f"{a.verdict}: {a.reason}; best at epoch {a.best_epoch} of {a.n_epochs}"))
@@ -595,12 +597,23 @@ RANK_COLUMNS = ["number", "state", "arch", "base_lr", "lr_lo", "lr_hi", "freeze_
                 "rec_epochs", "seconds"]
 
 
+def batch_sizes_vary(report: StudyReport) -> bool:
+    """Did some trial run at another batch size (an out-of-memory retry at half of it)?"""
+    return report.trials["batch_size"].nunique(dropna=True) > 1
+
+
 def ranked(report: StudyReport) -> pd.DataFrame:
-    """All trials, completed ones first by error rate, then the others by number."""
+    """All trials, completed ones first by error rate, then the others by number.
+
+    A batch_size column joins them where trials ran at different batch sizes.
+    """
     frame = report.trials.copy()
     frame["_done"] = frame["state"] != "COMPLETE"
     frame = frame.sort_values(["_done", "error_rate", "number"], na_position="last")
-    return frame[RANK_COLUMNS].reset_index(drop=True)
+    columns = list(RANK_COLUMNS)
+    if batch_sizes_vary(report):
+        columns.insert(columns.index("epochs") + 1, "batch_size")
+    return frame[columns].reset_index(drop=True)
 
 
 def _cell(value: Any, column: str) -> str:

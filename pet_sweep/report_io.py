@@ -42,9 +42,12 @@ def open_existing_study(exp: Experiment) -> Any:
     return open_study(exp, create=False)
 
 
-def trial_records(study: Any) -> list[TrialRecord]:
-    """Every trial of the study as a plain `TrialRecord` (running ones with their history so far)."""
-    from pet_sweep.study import HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, REASON_ATTR, TARGETS_ATTR
+def trial_records(study: Any, batch_size: int | None = None) -> list[TrialRecord]:
+    """Every trial of the study as a plain `TrialRecord` (running ones with their history so far).
+
+    `batch_size`: the experiment's; a trial re-queued after an out-of-memory ran at its own.
+    """
+    from pet_sweep.study import BATCH_ATTR, HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, REASON_ATTR, TARGETS_ATTR
 
     records = []
     for t in study.get_trials(deepcopy=False):
@@ -57,7 +60,7 @@ def trial_records(study: Any) -> list[TrialRecord]:
             history=tuple(attrs.get(HISTORY_ATTR, ())), value=value,
             preds=tuple(attrs.get(PREDS_ATTR, ())), targets=tuple(attrs.get(TARGETS_ATTR, ())),
             precision=str(attrs.get(PRECISION_ATTR, "")), reason=str(attrs.get(REASON_ATTR, "")),
-            seconds=seconds, run_id=attrs.get(RUN_ID_ATTR)))
+            seconds=seconds, run_id=attrs.get(RUN_ID_ATTR), batch_size=attrs.get(BATCH_ATTR, batch_size)))
     return records
 
 
@@ -137,7 +140,7 @@ class ReportBundle:
 def load_report(exp: Experiment) -> ReportBundle:
     """Read the study and the MLflow store and analyse them; writes nothing."""
     study = open_existing_study(exp)
-    records = trial_records(study)
+    records = trial_records(study, exp.config.model.batch_size)
     # checked before MLflow: the clearer message for a study that has just started
     completed(records, experiment=exp.name, study_name=exp.study_name)
     tracking = open_tracking(exp, study)

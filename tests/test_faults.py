@@ -130,6 +130,8 @@ def test_out_of_memory_is_retried_once_at_half_the_batch_size(write_experiments:
 
     from pet_sweep import recipe
     from pet_sweep.replay import export_config
+    from pet_sweep.report import ranked, summary_text
+    from pet_sweep.report_io import load_report
 
     quiet_optuna()
     real_fine_tune, seen = recipe.fine_tune, []
@@ -158,6 +160,9 @@ def test_out_of_memory_is_retried_once_at_half_the_batch_size(write_experiments:
     assert yaml.safe_load(Path(artifact).read_text())["model"]["batch_size"] == 16
     doc, number = export_config(exp)
     assert number == 1 and doc["model"]["batch_size"] == 16  # the winner replays at the size it ran
+    report = load_report(exp).report  # the report shows which trial ran at which batch size
+    assert ranked(report).set_index("number")["batch_size"].to_dict() == {0: 32, 1: 16}
+    assert "batch_size=16" in summary_text(report).splitlines()[1]
 
     # once halved, a second out-of-memory fails for good (faults.oom_retries: 1)
     fits["limit"], seen[:] = 8, []
