@@ -6,7 +6,10 @@ Synthetic batches live on the GPU, so the throughput part measures the model alo
 part uses pet-sweep's own DataLoaders. No network is needed. Prints a table; exits quietly on a
 machine without CUDA.
 
-    python bench/gpu_precision.py [--archs resnet18 resnet34 resnet50] [--batch-sizes 64 128 256]
+    python -m bench.gpu_precision [--archs resnet18 resnet34 resnet50] [--batch-sizes 64 128 256]
+
+`--device cpu` with a small `--size` runs every step of the script on the CPU in seconds (the
+test suite does, so the script works the first time a GPU is there); its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -22,21 +25,27 @@ import torch
 from bench.common import default_digits, machine, median, temp_dir, write_experiment
 
 
-def images_per_second(arch: str, batch: int, precision: str, channels_last: bool, steps: int) -> float:
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def images_per_second(arch: str, batch: int, precision: str, channels_last: bool, steps: int,
+                      device: str = "cuda", size: int = 224) -> float:
     import torchvision
 
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=37).cuda()
-    x = torch.randn(batch, 3, 224, 224, device="cuda")
-    y = torch.randint(0, 37, (batch,), device="cuda")
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=37).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 37, (batch,), device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
 
     def step() -> None:
-        ctx = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
+        ctx = torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext()
         with ctx:
             loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -44,13 +53,13 @@ def images_per_second(arch: str, batch: int, precision: str, channels_last: bool
         scaler.step(opt)
         scaler.update()
 
-    for _ in range(5):
+    for _ in range(min(5, steps)):  # warm-up: cuDNN picks its kernels
         step()
-    torch.cuda.synchronize()
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    synchronize(device)
     return steps * batch / (time.perf_counter() - started)
 
 
@@ -60,6 +69,8 @@ def gpu_utilization() -> int | None:
     torch reads it through pynvml, which a CUDA wheel does not always bring along;
     nvidia-smi, which every driver installs, reads the same counter.
     """
+    if not torch.cuda.is_available():
+        return None
     try:
         return int(torch.cuda.utilization())
     except Exception:  # pynvml missing or NVML unavailable
@@ -73,20 +84,22 @@ def gpu_utilization() -> int | None:
         return None
 
 
-def busy_share_of_a_trial(arch: str, batch: int) -> tuple[float, float]:
-    """Fraction of a real trial's wall time the GPU was busy (NVML utilisation samples)."""
+def busy_share_of_a_trial(arch: str, batch: int, device: str = "cuda", size: int = 224,
+                          limit: int | None = None) -> tuple[float, float]:
+    """Fraction of a real trial's wall time the GPU was busy (NVML utilisation samples; nan
+    without a counter), and the trial's seconds. `limit`: images of digits to use (all: None)."""
     from pet_sweep.config import load_experiment
     from pet_sweep.data import build_data
     from pet_sweep.recipe import fine_tune
     from pet_sweep.space import TrialParams
 
     base = default_digits()
-    experiment = {**base, "model": {**base["model"], "img_size": 224, "batch_size": batch, "precision": "fp16"},
-                  "data": {**base["data"], "num_workers": 8}}
+    experiment = {**base, "model": {**base["model"], "img_size": size, "batch_size": batch, "precision": "fp16"},
+                  "data": {**base["data"], "num_workers": 8 if device == "cuda" else 0, "limit": limit}}
     path = write_experiment(temp_dir("gpu"), experiment, {"arch": arch, "base_lr": 1e-3, "lr_hi": 1e-3,
                                                          "lr_mult": 10, "freeze_epochs": 1, "epochs": 1})
     exp = load_experiment(path)
-    data = build_data(exp, device=torch.device("cuda"))
+    data = build_data(exp, device=torch.device(device))
     samples: list[int] = []
     stop = threading.Event()
 
@@ -107,31 +120,41 @@ def busy_share_of_a_trial(arch: str, batch: int) -> tuple[float, float]:
     return (sum(samples) / len(samples) / 100 if samples else float("nan")), seconds  # nan: no counter
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet34", "resnet50"],
+                        help="torchvision models; the last one also runs the busy-share trial")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 128, 256])
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per cell")
+    parser.add_argument("--trial-batch", type=int, default=128, help="batch size of the busy-share trial")
+    parser.add_argument("--size", type=int, default=224, help="image size (px)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: check the script itself on a small --size; the figures mean nothing")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU here: nothing to measure")
         return
     torch.backends.cudnn.benchmark = True
-    print(f"# mixed precision, {machine()}, torch {torch.__version__}")
+    print(f"# mixed precision on {args.device}, {machine()}, torch {torch.__version__}")
     print("arch | batch | channels_last | fp32 img/s | fp16 img/s | bf16 img/s | fp16/fp32 | bf16/fp32")
     speedups: dict[str, list[float]] = {}
     for arch in args.archs:
         for batch in args.batch_sizes:
             for cl in (False, True):
-                rates = {p: images_per_second(arch, batch, p, cl, args.steps) for p in ("fp32", "fp16", "bf16")}
+                rates = {p: images_per_second(arch, batch, p, cl, args.steps, args.device, args.size)
+                         for p in ("fp32", "fp16", "bf16")}
                 speedups.setdefault(arch, []).append(rates["fp16"] / rates["fp32"])
                 print(f"{arch} | {batch} | {cl} | {rates['fp32']:.0f} | {rates['fp16']:.0f} | {rates['bf16']:.0f} | "
                       f"{rates['fp16'] / rates['fp32']:.2f} | {rates['bf16'] / rates['fp32']:.2f}", flush=True)
-                torch.cuda.empty_cache()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
     for arch, values in speedups.items():
         print(f"{arch}: median fp16/fp32 speed-up {median(values):.2f}x (target for resnet50: >= 2x)")
-    busy, seconds = busy_share_of_a_trial("resnet50", 128)
-    print(f"resnet50 fp16 trial on digits at 224 px (2 epochs, {seconds:.0f}s): GPU busy {busy:.0%} "
+    arch = args.archs[-1]
+    # on the CPU check, a slice of digits: the point is that the trial runs, not how fast
+    busy, seconds = busy_share_of_a_trial(arch, args.trial_batch, args.device, args.size,
+                                          limit=None if args.device == "cuda" else 4 * args.trial_batch)
+    print(f"{arch} fp16 trial on digits at {args.size} px (2 epochs, {seconds:.0f}s): GPU busy {busy:.0%} "
           "of the wall time (target >= 90 %)")
 
 
