@@ -97,6 +97,7 @@ class PhaseResult:
     suggestions: dict[str, float]
     num_it: int
     note: str = ""
+    caution: str = ""  # a suggestion the curve is too short to support
 
 
 def suggest_lrs(lrs: Sequence[float], losses: Sequence[float], num_it: int, arch: str, phase: str) -> dict[str, float]:
@@ -126,6 +127,20 @@ def suggest_lrs(lrs: Sequence[float], losses: Sequence[float], num_it: int, arch
     return found
 
 
+def caution_for(lrs: Sequence[float], num_it: int, suggestions: dict[str, float]) -> str:
+    """Say which suggestions sit at the very start of the usable curve, where a short curve
+    (few `num_it`) leaves `slide` and `steep` nothing to compare; empty when none does."""
+    usable = list(lrs)[num_it // 10:-5]
+    if len(usable) < 2:
+        return ""
+    at_start = [name for name, lr in suggestions.items() if name != "minimum" and lr <= usable[1]]
+    if not at_start:
+        return ""
+    return (f"{' and '.join(at_start)} at the start of the curve ({usable[0]:.2e}, {len(usable)} usable points of "
+            f"{num_it} steps): too short a curve for {'them' if len(at_start) > 1 else 'it'}; "
+            "trust valley, or run more steps (--num-it)")
+
+
 def run_finder(learn: Any, arch: str, phase: str, *, num_it: int | None = None, start_lr: float | None = None,
                note: str = "") -> PhaseResult:
     """fastai's ``lr_find`` on the learner as it is (frozen or not); fastai restores the weights."""
@@ -142,7 +157,8 @@ def run_finder(learn: Any, arch: str, phase: str, *, num_it: int | None = None, 
     losses = [float(v) for v in learn.recorder.losses]
     suggestions = suggest_lrs(lrs, losses, num_it, arch, phase)
     # the plotted curve: fastai's plot_lr_find drops the last 5 points, where the loss shoots up
-    return PhaseResult(arch, phase, tuple(lrs[:-5]), tuple(losses[:-5]), suggestions, num_it, note)
+    return PhaseResult(arch, phase, tuple(lrs[:-5]), tuple(losses[:-5]), suggestions, num_it, note,
+                       caution_for(lrs, num_it, suggestions))
 
 
 def find_lrs(dls: Any, arch: str, model: ModelConfig, *, seed: int, phases: Sequence[str], protocol: Protocol,
@@ -211,6 +227,7 @@ def log_finder_run(tracker: Any, arch: str, results: dict[str, PhaseResult], plo
     tracker.log_params(run_id, {"arch": arch, "seed": seed, "num_it": num_it, "freeze_epochs": protocol.freeze_epochs,
                                 "freeze_epochs_from": protocol.freeze_epochs_from,
                                 **{f"{phase}.note": r.note for phase, r in results.items()},
+                                **{f"{phase}.caution": r.caution for phase, r in results.items() if r.caution},
                                 **suggestion_params(results)})
     tracker.log_artifacts(run_id, plots)
     tracker.client.set_terminated(run_id, status="FINISHED")
@@ -250,6 +267,8 @@ def find_for_experiment(exp: Experiment, *, out_dir: Path, archs: Sequence[str] 
         for phase, result in results.items():
             echo(f"{arch:<10} {phase:<9}{format_suggestions(result)}")
             echo(f"{'':<20}({result.note})")
+            if result.caution:
+                echo(f"{'':<20}caution: {result.caution}")
         findings.append(ArchFinding(arch, results, tuple(plots), run_id))
     return findings
 

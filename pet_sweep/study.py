@@ -556,11 +556,13 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
             objective.anchors = lrfind.study_anchors(study, exp, data, tracker=tracker, parent_run_id=parent,
                                                      echo=echo)
         freeze_long_lived_objects()
+        waiting = False
         while budget_cfg.timeout is None or time.monotonic() - started < budget_cfg.timeout:
             with budget.claim() as claim:
                 step = budget.next_step(study)
                 if step == "stop":
                     break
+                waiting, was_waiting = step == "wait", waiting
                 if step == "run":
                     objective.on_start = functools.partial(_take_slot, role=role, claim=claim)
                     # no gc_after_trial: recipe.release already collects once per trial (a full
@@ -569,6 +571,9 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
                     continue
             # "wait": another worker's trial is running; if that worker died, its trial
             # turns stale after the grace period and is failed and retried here.
+            if not was_waiting:
+                echo(f"waiting      {budget.waiting_on}: staying to run the retry of any whose worker "
+                     f"dies (no heartbeat for {faults.grace_period}s)")
             time.sleep(min(faults.heartbeat_interval, 5))
             fail_stale_trials(study)
         else:

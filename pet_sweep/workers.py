@@ -85,6 +85,7 @@ class Budget:
     def __init__(self, role: WorkerRole, n_trials: int, max_trials: int | None = None,
                  heartbeats: bool = True) -> None:
         self.role, self.n_trials, self.max_trials, self.heartbeats = role, n_trials, max_trials, heartbeats
+        self.waiting_on = ""  # why next_step last said "wait", in words
 
     def used(self, trials: list[FrozenTrial]) -> int:
         """Slots used: this invocation's trials, retries of a dead worker's trial not counted again."""
@@ -112,13 +113,16 @@ class Budget:
             if not cap_full:
                 return "run"
             # the cap is full: stay while those trials run, to retry one whose worker dies
+            running = [t.number for t in trials if t.state == TrialState.RUNNING]
+            self.waiting_on = f"budget.max_trials {self.max_trials} is reached counting trial(s) {_numbers(running)}"
             return "wait" if self.heartbeats else "stop"
-        mine_running = any(t.state == TrialState.RUNNING and t.user_attrs.get(INVOCATION_ATTR) == self.role.invocation
-                           for t in trials)
+        mine = [t.number for t in trials if t.state == TrialState.RUNNING
+                and t.user_attrs.get(INVOCATION_ATTR) == self.role.invocation]
         # Stay while another worker's trial runs: if that worker dies, its trial is
         # failed after the grace period and retried, and someone must be there to run it.
         # Without heartbeats (journal storage) a dead worker's trial is never failed.
-        return "wait" if mine_running and self.heartbeats else "stop"
+        self.waiting_on = f"this run's budget is used; trial(s) {_numbers(mine)} of it still running"
+        return "wait" if mine and self.heartbeats else "stop"
 
     @contextlib.contextmanager
     def claim(self) -> Iterator["Claim"]:
@@ -130,6 +134,10 @@ class Budget:
             yield claim
         finally:
             claim.release()
+
+
+def _numbers(numbers: list[int]) -> str:
+    return ", ".join(str(n) for n in numbers)
 
 
 class Claim:

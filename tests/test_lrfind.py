@@ -160,6 +160,19 @@ def test_a_curve_that_diverges_at_once_gives_no_suggestion() -> None:
         suggest_lrs(lrs, [math.nan] * 100, 100, "resnet18", "frozen")
 
 
+def test_suggestions_at_the_start_of_a_short_curve_get_a_caution() -> None:
+    from pet_sweep.lrfind import caution_for
+
+    lrs = [1e-7 * 10 ** (8 * i / 29) for i in range(30)]  # --num-it 30: 22 usable points from lrs[3]
+    fine = {"minimum": lrs[3], "steep": 1e-3, "valley": 2e-3, "slide": 5e-3}
+    assert caution_for(lrs, 30, fine) == ""  # minimum / 10 may sit anywhere: it is not judged
+    short = {**fine, "slide": lrs[3]}
+    assert caution_for(lrs, 30, short) == (
+        f"slide at the start of the curve ({lrs[3]:.2e}, 22 usable points of 30 steps): too short a curve for it; "
+        "trust valley, or run more steps (--num-it)")
+    assert caution_for(lrs, 30, {**short, "steep": lrs[4]}).startswith("steep and slide at the start")
+
+
 # -- the finder on tiny digits -------------------------------------------------------------------
 
 
@@ -192,6 +205,10 @@ def test_cli_lr_find_prints_plots_and_logs_both_phases(write_experiments: Callab
             assert math.isfinite(lr) and lr > 0
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == [
         "lr-find-resnet18-frozen.png", "lr-find-resnet18-unfrozen.png"]
+    # a caution on a short curve is printed and logged alike
+    cautions = [line.split("caution: ", 1)[1] for line in result.output.splitlines() if "caution: " in line]
+    assert cautions == [run.data.params[f"{p}.caution"] for p in ("frozen", "unfrozen") if f"{p}.caution" in
+                        run.data.params]
 
 
 def test_cli_lr_find_rejects_an_unknown_arch(write_experiments: Callable[..., Path]) -> None:

@@ -36,6 +36,7 @@ def test_budget_counts_slots_not_retries() -> None:
     study.add_trial(optuna.create_trial(state=TrialState.RUNNING, user_attrs=mine))
     # budget used, but a trial of ours runs: stay to retry it if its worker dies
     assert budget.next_step(study) == "wait"
+    assert budget.waiting_on == "this run's budget is used; trial(s) 3 of it still running"
     assert Budget(role, n_trials=2, heartbeats=False).next_step(study) == "stop"
     assert Budget(role, n_trials=5, max_trials=2).next_step(study) == "stop"  # the study-wide cap
 
@@ -49,7 +50,9 @@ def test_max_trials_counts_trials_running_on_other_machines() -> None:
     study.add_trial(optuna.create_trial(state=TrialState.WAITING))  # enqueued: would run if the cap allowed
     mine = WorkerRole("c")
     # one finished + one running elsewhere fill a cap of 2: start nothing, stay in case that worker dies
-    assert Budget(mine, n_trials=5, max_trials=2).next_step(study) == "wait"
+    capped = Budget(mine, n_trials=5, max_trials=2)
+    assert capped.next_step(study) == "wait"
+    assert capped.waiting_on == "budget.max_trials 2 is reached counting trial(s) 1"  # said once when waiting
     assert Budget(mine, n_trials=5, max_trials=2, heartbeats=False).next_step(study) == "stop"
     assert Budget(mine, n_trials=5, max_trials=3).next_step(study) == "run"
     assert Budget(mine, n_trials=5, max_trials=1).next_step(study) == "stop"
