@@ -159,11 +159,16 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
             click.echo(f"retry        trial(s) {', '.join(map(str, done.orphans))} of dead workers: "
                        "failed now, queued to run again in the next `pet-sweep run`")
         _print_best(exp, done.best, where, quiet)
+        # Why fewer trials than the budget: the study's cap (read from the storage), else the
+        # time budget (the workers' clocks started after this one: if they timed out, so did it)
         timed_out = budget.timeout is not None and time.monotonic() - started >= budget.timeout
-        if not any(e.returncode == 0 for e in done.exits) or (done.used < budget.n_trials and not timed_out):
+        short = done.used < budget.n_trials
+        if not any(e.returncode == 0 for e in done.exits) or (short and not (done.capped or timed_out)):
             click.echo(f"the workers stopped early; resume with: {resume_command(done.finished)}", err=True)
             sys.exit(1)
-        if done.used < budget.n_trials:
+        if short and done.capped:
+            _print_capped(budget.max_trials, done.used, budget.n_trials)
+        elif short:
             _print_timeout(budget.timeout, done.used, budget.n_trials, resume_command(done.finished))
         return
     progress = Progress(budget.n_trials, level="quiet" if quiet else "verbose" if verbose else "normal",
@@ -178,9 +183,17 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         sys.exit(130)
     progress.close()
     _print_best(exp, None if outcome.best_trial is None else (outcome.best_value, outcome.best_trial), where, quiet)
-    if outcome.timed_out:
-        ran = sum(t.retry_of is None and t.oom_retry_of is None for t in outcome.trials)  # budget slots used
+    ran = sum(t.retry_of is None and t.oom_retry_of is None for t in outcome.trials)  # budget slots used
+    if outcome.capped and ran < budget.n_trials:
+        _print_capped(budget.max_trials, ran, budget.n_trials)
+    elif outcome.timed_out:
         _print_timeout(budget.timeout, ran, budget.n_trials, resume_command(ran))
+
+
+def _print_capped(max_trials: int | None, ran: int, n_trials: int) -> None:
+    """The study's cap, not this run's trial budget, ended the run."""
+    click.echo(f"budget       the study's cap is reached (budget.max_trials {max_trials}, counting trials finished or "
+               f"running anywhere): {ran} of {n_trials} trials ran here; raise budget.max_trials to go on")
 
 
 def _print_timeout(timeout: float | None, ran: int, n_trials: int, command: str) -> None:

@@ -274,6 +274,7 @@ class SweepOutcome:
     best_value: float | None = None
     best_trial: int | None = None
     timed_out: bool = False  # budget.timeout, not the trial budget, ended the run
+    capped: bool = False     # budget.max_trials, the cap of the whole study, ended it
 
 
 def message_of(err: BaseException) -> str:
@@ -561,6 +562,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
             with budget.claim() as claim:
                 step = budget.next_step(study)
                 if step == "stop":
+                    outcome.capped = budget.capped
                     break
                 waiting, was_waiting = step == "wait", waiting
                 if step == "run":

@@ -86,6 +86,7 @@ class Budget:
                  heartbeats: bool = True) -> None:
         self.role, self.n_trials, self.max_trials, self.heartbeats = role, n_trials, max_trials, heartbeats
         self.waiting_on = ""  # why next_step last said "wait", in words
+        self.capped = False   # next_step said "stop" because of budget.max_trials
 
     def used(self, trials: list[FrozenTrial]) -> int:
         """Slots used: this invocation's trials, retries of a dead worker's trial not counted again."""
@@ -100,13 +101,14 @@ class Budget:
     def next_step(self, study: optuna.Study) -> Literal["run", "wait", "stop"]:
         """What a free worker does now (call it holding the claim lock)."""
         trials = study.get_trials(deepcopy=False)
-        cap_full = False
+        self.capped = cap_full = False
         if self.max_trials is not None:
             finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
             if finished >= self.max_trials:
+                self.capped = True
                 return "stop"
             # the rest of the cap may be running, on this machine or another: start none beyond it
-            cap_full = finished + sum(t.state == TrialState.RUNNING for t in trials) >= self.max_trials
+            cap_full = cap_reached(trials, self.max_trials)
         if not cap_full and any(t.state == TrialState.WAITING for t in trials):
             return "run"  # a retry (or an enqueued trial): optimize pops it first, no new slot
         if self.used(trials) < self.n_trials:
@@ -115,6 +117,7 @@ class Budget:
             # the cap is full: stay while those trials run, to retry one whose worker dies
             running = [t.number for t in trials if t.state == TrialState.RUNNING]
             self.waiting_on = f"budget.max_trials {self.max_trials} is reached counting trial(s) {_numbers(running)}"
+            self.capped = not self.heartbeats
             return "wait" if self.heartbeats else "stop"
         mine = [t.number for t in trials if t.state == TrialState.RUNNING
                 and t.user_attrs.get(INVOCATION_ATTR) == self.role.invocation]
@@ -134,6 +137,12 @@ class Budget:
             yield claim
         finally:
             claim.release()
+
+
+def cap_reached(trials: list[FrozenTrial], max_trials: int | None) -> bool:
+    """Does the study-wide cap count enough trials, finished or running on any machine?"""
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return max_trials is not None and sum(t.state in live for t in trials) >= max_trials
 
 
 def _numbers(numbers: list[int]) -> str:
@@ -259,6 +268,7 @@ class Supervised:
     best: tuple[float, int] | None
     closed_runs: int       # MLflow runs a dead worker left RUNNING, closed at the end
     orphans: list[int]     # trials whose worker died with no other worker left to retry them
+    capped: bool = False   # budget.max_trials stopped the workers
 
 
 def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
@@ -296,12 +306,14 @@ def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
         budget = Budget(roles[0], exp.config.budget.n_trials)
         trials = study.get_trials(deepcopy=False)
         finished, used = budget.finished(trials), budget.used(trials)
+        capped = cap_reached(trials, exp.config.budget.max_trials)
         status = "KILLED" if interrupted else "FINISHED" if finished else "FAILED"
     finally:
         closed = close_dead_runs(study, tracker)
         tracker.finish_sweep(parent, status)
         roles[0].lock_path.unlink(missing_ok=True)
-    return Supervised(exp.study_name, parent, exits, interrupted, finished, used, best_of(study), closed, orphans)
+    return Supervised(exp.study_name, parent, exits, interrupted, finished, used, best_of(study), closed, orphans,
+                      capped)
 
 
 def fail_orphans(study: optuna.Study, tracker: Any, max_retry: int, pids: list[int]) -> list[int]:

@@ -133,6 +133,15 @@ def test_resume_adds_trials_to_the_same_study(write_experiments) -> None:
             f"pet-sweep run tiny --config {path} --timeout 2 --n-trials {50 - ran} (--timeout SECONDS for a longer run)"
             ) in third.output
 
+    # the study's cap ends a run before its trial budget: exit 0, and say it was the cap
+    total = len(study.get_trials())
+    write_experiments(budget={"n_trials": 1, "max_trials": total + 1})
+    fourth = _invoke("run", "--config", str(path), "--n-trials", "5")
+    assert fourth.exit_code == 0, fourth.output
+    assert len(study.get_trials()) == total + 1
+    assert (f"budget       the study's cap is reached (budget.max_trials {total + 1}, counting trials finished or "
+            "running anywhere): 1 of 5 trials ran here; raise budget.max_trials to go on") in fourth.output
+
 
 def test_diverging_trials_are_pruned_with_reason_and_the_sweep_goes_on(write_experiments) -> None:
     space = {"arch": "resnet18", "base_lr": 1.0e6, "lr_hi": 1.0e6, "lr_mult": 10, "freeze_epochs": 1,

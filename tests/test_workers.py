@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Callable
 
 import pytest
 from optuna.trial import TrialState
 
-from tests._sweeps import two_workers_finish_the_budget
+from tests._sweeps import FAST_DATA, FAST_FAULTS, RANDOM_SPACE, load, pet_sweep, two_workers_finish_the_budget
 from pet_sweep.config import load_experiment
 from pet_sweep.errors import ConfigError
 from pet_sweep.workers import INVOCATION_ATTR, Budget, WorkerRole, parse_gpus, worker_envs
@@ -17,6 +18,22 @@ from pet_sweep.workers import INVOCATION_ATTR, Budget, WorkerRole, parse_gpus, w
 @pytest.mark.slow
 def test_two_workers_on_sqlite_finish_exactly_n_trials(write_experiments: Callable[..., Path], tmp_path: Path) -> None:
     two_workers_finish_the_budget(write_experiments, f"sqlite:///{tmp_path}/shared.db")
+
+
+@pytest.mark.slow
+def test_workers_stopped_by_the_study_cap_say_so_and_exit_0(write_experiments: Callable[..., Path]) -> None:
+    name = f"c{uuid.uuid4().hex[:8]}"
+    config = write_experiments(space={**RANDOM_SPACE, "epochs": 2}, data=FAST_DATA, faults=FAST_FAULTS,
+                               study_name=name, budget={"n_trials": 3, "max_trials": 1})
+    exp = load_experiment(config)
+    proc = pet_sweep("run", "--config", str(config), "--workers", "2")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err  # not "the workers stopped early"
+    assert [t.state for t in load(exp.storage_url, name).get_trials()] == [TrialState.COMPLETE]
+    # the worker that found trial 0 running waited for it rather than start a second one
+    assert "waiting      budget.max_trials 1 is reached counting trial(s) 0: staying" in out, out
+    assert ("budget       the study's cap is reached (budget.max_trials 1, counting trials finished or running "
+            "anywhere): 1 of 3 trials ran here") in out
 
 
 def test_budget_counts_slots_not_retries() -> None:
@@ -55,11 +72,13 @@ def test_max_trials_counts_trials_running_on_other_machines() -> None:
     assert capped.waiting_on == "budget.max_trials 2 is reached counting trial(s) 1"  # said once when waiting
     assert Budget(mine, n_trials=5, max_trials=2, heartbeats=False).next_step(study) == "stop"
     assert Budget(mine, n_trials=5, max_trials=3).next_step(study) == "run"
-    assert Budget(mine, n_trials=5, max_trials=1).next_step(study) == "stop"
+    over = Budget(mine, n_trials=5, max_trials=1)
+    assert over.next_step(study) == "stop" and over.capped
     # a worker whose own budget is spent stops rather than wait on other machines' trials
     study.add_trial(optuna.create_trial(state=TrialState.PRUNED, value=None, intermediate_values={0: 0.5},
                                         user_attrs={INVOCATION_ATTR: "c"}))
-    assert Budget(mine, n_trials=1, max_trials=3).next_step(study) == "stop"
+    spent = Budget(mine, n_trials=1, max_trials=3)
+    assert spent.next_step(study) == "stop" and not spent.capped  # its own budget, not the cap
     assert Budget(mine, n_trials=2, max_trials=3).next_step(study) == "wait"
 
 
