@@ -62,6 +62,7 @@ class ModelConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     pretrained: bool = True
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    channels_last: bool = False  # fastai's ChannelsLast: NHWC convolutions (tensor cores with fp16/bf16)
     weights: str | None = None
 
 

@@ -175,7 +175,7 @@ def find_lrs(dls: Any, arch: str, model: ModelConfig, *, seed: int, phases: Sequ
         # fastai's LRFinder saves the weights it restores under learn.path/model_dir
         learn = create_learner(dls, arch, model, Path(workdir))
         try:
-            apply_precision(learn, model.precision)
+            apply_precision(learn, model)
             learn.freeze()
             needs_valley = ("unfrozen" in phases and protocol.freeze_epochs > 0 and protocol.frozen_lr is None
                             and frozen_valley is None)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 # fastai adds fit_one_cycle, lr_find, to_fp16 and no_bar to Learner in these modules
 import fastai.callback.fp16  # noqa: F401
+from fastai.callback.channelslast import ChannelsLast
 import fastai.callback.progress  # noqa: F401
 import fastai.callback.schedule  # noqa: F401
 from fastai.metrics import error_rate
@@ -112,13 +113,16 @@ def precision_for(requested: str, device: Any) -> str:
     return wanted
 
 
-def apply_precision(learn: Any, requested: str) -> str:
-    """Switch on mixed precision where it can run; return the precision that really runs."""
-    wanted = precision_for(requested, learn.dls.device)
+def apply_precision(learn: Any, model: ModelConfig) -> str:
+    """Switch on mixed precision where it can run, and channels_last where asked;
+    return the precision that really runs."""
+    wanted = precision_for(model.precision, learn.dls.device)
     if wanted == "fp16":
         learn.to_fp16()
     elif wanted == "bf16":
         learn.to_bf16()
+    if model.channels_last:
+        learn.add_cb(ChannelsLast())  # the model in NHWC memory format before every fit
     return wanted
 
 
@@ -161,7 +165,7 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
     workdir = tempfile.TemporaryDirectory(prefix="pet-sweep-")
     learn = create_learner(dls, params.arch, model, Path(workdir.name))
     try:
-        precision = apply_precision(learn, model.precision)
+        precision = apply_precision(learn, model)
         if lr_find is not None:  # before the history callbacks: the finder's mock epochs are not epochs
             lr_find(learn, params)
         history = EpochHistory(listeners)

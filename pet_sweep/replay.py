@@ -211,7 +211,8 @@ def train(path: str | Path, *, export_model: bool = False, echo: Callable[[str],
     precision = recipe.precision_for(cfg.model.precision, data.dls.device)
     tracker.log_params(run_id, {**params.as_dict(), "seed": cfg.seed, "precision": precision,
                                 "img_size": cfg.model.img_size, "batch_size": cfg.model.batch_size,
-                                "pretrained": cfg.model.pretrained, "data": cfg.data.source,
+                                "pretrained": cfg.model.pretrained, "channels_last": cfg.model.channels_last,
+                                "data": cfg.data.source,
                                 "n_test": len(data.splits.test), "device": str(data.dls.device)})
     echo(f"replay       {cfg.name}: {params.arch} base_lr={params.base_lr:.2e} "
          f"lr=slice({params.lr_lo:.2e}, {params.lr_hi:.2e}) freeze_epochs={params.freeze_epochs} "

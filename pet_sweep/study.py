@@ -217,6 +217,7 @@ def sweep_settings(exp: Experiment) -> dict[str, Any]:
         "data": cfg.data.source, "valid_pct": cfg.data.valid_pct, "test_pct": cfg.data.test_pct,
         "img_size": cfg.model.img_size, "batch_size": cfg.model.batch_size,
         "pretrained": cfg.model.pretrained, "precision_requested": cfg.model.precision,
+        "channels_last": cfg.model.channels_last,
         "sampler": cfg.sampler.name, "sampler_seed": cfg.sampler.seed, "pruner": cfg.pruner.name,
         "n_trials": cfg.budget.n_trials, "timeout": cfg.budget.timeout, "seed": cfg.seed,
         "sweep": cfg.sweep if isinstance(cfg.sweep, str) else "inline",
@@ -347,7 +348,8 @@ class Objective:
         run_id = self.tracker.start_trial(
             self.parent_run_id, exp.study_name, trial.number,
             {**params.as_dict(), "precision": precision, "img_size": model.img_size,
-             "batch_size": batch_size, "pretrained": model.pretrained, "seed": exp.config.seed,
+             "batch_size": batch_size, "pretrained": model.pretrained, "channels_last": model.channels_last,
+             "seed": exp.config.seed,
              "device": str(dls.device), **retry, **anchor_params(exp.space, params, self.anchors)},
             tags={"arch": params.arch})
         trial.set_user_attr(RUN_ID_ATTR, run_id)

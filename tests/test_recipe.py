@@ -71,6 +71,19 @@ def test_diverging_loss_stops_with_reason(tiny) -> None:
         fine_tune(data.dls, params, exp.config.model, seed=0)
 
 
+def test_channels_last_trains_the_model_in_nhwc(tiny) -> None:
+    exp, data = tiny
+    params = TrialParams("resnet18", base_lr=1e-2, lr_lo=1e-3, lr_hi=1e-2, freeze_epochs=0, epochs=1)
+    model = exp.config.model.model_copy(update={"channels_last": True})
+    result = fine_tune(data.dls, params, model, seed=0, keep_learner=True)
+    convs = [m.weight for m in result.learner.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert all(math.isfinite(r.train_loss) and math.isfinite(r.valid_loss) for r in result.history)
+    plain = fine_tune(data.dls, params, exp.config.model, seed=0, keep_learner=True)
+    assert not all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                   for m in plain.learner.model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
 def test_precision_recorded_as_run() -> None:
     assert precision_for("auto", "cpu") == "fp32"
     assert precision_for("fp16", torch.device("cpu")) == "fp32"
@@ -140,10 +153,11 @@ def test_local_weights_file(tiny, tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fp16_on_cuda(tiny) -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fp16_on_cuda(tiny, channels_last: bool) -> None:
     exp, _ = tiny
     data = build_data(exp, device=torch.device("cuda"))
-    model = exp.config.model.model_copy(update={"precision": "fp16"})
+    model = exp.config.model.model_copy(update={"precision": "fp16", "channels_last": channels_last})
     params = TrialParams("resnet18", base_lr=1e-2, lr_lo=1e-3, lr_hi=1e-2, freeze_epochs=1, epochs=1)
     result = fine_tune(data.dls, params, model, seed=0)
     assert result.precision == "fp16" and "cuda" in result.device
