@@ -20,7 +20,7 @@ from pet_sweep.config import Experiment
 from pet_sweep.errors import StudyError
 from pet_sweep.report import HeldOut, StudyReport, TrialRecord, build_report, completed, html, markdown
 from pet_sweep.space import Range
-from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, redact_url, sqlite_path
+from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, check_server, redact_url, sqlite_path
 
 REPLAY_ROLE = "replay"              # tag pet_sweep.role of a `pet-sweep train` run
 REPLAY_OF_TAG = "pet_sweep.replay_of"
@@ -102,6 +102,7 @@ def open_tracking(exp: Experiment, study: Any) -> Tracking:
     if not parent:
         raise StudyError(f"study {exp.study_name!r} has no MLflow parent run recorded; was it made by pet-sweep run?")
     quiet_mlflow()
+    check_server(exp.tracking_uri)  # a server that is down: said in seconds, not after minutes of retries
     client = MlflowClient(tracking_uri=exp.tracking_uri)
     try:
         run = client.get_run(parent)

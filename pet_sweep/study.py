@@ -26,7 +26,7 @@ from pet_sweep.callbacks import EpochRecord
 from pet_sweep.config import JOURNAL_PREFIX, Experiment, FaultsConfig
 from pet_sweep.errors import StudyError, TrainingDiverged, TrialFailed
 from pet_sweep.space import Anchors, TrialParams, anchor_params, suggest
-from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, redact_url
+from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, check_server, redact_url
 from pet_sweep.workers import INVOCATION_ATTR, OOM_RETRY_OF, RETRY_OF, Budget, Claim, WorkerRole
 
 # Trial user attributes pet-sweep writes (the report reads them back).
@@ -518,10 +518,11 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         import torch
 
         torch.set_num_threads(role.threads)
-    data = build_data(exp)  # first: a missing data folder must not leave a study or run behind
+    check_server(exp.tracking_uri)  # an MLflow server that is down: said in seconds, before the data
+    data = build_data(exp)  # before any store: a missing data folder must not leave a study or run behind
+    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)  # before the study, for the same reason
     stale = StaleTrialHandler(exp.config.faults.max_retry)
     study = open_study(exp, worker=role.index, on_stale=stale)
-    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
     stale.tracker, stale.echo = tracker, echo
     owns_parent = role.parent_run_id is None
     parent = open_parent_run(exp, study, tracker) if owns_parent else role.parent_run_id

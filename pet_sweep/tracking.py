@@ -66,6 +66,36 @@ def quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+WHERE_TRACKING = "tracking.uri, --tracking-uri or PET_SWEEP_TRACKING_URI"
+
+
+def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
+    """Refuse at once an ``http(s)://`` tracking server that does not answer.
+
+    MLflow's client retries a refused connection for minutes (7 tries, growing
+    back-off) before it raises, and only then would a run find out. Any HTTP
+    answer, even an error status, means a server is there; only a connection that
+    fails or times out is refused. MLflow keeps its own retries for the sweep itself,
+    so a server that restarts mid-sweep is waited for.
+    """
+    import urllib.error
+    import urllib.request
+
+    if urlsplit(tracking_uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # an answer: a server (perhaps behind a proxy or asking for a login) is there
+    except (OSError, ValueError) as err:  # URLError, refused, timed out, bad host
+        reason = getattr(err, "reason", err)
+        from pet_sweep.errors import StudyError
+
+        raise StudyError(f"cannot reach the MLflow tracking server {redact_url(tracking_uri)} ({reason}); "
+                         f"start it, or point {WHERE_TRACKING} at one that runs") from None
+
+
 class Tracker:
     """Writes a sweep and its trials to one MLflow tracking store."""
 
@@ -73,13 +103,21 @@ class Tracker:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
+        from pet_sweep.errors import StudyError
+
         quiet_mlflow()
+        check_server(tracking_uri)
         db = sqlite_path(tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        existing = self.client.get_experiment_by_name(experiment_name)
+        try:
+            existing = self.client.get_experiment_by_name(experiment_name)
+        except MlflowException as err:  # refused login, a server that is not MLflow, an unknown scheme
+            first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            raise StudyError(f"cannot use the MLflow tracking store {redact_url(tracking_uri)}: "
+                             f"{first.replace(tracking_uri, redact_url(tracking_uri))} ({WHERE_TRACKING})") from None
         if existing is None:
             try:
                 self.experiment_id = self.client.create_experiment(

@@ -173,6 +173,61 @@ def test_bad_input_exits_2_and_creates_nothing(write_experiments, args, override
     assert not (path.parent / "stores").exists()  # no study, no MLflow store
 
 
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_mlflow_server_that_is_down_is_said_in_seconds(write_experiments, workers: str) -> None:
+    """MLflow's own client would retry for minutes and then print a traceback."""
+    import time
+
+    path = write_experiments()
+    uri = f"http://user:s3cret@127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, ["run", "--config", str(path), "--tracking-uri", uri, "--workers", workers])
+    assert result.exit_code == 2, result.output
+    assert time.monotonic() - started < 30
+    assert f"cannot reach the MLflow tracking server http://user:***@127.0.0.1:" in result.output
+    assert "s3cret" not in result.output and "Traceback" not in result.output
+    assert not (path.parent / "stores").exists()  # no study, no MLflow store
+
+
+def test_any_http_answer_counts_as_a_server(tmp_path) -> None:
+    import http.server
+    import threading
+
+    from pet_sweep.errors import StudyError
+    from pet_sweep.tracking import check_server
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        status = 200
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(self.status)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:  # noqa: ANN002 - quiet
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        check_server(url)  # an MLflow server's /health answers 200
+        Answer.status = 401
+        check_server(url + "/")  # a login to pass: a server is there, MLflow's client says the rest
+    finally:
+        server.shutdown()
+    with pytest.raises(StudyError, match="cannot reach the MLflow tracking server"):
+        check_server(f"http://127.0.0.1:{closed_port()}", timeout=5)
+    check_server(f"sqlite:///{tmp_path}/mlflow.db")  # not a server: nothing to check
+
+
 def test_every_command_has_help() -> None:
     for name, command in cli.commands.items():
         assert command.help and len(command.help.strip()) > 10, name
