@@ -520,9 +520,9 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         torch.set_num_threads(role.threads)
     check_server(exp.tracking_uri)  # an MLflow server that is down: said in seconds, before the data
     data = build_data(exp)  # before any store: a missing data folder must not leave a study or run behind
-    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)  # before the study, for the same reason
     stale = StaleTrialHandler(exp.config.faults.max_retry)
-    study = open_study(exp, worker=role.index, on_stale=stale)
+    study = open_study(exp, worker=role.index, on_stale=stale)  # a bad storage URL: before the MLflow store
+    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
     stale.tracker, stale.echo = tracker, echo
     owns_parent = role.parent_run_id is None
     parent = open_parent_run(exp, study, tracker) if owns_parent else role.parent_run_id

@@ -286,8 +286,8 @@ def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
     check_data(exp)  # a data error stops everything before any study or run exists
     # The supervisor creates the study, the tables and the parent run, so the
     # workers never race to create them.
-    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)  # first: a store that fails leaves no study
-    study = open_study(exp)
+    study = open_study(exp)  # a bad storage URL: before the MLflow store
+    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
     parent = open_parent_run(exp, study, tracker)
     envs = worker_envs(n_workers, gpus)
     threads = int(envs[0]["OMP_NUM_THREADS"]) if "CUDA_VISIBLE_DEVICES" not in envs[0] else None

@@ -164,6 +164,7 @@ def test_diverging_trials_are_pruned_with_reason_and_the_sweep_goes_on(write_exp
     (["nope"], {}, "unknown experiment 'nope'; valid choices: tiny"),
     ([], {"data": {"source": "folder", "path": "missing", "label": "parent"}}, "folder not found"),
     ([], {"model": {"img_size": 2}}, "key 'model.img_size'"),
+    (["--storage", "postgresql://postgres@127.0.0.1:1/test"], {}, "cannot open the Optuna storage postgresql://"),
 ])
 def test_bad_input_exits_2_and_creates_nothing(write_experiments, args, overrides, message) -> None:
     path = write_experiments(**overrides)
@@ -171,6 +172,7 @@ def test_bad_input_exits_2_and_creates_nothing(write_experiments, args, override
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not (path.parent / "stores").exists()  # no study, no MLflow store
+    assert not (path.parent / "runs").exists()
 
 
 def closed_port() -> int:
