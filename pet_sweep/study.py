@@ -274,7 +274,7 @@ class SweepOutcome:
     trials: list[TrialOutcome] = field(default_factory=list)
     best_value: float | None = None
     best_trial: int | None = None
-    timed_out: bool = False  # budget.timeout, not the trial budget, ended the run
+    timed_out: bool = False  # budget.timeout ended the run with trials of its budget left to start
     capped: bool = False     # budget.max_trials, the cap of the whole study, ended it
 
 
@@ -582,7 +582,8 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
             time.sleep(min(faults.heartbeat_interval, 5))
             fail_stale_trials(study)
         else:
-            outcome.timed_out = True  # the loop's condition ended it: no break
+            # the loop's condition ended it (no break); it cut the run short only with slots left
+            outcome.timed_out = budget.used(study.get_trials(deepcopy=False)) < budget_cfg.n_trials
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -115,8 +115,9 @@ def test_optuna_cli_lists_the_trials(swept) -> None:
 def test_resume_adds_trials_to_the_same_study(write_experiments) -> None:
     path = write_experiments(budget={"n_trials": 1})
     assert _invoke("run", "--config", str(path)).exit_code == 0
-    second = _invoke("run", "--config", str(path), "--n-trials", "1")
+    second = _invoke("run", "--config", str(path), "--n-trials", "1", "--timeout", "1")
     assert second.exit_code == 0, second.output
+    assert "time budget" not in second.output  # the clock ran out, but with no trial left to start
     exp = load_experiment(path)
     study = optuna.load_study(study_name="tiny", storage=exp.storage_url)
     assert [t.number for t in study.get_trials()] == [0, 1]
@@ -165,6 +166,7 @@ def test_diverging_trials_are_pruned_with_reason_and_the_sweep_goes_on(write_exp
     ([], {"data": {"source": "folder", "path": "missing", "label": "parent"}}, "folder not found"),
     ([], {"model": {"img_size": 2}}, "key 'model.img_size'"),
     (["--storage", "postgresql://postgres@127.0.0.1:1/test"], {}, "cannot open the Optuna storage postgresql://"),
+    (["--timeout", "-5"], {}, "--timeout must be > 0 seconds, but got -5"),
 ])
 def test_bad_input_exits_2_and_creates_nothing(write_experiments, args, overrides, message) -> None:
     path = write_experiments(**overrides)
