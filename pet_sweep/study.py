@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 import os
 import socket
 import tempfile
@@ -112,9 +113,13 @@ def _rdb_storage(url: str, faults: FaultsConfig, on_stale: StaleTrialHandler,
     for delay in (1, 2):
         try:
             return open_rdb()
-        except sqlalchemy.exc.IntegrityError:
-            # two processes created the tables of a new database at once (machines
-            # started together); the other one won, so the next try finds them
+        except sqlalchemy.exc.DBAPIError as err:
+            # Two processes created the tables of a new database at once (machines started
+            # together, or `pet-sweep list` while a run starts); the other one won, so the
+            # next try finds them. PostgreSQL says so with an IntegrityError, SQLite and
+            # MySQL with "table ... already exists".
+            if not (isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err)):
+                raise
             time.sleep(delay)
     return open_rdb()
 
@@ -625,11 +630,34 @@ def _take_slot(trial: optuna.Trial, *, role: WorkerRole, claim: Claim) -> None:
     claim.release()
 
 
+class _NoInterruptTraceback(logging.Filter):
+    """Drop Optuna's two warnings about a trial that Ctrl-C stopped (the first with a traceback)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_line = ""  # Optuna's second line about the same trial
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.next_line and message.startswith(self.next_line):
+            self.next_line = ""
+            return False
+        if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], KeyboardInterrupt):
+            self.next_line = " ".join(message.split()[:2]) + " failed with value"  # "Trial 3 failed with value"
+            return False
+        return True
+
+
 def quiet_optuna() -> None:
     """Optuna logs every trial at INFO; pet-sweep prints its own one line per trial."""
     import warnings
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Ctrl-C (or SIGTERM) in a trial: Optuna logs the trial's failure with the whole
+    # traceback through fastai and torch; pet-sweep says it in one line with the resume command
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _NoInterruptTraceback) for f in optimize_log.filters):
+        optimize_log.addFilter(_NoInterruptTraceback())
     # heartbeats and their retry callback are marked experimental; they are what we rely on
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from tests._sweeps import FAST_DATA, FAST_FAULTS, RANDOM_SPACE, load, pet_sweep, two_workers_finish_the_budget
 from pet_sweep.config import load_experiment
-from pet_sweep.errors import ConfigError
+from pet_sweep.errors import ConfigError, PetSweepError
 from pet_sweep.workers import INVOCATION_ATTR, Budget, WorkerRole, parse_gpus, worker_envs
 
 
@@ -118,3 +118,34 @@ def test_faults_settings_are_checked(write_experiments: Callable[..., Path]) -> 
 
     storage = make_storage(exp.storage_url, exp.config.faults)
     assert (storage.heartbeat_interval, storage.grace_period) == (2, 7)
+
+
+def test_tables_created_by_another_process_at_the_same_moment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Two processes opening a new database together: the one that loses the race tries again."""
+    import optuna
+    import sqlalchemy.exc
+
+    from pet_sweep.study import make_storage
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - stands in for RDBStorage
+        calls.append(1)
+        if len(calls) == 1:  # what SQLite says when the other process created the table first
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE trial_params", {},
+                                                  Exception("table trial_params already exists"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr("pet_sweep.study.time.sleep", lambda seconds: None)
+    assert isinstance(make_storage(f"sqlite:///{tmp_path}/new.db"), real) and len(calls) == 2
+    # any other database error is not a race: it is reported at once
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("disk I/O error"))
+
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    with pytest.raises(PetSweepError, match="disk I/O error"):
+        make_storage(f"sqlite:///{tmp_path}/other.db")
+    assert len(calls) == 1
