@@ -178,11 +178,29 @@ def optuna_figures(study: Any) -> tuple[dict[str, Figure], list[str]]:
                 notes.append(f"{name.replace('_', ' ')} not drawn: not enough completed trials")
                 _close(fig)
                 continue
+            for loc in ("left", "right"):  # Optuna's own title sits on the left, under ours
+                ax.set_title("", loc=loc)
             ax.set_title(titles[name])
+            if name == "parallel_coordinate":
+                _readable_parallel_coordinate(fig)
             fig.set_size_inches(9, 5)
             fig.tight_layout()
             figures[name] = fig
     return figures, notes
+
+
+def _readable_parallel_coordinate(fig: Figure) -> None:
+    """Optuna draws the worst trials near-white (Blues) on a grey background, and each axis's
+    tick labels on top of the lines: a colour map dark at the best end and light at the
+    worst end that stays visible, and tick labels on a pale box."""
+    for ax in fig.axes:
+        for collection in ax.collections:
+            if collection.get_array() is not None:
+                collection.set_cmap("viridis")  # low error: dark purple; high: yellow, still seen on grey
+                if collection.colorbar is not None:
+                    collection.colorbar.update_normal(collection)
+        for label in ax.get_yticklabels() + ax.get_xticklabels():
+            label.set_bbox({"facecolor": "white", "alpha": 0.75, "edgecolor": "none", "pad": 1})
 
 
 def _close(fig: Any) -> None:

@@ -52,6 +52,24 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
+def test_optuna_figures_have_one_title_and_no_white_lines(study: Path) -> None:
+    import matplotlib.colors
+    import optuna
+
+    from pet_sweep.report_plots import optuna_figures
+
+    storage = f"sqlite:///{study.parent / 'stores' / 'optuna.db'}"
+    figures, notes = optuna_figures(optuna.load_study(study_name="tiny", storage=storage))
+    assert set(figures) == {"param_importances", "parallel_coordinate"}, notes
+    for fig in figures.values():
+        titled = [(ax.get_title("left"), ax.get_title(), ax.get_title("right")) for ax in fig.axes if ax.get_title()]
+        assert [t[0] + t[2] for t in titled] == [""]  # Optuna's title no longer drawn under ours
+    lines = next(c for ax in figures["parallel_coordinate"].axes for c in ax.collections if c.get_array() is not None)
+    # the worst trial's line is not drawn near-white: it must show on the plot's background
+    worst = matplotlib.colors.to_rgb(lines.get_cmap()(1.0))
+    assert min(worst) < 0.5
+
+
 def test_report_end_to_end(study: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = invoke("report", "--config", study, "--out", out)
