@@ -83,8 +83,9 @@ class Progress:
         if self.live:
             self._draw()
         elif self.level != "quiet":
+            # named as on the trial's finished line: `epochs` are the unfrozen ones
             self._print(f"trial {number:>3} started  arch={params.get('arch')} "
-                        f"epochs={self.planned_epochs if self.planned_epochs is not None else '?'}"
+                        f"freeze_epochs={params.get('freeze_epochs', '?')} epochs={params.get('epochs', '?')}"
                         f"  [{self._counts()}]")
 
     def epoch_done(self, number: int, record: EpochRecord) -> None:

@@ -457,6 +457,8 @@ def tie_advice(best: int, rivals: Sequence[int], frame: pd.DataFrame) -> str:
     if cheaper:
         return (f"{head}: prefer the cheaper trial {cheaper[0]} (pet-sweep export --trial {cheaper[0]}), "
                 "or validate on more items before choosing")
+    if all(costs[best][0] <= costs[n][0] for n in rivals):
+        return f"{head}: it is also the cheapest, so keep it; validate on more items to separate them"
     return f"{head}: none is clearly cheaper (by a tenth), so keep it; validate on more items to separate them"
 
 

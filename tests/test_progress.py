@@ -55,9 +55,9 @@ def test_plain_output_is_one_line_per_event() -> None:
     drive(progress, clock)
     lines = out.getvalue().splitlines()
     assert lines == [
-        "trial   0 started  arch=resnet18 epochs=3  [0/4 done, elapsed 0s]",
+        "trial   0 started  arch=resnet18 freeze_epochs=1 epochs=2  [0/4 done, elapsed 0s]",
         "trial   0 COMPLETE error_rate=0.2500",
-        "trial   1 started  arch=resnet18 epochs=3  [1/4 done, best 0.2500 (trial 0), elapsed 30s]",
+        "trial   1 started  arch=resnet18 freeze_epochs=1 epochs=2  [1/4 done, best 0.2500 (trial 0), elapsed 30s]",
         "trial   1 FAIL     error_rate=-",
     ]
     assert "\r" not in out.getvalue() and err.getvalue() == ""
@@ -130,7 +130,7 @@ def test_run_verbose_and_quiet_off_a_terminal(write_experiments: Callable[..., P
     assert verbose.exit_code == 0, verbose.output
     lines = verbose.stdout.splitlines()
     assert lines[0].startswith("experiment   tiny")
-    assert re.fullmatch(r"trial   0 started  arch=resnet18 epochs=2  \[0/1 done, elapsed \d+s\]", lines[4])
+    assert re.fullmatch(r"trial   0 started  arch=resnet18 freeze_epochs=1 epochs=1  \[0/1 done, elapsed \d+s\]", lines[4])
     assert [line.split()[3] for line in lines if re.match(r"trial +0 epoch ", line)] == ["1/2", "2/2"]
     assert any(line.startswith("trial   0 COMPLETE") for line in lines)
     assert lines[-2].startswith("best         trial 0: error_rate ")
