@@ -362,7 +362,7 @@ def trials_frame(records: Sequence[TrialRecord], analyses: Mapping[int, TrialAna
             "final_gap": a.final_gap if a else None, "gap_trend": a.gap_trend if a else None,
             "valid_loss_slope": a.valid_loss_slope if a else None,
             "verdict": a.verdict if a else ("running" if r.state in UNFINISHED and history else ""),
-            "rec_epochs": a.recommended_epochs if a else None,
+            "rec_epochs": a.recommended_epochs if a and r.state == "COMPLETE" else None,
             "seconds": r.seconds, "precision": r.precision, "reason": r.reason, "batch_size": r.batch_size,
         })
     return pd.DataFrame(rows)
@@ -493,9 +493,9 @@ def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, compari
     if close:
         # the runner-up can also be the best of another architecture: name each trial once
         steps.append(tie_advice(report_best.number, list(dict.fromkeys(c.other_trial for c in close)), frame))
-    if verdict_counts.get(DIVERGED):
-        div = frame[frame["verdict"] == DIVERGED]
-        steps.append(f"{verdict_counts[DIVERGED]} trial(s) diverged (lowest lr_hi {div['lr_hi'].min():.2g}, "
+    div = frame[frame["verdict"] == DIVERGED]  # pruned ones too: a diverging trial is pruned at once
+    if not div.empty:
+        steps.append(f"{len(div)} trial(s) diverged (lowest lr_hi {div['lr_hi'].min():.2g}, "
                      f"base_lr {div['base_lr'].min():.2g}): lower the top of the LR ranges")
     if heldout is None:
         steps.append("measure the best config on the held-out split: pet-sweep export, then pet-sweep train best.yaml")
@@ -528,7 +528,10 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
     frame = trials_frame(records, analyses, n_valid)
     comparisons = comparisons_for(best, done)
     counts = {k: int(v) for k, v in frame["state"].value_counts().items()}
-    verdict_counts = {v: int((frame["verdict"] == v).sum()) for v in VERDICTS if (frame["verdict"] == v).any()}
+    # verdicts of the trials that ran their course: a pruned trial was cut short on purpose, so
+    # "still improving" or an epoch count read off its curve says nothing about its config
+    complete = frame[frame["state"] == "COMPLETE"]
+    verdict_counts = {v: int((complete["verdict"] == v).sum()) for v in VERDICTS if (complete["verdict"] == v).any()}
     mine = [h for h in heldout if h.trial == best.number]
     held = mine[-1] if mine else (heldout[-1] if heldout else None)
     steps = next_steps(best, analyses.get(best.number), comparisons, verdict_counts, frame, bounds or {}, held)
@@ -577,7 +580,9 @@ def summary_lines(report: StudyReport) -> list[tuple[str, str]]:
     for c in report.comparisons:
         lines.append((f"vs {c.label}", f"trial {c.other_trial}: {c.text()}"))
     lines.append(("held-out", heldout_text(report)))
-    lines.append(("verdicts", ", ".join(f"{k} {v}" for k, v in report.verdict_counts.items()) or "-"))
+    n_complete = report.counts.get("COMPLETE", 0)
+    lines.append(("verdicts", (", ".join(f"{k} {v}" for k, v in report.verdict_counts.items()) or "-")
+                  + f" (of the {n_complete} completed trial{'s' if n_complete != 1 else ''})"))
     if report.importances:
         top = sorted(report.importances.items(), key=lambda kv: -kv[1])[:4]
         lines.append(("matters most", ", ".join(f"{k} {v:.2f}" for k, v in top)))

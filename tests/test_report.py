@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from typing import Any
@@ -179,7 +180,9 @@ def test_build_report_ranks_compares_and_advises() -> None:
     assert labels["best resnet18"].other_trial == 0 and labels["best resnet18"].paired
     assert rep.counts == {"COMPLETE": 3, "PRUNED": 1, "RUNNING": 1}
     assert 4 not in rep.analyses and rep.trials.set_index("number").loc[4, "verdict"] == "running"
-    assert rep.verdict_counts[rp.STILL_IMPROVING] == 4
+    # the pruned trial 3 was cut short on purpose: no verdict counted, no epoch advice
+    assert rep.verdict_counts == {rp.STILL_IMPROVING: 3}
+    assert math.isnan(rep.trials.set_index("number").loc[3, "rec_epochs"])
     arch = rep.tables["architecture"].set_index("arch")
     assert arch.loc["resnet34", "completed"] == 2 and arch.loc["resnet34", "best_error"] == 0.05
     assert list(arch["depth"]) == [18, 34, 50]
@@ -189,6 +192,7 @@ def test_build_report_ranks_compares_and_advises() -> None:
     assert "5.00% (95% CI" in text and "raise epochs (try epochs=5 instead of 3)" in text
     assert "within noise of trial 2" in text and "pet-sweep train best.yaml" in text
     assert "still running" in text
+    assert re.search(r"^verdicts +still improving 3 \(of the 3 completed trials\)$", text, re.M), text
     md = rp.markdown(rep, {"loss_curves": "figures/loss_curves.png"})
     assert "![Loss curves" in md and "| number | state |" in md
     page = rp.html(rep, {"loss_curves": b"\x89PNG fake"})
