@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -252,13 +253,14 @@ def check_port_free(host: str, port: int) -> None:
                               "choose another port with --port") from None
 
 
-def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path | None = None) -> None:
     """Poll `url` until the server answers; fail when the child exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ServerError(f"the server exited with code {proc.returncode} before it answered; "
-                              "its messages are above")
+            said = log_tail(log) if log else ""
+            raise ServerError(f"the server exited with code {proc.returncode} before it answered"
+                              + (f"; its last messages:\n{said}" if said else ""))
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -267,6 +269,13 @@ def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float) -> No
         except OSError:
             time.sleep(0.3)
     raise ServerError(f"the server did not answer at {url} within {timeout:.0f}s")
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
@@ -294,22 +303,33 @@ def open_ui(title: str, cmd: list[str], host: str, port: int, *, ready_path: str
 
 def serve(cmd: list[str], *, ready_url: str, open_url: str, echo: Callable[[str], None],
           startup_timeout: float = 120.0) -> int:
-    """Run a UI server until Ctrl-C (or SIGTERM); print `open_url` once it answers."""
+    """Run a UI server until Ctrl-C (or SIGTERM); print `open_url` once it answers.
+
+    The server's own start-up and request messages go to a log file, so the URL to
+    open is not buried among them; a server that fails to start shows its last lines.
+    """
+    log_file = tempfile.NamedTemporaryFile(prefix="pet-sweep-server-", suffix=".log", delete=False)
+    log = Path(log_file.name)
     # own session: Ctrl-C reaches only us, and we stop the whole group (uvicorn/gunicorn workers)
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    with log_file:
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
 
     def terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        wait_until_up(ready_url, proc, startup_timeout)
+        wait_until_up(ready_url, proc, startup_timeout, log)
         echo(f"open {open_url}")
-        echo("(Ctrl-C stops the server)")
-        return proc.wait()
+        echo(f"(Ctrl-C stops the server; its messages go to {log})")
+        code = proc.wait()
+        if code:
+            echo(f"the server stopped with code {code}; its last messages:\n{log_tail(log)}")
+        return code
     except KeyboardInterrupt:
         echo("stopping the server")
         return 0
     finally:
         stop(proc)
         signal.signal(signal.SIGTERM, previous)
+        log.unlink(missing_ok=True)

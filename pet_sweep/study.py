@@ -71,6 +71,10 @@ class StaleTrialHandler:
                 pass
 
 
+# the project's extras that bring a database driver, by URL scheme
+DRIVER_EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
+
+
 def make_storage(url: str, faults: FaultsConfig | None = None,
                  on_stale: StaleTrialHandler | None = None) -> optuna.storages.BaseStorage:
     """The Optuna storage of a URL.
@@ -97,8 +101,11 @@ def make_storage(url: str, faults: FaultsConfig | None = None,
             engine_kwargs = {"pool_pre_ping": True}
         return _rdb_storage(url, faults, on_stale or StaleTrialHandler(faults.max_retry), engine_kwargs)
     except Exception as err:  # SQLAlchemy/driver errors: bad URL, server down, missing driver
+        extra = next((name for prefix, name in DRIVER_EXTRAS.items() if url.startswith(prefix)), None)
+        hint = (f"; install its driver with: pip install -e '.[{extra}]'"
+                if extra and isinstance(err, ImportError) else "")
         raise StudyError(f"cannot open the Optuna storage {redact_url(url)}: "
-                         f"{type(err).__name__}: {redact_url_in(str(err).splitlines()[0][:300], url)}") from None
+                         f"{type(err).__name__}: {redact_url_in(str(err).splitlines()[0][:300], url)}{hint}") from None
 
 
 def _rdb_storage(url: str, faults: FaultsConfig, on_stale: StaleTrialHandler,

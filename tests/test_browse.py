@@ -283,15 +283,19 @@ def test_serve_prints_the_url_once_up_and_stops_the_server_on_sigterm() -> None:
     code = browse.serve([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
                         ready_url=f"http://127.0.0.1:{port}/", open_url="http://example/page", echo=echo)
     assert code == 0
-    assert lines == ["open http://example/page", "(Ctrl-C stops the server)", "stopping the server"]
+    assert lines[0] == "open http://example/page" and lines[2] == "stopping the server"
+    log = Path(lines[1].removeprefix("(Ctrl-C stops the server; its messages go to ").removesuffix(")"))
+    assert log.name.startswith("pet-sweep-server-") and not log.exists()  # removed with the server
     assert signal.getsignal(signal.SIGTERM) == previous  # our handler is gone again
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0  # the server is gone
 
 
 def test_serve_reports_a_server_that_exits_at_once() -> None:
-    with pytest.raises(browse.ServerError, match="exited with code 3"):
-        browse.serve([sys.executable, "-c", "raise SystemExit(3)"], ready_url=f"http://127.0.0.1:{free_port()}/",
+    fails = "import sys; print('Address already in use', file=sys.stderr); raise SystemExit(3)"
+    with pytest.raises(browse.ServerError, match="exited with code 3 before it answered; its last messages:\n"
+                                                 "Address already in use"):
+        browse.serve([sys.executable, "-c", fails], ready_url=f"http://127.0.0.1:{free_port()}/",
                      open_url="-", echo=lambda line: None)
 
 

@@ -149,3 +149,20 @@ def test_tables_created_by_another_process_at_the_same_moment(monkeypatch: pytes
     with pytest.raises(PetSweepError, match="disk I/O error"):
         make_storage(f"sqlite:///{tmp_path}/other.db")
     assert len(calls) == 1
+
+
+def test_a_missing_database_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+
+    from pet_sweep.study import make_storage
+
+    def no_driver(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - what Optuna raises without psycopg
+        raise ImportError("Failed to import DB access module for the specified storage URL. "
+                          "Please install appropriate one.")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", no_driver)
+    with pytest.raises(PetSweepError, match=r"postgresql://u:\*\*\*@db/optuna: ImportError: .*; install its driver "
+                                            r"with: pip install -e '\.\[postgres\]'"):
+        make_storage("postgresql://u:pw@db/optuna")
+    with pytest.raises(PetSweepError, match=r"pip install -e '\.\[mysql\]'"):
+        make_storage("mysql+pymysql://root@db/optuna")
