@@ -212,11 +212,13 @@ def study_state(exp: Experiment, storages: dict[str, Any] | None = None) -> Stud
                       best_trial=None if best is None else best.number, study_id=study_id)
 
 
-def list_studies(config_path: str) -> tuple[list[StudyState], str | None]:
-    """Every experiment of the file with its study's state, and the file's default."""
+def list_studies(config_path: str, storage: str | None = None) -> tuple[list[StudyState], str | None]:
+    """Every experiment of the file with its study's state, and the file's default
+    (`storage`: one storage for them all, as `--storage` gives `run`)."""
     parsed, path = load_experiments_file(config_path)
     storages: dict[str, Any] = {}
-    states = [study_state(load_experiment(path, name), storages) for name in parsed.experiments]
+    states = [study_state(load_experiment(path, name).with_overrides(storage=storage), storages)
+              for name in parsed.experiments]
     for storage in storages.values():
         storage.engine.dispose()
     return states, parsed.default

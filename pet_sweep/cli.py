@@ -48,6 +48,14 @@ def _quiet_libraries() -> None:
 config_option = click.option(
     "--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
     type=click.Path(dir_okay=False), help="The experiments file.")
+# Every command reads the same stores: a machine set up with the two variables (see the
+# README's "Scale out") reports, exports and browses the shared study as it runs it.
+storage_option = click.option(
+    "--storage", envvar="PET_SWEEP_STORAGE",
+    help="Optuna storage URL (default: the experiment's `storage`; env PET_SWEEP_STORAGE).")
+tracking_option = click.option(
+    "--tracking-uri", envvar="PET_SWEEP_TRACKING_URI",
+    help="MLflow tracking URI (default: the experiment's `tracking.uri`; env PET_SWEEP_TRACKING_URI).")
 
 
 def load(config_path: str, experiment: str | None, **overrides: Any) -> Experiment:
@@ -71,8 +79,7 @@ def cli() -> None:
 @click.option("--storage", envvar="PET_SWEEP_STORAGE",
               help="Optuna storage URL (default: the experiment's `storage`; env PET_SWEEP_STORAGE): "
                    "sqlite:///file.db, postgresql://..., mysql+pymysql://..., journal:///shared/optuna.log.")
-@click.option("--tracking-uri", envvar="PET_SWEEP_TRACKING_URI",
-              help="MLflow tracking URI (default: the experiment's `tracking.uri`; env PET_SWEEP_TRACKING_URI).")
+@tracking_option
 @click.option("--study-name", help="Optuna study name (default: the experiment's name).")
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Worker processes sharing the study and the budget (one GPU each where there are GPUs).")
@@ -221,7 +228,7 @@ def _print_best(exp: Experiment, best: tuple[float, int] | None, where: str, qui
               help="Frozen epochs before the unfrozen phase (default: the space's value, or its lower bound).")
 @click.option("--num-it", type=click.IntRange(min=30), default=100, show_default=True,
               help="Mock-training steps per phase (fastai's num_it); fewer is faster and coarser.")
-@click.option("--tracking-uri", help="MLflow tracking URI (default: the experiment's `tracking.uri`).")
+@tracking_option
 @fail_clearly
 def lr_find(experiment: str | None, config_path: str, archs: tuple[str, ...], out_dir: str,
             freeze_epochs: int | None, num_it: int, tracking_uri: str | None) -> None:
@@ -261,8 +268,8 @@ def _sigterm_is_interrupt() -> None:
 @config_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Folder for report.html, report.md and figures/ (default: reports/<study> beside the config).")
-@click.option("--storage", help="Optuna storage URL (default: the experiment's `storage`).")
-@click.option("--tracking-uri", help="MLflow tracking URI (default: the experiment's `tracking.uri`).")
+@storage_option
+@tracking_option
 @click.option("--study-name", help="Optuna study name (default: the experiment's name).")
 @click.option("--no-mlflow-attach", is_flag=True, help="Do not attach the report to the sweep's MLflow run.")
 @fail_clearly
@@ -295,7 +302,7 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
 @click.option("-o", "--output", default="best.yaml", show_default=True, type=click.Path(dir_okay=False),
               help="Where to write the standalone config.")
 @click.option("--trial", type=int, help="Export this trial number instead of the best completed one.")
-@click.option("--storage", help="Optuna storage URL (default: the experiment's `storage`).")
+@storage_option
 @click.option("--study-name", help="Optuna study name (default: the experiment's name).")
 @fail_clearly
 def export(experiment: str | None, config_path: str, output: str, trial: int | None, storage: str | None,
@@ -339,8 +346,9 @@ def train(config_file: str, export_model: bool) -> None:
 
 @cli.command("list")
 @config_option
+@storage_option
 @fail_clearly
-def list_(config_path: str) -> None:
+def list_(config_path: str, storage: str | None) -> None:
     """List the experiments of the file with their studies' state (default marked *).
 
     Counts trials complete / pruned / failed / running and shows the best error
@@ -348,7 +356,7 @@ def list_(config_path: str) -> None:
     """
     from pet_sweep.browse import format_states, list_studies
 
-    states, default = list_studies(config_path)
+    states, default = list_studies(config_path, storage)
     for line in format_states(states, default):
         click.echo(line.rstrip())
 
@@ -370,8 +378,9 @@ host_option = click.option("--host", default="127.0.0.1", show_default=True,
 @config_option
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="Port to listen on.")
 @host_option
+@tracking_option
 @fail_clearly
-def ui(experiment: str | None, config_path: str, port: int, host: str) -> None:
+def ui(experiment: str | None, config_path: str, port: int, host: str, tracking_uri: str | None) -> None:
     """Open the MLflow UI on EXPERIMENT's tracking store and print its page's URL.
 
     The sweep is a parent run `sweep-<study>` with the trials `trial-<n>` nested
@@ -380,7 +389,7 @@ def ui(experiment: str | None, config_path: str, port: int, host: str) -> None:
     """
     from pet_sweep import browse
 
-    exp = load(config_path, experiment)
+    exp = load(config_path, experiment, tracking_uri=tracking_uri)
     if browse.is_remote(exp.tracking_uri):
         url, note = browse.remote_experiment_url(exp.tracking_uri, exp.tracking_experiment)
         click.echo(f"MLflow experiment '{exp.tracking_experiment}' is on the tracking server")
@@ -400,15 +409,16 @@ def ui(experiment: str | None, config_path: str, port: int, host: str) -> None:
 @config_option
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
 @host_option
+@storage_option
 @fail_clearly
-def dashboard(experiment: str | None, config_path: str, port: int, host: str) -> None:
+def dashboard(experiment: str | None, config_path: str, port: int, host: str, storage: str | None) -> None:
     """Open optuna-dashboard on EXPERIMENT's study storage and print the study's URL.
 
     Needs the optional extra: pip install 'pet-sweep[dashboard]'. Ctrl-C stops it.
     """
     from pet_sweep import browse
 
-    exp = load(config_path, experiment)
+    exp = load(config_path, experiment, storage=storage)
     executable = browse.dashboard_executable()
     _warn_host(host)
     state = browse.study_state(exp)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -64,6 +65,10 @@ def quiet_mlflow() -> None:
     # MLflow's alembic migrations log a dozen INFO lines the first time a store is used.
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # On a tracking server MLflow prints "View run ... at: URL" and "View experiment at: URL"
+    # each time a run ends: two lines per trial between pet-sweep's own. The header names
+    # the server and `pet-sweep ui` the page; the variable set to false brings them back.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 WHERE_TRACKING = "tracking.uri, --tracking-uri or PET_SWEEP_TRACKING_URI"

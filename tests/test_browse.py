@@ -306,9 +306,13 @@ def test_tracker_keeps_artifacts_beside_the_store_and_opens_on_runs(tmp_path: Pa
     from pet_sweep.tracking import Tracker
 
     monkeypatch.chdir(tmp_path)  # MLflow's default would be ./mlruns here
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     tracker = Tracker(uri, "pet-sweep/x")
     found = MlflowClient(uri).get_experiment(tracker.experiment_id)
     assert found.artifact_location == (tmp_path / "runs" / "mlartifacts").as_uri()
     assert found.tags["mlflow.experimentKind"] == "custom_model_development"
+    from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+
+    assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()  # no "View run ... at: URL" lines between trial lines
     assert not (tmp_path / "mlruns").exists()

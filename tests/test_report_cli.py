@@ -257,3 +257,21 @@ def test_train_refuses_a_bad_config(tmp_path: Path) -> None:
     result = invoke("train", tmp_path / "missing.yaml")
     assert result.exit_code == 2 and "file not found" in result.output
     assert not (tmp_path / "stores").exists()
+
+
+def test_every_command_reads_the_stores_the_environment_names(study: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine of a shared sweep sets PET_SWEEP_STORAGE / PET_SWEEP_TRACKING_URI once (README, Scale out):
+    report, export and list read the shared study with them, as run does."""
+    elsewhere = write_config(tmp_path / "elsewhere")  # the same experiment, its own (empty) stores
+    stores = study.parent / "stores"
+    monkeypatch.setenv("PET_SWEEP_STORAGE", f"sqlite:///{stores / 'optuna.db'}")
+    monkeypatch.setenv("PET_SWEEP_TRACKING_URI", f"sqlite:///{stores / 'mlflow.db'}")
+    listed = invoke("list", "--config", elsewhere)
+    assert listed.exit_code == 0 and re.search(r"^tiny \*\s+tiny\s+2\s+0\s+0\s+0\s", listed.output, re.M), listed.output
+    reported = invoke("report", "--config", elsewhere, "--out", tmp_path / "report", "--no-mlflow-attach")
+    assert reported.exit_code == 0, reported.output
+    exported = invoke("export", "--config", elsewhere, "-o", tmp_path / "best.yaml")
+    assert exported.exit_code == 0, exported.output
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["source"]["storage"].startswith(f"sqlite:///{stores}")
+    assert not (tmp_path / "elsewhere" / "stores").exists()  # nothing created where the file points
