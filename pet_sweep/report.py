@@ -325,6 +325,7 @@ class StudyReport:
     verdict_counts: dict[str, int]
     records: dict[int, TrialRecord] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    test_split: bool = True                 # the experiment holds items out of every trial (data.test_pct > 0)
 
     @property
     def best_analysis(self) -> TrialAnalysis | None:
@@ -464,7 +465,8 @@ def tie_advice(best: int, rivals: Sequence[int], frame: pd.DataFrame) -> str:
 
 def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, comparisons: Sequence[Comparison],
                verdict_counts: Mapping[str, int], frame: pd.DataFrame,
-               bounds: Mapping[str, tuple[float, float]], heldout: HeldOut | None) -> list[str]:
+               bounds: Mapping[str, tuple[float, float]], heldout: HeldOut | None,
+               test_split: bool = True) -> list[str]:
     """What to try next, in plain words, most important first."""
     steps = []
     p = report_best.params
@@ -497,7 +499,10 @@ def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, compari
     if not div.empty:
         steps.append(f"{len(div)} trial(s) diverged (lowest lr_hi {div['lr_hi'].min():.2g}, "
                      f"base_lr {div['base_lr'].min():.2g}): lower the top of the LR ranges")
-    if heldout is None:
+    if not test_split:
+        steps.append("this experiment holds no items out (data.test_pct: 0), so the selected validation error is "
+                     "the only, optimistic, estimate: set data.test_pct for a new study to measure one")
+    elif heldout is None:
         steps.append("measure the best config on the held-out split: pet-sweep export, then pet-sweep train best.yaml")
     return steps
 
@@ -516,7 +521,7 @@ def completed(records: Sequence[TrialRecord], *, experiment: str, study_name: st
 def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name: str,
                  importances: Mapping[str, float] | None = None, heldout: Sequence[HeldOut] = (),
                  bounds: Mapping[str, tuple[float, float]] | None = None,
-                 n_classes: int | None = None) -> StudyReport:
+                 n_classes: int | None = None, test_split: bool = True) -> StudyReport:
     """Analyse every trial with a history and compare the best with its rivals."""
     done = completed(records, experiment=experiment, study_name=study_name)
     best = min(done, key=lambda r: (r.value, r.number))
@@ -534,7 +539,8 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
     verdict_counts = {v: int((complete["verdict"] == v).sum()) for v in VERDICTS if (complete["verdict"] == v).any()}
     mine = [h for h in heldout if h.trial == best.number]
     held = mine[-1] if mine else (heldout[-1] if heldout else None)
-    steps = next_steps(best, analyses.get(best.number), comparisons, verdict_counts, frame, bounds or {}, held)
+    steps = next_steps(best, analyses.get(best.number), comparisons, verdict_counts, frame, bounds or {}, held,
+                       test_split)
     notes = []
     if counts.get("RUNNING"):
         notes.append(f"the study is still running ({counts['RUNNING']} trial(s) in progress); "
@@ -542,7 +548,8 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
     return StudyReport(experiment=experiment, study_name=study_name, trials=frame, analyses=analyses, best=best,
                        n_valid=_n_items(best), comparisons=comparisons, tables=study_tables(frame),
                        importances=dict(importances or {}), heldout=held, next_steps=steps, counts=counts,
-                       verdict_counts=verdict_counts, records={r.number: r for r in records}, notes=notes)
+                       verdict_counts=verdict_counts, records={r.number: r for r in records}, notes=notes,
+                       test_split=test_split)
 
 
 # -- rendering (strings only) ------------------------------------------------
@@ -556,6 +563,8 @@ def describe_params(params: Mapping[str, Any]) -> str:
 
 def heldout_text(report: StudyReport) -> str:
     h = report.heldout
+    if h is None and not report.test_split:
+        return "none: this experiment holds no items out (data.test_pct: 0)"
     if h is None:
         return "not measured yet (pet-sweep export, then pet-sweep train best.yaml)"
     which = f"replay of trial {h.trial}" if h.trial is not None else "replay"

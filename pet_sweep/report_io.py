@@ -149,7 +149,7 @@ def load_report(exp: Experiment) -> ReportBundle:
     targets = next((r.targets for r in records if r.targets), ())
     report = build_report(records, experiment=exp.name, study_name=exp.study_name, importances=importances,
                           heldout=read_heldout(tracking, exp.study_name), bounds=space_bounds(exp),
-                          n_classes=len(set(targets)) or None)
+                          n_classes=len(set(targets)) or None, test_split=exp.config.data.test_pct > 0)
     report.notes.extend([note] if note else [])
     return ReportBundle(report, study, tracking)
 

@@ -193,6 +193,11 @@ def test_build_report_ranks_compares_and_advises() -> None:
     assert "within noise of trial 2" in text and "pet-sweep train best.yaml" in text
     assert "still running" in text
     assert re.search(r"^verdicts +still improving 3 \(of the 3 completed trials\)$", text, re.M), text
+    assert "measure the best config on the held-out split" in text
+    # an experiment with no held-out split is told so, not sent to measure one
+    bare = rp.summary_text(rp.build_report(records, experiment="pets", study_name="pets", test_split=False))
+    assert "held-out" in bare and "none: this experiment holds no items out (data.test_pct: 0)" in bare
+    assert "set data.test_pct for a new study" in bare and "pet-sweep train best.yaml" not in bare
     md = rp.markdown(rep, {"loss_curves": "figures/loss_curves.png"})
     assert "![Loss curves" in md and "| number | state |" in md
     page = rp.html(rep, {"loss_curves": b"\x89PNG fake"})
