@@ -323,8 +323,10 @@ def export(experiment: str | None, config_path: str, output: str, trial: int | N
 @cli.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.option("--export-model", is_flag=True, help="Save the trained learner (learn.export) as an MLflow artifact.")
+@click.option("--tracking-uri", envvar="PET_SWEEP_TRACKING_URI",
+              help="MLflow tracking URI (default: the one in CONFIG_FILE, the sweep's; env PET_SWEEP_TRACKING_URI).")
 @fail_clearly
-def train(config_file: str, export_model: bool) -> None:
+def train(config_file: str, export_model: bool, tracking_uri: str | None) -> None:
     """Re-run the fine-tune of CONFIG_FILE (written by `pet-sweep export`) once, logged to MLflow.
 
     Reports the validation error (and whether it reproduces the trial's, within
@@ -334,7 +336,8 @@ def train(config_file: str, export_model: bool) -> None:
     from pet_sweep.replay import train as replay
     from pet_sweep.report import format_rate
 
-    outcome = replay(config_file, export_model=export_model, echo=lambda line: click.echo(line))
+    outcome = replay(config_file, export_model=export_model, tracking_uri=tracking_uri,
+                     echo=lambda line: click.echo(line))
     click.echo(f"valid error  {format_rate(outcome.valid_error, outcome.n_valid)}"
                + ("" if outcome.reproduced is None else
                   "  reproduces the trial (within its 95% interval)" if outcome.reproduced else

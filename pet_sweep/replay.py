@@ -189,13 +189,20 @@ def _parent_in_store(client: Any, run_id: str | None) -> str | None:
     return run_id
 
 
-def train(path: str | Path, *, export_model: bool = False, echo: Callable[[str], None] = print) -> ReplayOutcome:
-    """Re-run an exported fine-tune once, logged to MLflow; report validation and test error."""
+def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | None = None,
+          echo: Callable[[str], None] = print) -> ReplayOutcome:
+    """Re-run an exported fine-tune once, logged to MLflow; report validation and test error.
+
+    `tracking_uri` logs it to another MLflow store than the one the config names
+    (the sweep's), e.g. on the machine that takes the config to production.
+    """
     from pet_sweep import recipe
     from pet_sweep.data import build_data
-    from pet_sweep.tracking import Tracker
+    from pet_sweep.tracking import Tracker, check_server
 
     cfg, exp = load_replay(path)
+    exp = exp.with_overrides(tracking_uri=tracking_uri)
+    check_server(exp.tracking_uri)  # a server that is down: said before the training, not after
     params = params_from_dict(cfg.params)
     data = build_data(exp)
     tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)

@@ -110,3 +110,12 @@ def two_workers_finish_the_budget(write_experiments: Callable[..., Path], storag
     for run in [parent, *runs.values()]:
         assert "s3cret" not in repr(run.data.params) + repr(run.data.tags)
     assert "s3cret" not in repr(load(storage, name).user_attrs)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -127,6 +127,14 @@ def test_export_train_round_trip(study: Path, tmp_path: Path) -> None:
     assert doc["data"]["test_pct"] == 0.1 and doc["seed"] == 0 and doc["model"]["img_size"] == 16
     trial = doc["source"]["trial"]
 
+    # another MLflow store than the sweep's (the production machine's): a server that is down is
+    # refused before any training
+    from tests._sweeps import closed_port
+
+    down = invoke("train", best_yaml, "--tracking-uri", f"http://127.0.0.1:{closed_port()}")
+    assert down.exit_code == 2 and "cannot reach the MLflow tracking server" in down.output, down.output
+    assert "valid error" not in down.output
+
     result = invoke("train", best_yaml, "--export-model")
     assert result.exit_code == 0, result.output
     assert "reproduces the trial (within its 95% interval)" in result.output

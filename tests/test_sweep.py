@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
+from tests._sweeps import closed_port
 from pet_sweep.cli import cli
 from pet_sweep.config import load_experiment
 
@@ -175,14 +176,6 @@ def test_bad_input_exits_2_and_creates_nothing(write_experiments, args, override
     assert message in result.output and "Traceback" not in result.output
     assert not (path.parent / "stores").exists()  # no study, no MLflow store
     assert not (path.parent / "runs").exists()
-
-
-def closed_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
