@@ -105,7 +105,7 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
                tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
     from pet_sweep.progress import Progress
-    from pet_sweep.study import SweepInterrupted, quiet_optuna, run_sweep
+    from pet_sweep.study import SweepInterrupted, missing_store_file, quiet_optuna, run_sweep
     from pet_sweep.tracking import redact_url
     from pet_sweep.workers import WorkerRole, parse_gpus, supervise
 
@@ -124,8 +124,14 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         click.echo(f"study        {exp.study_name}  (+{budget.n_trials} trials"
                    + (f", timeout {budget.timeout:g}s" if budget.timeout else "")
                    + (f", {workers} workers" if workers > 1 else "") + ")")
-        click.echo(f"storage      {redact_url(exp.storage_url)}")
-        click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'")
+        # a store file that does not exist yet is created (its folder too): a mistyped path shows here
+        def created(url: str) -> str:
+            new = missing_store_file(url)
+            return "" if new is None else f"  (new file{'' if new.parent.is_dir() else ' and folder'})"
+
+        click.echo(f"storage      {redact_url(exp.storage_url)}{created(exp.storage_url)}")
+        click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'"
+                   f"{created(exp.tracking_uri)}")
 
     def resume_command(finished: int) -> str:
         again = ["pet-sweep run", exp.name]

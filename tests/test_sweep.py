@@ -45,6 +45,9 @@ def test_run_prints_where_things_go_and_one_line_per_trial(swept) -> None:
     out = result.output
     assert "experiment   tiny" in out and "study        tiny" in out
     assert exp.storage_url in out and exp.tracking_uri in out
+    # a first run creates both store files and their folder, and says so (a mistyped path shows)
+    assert f"storage      {exp.storage_url}  (new file and folder)" in out
+    assert f"MLflow       {exp.tracking_uri}  experiment 'pet-sweep/tiny'  (new file and folder)" in out
     finished = [line for line in out.splitlines() if line.startswith("trial ") and "started" not in line]
     assert len(finished) == 2 and all("COMPLETE" in line and "error_rate=" in line for line in finished)
     started = [line for line in out.splitlines() if line.startswith("trial ") and "started" in line]
@@ -118,6 +121,7 @@ def test_resume_adds_trials_to_the_same_study(write_experiments) -> None:
     assert _invoke("run", "--config", str(path)).exit_code == 0
     second = _invoke("run", "--config", str(path), "--n-trials", "1", "--timeout", "1")
     assert second.exit_code == 0, second.output
+    assert "(new file" not in second.output  # the same stores: nothing new
     assert "time budget" not in second.output  # the clock ran out, but with no trial left to start
     exp = load_experiment(path)
     study = optuna.load_study(study_name="tiny", storage=exp.storage_url)
