@@ -118,7 +118,6 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         except KeyboardInterrupt:
             sys.exit(130)
         return
-    where = f" --config {config_path}" if config_path != DEFAULT_CONFIG else ""
     if not quiet:
         click.echo(f"experiment   {exp.name}  ({exp.config_path})")
         click.echo(f"study        {exp.study_name}  (+{budget.n_trials} trials"
@@ -133,16 +132,24 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'"
                    f"{created(exp.tracking_uri)}")
 
-    def resume_command(finished: int) -> str:
-        again = ["pet-sweep run", exp.name]
-        if config_path != DEFAULT_CONFIG:
-            again += ["--config", config_path]
-        source = click.get_current_context().get_parameter_source
-        for flag, value in (("--storage", storage), ("--tracking-uri", tracking_uri),
-                            ("--study-name", study_name), ("--timeout", timeout), ("--gpus", gpus)):
+    source = click.get_current_context().get_parameter_source
+
+    def flags(*pairs: tuple[str, Any]) -> list[str]:
+        """The options given on the command line (not from the environment), to repeat in a hint."""
+        out = ["--config", config_path] if config_path != DEFAULT_CONFIG else []
+        for flag, value in pairs:
             from_env = source(flag[2:].replace("-", "_")) == click.core.ParameterSource.ENVIRONMENT
             if value is not None and not from_env:
-                again += [flag, f"{value:g}" if isinstance(value, float) else redact_url(str(value))]
+                out += [flag, f"{value:g}" if isinstance(value, float) else redact_url(str(value))]
+        return out
+
+    stores = (("--storage", storage), ("--tracking-uri", tracking_uri), ("--study-name", study_name))
+    # the next commands read the same study: the same stores and study name as this run
+    where = ("".join(f" {part}" for part in flags(*stores)),                         # report
+             "".join(f" {part}" for part in flags(("--tracking-uri", tracking_uri))))  # ui
+
+    def resume_command(finished: int) -> str:
+        again = ["pet-sweep run", exp.name, *flags(*stores, ("--timeout", timeout), ("--gpus", gpus))]
         if workers > 1:
             again += ["--workers", str(workers)]
         again += ["--n-trials", str(max(1, budget.n_trials - finished))]
@@ -215,13 +222,13 @@ def _print_timeout(timeout: float | None, ran: int, n_trials: int, command: str)
                f" add more with: {command} (--timeout SECONDS for a longer run)")
 
 
-def _print_best(exp: Experiment, best: tuple[float, int] | None, where: str, quiet: bool) -> None:
+def _print_best(exp: Experiment, best: tuple[float, int] | None, where: tuple[str, str], quiet: bool) -> None:
     if best is None:
         click.echo("no trial completed")
         return
     click.echo(f"best         trial {best[1]}: error_rate {best[0]:.4f}")
     if not quiet:
-        click.echo(f"next         pet-sweep report {exp.name}{where}   |   pet-sweep ui {exp.name}{where}")
+        click.echo(f"next         pet-sweep report {exp.name}{where[0]}   |   pet-sweep ui {exp.name}{where[1]}")
 
 
 @cli.command("lr-find")
@@ -267,6 +274,10 @@ def _sigterm_is_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    # A shell script that starts `pet-sweep run ... &` leaves SIGINT ignored (POSIX, for
+    # background jobs), and the workers inherit that: the supervisor's forwarded Ctrl-C
+    # would then not stop them. Interrupts always stop a sweep.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @cli.command()
@@ -309,14 +320,15 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
               help="Where to write the standalone config.")
 @click.option("--trial", type=int, help="Export this trial number instead of the best completed one.")
 @storage_option
+@tracking_option
 @click.option("--study-name", help="Optuna study name (default: the experiment's name).")
 @fail_clearly
 def export(experiment: str | None, config_path: str, output: str, trial: int | None, storage: str | None,
-           study_name: str | None) -> None:
+           tracking_uri: str | None, study_name: str | None) -> None:
     """Write the best (or --trial N) trial of EXPERIMENT as a standalone config for `pet-sweep train`."""
     from pathlib import Path
 
-    exp = load(config_path, experiment, storage=storage, study_name=study_name)
+    exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
     from pet_sweep.replay import export_config, write_config
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import optuna
 import yaml
@@ -150,27 +150,59 @@ def missing_store_file(url: str) -> Path | None:
     return path if path is not None and not path.is_file() else None
 
 
-def sampler_seed(seed: int | None, worker: int = 0, existing: int = 0) -> int | None:
-    """The seed of one worker's sampler: `seed` itself for a new study's first worker.
-
-    Workers with the same seed would draw the same parameters, and so would a resumed
-    study whose sampler starts again from the same seed (its random start-up trials
-    would repeat the first run's): each worker, and each resume (counted by the trials
-    already in the study), gets its own reproducible stream.
-    """
-    if seed is None or (worker == 0 and existing == 0):
-        return seed
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of trial `number`'s draws: the same trial of the same study draws the same."""
     import numpy as np
 
-    return int(np.random.SeedSequence([seed, worker, existing]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
-def make_sampler(exp: Experiment, worker: int = 0, existing: int = 0) -> optuna.samplers.BaseSampler:
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Optuna's sampler, seeded afresh for each trial from the seed and the trial's number.
+
+    Trial numbers are handed out by the storage, one per trial across every worker and
+    machine. So two machines that open a new study at the same moment do not draw the
+    same parameters (as one seeded sampler per process would), a resume does not repeat
+    the first run's draws, and a study stays reproducible: what a trial draws depends
+    only on the seed, its number and the trials before it.
+    """
+
+    def __init__(self, make: Callable[[int | None], optuna.samplers.BaseSampler], seed: int | None) -> None:
+        self._make, self._seed = make, seed
+        self._inner = make(seed)
+
+    def __str__(self) -> str:
+        return f"{type(self._inner).__name__} (seeded per trial from {self._seed})"
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self._seed is not None:
+            self._inner = self._make(trial_seed(self._seed, trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: Any) -> Any:
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
+def make_sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
     cfg = exp.config.sampler
-    seed = sampler_seed(cfg.seed, worker, existing)
     if cfg.name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
+        return TrialSeededSampler(lambda seed: optuna.samplers.RandomSampler(seed=seed), cfg.seed)
+    return TrialSeededSampler(lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials),
+                              cfg.seed)
 
 
 def make_pruner(exp: Experiment) -> optuna.pruners.BasePruner:
@@ -190,7 +222,7 @@ def make_pruner(exp: Experiment) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(exp: Experiment, *, create: bool = True, worker: int = 0,
+def open_study(exp: Experiment, *, create: bool = True,
                on_stale: StaleTrialHandler | None = None) -> optuna.Study:
     """Create the experiment's study, or load it to resume (same name = same study).
 
@@ -205,15 +237,12 @@ def open_study(exp: Experiment, *, create: bool = True, worker: int = 0,
     if not create:
         try:
             return optuna.load_study(study_name=exp.study_name, storage=storage,
-                                     sampler=make_sampler(exp, worker), pruner=make_pruner(exp))
+                                     sampler=make_sampler(exp), pruner=make_pruner(exp))
         except KeyError:
             raise StudyError(f"no study named {exp.study_name!r} in {redact_url(exp.storage_url)}; "
                              f"run `pet-sweep run {exp.name}` first") from None
-    study = optuna.create_study(study_name=exp.study_name, storage=storage, sampler=make_sampler(exp, worker),
+    study = optuna.create_study(study_name=exp.study_name, storage=storage, sampler=make_sampler(exp),
                                 pruner=make_pruner(exp), direction="minimize", load_if_exists=True)
-    existing = len(study.get_trials(deepcopy=False))
-    if existing:  # a resume (or an enqueued trial): a fresh random stream, not the first run's again
-        study.sampler = make_sampler(exp, worker, existing)
     if "experiment" not in study.user_attrs:
         study.set_user_attr("experiment", exp.name)
         study.set_user_attr("metric", "error_rate")
@@ -503,6 +532,15 @@ def open_parent_run(exp: Experiment, study: optuna.Study, tracker: Tracker) -> s
     return parent
 
 
+def close_parent_run(study: optuna.Study, tracker: Tracker, parent: str, status: str) -> bool:
+    """End this invocation's hold on the sweep's parent run: close it, unless trials of
+    other machines still run under it (the last machine to finish closes it). True if closed."""
+    if any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+        return False
+    tracker.finish_sweep(parent, status)
+    return True
+
+
 def close_dead_runs(study: optuna.Study, tracker: Tracker) -> int:
     """Close MLflow trial runs left RUNNING whose Optuna trial is no longer running."""
     trials = study.get_trials(deepcopy=False)
@@ -533,7 +571,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     check_server(exp.tracking_uri)  # an MLflow server that is down: said in seconds, before the data
     data = build_data(exp)  # before any store: a missing data folder must not leave a study or run behind
     stale = StaleTrialHandler(exp.config.faults.max_retry)
-    study = open_study(exp, worker=role.index, on_stale=stale)  # a bad storage URL: before the MLflow store
+    study = open_study(exp, on_stale=stale)  # a bad storage URL: before the MLflow store
     tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
     stale.tracker, stale.echo = tracker, echo
     owns_parent = role.parent_run_id is None
@@ -604,7 +642,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         gc.unfreeze()  # a library caller's later collections see everything again
         if owns_parent:
             close_dead_runs(study, tracker)
-            tracker.finish_sweep(parent, status)
+            close_parent_run(study, tracker, parent, status)
             role.lock_path.unlink(missing_ok=True)
     best = best_of(study)
     if best:

@@ -279,7 +279,7 @@ def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
     PET_SWEEP_STORAGE / PET_SWEEP_TRACKING_URI).
     """
     from pet_sweep.data import check_data
-    from pet_sweep.study import best_of, close_dead_runs, open_parent_run, open_study
+    from pet_sweep.study import best_of, close_dead_runs, close_parent_run, open_parent_run, open_study
     from pet_sweep.tracking import Tracker, check_server
 
     check_server(exp.tracking_uri)  # an MLflow server that is down: said in seconds
@@ -311,7 +311,7 @@ def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
         status = "KILLED" if interrupted else "FINISHED" if finished else "FAILED"
     finally:
         closed = close_dead_runs(study, tracker)
-        tracker.finish_sweep(parent, status)
+        close_parent_run(study, tracker, parent, status)
         roles[0].lock_path.unlink(missing_ok=True)
     return Supervised(exp.study_name, parent, exits, interrupted, finished, used, best_of(study), closed, orphans,
                       capped)

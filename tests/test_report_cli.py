@@ -281,5 +281,7 @@ def test_every_command_reads_the_stores_the_environment_names(study: Path, tmp_p
     assert reported.exit_code == 0, reported.output
     exported = invoke("export", "--config", elsewhere, "-o", tmp_path / "best.yaml")
     assert exported.exit_code == 0, exported.output
-    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["source"]["storage"].startswith(f"sqlite:///{stores}")
+    doc = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert doc["source"]["storage"].startswith(f"sqlite:///{stores}")
+    assert doc["tracking"]["uri"] == f"sqlite:///{stores / 'mlflow.db'}"  # train logs where the sweep did
     assert not (tmp_path / "elsewhere" / "stores").exists()  # nothing created where the file points

@@ -147,6 +147,10 @@ def test_resume_adds_trials_to_the_same_study(write_experiments) -> None:
     assert len(study.get_trials()) == total + 1
     assert (f"budget       the study's cap is reached (budget.max_trials {total + 1}, counting trials finished or "
             "running anywhere): 1 of 5 trials ran here; raise budget.max_trials to go on") in fourth.output
+    # the next commands name the same study: a --study-name given here is repeated there
+    renamed = _invoke("run", "--config", str(path), "--n-trials", "1", "--study-name", "other")
+    assert (f"next         pet-sweep report tiny --config {path} --study-name other   |   "
+            f"pet-sweep ui tiny --config {path}") in renamed.output, renamed.output
 
 
 def test_diverging_trials_are_pruned_with_reason_and_the_sweep_goes_on(write_experiments) -> None:
@@ -247,7 +251,7 @@ def test_python_dash_m_and_fast_help() -> None:
 
 
 def test_a_resumed_study_draws_new_parameters(write_experiments) -> None:
-    from pet_sweep.study import open_study, sampler_seed
+    from pet_sweep.study import open_study, trial_seed
 
     exp = load_experiment(write_experiments())  # random sampler, seed 0
     first = open_study(exp)
@@ -258,8 +262,29 @@ def test_a_resumed_study_draws_new_parameters(write_experiments) -> None:
     # the same seed again would repeat the first run's draw; a resume gets its own stream
     resumed = open_study(exp)
     assert resumed.ask().suggest_float("base_lr", 1e-4, 1e-1, log=True) != drawn
-    assert sampler_seed(0) == 0 and sampler_seed(None, 2, 5) is None
-    assert sampler_seed(0, 0, 1) == sampler_seed(0, 0, 1) != sampler_seed(0, 1, 0)
+    assert trial_seed(0, 1) == trial_seed(0, 1) != trial_seed(0, 2)
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_machines_opening_a_study_together_draw_different_parameters(write_experiments, tmp_path: Path,
+                                                                      sampler: str) -> None:
+    """Two processes that open a new study at once each start from the same seed; their trials
+    still differ, and the same study run again draws the same parameters trial by trial."""
+    from pet_sweep.study import open_study
+
+    def draws(storage: str) -> list[float]:
+        exp = load_experiment(write_experiments(sampler={"name": sampler, "seed": 0})).with_overrides(storage=storage)
+        machine_a, machine_b = open_study(exp), open_study(exp)  # both see an empty study
+        values = []
+        for study in (machine_a, machine_b, machine_a, machine_b):
+            trial = study.ask()
+            values.append(trial.suggest_float("base_lr", 1e-4, 1e-1, log=True))
+            study.tell(trial, 0.5)
+        return values
+
+    first = draws(f"sqlite:///{tmp_path}/one.db")
+    assert len(set(first)) == 4  # one seeded sampler per process would give a, b, a, b with a == b
+    assert draws(f"sqlite:///{tmp_path}/two.db") == first  # reproducible from the seed
 
 
 def test_opening_a_missing_study_creates_no_store(write_experiments, tmp_path: Path) -> None:

@@ -166,3 +166,22 @@ def test_a_missing_database_driver_names_the_extra(monkeypatch: pytest.MonkeyPat
         make_storage("postgresql://u:pw@db/optuna")
     with pytest.raises(PetSweepError, match=r"pip install -e '\.\[mysql\]'"):
         make_storage("mysql+pymysql://root@db/optuna")
+
+
+def test_the_shared_parent_run_stays_open_while_another_machine_trains() -> None:
+    import optuna
+
+    from pet_sweep.study import close_parent_run
+
+    closed: list[tuple[str, str]] = []
+
+    class Tracker:  # records what would reach MLflow
+        def finish_sweep(self, run_id: str, status: str) -> None:
+            closed.append((run_id, status))
+
+    study = optuna.create_study()
+    study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.1))
+    running = study.ask()  # a trial of another machine, still training
+    assert not close_parent_run(study, Tracker(), "parent", "FINISHED") and closed == []
+    study.tell(running, 0.2)
+    assert close_parent_run(study, Tracker(), "parent", "FINISHED") and closed == [("parent", "FINISHED")]
