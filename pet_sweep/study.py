@@ -27,7 +27,7 @@ from pet_sweep.callbacks import EpochRecord
 from pet_sweep.config import JOURNAL_PREFIX, Experiment, FaultsConfig
 from pet_sweep.errors import StudyError, TrainingDiverged, TrialFailed
 from pet_sweep.space import Anchors, TrialParams, anchor_params, suggest
-from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, check_server, redact_url
+from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, check_server, redact_url, redact_url_in
 from pet_sweep.workers import INVOCATION_ATTR, OOM_RETRY_OF, RETRY_OF, Budget, Claim, WorkerRole
 
 # Trial user attributes pet-sweep writes (the report reads them back).
@@ -129,17 +129,6 @@ def _rdb_storage(url: str, faults: FaultsConfig, on_stale: StaleTrialHandler,
                 raise
             time.sleep(delay)
     return open_rdb()
-
-
-def redact_url_in(text: str, url: str) -> str:
-    """Remove a URL's password from a message (drivers quote it in some errors)."""
-    from urllib.parse import urlsplit
-
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return text
-    return text.replace(password, "***") if password else text
 
 
 def missing_store_file(url: str) -> Path | None:

@@ -42,6 +42,15 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
 
 
+def redact_url_in(text: str, url: str) -> str:
+    """Remove a URL's password from a message (drivers quote it in some errors)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return text
+    return text.replace(password, "***") if password else text
+
+
 def sqlite_path(url: str) -> Path | None:
     """The database file of a ``sqlite:///`` URL (None for other URLs and in-memory databases)."""
     prefix = "sqlite:///"
@@ -122,7 +131,7 @@ class Tracker:
         except MlflowException as err:  # refused login, a server that is not MLflow, an unknown scheme
             first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             raise StudyError(f"cannot use the MLflow tracking store {redact_url(tracking_uri)}: "
-                             f"{first.replace(tracking_uri, redact_url(tracking_uri))} ({WHERE_TRACKING})") from None
+                             f"{redact_url_in(first, tracking_uri)} ({WHERE_TRACKING})") from None
         if existing is None:
             try:
                 self.experiment_id = self.client.create_experiment(
