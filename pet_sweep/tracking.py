@@ -81,6 +81,7 @@ def quiet_mlflow() -> None:
 
 
 WHERE_TRACKING = "tracking.uri, --tracking-uri or PET_SWEEP_TRACKING_URI"
+_ANSWERED: set[str] = set()  # servers that answered in this process: asked once, not by every caller
 
 
 def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
@@ -90,17 +91,20 @@ def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
     back-off) before it raises, and only then would a run find out. Any HTTP
     answer, even an error status, means a server is there; only a connection that
     fails or times out is refused. MLflow keeps its own retries for the sweep itself,
-    so a server that restarts mid-sweep is waited for.
+    so a server that restarts mid-sweep is waited for (and one that answered once in
+    this process is not asked again: `run` checks before building the data, `Tracker` after).
     """
     import urllib.error
     import urllib.request
 
-    if urlsplit(tracking_uri).scheme not in ("http", "https"):
+    if urlsplit(tracking_uri).scheme not in ("http", "https") or tracking_uri in _ANSWERED:
         return
     try:
         with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout):
+            _ANSWERED.add(tracking_uri)
             return
     except urllib.error.HTTPError:
+        _ANSWERED.add(tracking_uri)
         return  # an answer: a server (perhaps behind a proxy or asking for a login) is there
     except (OSError, ValueError) as err:  # URLError, refused, timed out, bad host
         reason = getattr(err, "reason", err)
