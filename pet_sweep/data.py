@@ -9,15 +9,19 @@ augmentation the decoded images are kept and the random transforms still run.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from pet_sweep.config import DataConfig, Experiment, ModelConfig
 from pet_sweep.errors import DataError
@@ -74,6 +78,68 @@ def split_items(items: list[Path], valid_pct: float, test_pct: float, seed: int)
     pick = [ordered[i] for i in order]
     test, valid, train = pick[:n_test], pick[n_test:n_test + n_valid], pick[n_test + n_valid:]
     return Splits(tuple(train), tuple(valid), tuple(test))
+
+
+class SplitPart(BaseModel):
+    """One part of a split: how many items, and the SHA-256 of their sorted names, one a line."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n: int
+    sha256: str
+
+
+class SplitFingerprint(BaseModel):
+    """What identifies a split, recorded in the study when a sweep starts and in best.yaml.
+
+    Items are named by their path relative to the data folder, so the fingerprint
+    survives moving the folder. The test items' names are kept too (sorted, one a line,
+    zlib, base64: a few kB for Pets' ~740 test images), so that a change can be counted.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train: SplitPart
+    valid: SplitPart
+    test: SplitPart
+    test_items: str
+
+    def test_names(self) -> set[str]:
+        text = zlib.decompress(base64.b64decode(self.test_items)).decode("utf-8")
+        return set(text.split("\n")) if text else set()
+
+    def test_change(self, now: SplitFingerprint) -> tuple[int, int]:
+        """(added, removed): test items in `now` and not in this one, and the reverse."""
+        then_names, now_names = self.test_names(), now.test_names()
+        return len(now_names - then_names), len(then_names - now_names)
+
+    def changes(self, now: SplitFingerprint) -> list[str]:
+        """What differs between this (recorded) split and `now`, one phrase per part."""
+        out = []
+        for part in ("train", "valid", "test"):
+            a, b = getattr(self, part), getattr(now, part)
+            if a == b:
+                continue
+            phrase = f"{part} split {a.n} -> {b.n} items"
+            if part == "test":
+                added, removed = self.test_change(now)
+                phrase += f" ({added} added, {removed} removed)"
+            out.append(phrase + ("" if a.n != b.n or part == "test" else ", other items"))
+        return out
+
+
+def split_fingerprint(splits: Splits, root: Path) -> SplitFingerprint:
+    """The fingerprint of `splits`, whose items live under `root`; independent of item order."""
+
+    def names(items: tuple[Path, ...]) -> list[str]:
+        return sorted(p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name for p in items)
+
+    def part(items: tuple[Path, ...]) -> SplitPart:
+        return SplitPart(n=len(items), sha256=hashlib.sha256("\n".join(names(items)).encode("utf-8")).hexdigest())
+
+    packed = base64.b64encode(zlib.compress("\n".join(names(splits.test)).encode("utf-8"), 9)).decode("ascii")
+    return SplitFingerprint(train=part(splits.train), valid=part(splits.valid), test=part(splits.test),
+                            test_items=packed)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -186,6 +252,7 @@ class DataBundle:
     splits: Splits
     vocab: tuple[str, ...]
     label: Callable[[Path], str]
+    fingerprint: SplitFingerprint  # of `splits`: which items each part holds
 
     @property
     def n_valid(self) -> int:
@@ -200,7 +267,7 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
     from fastai.vision.data import ImageBlock
 
     data, model = exp.config.data, model or exp.config.model
-    _, label, items = _source(data, exp)
+    folder, label, items = _source(data, exp)
     if data.limit:
         items = sorted(items, key=lambda p: p.name)
         items = [items[i] for i in np.random.default_rng(data.split_seed).permutation(len(items))[:data.limit]]
@@ -241,4 +308,4 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
     if missing:
         raise DataError(f"{exp.config_path}: experiment '{exp.name}': classes {missing} appear only in the "
                         "validation split; use more data or a different split_seed")
-    return DataBundle(dls=dls, splits=splits, vocab=vocab, label=label)
+    return DataBundle(dls=dls, splits=splits, vocab=vocab, label=label, fingerprint=split_fingerprint(splits, folder))

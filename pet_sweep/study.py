@@ -25,7 +25,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.callbacks import EpochRecord
 from pet_sweep.config import JOURNAL_PREFIX, Experiment, FaultsConfig
-from pet_sweep.errors import StudyError, TrainingDiverged, TrialFailed
+from pet_sweep.data import SplitFingerprint
+from pet_sweep.errors import DataError, StudyError, TrainingDiverged, TrialFailed
 from pet_sweep.space import Anchors, TrialParams, anchor_params, suggest
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, check_server, redact_url, redact_url_in
 from pet_sweep.workers import INVOCATION_ATTR, OOM_RETRY_OF, RETRY_OF, Budget, Claim, WorkerRole
@@ -39,6 +40,7 @@ TARGETS_ATTR = "valid_targets"
 REASON_ATTR = "reason"            # why a trial was pruned or failed
 WORKER_ATTR = "worker"            # host:pid of the process that ran the trial
 BATCH_ATTR = "batch_size"         # set on a trial re-queued after an out-of-memory: the halved batch size
+SPLIT_ATTR = "split"              # study attribute: the data split's fingerprint, recorded when the sweep starts
 
 STALE_REASON = "its worker stopped sending heartbeats (killed or lost)"
 
@@ -237,6 +239,30 @@ def open_study(exp: Experiment, *, create: bool = True,
         study.set_user_attr("metric", "error_rate")
         study.set_metric_names(["error_rate"])  # optuna-dashboard and `optuna trials` name the value
     return study
+
+
+def check_split(study: optuna.Study, exp: Experiment, fingerprint: SplitFingerprint,
+                echo: Callable[[str], None] = print) -> None:
+    """Record the split's fingerprint in a new study; refuse to resume one on another split.
+
+    Trials of one study are compared on the same validation items, and `train` calls the
+    test split held out only when its fingerprint matches the one recorded here.
+    """
+    recorded = study.user_attrs.get(SPLIT_ATTR)
+    if recorded is None:
+        if study.get_trials(deepcopy=False):
+            # its earlier trials ran before fingerprints were recorded: on which split is unknown
+            echo(f"note         study {exp.study_name!r} predates split fingerprints: its split stays unrecorded, "
+                 "and `pet-sweep train` will call its test error unverifiable")
+            return
+        study.set_user_attr(SPLIT_ATTR, fingerprint.model_dump())
+        return
+    changes = SplitFingerprint.model_validate(recorded).changes(fingerprint)
+    if changes:
+        raise DataError(f"{exp.config_path}: experiment '{exp.name}': study {exp.study_name!r} was run on another "
+                        f"split of the data ({'; '.join(changes)}), so new trials would be judged on other items; "
+                        "restore the data (data.path, data.limit, data.split_seed, data.valid_pct, data.test_pct) "
+                        "or start a new study (--study-name)")
 
 
 def sweep_settings(exp: Experiment) -> dict[str, Any]:
@@ -561,6 +587,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     data = build_data(exp)  # before any store: a missing data folder must not leave a study or run behind
     stale = StaleTrialHandler(exp.config.faults.max_retry)
     study = open_study(exp, on_stale=stale)  # a bad storage URL: before the MLflow store
+    check_split(study, exp, data.fingerprint, echo)  # another split: refused before any run is opened
     tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
     stale.tracker, stale.echo = tracker, echo
     owns_parent = role.parent_run_id is None

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pet_sweep.config import load_experiment
-from pet_sweep.data import build_data, digits_folder, split_items
+from pet_sweep.data import Splits, build_data, digits_folder, split_fingerprint, split_items
 from pet_sweep.errors import DataError
 
 
@@ -87,6 +87,34 @@ def test_cached_digits_are_decoded_and_resized_once_as_fastai_would(write_experi
     kept = len(cache)
     cache(sorted(data.splits.test)[0])  # a file outside the data set is not kept
     assert len(cache) == kept
+
+
+def test_split_fingerprint_is_order_free_and_sees_a_moved_item() -> None:
+    root = Path("/data/pets")
+    items = [root / "images" / f"breed{i % 37}_{i}.jpg" for i in range(7390)]
+    splits = split_items(items, 0.2, 0.1, seed=42)
+    fp = split_fingerprint(splits, root)
+    shuffled = Splits(*(tuple(reversed(part)) for part in (splits.train, splits.valid, splits.test)))
+    assert split_fingerprint(shuffled, root) == fp  # the order of the items does not matter
+    assert (fp.train.n, fp.valid.n, fp.test.n) == (5173, 1478, 739)
+    # named relative to the data folder: moving the folder keeps the fingerprint
+    moved = Splits(*(tuple(Path("/elsewhere") / p.relative_to(root) for p in part)
+                     for part in (splits.train, splits.valid, splits.test)))
+    assert split_fingerprint(moved, Path("/elsewhere")) == fp
+    assert fp.test_names() == {f"images/{p.name}" for p in splits.test}
+    assert len(fp.model_dump_json()) < 10_000  # compact enough for a study attribute and best.yaml
+
+    # one item moves from the validation split to the test split
+    item = splits.valid[0]
+    other = Splits(splits.train, splits.valid[1:], splits.test + (item,))
+    changed = split_fingerprint(other, root)
+    assert changed.train == fp.train and changed.valid != fp.valid and changed.test != fp.test
+    assert fp.test_change(changed) == (1, 0) and changed.test_change(fp) == (0, 1)
+    assert fp.changes(changed) == ["valid split 1478 -> 1477 items", "test split 739 -> 740 items (1 added, 0 removed)"]
+    # same counts, other items: still a change
+    swapped = Splits(splits.train, splits.valid[1:] + splits.test[:1], splits.test[1:] + (item,))
+    assert fp.changes(split_fingerprint(swapped, root)) == [
+        "valid split 1478 -> 1478 items, other items", "test split 739 -> 739 items (1 added, 1 removed)"]
 
 
 def _pets_folder(root: Path, breeds: dict[str, int]) -> Path:
