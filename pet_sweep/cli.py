@@ -343,24 +343,31 @@ def export(experiment: str | None, config_path: str, output: str, trial: int | N
 @click.option("--export-model", is_flag=True, help="Save the trained learner (learn.export) as an MLflow artifact.")
 @click.option("--tracking-uri", envvar="PET_SWEEP_TRACKING_URI",
               help="MLflow tracking URI (default: the one in CONFIG_FILE, the sweep's; env PET_SWEEP_TRACKING_URI).")
+@click.option("--allow-split-change", is_flag=True,
+              help="Measure the test split even if it changed since the sweep (labelled 'not held out').")
 @fail_clearly
-def train(config_file: str, export_model: bool, tracking_uri: str | None) -> None:
+def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_split_change: bool) -> None:
     """Re-run the fine-tune of CONFIG_FILE (written by `pet-sweep export`) once, logged to MLflow.
 
     Reports the validation error (and whether it reproduces the trial's, within
-    its 95 % interval) and the error on the held-out test split, if any.
+    its 95 % interval) and the error on the held-out test split, if any. A test split
+    that differs from the sweep's (its fingerprint in CONFIG_FILE) is refused.
     """
     _quiet_libraries()
     from pet_sweep.replay import train as replay
     from pet_sweep.report import format_rate
 
     outcome = replay(config_file, export_model=export_model, tracking_uri=tracking_uri,
-                     echo=lambda line: click.echo(line))
+                     allow_split_change=allow_split_change, echo=lambda line: click.echo(line))
     click.echo(f"valid error  {format_rate(outcome.valid_error, outcome.n_valid)}"
                + ("" if outcome.reproduced is None else
                   "  reproduces the trial (within its 95% interval)" if outcome.reproduced else
                   "  does NOT reproduce the trial (outside its 95% interval)"))
-    click.echo("test error   " + (format_rate(outcome.test_error, outcome.n_test) + "  (held out: never seen by any trial)"
+    # "never seen" only where the fingerprint check proved it (replay.check_test_split)
+    held = {True: "held out: never seen by any trial",
+            False: "not held out: the test split changed since the sweep",
+            None: "held out unverified: no split fingerprint in the config"}[outcome.held_out]
+    click.echo("test error   " + (f"{format_rate(outcome.test_error, outcome.n_test)}  ({held})"
                                   if outcome.test_error is not None else "no held-out split (data.test_pct: 0)"))
     click.echo(f"MLflow run   {outcome.run_id}" + (f"; model {outcome.model_artifact}" if outcome.model_artifact else ""))
 

@@ -23,10 +23,11 @@ from pydantic import BaseModel, ConfigDict
 
 from pet_sweep.config import (DataConfig, Experiment, ExperimentConfig, ModelConfig, TrackingConfig, load_space,
                               read_model)
-from pet_sweep.errors import ConfigError, StudyError
+from pet_sweep.data import SplitFingerprint
+from pet_sweep.errors import ConfigError, DataError, StudyError
 from pet_sweep.report import errors_of, format_rate, wilson
-from pet_sweep.report_io import N_TEST_METRIC, REPLAY_OF_TAG, REPLAY_ROLE, TEST_METRIC, VALID_METRIC, \
-    open_existing_study
+from pet_sweep.report_io import HELD_OUT_TAG, N_TEST_METRIC, REPLAY_OF_TAG, REPLAY_ROLE, TEST_METRIC, \
+    VALID_METRIC, open_existing_study
 from pet_sweep.space import params_from_dict
 
 FORMAT = "pet-sweep/replay-1"
@@ -47,6 +48,7 @@ class ReplaySource(_Strict):
     n_valid: int | None = None
     mlflow_run_id: str | None = None
     mlflow_parent_run_id: str | None = None
+    split: SplitFingerprint | None = None    # the study's split; absent from exports made before it was recorded
 
 
 class ReplayConfig(_Strict):
@@ -101,7 +103,7 @@ def _pick_trial(study: Any, number: int | None) -> Any:
 
 def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, Any], int]:
     """The standalone config of the best (or the given) completed trial, as a mapping."""
-    from pet_sweep.study import BATCH_ATTR, PARAMS_ATTR, TARGETS_ATTR, trial_config
+    from pet_sweep.study import BATCH_ATTR, PARAMS_ATTR, SPLIT_ATTR, TARGETS_ATTR, trial_config
     from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR
 
     study = open_existing_study(exp)
@@ -118,7 +120,8 @@ def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, 
     source = ReplaySource(experiment=exp.name, study=exp.study_name, trial=chosen.number,
                           storage=exp.storage_url, validation_error=float(chosen.value), n_valid=n_valid,
                           mlflow_run_id=attrs.get(RUN_ID_ATTR),
-                          mlflow_parent_run_id=study.user_attrs.get(PARENT_RUN_ATTR))
+                          mlflow_parent_run_id=study.user_attrs.get(PARENT_RUN_ATTR),
+                          split=study.user_attrs.get(SPLIT_ATTR))
     doc = {"format": FORMAT, "name": f"{exp.name}-trial-{chosen.number}",
            "source": source.model_dump(exclude_none=True), "data": data, "model": base["model"],
            "params": base["params"], "seed": base["seed"],
@@ -159,6 +162,41 @@ class ReplayOutcome:
     reproduced: bool | None      # within the original trial's 95 % interval; None: nothing to compare
     model_artifact: str | None
     seconds: float
+    held_out: bool | None        # SplitCheck.held_out: the test error is held out only when True
+
+
+@dataclass(frozen=True)
+class SplitCheck:
+    """How the replay's test split compares with the sweep's (the fingerprint in best.yaml)."""
+
+    held_out: bool | None  # True: same test items; False: they changed; None: nothing recorded to compare
+    text: str
+
+    @property
+    def tag(self) -> str:
+        return {True: "true", False: "false", None: "unverified"}[self.held_out]
+
+
+def check_test_split(source: ReplaySource | None, now: SplitFingerprint, *, allow_change: bool,
+                     where: str) -> SplitCheck:
+    """Compare the test split `train` just built with the sweep's; a changed one is refused
+    unless `allow_change`, since trials may have trained or been selected on its items."""
+    recorded = source.split if source else None
+    if recorded is None:
+        return SplitCheck(None, "unverifiable: the config records no split fingerprint (exported from a study that "
+                                "predates them), so the test items may not be the sweep's held-out ones")
+    if recorded.test == now.test:
+        others = recorded.changes(now)
+        return SplitCheck(True, "test split unchanged since the sweep (fingerprint matched)" +
+                          (f"; but {', '.join(others)}: the validation error is on other items" if others else ""))
+    added, removed = recorded.test_change(now)
+    change = (f"the test split changed since the sweep: {added} item(s) added, {removed} removed "
+              f"({recorded.test.n} then, {now.test.n} now)")
+    if not allow_change:
+        raise DataError(f"{where}: {change}; trials may have trained or been selected on its items, so its error "
+                        "would not be held out. Restore the data, or pass --allow-split-change to measure it "
+                        "anyway (labelled 'not held out')")
+    return SplitCheck(False, f"{change}; measured anyway (--allow-split-change): not held out")
 
 
 def without_training_callbacks(learn: Any) -> None:
@@ -190,11 +228,12 @@ def _parent_in_store(client: Any, run_id: str | None) -> str | None:
 
 
 def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | None = None,
-          echo: Callable[[str], None] = print) -> ReplayOutcome:
+          allow_split_change: bool = False, echo: Callable[[str], None] = print) -> ReplayOutcome:
     """Re-run an exported fine-tune once, logged to MLflow; report validation and test error.
 
     `tracking_uri` logs it to another MLflow store than the one the config names
     (the sweep's), e.g. on the machine that takes the config to production.
+    A test split that differs from the sweep's is refused unless `allow_split_change`.
     """
     from pet_sweep import recipe
     from pet_sweep.data import build_data
@@ -205,9 +244,12 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
     check_server(exp.tracking_uri)  # a server that is down: said before the training, not after
     params = params_from_dict(cfg.params)
     data = build_data(exp)
-    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
     source = cfg.source
-    tags = {"pet_sweep.role": REPLAY_ROLE, "arch": params.arch}
+    split = check_test_split(source, data.fingerprint, allow_change=allow_split_change, where=str(exp.config_path))
+    echo(f"split        {split.text}")
+    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
+    tags = {"pet_sweep.role": REPLAY_ROLE, "arch": params.arch, HELD_OUT_TAG: split.tag,
+            "pet_sweep.split": split.text}
     if source:
         tags.update({"pet_sweep.study": source.study, REPLAY_OF_TAG: str(source.trial)})
         parent = _parent_in_store(tracker.client, source.mlflow_parent_run_id)
@@ -259,4 +301,4 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
         if result is not None and result.learner is not None:
             recipe.release(result.learner)
     return ReplayOutcome(run_id, result.error_rate, n_valid, test_error, len(data.splits.test), reproduced,
-                         model_artifact, time.perf_counter() - started)
+                         model_artifact, time.perf_counter() - started, split.held_out)

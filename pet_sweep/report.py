@@ -304,6 +304,7 @@ class HeldOut:
     n_test: int
     valid_error: float | None
     run_id: str
+    held_out: bool | None = None  # its test split's fingerprint matched the sweep's; None: not checked
 
 
 @dataclass(frozen=True)
@@ -573,7 +574,9 @@ def heldout_text(report: StudyReport) -> str:
     if h.test_error is None:
         return f"no held-out split in this experiment (test_pct: 0); {which} validation error " \
                f"{format_rate(h.valid_error, report.n_valid)}"
-    return f"{format_rate(h.test_error, h.n_test)} on the test split, {which}, MLflow run {h.run_id}"
+    split = {True: "", False: " (not held out: it changed after the sweep)",
+             None: " (held out unverified: no split fingerprint to check)"}[h.held_out]
+    return f"{format_rate(h.test_error, h.n_test)} on the test split{split}, {which}, MLflow run {h.run_id}"
 
 
 def summary_lines(report: StudyReport) -> list[tuple[str, str]]:

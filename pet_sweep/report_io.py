@@ -24,6 +24,7 @@ from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, check_server, redac
 
 REPLAY_ROLE = "replay"              # tag pet_sweep.role of a `pet-sweep train` run
 REPLAY_OF_TAG = "pet_sweep.replay_of"
+HELD_OUT_TAG = "pet_sweep.held_out"  # of a replay: true (test split's fingerprint matched), false, unverified
 TEST_METRIC, N_TEST_METRIC, VALID_METRIC = "test_error_rate", "n_test", "valid_error_rate"
 
 
@@ -124,7 +125,8 @@ def read_heldout(tracking: Tracking, study_name: str) -> list[HeldOut]:
         trial = tags.get(REPLAY_OF_TAG)
         out.append(HeldOut(trial=int(trial) if trial not in (None, "") else None, test_error=m.get(TEST_METRIC),
                            n_test=int(m.get(N_TEST_METRIC, 0)), valid_error=m.get(VALID_METRIC),
-                           run_id=run.info.run_id))
+                           run_id=run.info.run_id,
+                           held_out={"true": True, "false": False}.get(tags.get(HELD_OUT_TAG, ""))))
     return out
 
 

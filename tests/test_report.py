@@ -6,6 +6,7 @@ import math
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
@@ -234,6 +235,12 @@ def test_edge_of_range_and_heldout_are_reported() -> None:
     text = rp.summary_text(rep)
     assert "lr_hi=0.01 is at the top of its range" in text
     assert "8.00% (95% CI" in text and "replay of trial 0" in text and "held-out split: pet-sweep" not in text
+    # the replay's split check decides the label: matched, changed, or (an older replay) unchecked
+    labels = {True: "on the test split, replay", False: "on the test split (not held out: it changed after the sweep)",
+              None: "on the test split (held out unverified: no split fingerprint to check)"}
+    for held_out, label in labels.items():
+        rep = rp.build_report(records, experiment="e", study_name="s", heldout=[replace(held, held_out=held_out)])
+        assert label in rp.heldout_text(rep)
 
 
 def test_no_completed_trial_is_a_clear_error() -> None:

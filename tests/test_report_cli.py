@@ -139,6 +139,8 @@ def test_export_train_round_trip(study: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "reproduces the trial (within its 95% interval)" in result.output
     assert re.search(r"test error\s+\d+\.\d\d% \(95% CI .*/30 wrong\)", result.output)  # 10 % of 300 held out
+    assert "(held out: never seen by any trial)" in result.output  # the split's fingerprint matched
+    assert doc["source"]["split"]["test"]["n"] == 30
     run_id = re.search(r"MLflow run\s+(\w+)", result.output).group(1)
 
     from mlflow import MlflowClient
@@ -148,6 +150,7 @@ def test_export_train_round_trip(study: Path, tmp_path: Path) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.tags["pet_sweep.role"] == "replay" and run.data.tags["pet_sweep.replay_of"] == str(trial)
     assert run.data.tags["mlflow.parentRunId"] == doc["source"]["mlflow_parent_run_id"]
+    assert run.data.tags["pet_sweep.held_out"] == "true"
     assert run.data.metrics["valid_error_rate"] == pytest.approx(doc["source"]["validation_error"], abs=1 / 60 + 1e-6)
     assert {a.path for a in client.list_artifacts(run_id)} >= {"learner.pkl", "best.yaml"}
 
@@ -285,3 +288,114 @@ def test_every_command_reads_the_stores_the_environment_names(study: Path, tmp_p
     assert doc["source"]["storage"].startswith(f"sqlite:///{stores}")
     assert doc["tracking"]["uri"] == f"sqlite:///{stores / 'mlflow.db'}"  # train logs where the sweep did
     assert not (tmp_path / "elsewhere" / "stores").exists()  # nothing created where the file points
+
+
+# -- the held-out split, enforced: fingerprints in the study and best.yaml --------------
+
+
+def _breed_images(folder: Path, breeds: tuple[str, ...], numbers: range) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, breed in enumerate(breeds):
+        for i in numbers:
+            Image.new("RGB", (16, 16), (80 * k, 255 - 80 * k, (7 * i) % 255)).save(folder / f"{breed}_{i}.png")
+
+
+def test_train_refuses_a_changed_test_split(tmp_path: Path) -> None:
+    """Sweep a pets-shaped folder, export, add 5 images: `run` and `train` refuse, naming the change;
+    with --allow-split-change the test error is measured and labelled "not held out" everywhere."""
+    from mlflow import MlflowClient
+
+    from pet_sweep.data import image_files, split_items
+
+    breeds, images = ("Abyssinian", "Bengal", "great_pyrenees"), tmp_path / "pets" / "images"
+    _breed_images(images, breeds, range(1, 21))
+    data = {"source": "folder", "path": "pets", "label": "regex", "pattern": r"^(.+)_\d+\.png$", "limit": None}
+    path = write_config(tmp_path, data=data, model={"batch_size": 8}, budget={"n_trials": 1})
+    assert invoke("run", "--config", path).exit_code == 0
+    best_yaml = tmp_path / "best.yaml"
+    assert invoke("export", "--config", path, "-o", best_yaml).exit_code == 0
+    split = yaml.safe_load(best_yaml.read_text())["source"]["split"]
+    assert (split["train"]["n"], split["valid"]["n"], split["test"]["n"]) == (42, 12, 6)
+
+    def test_names() -> set[str]:
+        return {p.name for p in split_items(image_files(images.parent), 0.2, 0.1, 1).test}
+
+    before = test_names()
+    _breed_images(images, breeds[:1], range(21, 26))  # 5 more images after the sweep
+    after = test_names()
+    added, removed = len(after - before), len(before - after)
+    assert added + removed > 0  # the seeded permutation reshuffles: the test split is not the same
+
+    resumed = invoke("run", "--config", path)  # resuming the study on it: refused, nothing trained
+    assert resumed.exit_code == 2, resumed.output
+    assert f"test split 6 -> 6 items ({added} added, {removed} removed)" in resumed.output
+    assert "study 'tiny' was run on another split" in resumed.output and "COMPLETE" not in resumed.output
+
+    tracking = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'stores' / 'mlflow.db'}")
+    experiment_id = tracking.get_experiment_by_name("pet-sweep/tiny").experiment_id
+    n_runs = len(tracking.search_runs([experiment_id]))
+    refused = invoke("train", best_yaml)
+    assert refused.exit_code == 2, refused.output
+    assert f"the test split changed since the sweep: {added} item(s) added, {removed} removed" in refused.output
+    assert "--allow-split-change" in refused.output and "valid error" not in refused.output
+    assert len(tracking.search_runs([experiment_id])) == n_runs  # no MLflow run left behind
+
+    allowed = invoke("train", best_yaml, "--allow-split-change")
+    assert allowed.exit_code == 0, allowed.output
+    assert "never seen" not in allowed.output
+    assert re.search(r"^test error .*\(not held out: the test split changed since the sweep\)", allowed.output, re.M)
+    run_id = re.search(r"MLflow run\s+(\w+)", allowed.output).group(1)
+    tags = tracking.get_run(run_id).data.tags
+    assert tags["pet_sweep.held_out"] == "false" and f"{added} item(s) added" in tags["pet_sweep.split"]
+
+    reported = invoke("report", "--config", path, "--out", tmp_path / "out", "--no-mlflow-attach")
+    held = next(line for line in reported.output.splitlines() if line.startswith("held-out"))
+    assert "on the test split (not held out: it changed after the sweep)" in held and run_id in held
+
+
+def test_check_test_split_matched_changed_or_unverifiable() -> None:
+    from pet_sweep.data import split_fingerprint, split_items
+    from pet_sweep.errors import DataError
+    from pet_sweep.replay import ReplaySource, check_test_split
+
+    root = Path("/data")
+    items = [root / f"{i % 3}_{i}.png" for i in range(100)]
+    then = split_fingerprint(split_items(items, 0.2, 0.1, 1), root)
+    source = ReplaySource(experiment="e", study="s", trial=0, storage="sqlite:///x.db", split=then)
+    same = check_test_split(source, then, allow_change=False, where="best.yaml")
+    assert same.held_out is True and same.tag == "true" and "fingerprint matched" in same.text
+
+    now = split_fingerprint(split_items(items + [root / "0_100.png"], 0.2, 0.1, 1), root)
+    added, removed = then.test_change(now)
+    with pytest.raises(DataError, match=rf"^best.yaml: the test split changed since the sweep: {added} item\(s\) "
+                                        rf"added, {removed} removed \(10 then, 10 now\)"):
+        check_test_split(source, now, allow_change=False, where="best.yaml")
+    changed = check_test_split(source, now, allow_change=True, where="best.yaml")
+    assert changed.held_out is False and changed.tag == "false" and changed.text.endswith("not held out")
+
+    # an export from before fingerprints (or one without a source): never called held out
+    for old in (source.model_copy(update={"split": None}), None):
+        unknown = check_test_split(old, now, allow_change=False, where="best.yaml")
+        assert unknown.held_out is None and unknown.tag == "unverified" and unknown.text.startswith("unverifiable")
+
+
+def test_a_study_that_predates_fingerprints_is_left_unrecorded(tmp_path: Path) -> None:
+    import optuna
+
+    from pet_sweep.config import load_experiment
+    from pet_sweep.data import split_fingerprint, split_items
+    from pet_sweep.study import SPLIT_ATTR, check_split
+
+    exp = load_experiment(write_config(tmp_path))
+    fp = split_fingerprint(split_items([Path(f"/d/0_{i}.png") for i in range(50)], 0.2, 0.1, 1), Path("/d"))
+    lines: list[str] = []
+    old = optuna.create_study()
+    old.tell(old.ask(), 0.5)  # a trial run on a split nobody recorded
+    check_split(old, exp, fp, lines.append)
+    assert SPLIT_ATTR not in old.user_attrs and "predates split fingerprints" in lines[0]
+    new = optuna.create_study()
+    check_split(new, exp, fp, lines.append)
+    assert new.user_attrs[SPLIT_ATTR] == fp.model_dump() and len(lines) == 1
+    check_split(new, exp, fp, lines.append)  # resumed on the same split: accepted
