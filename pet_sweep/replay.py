@@ -38,7 +38,8 @@ class _Strict(BaseModel):
 
 
 class ReplaySource(_Strict):
-    """Where an exported config came from (informational; `train` works without the study)."""
+    """Where an exported config came from; `train` works without the study, and checks its
+    test split against `split` (the study's, recorded when the sweep started)."""
 
     experiment: str
     study: str
