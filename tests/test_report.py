@@ -77,10 +77,23 @@ def test_underfit_train_loss_above_valid_loss_and_stalled() -> None:
     ([1.0, math.nan], [1.0, 1.0], [0.5, 0.5], {}),                   # NaN loss
     ([1.0, 2.0, 5.0], [1.0, 3.0, 9.0], [0.5, 0.8, 0.9], {}),         # training loss blew up
     ([2.3, 2.3, 2.29], [2.3, 2.3, 2.3], [0.9, 0.9, 0.9], {"n_classes": 10}),  # at chance level
+    ([2.3, 2.3, 2.29], [2.3, 2.3, 2.3], [0.95, 0.87, 0.86], {"n_classes": 10}),  # 86 of 100: p=0.34
 ])
 def test_diverged(train: list[float], valid: list[float], error: list[float], kwargs: dict[str, Any]) -> None:
     a = rp.analyse_history(history(train, valid, error), n_valid=100, **kwargs)
     assert a.verdict == rp.DIVERGED and a.recommended_epochs is None
+
+
+def test_chance_is_decided_by_a_binomial_test() -> None:
+    # pets: 37 classes, chance 97.30 %; 97 % of 1,478 is 1,434 wrong, four items under chance (p=0.28)
+    pets = [0.99, 0.98, 0.97]
+    at_chance = rp.analyse_history(history([3.7, 3.6, 3.55], [3.7, 3.62, 3.6], pets), n_valid=1478, n_classes=37)
+    assert at_chance.verdict == rp.DIVERGED and "no better than chance" in at_chance.reason
+    assert rp.chance_p_value(1434, 1478, 37) == pytest.approx(0.279, abs=0.01)
+    # 93 % wrong is 63 items under chance: learning, however little
+    better = rp.analyse_history(history([3.7, 3.6, 3.55], [3.7, 3.62, 3.6], [0.99, 0.95, 0.93]),
+                                n_valid=1478, n_classes=37)
+    assert better.verdict != rp.DIVERGED and rp.chance_p_value(1375, 1478, 37) < 1e-6
 
 
 def test_empty_history_is_refused() -> None:
@@ -140,8 +153,60 @@ def test_a_real_difference_is_beyond_noise() -> None:
     c = rp.compare_predictions("best resnet34", (3, best), (5, other), targets)
     assert (c.only_best_wrong, c.only_other_wrong) == (0, 20)
     assert c.verdict == "beyond noise" and "beyond noise" in c.text()
-    # with totals only, a big gap cannot be called: it depends on which items
-    assert rp.compare_rates("x", (3, 0.0), (5, 20 / 300), 300).verdict == "cannot tell"
+    # with totals only, 0 vs 20 wrong allows one pairing (all 20 disagreements go one way)
+    assert rp.compare_rates("x", (3, 0.0), (5, 20 / 300), 300).verdict == "beyond noise"
+
+
+def test_totals_only_give_a_p_range_over_every_pairing() -> None:
+    # 40 vs 81 of 1,478: even pairing every one of the 40 with a different item gives p < 0.05
+    c = rp.compare_rates("runner-up", (0, 40 / 1478), (1, 81 / 1478), 1478)
+    assert c.p_range == (pytest.approx(rp.mcnemar_exact(0, 41)), pytest.approx(rp.mcnemar_exact(40, 81)))
+    assert c.p_range[1] < 0.05 and c.verdict == "beyond noise"
+    # 2 vs 8 of 20 items: p runs from 0.031 (shared errors) to 0.11 (disjoint ones): the totals cannot tell
+    between = rp.compare_rates("x", (0, 2 / 20), (1, 8 / 20), 20)
+    assert between.p_range[0] < 0.05 <= between.p_range[1] and between.verdict == "cannot tell"
+    assert "p=0.0312–0.109" in between.text()
+
+
+@pytest.mark.parametrize("ka, kb, n", [(2, 8, 20), (5, 5, 12), (0, 7, 9), (9, 3, 10), (4, 11, 15)])
+def test_p_range_ends_are_the_extremes_of_every_pairing(ka: int, kb: int, n: int) -> None:
+    # brute force: every count w of items both get wrong that the totals allow
+    ps = [rp.mcnemar_exact(ka - w, kb - w) for w in range(0, min(ka, kb) + 1) if n - (ka + kb - w) >= 0]
+    assert rp.mcnemar_range(ka, kb, n) == (pytest.approx(min(ps)), pytest.approx(max(ps)))
+
+
+def test_holm_adjusts_step_down() -> None:
+    # Holm (1979): sorted p times m, m-1, ...; kept monotone; capped at 1
+    assert rp.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert rp.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002]) and rp.holm([]) == []
+    assert rp.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+
+
+def test_beyond_noise_must_survive_the_correction() -> None:
+    # the best trial (no error on 100 shared items) against three rivals; the runner-up is also
+    # the best resnet34 of its own architecture's rivals, so it is compared (and counted) once
+    targets = tuple(i % 10 for i in range(100))
+
+    def trial(number: int, arch: str, wrong: range) -> rp.TrialRecord:
+        preds = tuple((t + 1) % 10 if i in wrong else t for i, t in enumerate(targets))
+        return rp.TrialRecord(number=number, state="COMPLETE", value=len(wrong) / 100, preds=preds, targets=targets,
+                              params={"arch": arch, "lr_lo": 1e-4, "lr_hi": 1e-3, "freeze_epochs": 0, "epochs": 1})
+
+    best = trial(1, "resnet34", range(0))
+    done = [best, trial(2, "resnet34", range(6)), trial(4, "resnet18", range(10, 16)),
+            trial(3, "xresnet18", range(20, 32))]
+    labels = {c.label: c for c in rp.comparisons_for(best, done)}
+    assert set(labels) == {"runner-up", "best resnet18", "best xresnet18"}
+    runner, r18, x18 = labels["runner-up"], labels["best resnet18"], labels["best xresnet18"]
+    # uncorrected, all three are below 0.05: 2/2^6, 2/2^6, 2/2^12
+    assert [c.p_value for c in (runner, r18, x18)] == pytest.approx([2 / 2 ** 6, 2 / 2 ** 6, 2 / 2 ** 12])
+    # Holm: 3 x 0.00049 survives; 2 x 0.031 = 0.0625 does not
+    assert x18.adjusted == (pytest.approx(3 * 2 / 2 ** 12),) * 2 and x18.verdict == "beyond noise"
+    assert runner.adjusted == r18.adjusted == (pytest.approx(0.0625),) * 2
+    assert runner.verdict == r18.verdict == "within noise"
+    assert "exact McNemar p=0.0312, Holm-adjusted p=0.0625 on 100 shared items" in runner.text()
+    # alone, the runner-up comparison would have been "beyond noise"
+    assert rp.comparisons_for(best, done[:2])[0].verdict == "beyond noise"
 
 
 def test_format_rate() -> None:
@@ -189,6 +254,7 @@ def test_build_report_ranks_compares_and_advises() -> None:
     assert arch.loc["resnet50", "trials"] == 2 and math.isnan(arch.loc["resnet50", "best_error"])
     assert "lr_hi (binned)" in rep.tables and rep.tables["lr_hi (binned)"]["trials"].sum() == 5
     text = rp.summary_text(rep)
+    assert "(selected as the best of 3 trials on these 100 items: optimistic)" in text
     assert "5.00% (95% CI" in text and "raise epochs (try epochs=5 instead of 3)" in text
     assert "within noise of trial 2" in text and "pet-sweep train best.yaml" in text
     assert "still running" in text
