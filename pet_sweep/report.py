@@ -26,13 +26,18 @@ import numpy as np
 import pandas as pd
 
 from pet_sweep.errors import StudyError
-from pet_sweep.space import ARCHITECTURES, PARAMS
+from pet_sweep.space import ARCHITECTURES, PARAMS, inert_params, lr_text
 
 Z95 = NormalDist().inv_cdf(0.975)  # 1.959964...
 ALPHA = 0.05          # "beyond noise": Holm-adjusted p < ALPHA; "no better than chance": chance p >= ALPHA
 TREND_EPOCHS = 3      # slopes are fitted over this many last epochs
 LOSS_RISE = 0.05      # valid loss "rising": last value > its minimum by more than 5 %
 UNFIT_SHARE = 0.5     # "underfit" needs the train loss still above this share of its first epoch's
+# fANOVA (Optuna's importance evaluator) fits a random forest to the completed trials and splits
+# the error's variance among the parameters. On fewer trials than this, leaving one trial out
+# changes which parameter ranks first in about a third of cases (a synthetic objective where one
+# of five parameters matters, 8 seeds): below it the ranking is noise, so the report says so instead.
+MIN_IMPORTANCE_TRIALS = 10
 
 STILL_IMPROVING = "still improving"
 OVERCONFIDENT = "overconfident"
@@ -414,6 +419,7 @@ class StudyReport:
     records: dict[int, TrialRecord] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     test_split: bool = True                 # the experiment holds items out of every trial (data.test_pct > 0)
+    importance_note: str = ""               # why there is no ranking, or what it leaves out
     n_candidates: int = 0                   # completed trials the best was selected from
 
     @property
@@ -444,7 +450,7 @@ def trials_frame(records: Sequence[TrialRecord], analyses: Mapping[int, TrialAna
         rows.append({
             "number": r.number, "state": r.state, "arch": p.get("arch"),
             "depth": ARCHITECTURES.get(str(p.get("arch")), None),
-            "base_lr": p.get("base_lr"), "lr_lo": p.get("lr_lo"), "lr_hi": p.get("lr_hi"),
+            "base_lr": None if "base_lr" in inert_params(p) else p.get("base_lr"), "lr_lo": p.get("lr_lo"), "lr_hi": p.get("lr_hi"),
             "freeze_epochs": p.get("freeze_epochs"), "epochs": p.get("epochs"),
             "error_rate": error, "ci_low": lo, "ci_high": hi, "n_valid": n,
             "best_error": a.best_error if a else None, "best_epoch": a.best_epoch if a else None,
@@ -572,7 +578,7 @@ def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, compari
                          f"epochs={rec} reaches its best")
     for name, (low, high) in bounds.items():
         value = p.get(name)
-        if value is None or low == high:
+        if value is None or low == high or name in inert_params(p):  # no advice on what did nothing
             continue
         span = math.log(high / low) if low > 0 and "lr" in name else high - low
         pos = (math.log(value / low) if low > 0 and "lr" in name else value - low) / span
@@ -586,8 +592,9 @@ def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, compari
         steps.append(tie_advice(report_best.number, list(dict.fromkeys(c.other_trial for c in close)), frame))
     div = frame[frame["verdict"] == DIVERGED]  # pruned ones too: a diverging trial is pruned at once
     if not div.empty:
-        steps.append(f"{len(div)} trial(s) diverged (lowest lr_hi {div['lr_hi'].min():.2g}, "
-                     f"base_lr {div['base_lr'].min():.2g}): lower the top of the LR ranges")
+        base = f", base_lr {div['base_lr'].min():.2g}" if div["base_lr"].notna().any() else ""
+        steps.append(f"{len(div)} trial(s) diverged (lowest lr_hi {div['lr_hi'].min():.2g}{base}): "
+                     "lower the top of the LR ranges")
     if not test_split:
         steps.append("this experiment holds no items out (data.test_pct: 0), so the selected validation error is "
                      "the only, optimistic, estimate: set data.test_pct for a new study to measure one")
@@ -610,9 +617,18 @@ def completed(records: Sequence[TrialRecord], *, experiment: str, study_name: st
 def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name: str,
                  importances: Mapping[str, float] | None = None, heldout: Sequence[HeldOut] = (),
                  bounds: Mapping[str, tuple[float, float]] | None = None,
-                 n_classes: int | None = None, test_split: bool = True) -> StudyReport:
-    """Analyse every trial with a history and compare the best with its rivals."""
+                 n_classes: int | None = None, test_split: bool = True, importance_note: str = "",
+                 always_inert: Sequence[str] = ()) -> StudyReport:
+    """Analyse every trial with a history and compare the best with its rivals.
+
+    `importances` from fewer than MIN_IMPORTANCE_TRIALS completed trials are dropped
+    (`importance_note` says why); `always_inert`: parameters the space gives that no
+    trial can use (`space.always_inert`).
+    """
     done = completed(records, experiment=experiment, study_name=study_name)
+    too_few = too_few_for_importances(len(done))
+    if too_few:
+        importances, importance_note = {}, too_few
     best = min(done, key=lambda r: (r.value, r.number))
     n_valid = _n_items(best)  # every trial is judged on the same validation items
     analyses = {}
@@ -634,19 +650,28 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
     if counts.get("RUNNING"):
         notes.append(f"the study is still running ({counts['RUNNING']} trial(s) in progress); "
                      "this report is a snapshot")
+    notes += [f"{name} does nothing in this space: freeze_epochs is 0 in every trial, so there is no frozen phase; "
+              f"it is not sampled, and can be dropped from the space" for name in always_inert]
     return StudyReport(experiment=experiment, study_name=study_name, trials=frame, analyses=analyses, best=best,
                        n_valid=_n_items(best), comparisons=comparisons, tables=study_tables(frame),
                        importances=dict(importances or {}), heldout=held, next_steps=steps, counts=counts,
                        verdict_counts=verdict_counts, records={r.number: r for r in records}, notes=notes,
-                       test_split=test_split, n_candidates=len(done))
+                       test_split=test_split, n_candidates=len(done), importance_note=importance_note)
+
+
+def too_few_for_importances(n_complete: int) -> str:
+    """Why importances are not ranked on `n_complete` completed trials; "" when there are enough."""
+    if n_complete >= MIN_IMPORTANCE_TRIALS:
+        return ""
+    return (f"not ranked: {n_complete} completed trial{'s' if n_complete != 1 else ''}, fewer than the "
+            f"{MIN_IMPORTANCE_TRIALS} an importance ranking needs to be more than noise")
 
 
 # -- rendering (strings only) ------------------------------------------------
 
 
 def describe_params(params: Mapping[str, Any]) -> str:
-    return (f"{params.get('arch')}  base_lr={float(params.get('base_lr', 0)):.2e}  "
-            f"lr=slice({float(params.get('lr_lo', 0)):.2e}, {float(params.get('lr_hi', 0)):.2e})  "
+    return (f"{params.get('arch')}  {lr_text(params, sep='  ')}  "
             f"freeze_epochs={params.get('freeze_epochs')}  epochs={params.get('epochs')}")
 
 
@@ -684,7 +709,10 @@ def summary_lines(report: StudyReport) -> list[tuple[str, str]]:
                   + f" (of the {n_complete} completed trial{'s' if n_complete != 1 else ''})"))
     if report.importances:
         top = sorted(report.importances.items(), key=lambda kv: -kv[1])[:4]
-        lines.append(("matters most", ", ".join(f"{k} {v:.2f}" for k, v in top)))
+        lines.append(("matters most", ", ".join(f"{k} {v:.2f}" for k, v in top)
+                      + (f" ({report.importance_note})" if report.importance_note else "")))
+    elif report.importance_note:
+        lines.append(("matters most", report.importance_note))
     for i, step in enumerate(report.next_steps):
         lines.append(("next" if i == 0 else "", step))
     for note in report.notes:

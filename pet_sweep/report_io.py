@@ -18,8 +18,9 @@ from typing import Any
 
 from pet_sweep.config import Experiment
 from pet_sweep.errors import StudyError
-from pet_sweep.report import HeldOut, StudyReport, TrialRecord, build_report, completed, html, markdown
-from pet_sweep.space import Range
+from pet_sweep.report import HeldOut, StudyReport, TrialRecord, build_report, completed, html, markdown, \
+    too_few_for_importances
+from pet_sweep.space import Range, always_inert, inert_params
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, check_server, redact_url, sqlite_path
 
 REPLAY_ROLE = "replay"              # tag pet_sweep.role of a `pet-sweep train` run
@@ -64,15 +65,40 @@ def trial_records(study: Any, batch_size: int | None = None) -> list[TrialRecord
     return records
 
 
+def active_params(study: Any) -> tuple[list[str], dict[str, int]]:
+    """Optuna params that every completed trial has and that acted in each, and the inert ones left out
+    (name -> in how many completed trials it did nothing: base_lr without a frozen phase)."""
+    from optuna.trial import TrialState
+
+    from pet_sweep.study import PARAMS_ATTR
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    common = set.intersection(*(set(t.params) for t in done)) if done else set()
+    inert: dict[str, int] = {}
+    for t in done:
+        for name in inert_params(t.user_attrs.get(PARAMS_ATTR) or t.params) & common:
+            inert[name] = inert.get(name, 0) + 1
+    return sorted(common - set(inert)), inert
+
+
 def param_importances(study: Any) -> tuple[dict[str, float], str]:
-    """Optuna's fANOVA importances (seeded), or a note saying why there are none."""
+    """Optuna's fANOVA importances (seeded) of the active parameters, or a note saying why there are none."""
     import optuna
 
+    n_done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    too_few = too_few_for_importances(n_done)
+    if too_few:  # not worth the forest
+        return {}, too_few
+    params, inert = active_params(study)
+    left_out = "; ".join(f"{name} left out: it did nothing in {k} of {n_done} completed trials (no frozen phase)"
+                         for name, k in inert.items())
+    if not params:
+        return {}, f"not ranked: no parameter varies in every completed trial{'; ' + left_out if left_out else ''}"
     try:
         return optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)), ""
-    except (ValueError, RuntimeError) as err:  # fewer than two completed trials, or nothing varies
-        return {}, f"parameter importances not computed: {err}"
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=params), left_out
+    except (ValueError, RuntimeError) as err:  # nothing varies
+        return {}, f"not ranked: {err}"
 
 
 def space_bounds(exp: Experiment) -> dict[str, tuple[float, float]]:
@@ -149,8 +175,8 @@ def load_report(exp: Experiment) -> ReportBundle:
     targets = next((r.targets for r in records if r.targets), ())
     report = build_report(records, experiment=exp.name, study_name=exp.study_name, importances=importances,
                           heldout=read_heldout(tracking, exp.study_name), bounds=space_bounds(exp),
-                          n_classes=len(set(targets)) or None, test_split=exp.config.data.test_pct > 0)
-    report.notes.extend([note] if note else [])
+                          n_classes=len(set(targets)) or None, test_split=exp.config.data.test_pct > 0,
+                          importance_note=note, always_inert=always_inert(exp.space))
     return ReportBundle(report, study, tracking)
 
 
@@ -166,7 +192,7 @@ def render(bundle: ReportBundle, folder: Path) -> list[Path]:
     from pet_sweep.report_plots import optuna_figures, png_bytes, report_figures
 
     figures = report_figures(bundle.report)
-    extra, notes = optuna_figures(bundle.study)
+    extra, notes = optuna_figures(bundle.study, list(bundle.report.importances))
     bundle.report.notes.extend(notes)
     pngs = {name: png_bytes(fig) for name, fig in {**figures, **extra}.items()}
     (folder / "figures").mkdir(parents=True, exist_ok=True)

@@ -218,7 +218,7 @@ def test_format_rate() -> None:
 
 
 def record(number: int, arch: str, errors: list[float], *, state: str = "COMPLETE", wrong: int | None = None,
-           lr: float = 1e-3, epochs: int | None = None, seconds: float = 10.0) -> rp.TrialRecord:
+           lr: float = 1e-3, epochs: int | None = None, seconds: float = 10.0, freeze: int = 0) -> rp.TrialRecord:
     n = 100
     targets = tuple(i % 10 for i in range(n))
     k = wrong if wrong is not None else round(errors[-1] * n)
@@ -226,7 +226,7 @@ def record(number: int, arch: str, errors: list[float], *, state: str = "COMPLET
     h = history([1.0 - 0.1 * i for i in range(len(errors))], [1.0 - 0.05 * i for i in range(len(errors))], errors)
     return rp.TrialRecord(
         number=number, state=state,
-        params={"arch": arch, "base_lr": lr, "lr_lo": lr / 10, "lr_hi": lr, "freeze_epochs": 0,
+        params={"arch": arch, "base_lr": lr, "lr_lo": lr / 10, "lr_hi": lr, "freeze_epochs": freeze,
                 "epochs": epochs or len(errors)},
         history=tuple(h), value=errors[-1] if state == "COMPLETE" else None,
         preds=preds if state == "COMPLETE" else (), targets=targets if state == "COMPLETE" else (), seconds=seconds)
@@ -258,6 +258,9 @@ def test_build_report_ranks_compares_and_advises() -> None:
     assert "5.00% (95% CI" in text and "raise epochs (try epochs=5 instead of 3)" in text
     assert "within noise of trial 2" in text and "pet-sweep train best.yaml" in text
     assert "still running" in text
+    # three completed trials are too few to rank parameters: said, not ranked
+    assert re.search(r"^matters most +not ranked: 3 completed trials, fewer than the 10", text, re.M), text
+    assert rep.importances == {} and "## Parameter importances" not in rp.markdown(rep, {})
     assert re.search(r"^verdicts +still improving 3 \(of the 3 completed trials\)$", text, re.M), text
     assert "measure the best config on the held-out split" in text
     # an experiment with no held-out split is told so, not sent to measure one
@@ -300,6 +303,35 @@ def test_edge_of_range_and_heldout_are_reported() -> None:
     text = rp.summary_text(rep)
     assert "lr_hi=0.01 is at the top of its range" in text
     assert "8.00% (95% CI" in text and "replay of trial 0" in text and "held-out split: pet-sweep" not in text
+
+
+def test_importances_are_ranked_from_enough_completed_trials() -> None:
+    records = [record(i, "resnet18", [0.3, 0.2, 0.10 + i / 100]) for i in range(rp.MIN_IMPORTANCE_TRIALS)]
+    rep = rp.build_report(records, experiment="e", study_name="s", importances={"lr_hi": 0.7, "arch": 0.3},
+                          importance_note="base_lr left out: it did nothing in 4 of 10 completed trials")
+    assert rep.importances == {"lr_hi": 0.7, "arch": 0.3}
+    assert re.search(r"^matters most +lr_hi 0\.70, arch 0\.30 \(base_lr left out: it did nothing", rp.summary_text(rep),
+                     re.M)
+    fewer = rp.build_report(records[:-1], experiment="e", study_name="s", importances={"lr_hi": 0.7})
+    assert fewer.importances == {} and fewer.importance_note.startswith("not ranked: 9 completed trials")
+
+
+def test_an_unused_base_lr_is_shown_absent_and_not_advised_on() -> None:
+    # best trial 0 ran without a frozen phase; its recorded base_lr sits at the top of the range
+    records = [record(0, "resnet18", [0.3, 0.2, 0.10], lr=1e-2), record(1, "resnet18", [0.3, 0.2, 0.2], freeze=1)]
+    bounds = {"base_lr": (1e-4, 1e-2)}
+    rep = rp.build_report(records, experiment="e", study_name="s", bounds=bounds, always_inert=["base_lr"])
+    text = rp.summary_text(rep)
+    assert "base_lr=" not in text.split("\n")[1] and "lr=slice(1.00e-03, 1.00e-02)" in text
+    assert "widen it" not in text
+    assert "base_lr does nothing in this space: freeze_epochs is 0 in every trial" in text
+    frame = rep.trials.set_index("number")
+    assert math.isnan(frame.loc[0, "base_lr"]) and frame.loc[1, "base_lr"] == 1e-3  # absent, not 0
+    assert "| 0 | COMPLETE | resnet18 |  | 1.00e-03 |" in rp.markdown_table(rp.ranked(rep))
+    # the same trial with a frozen phase: its base_lr acted, and is advised on
+    used = [record(0, "resnet18", [0.3, 0.2, 0.10], lr=1e-2, freeze=1), records[1]]
+    text = rp.summary_text(rp.build_report(used, experiment="e", study_name="s", bounds=bounds))
+    assert "base_lr=1.00e-02" in text and "best base_lr=0.01 is at the top of its range" in text
 
 
 def test_no_completed_trial_is_a_clear_error() -> None:
