@@ -66,34 +66,33 @@ def trial_records(study: Any, batch_size: int | None = None) -> list[TrialRecord
 
 
 def active_params(study: Any) -> tuple[list[str], dict[str, int]]:
-    """Optuna params that every completed trial has and that acted in each, and the inert ones left out
-    (name -> in how many completed trials it did nothing: base_lr without a frozen phase)."""
+    """Optuna params that acted in every completed trial, and the others with the number of
+    completed trials they acted in (base_lr: only those with a frozen phase)."""
     from optuna.trial import TrialState
 
     from pet_sweep.study import PARAMS_ATTR
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    common = set.intersection(*(set(t.params) for t in done)) if done else set()
-    inert: dict[str, int] = {}
-    for t in done:
-        for name in inert_params(t.user_attrs.get(PARAMS_ATTR) or t.params) & common:
-            inert[name] = inert.get(name, 0) + 1
-    return sorted(common - set(inert)), inert
+    # an old study recorded base_lr even where it did nothing: the trial's own values decide
+    acting = [set(t.params) - inert_params(t.user_attrs.get(PARAMS_ATTR) or t.params) for t in done]
+    counts = {name: sum(name in a for a in acting) for name in set().union(*(t.params for t in done))}
+    return sorted(n for n, k in counts.items() if k == len(done)), {n: k for n, k in counts.items() if k < len(done)}
 
 
 def param_importances(study: Any) -> tuple[dict[str, float], str]:
-    """Optuna's fANOVA importances (seeded) of the active parameters, or a note saying why there are none."""
+    """Optuna's fANOVA importances (seeded) of the parameters active in every completed trial,
+    or a note saying why there are none; the note also names the parameters left out."""
     import optuna
 
     n_done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     too_few = too_few_for_importances(n_done)
     if too_few:  # not worth the forest
         return {}, too_few
-    params, inert = active_params(study)
-    left_out = "; ".join(f"{name} left out: it did nothing in {k} of {n_done} completed trials (no frozen phase)"
-                         for name, k in inert.items())
+    params, partial = active_params(study)
+    left_out = "; ".join(f"{name} left out: it acted in {k} of {n_done} completed trials"
+                         for name, k in sorted(partial.items()))
     if not params:
-        return {}, f"not ranked: no parameter varies in every completed trial{'; ' + left_out if left_out else ''}"
+        return {}, "not ranked: no parameter acted in every completed trial" + (f"; {left_out}" if left_out else "")
     try:
         return optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=params), left_out

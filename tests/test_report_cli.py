@@ -176,6 +176,33 @@ def test_export_train_round_trip(study: Path, tmp_path: Path) -> None:
     assert f"on the test split, replay of trial {trial}" in held and run_id in held
 
 
+def test_importances_leave_out_inert_parameters_and_need_enough_trials() -> None:
+    import optuna
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    from pet_sweep.report_io import param_importances
+
+    dists = {"lr_hi": FloatDistribution(1e-4, 1e-1, log=True), "epochs": IntDistribution(1, 8),
+             "freeze_epochs": IntDistribution(0, 1), "base_lr": FloatDistribution(1e-3, 1e-2, log=True)}
+    study = optuna.create_study()
+    for i in range(10):
+        freeze = i % 2
+        # trials 0-3: an old study recorded base_lr without a frozen phase; later ones leave it out
+        params = {"lr_hi": 10 ** (-4 + i / 3), "epochs": 1 + i % 8, "freeze_epochs": freeze,
+                  **({"base_lr": 10 ** (-3 + i / 10)} if freeze or i < 4 else {})}
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: dists[k] for k in params}, value=0.01 + i / 100,
+            user_attrs={"params": {"arch": "resnet18", **params}}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING))  # not counted
+    importances, note = param_importances(study)
+    assert set(importances) == {"lr_hi", "epochs", "freeze_epochs"}
+    assert note == "base_lr left out: it acted in 5 of 10 completed trials"
+    fewer = optuna.create_study()
+    fewer.add_trials([t for t in study.trials if t.number < 9])
+    assert param_importances(fewer) == ({}, "not ranked: 9 completed trials, fewer than the 10 an importance "
+                                            "ranking needs to be more than noise")
+
+
 def test_no_frozen_phase_leaves_base_lr_out_of_the_trial_mlflow_and_best_yaml(tmp_path: Path) -> None:
     import optuna
     from mlflow import MlflowClient
