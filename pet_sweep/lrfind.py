@@ -81,8 +81,8 @@ def protocol_for(space: SearchSpace, freeze_epochs: int | None = None) -> Protoc
         fixed = not isinstance(spec, (Range, Choice))
         epochs = int(space.bounds("freeze_epochs")[0])
         source = "fixed in the space" if fixed else "the space's lower bound"
-    base_lr = space.params["base_lr"]
-    fixed_lr = None if isinstance(base_lr, (Range, Choice, Anchored)) else float(base_lr)
+    base_lr = space.params.get("base_lr")  # absent from a space without a frozen phase
+    fixed_lr = None if base_lr is None or isinstance(base_lr, (Range, Choice, Anchored)) else float(base_lr)
     return Protocol(epochs, source, fixed_lr)
 
 

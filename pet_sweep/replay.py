@@ -28,7 +28,7 @@ from pet_sweep.errors import ConfigError, DataError, StudyError
 from pet_sweep.report import errors_of, format_rate, wilson
 from pet_sweep.report_io import HELD_OUT_TAG, N_TEST_METRIC, REPLAY_OF_TAG, REPLAY_ROLE, TEST_METRIC, \
     VALID_METRIC, open_existing_study
-from pet_sweep.space import params_from_dict
+from pet_sweep.space import lr_text, params_from_dict
 
 FORMAT = "pet-sweep/replay-1"
 
@@ -264,8 +264,7 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
                                 "pretrained": cfg.model.pretrained, "channels_last": cfg.model.channels_last,
                                 "data": cfg.data.source,
                                 "n_test": len(data.splits.test), "device": str(data.dls.device)})
-    echo(f"replay       {cfg.name}: {params.arch} base_lr={params.base_lr:.2e} "
-         f"lr=slice({params.lr_lo:.2e}, {params.lr_hi:.2e}) freeze_epochs={params.freeze_epochs} "
+    echo(f"replay       {cfg.name}: {params.arch} {lr_text(params.as_dict())} freeze_epochs={params.freeze_epochs} "
          f"epochs={params.epochs} seed={cfg.seed} ({precision}, {data.dls.device})")
     started = time.perf_counter()
     result = None

@@ -18,8 +18,9 @@ from typing import Any
 
 from pet_sweep.config import Experiment
 from pet_sweep.errors import StudyError
-from pet_sweep.report import HeldOut, StudyReport, TrialRecord, build_report, completed, html, markdown
-from pet_sweep.space import Range
+from pet_sweep.report import HeldOut, StudyReport, TrialRecord, build_report, completed, html, markdown, \
+    too_few_for_importances
+from pet_sweep.space import Range, always_inert, inert_params
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, check_server, redact_url, sqlite_path
 
 REPLAY_ROLE = "replay"              # tag pet_sweep.role of a `pet-sweep train` run
@@ -65,15 +66,39 @@ def trial_records(study: Any, batch_size: int | None = None) -> list[TrialRecord
     return records
 
 
+def active_params(study: Any) -> tuple[list[str], dict[str, int]]:
+    """Optuna params that acted in every completed trial, and the others with the number of
+    completed trials they acted in (base_lr: only those with a frozen phase)."""
+    from optuna.trial import TrialState
+
+    from pet_sweep.study import PARAMS_ATTR
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    # an old study recorded base_lr even where it did nothing: the trial's own values decide
+    acting = [set(t.params) - inert_params(t.user_attrs.get(PARAMS_ATTR) or t.params) for t in done]
+    counts = {name: sum(name in a for a in acting) for name in set().union(*(t.params for t in done))}
+    return sorted(n for n, k in counts.items() if k == len(done)), {n: k for n, k in counts.items() if k < len(done)}
+
+
 def param_importances(study: Any) -> tuple[dict[str, float], str]:
-    """Optuna's fANOVA importances (seeded), or a note saying why there are none."""
+    """Optuna's fANOVA importances (seeded) of the parameters active in every completed trial,
+    or a note saying why there are none; the note also names the parameters left out."""
     import optuna
 
+    n_done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    too_few = too_few_for_importances(n_done)
+    if too_few:  # not worth the forest
+        return {}, too_few
+    params, partial = active_params(study)
+    left_out = "; ".join(f"{name} left out: it acted in {k} of {n_done} completed trials"
+                         for name, k in sorted(partial.items()))
+    if not params:
+        return {}, "not ranked: no parameter acted in every completed trial" + (f"; {left_out}" if left_out else "")
     try:
         return optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)), ""
-    except (ValueError, RuntimeError) as err:  # fewer than two completed trials, or nothing varies
-        return {}, f"parameter importances not computed: {err}"
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=params), left_out
+    except (ValueError, RuntimeError) as err:  # nothing varies
+        return {}, f"not ranked: {err}"
 
 
 def space_bounds(exp: Experiment) -> dict[str, tuple[float, float]]:
@@ -151,8 +176,8 @@ def load_report(exp: Experiment) -> ReportBundle:
     targets = next((r.targets for r in records if r.targets), ())
     report = build_report(records, experiment=exp.name, study_name=exp.study_name, importances=importances,
                           heldout=read_heldout(tracking, exp.study_name), bounds=space_bounds(exp),
-                          n_classes=len(set(targets)) or None, test_split=exp.config.data.test_pct > 0)
-    report.notes.extend([note] if note else [])
+                          n_classes=len(set(targets)) or None, test_split=exp.config.data.test_pct > 0,
+                          importance_note=note, always_inert=always_inert(exp.space))
     return ReportBundle(report, study, tracking)
 
 
@@ -168,7 +193,7 @@ def render(bundle: ReportBundle, folder: Path) -> list[Path]:
     from pet_sweep.report_plots import optuna_figures, png_bytes, report_figures
 
     figures = report_figures(bundle.report)
-    extra, notes = optuna_figures(bundle.study)
+    extra, notes = optuna_figures(bundle.study, list(bundle.report.importances))
     bundle.report.notes.extend(notes)
     pngs = {name: png_bytes(fig) for name, fig in {**figures, **extra}.items()}
     (folder / "figures").mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator, PercentFormatter
@@ -152,16 +152,23 @@ def error_vs_gap(report: StudyReport) -> Figure:
     return fig
 
 
-def optuna_figures(study: Any) -> tuple[dict[str, Figure], list[str]]:
-    """Optuna's matplotlib importances and parallel-coordinate plots; notes for those it cannot draw."""
+def optuna_figures(study: Any, importance_params: Sequence[str] = ()) -> tuple[dict[str, Figure], list[str]]:
+    """Optuna's matplotlib importances and parallel-coordinate plots; notes for those it cannot draw.
+
+    The importances only over `importance_params` (the report's ranked ones), and none without them:
+    too few trials, or nothing active varies (the report says which).
+    """
     import optuna
     from optuna.visualization import matplotlib as ovm
 
     figures: dict[str, Figure] = {}
     notes: list[str] = []
     makers = {"param_importances": lambda: ovm.plot_param_importances(
-                  study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target_name="error rate"),
+                  study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target_name="error rate",
+                  params=list(importance_params)),
               "parallel_coordinate": lambda: ovm.plot_parallel_coordinate(study, target_name="error rate")}
+    if not importance_params:
+        del makers["param_importances"]
     titles = {"param_importances": "Which settings matter: fANOVA importance for the error rate",
               "parallel_coordinate": "Settings of every completed trial (colour: error rate)"}
     with warnings.catch_warnings():

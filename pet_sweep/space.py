@@ -55,6 +55,8 @@ PARAMS: dict[str, tuple[type, float]] = {
     "epochs": (int, 1),
 }
 REQUIRED = ("arch", "base_lr", "lr_hi", "freeze_epochs", "epochs")
+# Parameters that do nothing without a frozen phase (freeze_epochs 0): not sampled, not recorded.
+FROZEN_ONLY = ("base_lr",)
 
 # The LR finder's phases and fastai's suggestion functions an anchor may name.
 PHASES = ("frozen", "unfrozen")
@@ -147,18 +149,45 @@ class TrialParams:
     """Everything that varies between trials: what the recipe receives."""
 
     arch: str
-    base_lr: float
+    base_lr: float | None  # the frozen phase's LR; None when there is none (freeze_epochs 0)
     lr_lo: float
     lr_hi: float
     freeze_epochs: int
     epochs: int
 
+    def __post_init__(self) -> None:
+        if self.freeze_epochs > 0 and self.base_lr is None:
+            raise ValueError(f"a frozen phase needs base_lr, but got (base_lr=None, freeze_epochs={self.freeze_epochs})")
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The parameters that act on the trial: base_lr only where a frozen phase uses it."""
+        inert = inert_params(asdict(self))
+        return {k: v for k, v in asdict(self).items() if k not in inert and v is not None}
 
     @property
     def total_epochs(self) -> int:
         return self.freeze_epochs + self.epochs
+
+
+def inert_params(values: Mapping[str, Any]) -> set[str]:
+    """Names (with Optuna's ``<name>_factor`` of an anchored one) that had no effect on a trial with these values."""
+    if values.get("freeze_epochs") is None or int(values["freeze_epochs"]) > 0:
+        return set()
+    return {f"{name}{tail}" for name in FROZEN_ONLY for tail in ("", "_factor")}
+
+
+def lr_text(values: Mapping[str, Any], sep: str = " ") -> str:
+    """``base_lr=1.00e-02 lr=slice(1.00e-04, 1.00e-03)``; base_lr left out where the trial had no frozen phase."""
+    base = None if "base_lr" in inert_params(values) else values.get("base_lr")
+    head = f"base_lr={float(base):.2e}{sep}" if base is not None else ""
+    return f"{head}lr=slice({float(values.get('lr_lo', 0)):.2e}, {float(values.get('lr_hi', 0)):.2e})"
+
+
+def always_inert(space: SearchSpace) -> list[str]:
+    """Frozen-phase parameters the space gives although its freeze_epochs is 0 in every trial."""
+    if "freeze_epochs" not in space.params or space.bounds("freeze_epochs")[1] > 0:
+        return []
+    return [name for name in FROZEN_ONLY if name in space.params]
 
 
 def known_architecture(name: str) -> bool:
@@ -267,7 +296,7 @@ def parse_space(raw: Any) -> SearchSpace:
     if unknown:
         raise ConfigError(f"unknown parameter {unknown[0]!r}; valid parameters: {', '.join(PARAMS)}",
                           key=unknown[0])
-    missing = [p for p in REQUIRED if p not in raw]
+    missing = [p for p in REQUIRED if p not in raw and p not in FROZEN_ONLY]  # those: checked below
     if missing:
         raise ConfigError(f"missing parameter(s) {', '.join(missing)}", key=missing[0])
     if ("lr_lo" in raw) == ("lr_mult" in raw):
@@ -275,6 +304,11 @@ def parse_space(raw: Any) -> SearchSpace:
                           " (lr_lo = lr_hi / lr_mult)", key="lr_lo")
     space = SearchSpace(params={name: _parse_param(name, value) for name, value in raw.items()},
                         description=str(description or ""))
+    # without a frozen phase (freeze_epochs 0 throughout, as in an exported trial) base_lr may be left out
+    unused = [p for p in FROZEN_ONLY if p not in raw and space.bounds("freeze_epochs")[1] > 0]
+    if unused:
+        raise ConfigError(f"missing parameter(s) {', '.join(unused)} (the frozen phase's learning rate; "
+                          "needed where freeze_epochs can be > 0)", key=unused[0])
     lo, hi = space.params.get("lr_lo"), space.params["lr_hi"]
     if lo is None:
         return space
@@ -325,6 +359,8 @@ def anchor_params(space: SearchSpace, params: TrialParams, anchors: Anchors) -> 
     """
     shown: dict[str, Any] = {}
     for name, spec in space.anchored.items():
+        if getattr(params, name) is None:  # not used by this trial
+            continue
         anchor = anchor_value(anchors, params.arch, spec.anchor, name)
         shown.update({f"{name}_anchor": spec.anchor, f"{name}_anchor_lr": anchor,
                       f"{name}_factor": getattr(params, name) / anchor})
@@ -346,24 +382,39 @@ def suggest(space: SearchSpace, trial: Any, anchors: Anchors | None = None) -> T
 
     Fixed values are not suggested, so Optuna sees only what really varies. An
     anchored learning rate is suggested as its factor (``<name>_factor``) and
-    multiplied by the finder's suggestion for the trial's architecture.
+    multiplied by the finder's suggestion for the trial's architecture. base_lr
+    is suggested only when the trial has a frozen phase (define-by-run: TPE
+    samples a conditional parameter from the trials that have it).
     """
+    later = FROZEN_ONLY  # after freeze_epochs, which decides whether they act
     values = {name: _suggest_one(trial, name, spec) for name, spec in space.params.items()
-              if not isinstance(spec, Anchored)}
+              if not isinstance(spec, Anchored) and name not in later}
+    inert = inert_params(values)
+    values.update({name: _suggest_one(trial, name, spec) for name, spec in space.params.items()
+                   if not isinstance(spec, Anchored) and name in later and name not in inert})
     for name, spec in space.anchored.items():
+        if name in inert:
+            continue
         anchor = anchor_value(anchors or {}, str(values["arch"]), spec.anchor, name)
         values[name] = anchor * trial.suggest_float(f"{name}_factor", spec.factor[0], spec.factor[1], log=spec.log)
     lr_hi = float(values["lr_hi"])
     lr_lo = float(values["lr_lo"]) if "lr_lo" in values else lr_hi / float(values["lr_mult"])
-    return TrialParams(arch=str(values["arch"]), base_lr=float(values["base_lr"]), lr_lo=lr_lo,
+    base_lr = values.get("base_lr")
+    return TrialParams(arch=str(values["arch"]), base_lr=None if base_lr is None else float(base_lr), lr_lo=lr_lo,
                        lr_hi=lr_hi, freeze_epochs=int(values["freeze_epochs"]), epochs=int(values["epochs"]))
 
 
 def params_from_dict(values: dict[str, Any]) -> TrialParams:
-    """Rebuild TrialParams from a mapping (an exported config, a trial's user attrs)."""
+    """Rebuild TrialParams from a mapping (an exported config, a trial's user attrs).
+
+    base_lr is needed only with a frozen phase; without one it is dropped (it did nothing).
+    """
     try:
-        return TrialParams(arch=str(values["arch"]), base_lr=float(values["base_lr"]),
+        freeze_epochs = int(values["freeze_epochs"])
+        base_lr = None if freeze_epochs == 0 else float(values["base_lr"])
+        return TrialParams(arch=str(values["arch"]), base_lr=base_lr,
                            lr_lo=float(values["lr_lo"]), lr_hi=float(values["lr_hi"]),
-                           freeze_epochs=int(values["freeze_epochs"]), epochs=int(values["epochs"]))
+                           freeze_epochs=freeze_epochs, epochs=int(values["epochs"]))
     except KeyError as err:
-        raise ConfigError(f"missing recipe parameter {err.args[0]!r}", key=f"params.{err.args[0]}") from None
+        why = " (the frozen phase's learning rate; needed when freeze_epochs > 0)" if err.args[0] in FROZEN_ONLY else ""
+        raise ConfigError(f"missing recipe parameter {err.args[0]!r}{why}", key=f"params.{err.args[0]}") from None

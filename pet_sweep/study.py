@@ -27,7 +27,7 @@ from pet_sweep.callbacks import EpochRecord
 from pet_sweep.config import JOURNAL_PREFIX, Experiment, FaultsConfig
 from pet_sweep.data import SplitFingerprint
 from pet_sweep.errors import DataError, StudyError, TrainingDiverged, TrialFailed
-from pet_sweep.space import Anchors, TrialParams, anchor_params, suggest
+from pet_sweep.space import Anchors, TrialParams, anchor_params, lr_text, suggest
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, check_server, redact_url, redact_url_in
 from pet_sweep.workers import INVOCATION_ATTR, OOM_RETRY_OF, RETRY_OF, Budget, Claim, WorkerRole
 
@@ -514,8 +514,7 @@ def describe_trial(trial: FrozenTrial) -> TrialOutcome:
 
 def format_trial(outcome: TrialOutcome, best: tuple[float, int] | None) -> str:
     p = outcome.params
-    shown = (f"arch={p.get('arch')} base_lr={p.get('base_lr', 0):.2e} lr=slice({p.get('lr_lo', 0):.2e}, "
-             f"{p.get('lr_hi', 0):.2e}) freeze_epochs={p.get('freeze_epochs')} epochs={p.get('epochs')}")
+    shown = f"arch={p.get('arch')} {lr_text(p)} freeze_epochs={p.get('freeze_epochs')} epochs={p.get('epochs')}"
     value = f"error_rate={outcome.value:.4f}" if outcome.value is not None else "error_rate=-"
     line = f"trial {outcome.number:>3} {outcome.state:<8} {value}  {shown}  ({outcome.seconds:.1f}s)"
     if best:

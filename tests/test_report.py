@@ -78,10 +78,23 @@ def test_underfit_train_loss_above_valid_loss_and_stalled() -> None:
     ([1.0, math.nan], [1.0, 1.0], [0.5, 0.5], {}),                   # NaN loss
     ([1.0, 2.0, 5.0], [1.0, 3.0, 9.0], [0.5, 0.8, 0.9], {}),         # training loss blew up
     ([2.3, 2.3, 2.29], [2.3, 2.3, 2.3], [0.9, 0.9, 0.9], {"n_classes": 10}),  # at chance level
+    ([2.3, 2.3, 2.29], [2.3, 2.3, 2.3], [0.95, 0.87, 0.86], {"n_classes": 10}),  # 86 of 100: p=0.34
 ])
 def test_diverged(train: list[float], valid: list[float], error: list[float], kwargs: dict[str, Any]) -> None:
     a = rp.analyse_history(history(train, valid, error), n_valid=100, **kwargs)
     assert a.verdict == rp.DIVERGED and a.recommended_epochs is None
+
+
+def test_chance_is_decided_by_a_binomial_test() -> None:
+    # pets: 37 classes, chance 97.30 %; 97 % of 1,478 is 1,434 wrong, four items under chance (p=0.28)
+    pets = [0.99, 0.98, 0.97]
+    at_chance = rp.analyse_history(history([3.7, 3.6, 3.55], [3.7, 3.62, 3.6], pets), n_valid=1478, n_classes=37)
+    assert at_chance.verdict == rp.DIVERGED and "no better than chance" in at_chance.reason
+    assert rp.chance_p_value(1434, 1478, 37) == pytest.approx(0.279, abs=0.01)
+    # 93 % wrong is 63 items under chance: learning, however little
+    better = rp.analyse_history(history([3.7, 3.6, 3.55], [3.7, 3.62, 3.6], [0.99, 0.95, 0.93]),
+                                n_valid=1478, n_classes=37)
+    assert better.verdict != rp.DIVERGED and rp.chance_p_value(1375, 1478, 37) < 1e-6
 
 
 def test_empty_history_is_refused() -> None:
@@ -141,8 +154,60 @@ def test_a_real_difference_is_beyond_noise() -> None:
     c = rp.compare_predictions("best resnet34", (3, best), (5, other), targets)
     assert (c.only_best_wrong, c.only_other_wrong) == (0, 20)
     assert c.verdict == "beyond noise" and "beyond noise" in c.text()
-    # with totals only, a big gap cannot be called: it depends on which items
-    assert rp.compare_rates("x", (3, 0.0), (5, 20 / 300), 300).verdict == "cannot tell"
+    # with totals only, 0 vs 20 wrong allows one pairing (all 20 disagreements go one way)
+    assert rp.compare_rates("x", (3, 0.0), (5, 20 / 300), 300).verdict == "beyond noise"
+
+
+def test_totals_only_give_a_p_range_over_every_pairing() -> None:
+    # 40 vs 81 of 1,478: even pairing every one of the 40 with a different item gives p < 0.05
+    c = rp.compare_rates("runner-up", (0, 40 / 1478), (1, 81 / 1478), 1478)
+    assert c.p_range == (pytest.approx(rp.mcnemar_exact(0, 41)), pytest.approx(rp.mcnemar_exact(40, 81)))
+    assert c.p_range[1] < 0.05 and c.verdict == "beyond noise"
+    # 2 vs 8 of 20 items: p runs from 0.031 (shared errors) to 0.11 (disjoint ones): the totals cannot tell
+    between = rp.compare_rates("x", (0, 2 / 20), (1, 8 / 20), 20)
+    assert between.p_range[0] < 0.05 <= between.p_range[1] and between.verdict == "cannot tell"
+    assert "p=0.0312–0.109" in between.text()
+
+
+@pytest.mark.parametrize("ka, kb, n", [(2, 8, 20), (5, 5, 12), (0, 7, 9), (9, 3, 10), (4, 11, 15)])
+def test_p_range_ends_are_the_extremes_of_every_pairing(ka: int, kb: int, n: int) -> None:
+    # brute force: every count w of items both get wrong that the totals allow
+    ps = [rp.mcnemar_exact(ka - w, kb - w) for w in range(0, min(ka, kb) + 1) if n - (ka + kb - w) >= 0]
+    assert rp.mcnemar_range(ka, kb, n) == (pytest.approx(min(ps)), pytest.approx(max(ps)))
+
+
+def test_holm_adjusts_step_down() -> None:
+    # Holm (1979): sorted p times m, m-1, ...; kept monotone; capped at 1
+    assert rp.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert rp.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002]) and rp.holm([]) == []
+    assert rp.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+
+
+def test_beyond_noise_must_survive_the_correction() -> None:
+    # the best trial (no error on 100 shared items) against three rivals; the runner-up is also
+    # the best resnet34 of its own architecture's rivals, so it is compared (and counted) once
+    targets = tuple(i % 10 for i in range(100))
+
+    def trial(number: int, arch: str, wrong: range) -> rp.TrialRecord:
+        preds = tuple((t + 1) % 10 if i in wrong else t for i, t in enumerate(targets))
+        return rp.TrialRecord(number=number, state="COMPLETE", value=len(wrong) / 100, preds=preds, targets=targets,
+                              params={"arch": arch, "lr_lo": 1e-4, "lr_hi": 1e-3, "freeze_epochs": 0, "epochs": 1})
+
+    best = trial(1, "resnet34", range(0))
+    done = [best, trial(2, "resnet34", range(6)), trial(4, "resnet18", range(10, 16)),
+            trial(3, "xresnet18", range(20, 32))]
+    labels = {c.label: c for c in rp.comparisons_for(best, done)}
+    assert set(labels) == {"runner-up", "best resnet18", "best xresnet18"}
+    runner, r18, x18 = labels["runner-up"], labels["best resnet18"], labels["best xresnet18"]
+    # uncorrected, all three are below 0.05: 2/2^6, 2/2^6, 2/2^12
+    assert [c.p_value for c in (runner, r18, x18)] == pytest.approx([2 / 2 ** 6, 2 / 2 ** 6, 2 / 2 ** 12])
+    # Holm: 3 x 0.00049 survives; 2 x 0.031 = 0.0625 does not
+    assert x18.adjusted == (pytest.approx(3 * 2 / 2 ** 12),) * 2 and x18.verdict == "beyond noise"
+    assert runner.adjusted == r18.adjusted == (pytest.approx(0.0625),) * 2
+    assert runner.verdict == r18.verdict == "within noise"
+    assert "exact McNemar p=0.0312, Holm-adjusted p=0.0625 on 100 shared items" in runner.text()
+    # alone, the runner-up comparison would have been "beyond noise"
+    assert rp.comparisons_for(best, done[:2])[0].verdict == "beyond noise"
 
 
 def test_format_rate() -> None:
@@ -154,7 +219,7 @@ def test_format_rate() -> None:
 
 
 def record(number: int, arch: str, errors: list[float], *, state: str = "COMPLETE", wrong: int | None = None,
-           lr: float = 1e-3, epochs: int | None = None, seconds: float = 10.0) -> rp.TrialRecord:
+           lr: float = 1e-3, epochs: int | None = None, seconds: float = 10.0, freeze: int = 0) -> rp.TrialRecord:
     n = 100
     targets = tuple(i % 10 for i in range(n))
     k = wrong if wrong is not None else round(errors[-1] * n)
@@ -162,7 +227,7 @@ def record(number: int, arch: str, errors: list[float], *, state: str = "COMPLET
     h = history([1.0 - 0.1 * i for i in range(len(errors))], [1.0 - 0.05 * i for i in range(len(errors))], errors)
     return rp.TrialRecord(
         number=number, state=state,
-        params={"arch": arch, "base_lr": lr, "lr_lo": lr / 10, "lr_hi": lr, "freeze_epochs": 0,
+        params={"arch": arch, "base_lr": lr, "lr_lo": lr / 10, "lr_hi": lr, "freeze_epochs": freeze,
                 "epochs": epochs or len(errors)},
         history=tuple(h), value=errors[-1] if state == "COMPLETE" else None,
         preds=preds if state == "COMPLETE" else (), targets=targets if state == "COMPLETE" else (), seconds=seconds)
@@ -190,9 +255,13 @@ def test_build_report_ranks_compares_and_advises() -> None:
     assert arch.loc["resnet50", "trials"] == 2 and math.isnan(arch.loc["resnet50", "best_error"])
     assert "lr_hi (binned)" in rep.tables and rep.tables["lr_hi (binned)"]["trials"].sum() == 5
     text = rp.summary_text(rep)
+    assert "(selected as the best of 3 trials on these 100 items: optimistic)" in text
     assert "5.00% (95% CI" in text and "raise epochs (try epochs=5 instead of 3)" in text
     assert "within noise of trial 2" in text and "pet-sweep train best.yaml" in text
     assert "still running" in text
+    # three completed trials are too few to rank parameters: said, not ranked
+    assert re.search(r"^matters most +not ranked: 3 completed trials, fewer than the 10", text, re.M), text
+    assert rep.importances == {} and "## Parameter importances" not in rp.markdown(rep, {})
     assert re.search(r"^verdicts +still improving 3 \(of the 3 completed trials\)$", text, re.M), text
     assert "measure the best config on the held-out split" in text
     # an experiment with no held-out split is told so, not sent to measure one
@@ -241,6 +310,35 @@ def test_edge_of_range_and_heldout_are_reported() -> None:
     for held_out, label in labels.items():
         rep = rp.build_report(records, experiment="e", study_name="s", heldout=[replace(held, held_out=held_out)])
         assert label in rp.heldout_text(rep)
+
+
+def test_importances_are_ranked_from_enough_completed_trials() -> None:
+    records = [record(i, "resnet18", [0.3, 0.2, 0.10 + i / 100]) for i in range(rp.MIN_IMPORTANCE_TRIALS)]
+    rep = rp.build_report(records, experiment="e", study_name="s", importances={"lr_hi": 0.7, "arch": 0.3},
+                          importance_note="base_lr left out: it did nothing in 4 of 10 completed trials")
+    assert rep.importances == {"lr_hi": 0.7, "arch": 0.3}
+    assert re.search(r"^matters most +lr_hi 0\.70, arch 0\.30 \(base_lr left out: it did nothing", rp.summary_text(rep),
+                     re.M)
+    fewer = rp.build_report(records[:-1], experiment="e", study_name="s", importances={"lr_hi": 0.7})
+    assert fewer.importances == {} and fewer.importance_note.startswith("not ranked: 9 completed trials")
+
+
+def test_an_unused_base_lr_is_shown_absent_and_not_advised_on() -> None:
+    # best trial 0 ran without a frozen phase; its recorded base_lr sits at the top of the range
+    records = [record(0, "resnet18", [0.3, 0.2, 0.10], lr=1e-2), record(1, "resnet18", [0.3, 0.2, 0.2], freeze=1)]
+    bounds = {"base_lr": (1e-4, 1e-2)}
+    rep = rp.build_report(records, experiment="e", study_name="s", bounds=bounds, always_inert=["base_lr"])
+    text = rp.summary_text(rep)
+    assert "base_lr=" not in text.split("\n")[1] and "lr=slice(1.00e-03, 1.00e-02)" in text
+    assert "widen it" not in text
+    assert "base_lr does nothing in this space: freeze_epochs is 0 in every trial" in text
+    frame = rep.trials.set_index("number")
+    assert math.isnan(frame.loc[0, "base_lr"]) and frame.loc[1, "base_lr"] == 1e-3  # absent, not 0
+    assert "| 0 | COMPLETE | resnet18 |  | 1.00e-03 |" in rp.markdown_table(rp.ranked(rep))
+    # the same trial with a frozen phase: its base_lr acted, and is advised on
+    used = [record(0, "resnet18", [0.3, 0.2, 0.10], lr=1e-2, freeze=1), records[1]]
+    text = rp.summary_text(rp.build_report(used, experiment="e", study_name="s", bounds=bounds))
+    assert "base_lr=1.00e-02" in text and "best base_lr=0.01 is at the top of its range" in text
 
 
 def test_no_completed_trial_is_a_clear_error() -> None:

@@ -59,8 +59,10 @@ def test_optuna_figures_have_one_title_and_no_white_lines(study: Path) -> None:
     from pet_sweep.report_plots import optuna_figures
 
     storage = f"sqlite:///{study.parent / 'stores' / 'optuna.db'}"
-    figures, notes = optuna_figures(optuna.load_study(study_name="tiny", storage=storage))
+    loaded = optuna.load_study(study_name="tiny", storage=storage)
+    figures, notes = optuna_figures(loaded, ["arch", "base_lr"])
     assert set(figures) == {"param_importances", "parallel_coordinate"}, notes
+    assert set(optuna_figures(loaded)[0]) == {"parallel_coordinate"}  # no ranked parameters: no importance figure
     for fig in figures.values():
         titled = [(ax.get_title("left"), ax.get_title(), ax.get_title("right")) for ax in fig.axes if ax.get_title()]
         assert [t[0] + t[2] for t in titled] == [""]  # Optuna's title no longer drawn under ours
@@ -79,12 +81,15 @@ def test_report_end_to_end(study: Path, tmp_path: Path) -> None:
         assert re.search(rf"^{label}\s", text, re.M), (label, text)
     assert re.search(r"\d+\.\d\d% \(95% CI \d+\.\d\d%–\d+\.\d\d%, \d+/60 wrong\)", text)  # 20 % of 300 digits
     assert re.search(r"within noise|beyond noise", text)
+    assert "selected as the best of 2 trials on these 60 items" in text
+    # two trials are too few for an importance ranking: said, and no figure drawn
+    assert re.search(r"^matters most\s+not ranked: 2 completed trials", text, re.M), text
     names = {p.name for p in files_under(out)}
     assert {"report.html", "report.md", "loss_curves.png", "error_curves.png", "error_vs_gap.png",
-            "param_importances.png", "parallel_coordinate.png"} <= names
+            "parallel_coordinate.png"} <= names and "param_importances.png" not in names
     page = (out / "report.html").read_text()
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
-    assert len(images) == 5 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert len(images) == 4 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "src='figures/" not in page  # self-contained
     md = (out / "report.md").read_text()
     assert "## Trials, best first" in md and "(figures/loss_curves.png)" in md
@@ -172,6 +177,69 @@ def test_export_train_round_trip(study: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     held = next(line for line in result.output.splitlines() if line.startswith("held-out"))
     assert f"on the test split, replay of trial {trial}" in held and run_id in held
+
+
+def test_importances_leave_out_inert_parameters_and_need_enough_trials() -> None:
+    import optuna
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    from pet_sweep.report_io import param_importances
+
+    dists = {"lr_hi": FloatDistribution(1e-4, 1e-1, log=True), "epochs": IntDistribution(1, 8),
+             "freeze_epochs": IntDistribution(0, 1), "base_lr": FloatDistribution(1e-3, 1e-2, log=True)}
+    study = optuna.create_study()
+    for i in range(10):
+        freeze = i % 2
+        # trials 0-3: an old study recorded base_lr without a frozen phase; later ones leave it out
+        params = {"lr_hi": 10 ** (-4 + i / 3), "epochs": 1 + i % 8, "freeze_epochs": freeze,
+                  **({"base_lr": 10 ** (-3 + i / 10)} if freeze or i < 4 else {})}
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: dists[k] for k in params}, value=0.01 + i / 100,
+            user_attrs={"params": {"arch": "resnet18", **params}}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING))  # not counted
+    importances, note = param_importances(study)
+    assert set(importances) == {"lr_hi", "epochs", "freeze_epochs"}
+    assert note == "base_lr left out: it acted in 5 of 10 completed trials"
+    fewer = optuna.create_study()
+    fewer.add_trials([t for t in study.trials if t.number < 9])
+    assert param_importances(fewer) == ({}, "not ranked: 9 completed trials, fewer than the 10 an importance "
+                                            "ranking needs to be more than noise")
+
+
+def test_no_frozen_phase_leaves_base_lr_out_of_the_trial_mlflow_and_best_yaml(tmp_path: Path) -> None:
+    import optuna
+    from mlflow import MlflowClient
+
+    path = write_config(tmp_path, data={"limit": 120, "valid_pct": 0.25, "test_pct": 0.1}, budget={"n_trials": 1})
+    space = yaml.safe_load((tmp_path / "sweeps" / "tiny.yaml").read_text())
+    (tmp_path / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump({**space, "freeze_epochs": 0}))
+    result = invoke("run", "--config", path)
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "COMPLETE" in x)
+    assert "base_lr" not in line and "freeze_epochs=0" in line  # absent, not 0
+    trial = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'stores' / 'optuna.db'}").trials[0]
+    assert "base_lr" not in trial.params and "base_lr" not in trial.user_attrs["params"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'stores' / 'mlflow.db'}")
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert "base_lr" not in run.data.params and run.data.params["freeze_epochs"] == "0"
+    config = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "trial_config.yaml", str(tmp_path))))
+    assert "base_lr" not in config["params"]
+    best_yaml = tmp_path / "best.yaml"
+    assert invoke("export", "--config", path, "-o", best_yaml).exit_code == 0
+    assert "base_lr" not in yaml.safe_load(best_yaml.read_text())["params"]
+    report = invoke("report", "--config", path, "--out", tmp_path / "out", "--no-mlflow-attach")
+    assert report.exit_code == 0, report.output
+    assert "base_lr does nothing in this space" in report.output and "base_lr=" not in report.output
+    replay = invoke("train", best_yaml)
+    assert replay.exit_code == 0, replay.output
+    assert "base_lr" not in next(x for x in replay.output.splitlines() if x.startswith("replay"))
+    # with a frozen phase, a config missing base_lr is refused, naming the key
+    doc = yaml.safe_load(best_yaml.read_text())
+    doc["params"]["freeze_epochs"] = 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    refused = invoke("train", bad)
+    assert refused.exit_code == 2 and "base_lr" in refused.output, refused.output
 
 
 def test_notebook_executes(study: Path) -> None:

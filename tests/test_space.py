@@ -5,7 +5,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from pet_sweep.space import parse_space, suggest
+from pet_sweep.errors import ConfigError
+from pet_sweep.space import TrialParams, always_inert, anchor_params, lr_text, params_from_dict, parse_space, suggest
 
 
 def test_fixed_trial_maps_every_parameter() -> None:
@@ -18,11 +19,11 @@ def test_fixed_trial_maps_every_parameter() -> None:
         "epochs": {"low": 2, "high": 12, "step": 2},
     })
     trial = optuna.trial.FixedTrial({"arch": "resnet34", "base_lr": 3e-3, "lr_lo": 1e-6, "lr_hi": 1e-4,
-                                     "freeze_epochs": 0, "epochs": 6})
+                                     "freeze_epochs": 2, "epochs": 6})
     params = suggest(space, trial)
     assert params.arch == "resnet34" and params.base_lr == 3e-3
     assert (params.lr_lo, params.lr_hi) == (1e-6, 1e-4)
-    assert params.freeze_epochs == 0 and params.epochs == 6 and params.total_epochs == 6
+    assert params.freeze_epochs == 2 and params.epochs == 6 and params.total_epochs == 8
 
 
 def test_lr_mult_gives_lr_lo_and_fixed_values_are_not_suggested() -> None:
@@ -43,3 +44,68 @@ def test_sampled_trials_always_keep_lr_lo_below_lr_hi() -> None:
     for _ in range(50):
         params = suggest(space, study.ask())
         assert 0 < params.lr_lo <= params.lr_hi
+
+
+CONDITIONAL = {"arch": "resnet18", "base_lr": {"low": 1e-3, "high": 1e-2, "log": True}, "lr_hi": 1e-2,
+               "lr_mult": 10, "freeze_epochs": {"low": 0, "high": 1}, "epochs": 1}
+
+
+def test_base_lr_is_sampled_only_with_a_frozen_phase() -> None:
+    space = parse_space(CONDITIONAL)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        params = suggest(space, trial)
+        frozen = params.freeze_epochs > 0
+        seen.add(frozen)
+        # define-by-run: without a frozen phase base_lr is neither an Optuna param nor a recipe one
+        assert ("base_lr" in trial.params) == frozen == ("base_lr" in params.as_dict())
+        assert (params.base_lr is not None) == frozen
+        study.tell(trial, 0.5)
+    assert seen == {True, False}
+    # TPE takes the conditional parameter from the trials that have it
+    tpe = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2))
+    for _ in range(6):
+        trial = tpe.ask()
+        suggest(space, trial)
+        tpe.tell(trial, 0.5)
+    assert all(("base_lr" in t.params) == (t.params["freeze_epochs"] > 0) for t in tpe.trials)
+
+
+def test_an_anchored_base_lr_is_not_sampled_without_a_frozen_phase() -> None:
+    space = parse_space({**CONDITIONAL, "base_lr": {"anchor": "frozen.valley", "factor": [0.3, 3]}})
+    anchors = {"resnet18": {"frozen": {"valley": 2e-3}}}
+    trial = optuna.trial.FixedTrial({"freeze_epochs": 0, "base_lr_factor": 1.0})
+    params = suggest(space, trial, anchors)
+    assert params.base_lr is None and trial.params == {"freeze_epochs": 0}  # no base_lr_factor asked for
+    assert anchor_params(space, params, anchors) == {}
+
+
+def test_params_from_dict_needs_base_lr_only_with_a_frozen_phase() -> None:
+    row = {"arch": "resnet18", "lr_lo": 1e-4, "lr_hi": 1e-3, "freeze_epochs": 0, "epochs": 2}
+    assert params_from_dict(row).base_lr is None and "base_lr" not in params_from_dict(row).as_dict()
+    # an old export that still lists it: the inert value is dropped, not replayed or logged
+    assert "base_lr" not in params_from_dict({**row, "base_lr": 1e-2}).as_dict()
+    with pytest.raises(ConfigError, match="missing recipe parameter 'base_lr'.*freeze_epochs > 0") as err:
+        params_from_dict({**row, "freeze_epochs": 1})
+    assert err.value.key == "params.base_lr"
+    with pytest.raises(ValueError, match="a frozen phase needs base_lr"):
+        TrialParams("resnet18", None, 1e-4, 1e-3, freeze_epochs=1, epochs=1)
+
+
+def test_a_space_without_a_frozen_phase_may_leave_base_lr_out() -> None:
+    fixed = {k: v for k, v in CONDITIONAL.items() if k != "base_lr"}
+    space = parse_space({**fixed, "freeze_epochs": 0})
+    assert "base_lr" not in space.params and always_inert(space) == []
+    with pytest.raises(ConfigError, match=r"missing parameter\(s\) base_lr .*freeze_epochs can be > 0"):
+        parse_space(fixed)
+    # given although freeze_epochs is 0 in every trial: always inert, and the report says so
+    assert always_inert(parse_space({**CONDITIONAL, "freeze_epochs": 0})) == ["base_lr"]
+    assert always_inert(parse_space(CONDITIONAL)) == []
+
+
+def test_trial_lines_show_an_unused_base_lr_as_absent() -> None:
+    values = {"arch": "resnet18", "base_lr": 3e-2, "lr_lo": 1e-4, "lr_hi": 1e-3, "epochs": 2}
+    assert lr_text({**values, "freeze_epochs": 1}) == "base_lr=3.00e-02 lr=slice(1.00e-04, 1.00e-03)"
+    assert lr_text({**values, "freeze_epochs": 0}) == "lr=slice(1.00e-04, 1.00e-03)"  # recorded, but inert
