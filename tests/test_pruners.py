@@ -160,3 +160,22 @@ def test_peers_are_not_compared_further_into_their_annealing() -> None:
     # 0.2: 0.5); rounding to the peer's epoch 2 (half of its schedule) would compare 0.4 with 0.2
     assert _running(study, 0, 8, [0.9, 0.6, 0.4]) is False
     assert _running(study, 0, 8, [0.9, 0.6, 0.55]) is True
+
+
+def test_wilcoxon_is_optunas_pruner_with_its_threshold(write_experiments) -> None:
+    from pet_sweep.config import load_experiment
+    from pet_sweep.errors import ConfigError
+    from pet_sweep.study import make_pruner
+
+    exp = load_experiment(write_experiments(pruner={"name": "wilcoxon", "p_threshold": 0.05, "n_warmup_steps": 3}))
+    pruner = make_pruner(exp)
+    assert isinstance(pruner, optuna.pruners.WilcoxonPruner)
+    assert (pruner._p_threshold, pruner._n_startup_steps) == (0.05, 3)
+    with pytest.raises(ConfigError, match="p_threshold is a setting of the wilcoxon pruner, not of 'median'"):
+        load_experiment(write_experiments(pruner={"name": "median", "p_threshold": 0.05}))
+    # epochs as its steps: a curve above the best trial's, epoch after epoch, is pruned
+    study = optuna.create_study(pruner=pruner)
+    _finished(study, 0, 6, [0.5, 0.3, 0.2, 0.15, 0.1, 0.05])
+    assert _running(study, 0, 6, [0.6, 0.4, 0.3]) is False   # 3 epochs above the best: p = 1/8
+    assert _running(study, 0, 6, [0.6, 0.4, 0.3, 0.25, 0.2]) is True   # 5 above: p = 1/32
+    assert _running(study, 0, 6, [0.45, 0.25, 0.3, 0.1, 0.08]) is False
