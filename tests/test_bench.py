@@ -85,9 +85,11 @@ def test_search_baseline_is_fastais_own_fine_tune(tmp_path: Path, monkeypatch: p
     halved base_lr, div=5 unfrozen), not the recipe's fit_one_cycle phases."""
     import argparse
 
+    import fastai.callback.schedule  # noqa: F401 (patches fine_tune onto Learner: before our patch, not after)
     from fastai.learner import Learner
 
     from bench import search
+    from pet_sweep import recipe  # noqa: F401 (imports fastai's patches too)
 
     monkeypatch.setattr(search, "temp_dir", lambda prefix: tmp_path / prefix)
     calls: list[tuple[tuple, dict]] = []
@@ -99,3 +101,24 @@ def test_search_baseline_is_fastais_own_fine_tune(tmp_path: Path, monkeypatch: p
     error = search.fastai_default_error(search.experiment("tpe", 0, args), epochs=3)
     assert calls == [((3,), {})]  # every other setting is fastai's default
     assert 0 <= error <= 1
+
+
+@pytest.mark.parametrize("a_times, reps, verdict", [
+    ([102.0, 110.0, 101.0, 104.0, 99.0], 5, "ratio a/c 1.020, median of 5 (the orchestration alone; target <= 1.03): met"),
+    ([102.0, 110.0, 104.0, 106.0, 99.0], 5, "ratio a/c 1.040, median of 5 (the orchestration alone; target <= 1.03): "
+                                            "not met"),
+    ([101.0, 101.0, 101.0], 3, "not judged (3 < 5 repetitions)"),
+])
+def test_overhead_is_judged_on_the_median_a_c_of_five_repetitions(
+        a_times: list[float], reps: int, verdict: str, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import overhead
+
+    monkeypatch.setattr(overhead, "temp_dir", lambda prefix: tmp_path / prefix)
+    timings = iter(a_times)
+    monkeypatch.setattr(overhead, "with_pet_sweep", lambda path, name: next(timings))
+    monkeypatch.setattr(overhead, "bare_fastai", lambda *args, dls=None: 100.0)  # (b) and (c): 100 s each
+    overhead.main(["--reps", str(reps), "--limit", "100", "--img-size", "16"])
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if re.match(r"\d \| ", line)]) == reps
+    assert verdict in out.splitlines()[-1]
