@@ -5,11 +5,13 @@ bare fastai script, side by side in one process, interleaved, several repetition
 (b) is what a user would write by hand: a DataBlock over the PNG files, then the recipe
 per configuration. (a) also builds its DataLoaders once, but keeps every image in memory
 as the resized tensor the model sees. (c) is the bare script on (a)'s DataLoaders, so
-a/c is the cost of the orchestration alone. Both stores already exist (as on every run
-after the first); the one-time cost of creating a fresh MLflow + Optuna store is printed
-separately.
+a/c is the cost of the orchestration alone: the target (<= 1.03) is judged on the median
+a/c of at least 5 interleaved repetitions, and "met" is printed only when that median
+meets it (bench.profile shows where the orchestration's time goes). Both stores already
+exist (as on every run after the first); the one-time cost of creating a fresh MLflow +
+Optuna store is printed separately.
 
-    python bench/overhead.py [--reps 3] [--img-size 32]
+    python -m bench.overhead [--reps 5] [--img-size 32]
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any
 
 import torch
 
-from bench.common import default_digits, hand_written_dls, machine, median, temp_dir, write_experiment
+from bench.common import default_digits, hand_written_dls, header, median, temp_dir, write_experiment
+
+TARGET = 1.03
 
 CONFIGS = [
     {"arch": "resnet18", "base_lr": 1e-2, "lr_hi": 5e-3, "lr_mult": 10.0, "freeze_epochs": 1, "epochs": 2},
@@ -75,18 +79,20 @@ def bare_fastai(img_size: int, batch_size: int, seed: int, dls: Any = None) -> f
     return time.perf_counter() - started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (the target needs >= 5)")
     parser.add_argument("--img-size", type=int, default=32)
-    args = parser.parse_args()
+    parser.add_argument("--limit", type=int, default=None, help="smoke runs only: digits images of (a) and (c); (b) always reads all, so a/b then means nothing")
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
     from pet_sweep.study import quiet_optuna
     from pet_sweep.tracking import Tracker
 
     quiet_optuna()
     base = default_digits()
-    experiment = {**base, "model": {**base["model"], "img_size": args.img_size}, "pruner": {"name": "none"}}
+    experiment = {**base, "model": {**base["model"], "img_size": args.img_size}, "pruner": {"name": "none"},
+                  "data": {**base["data"], "limit": args.limit}}
     folder = temp_dir("overhead")
     path = write_experiment(folder, experiment, SPACE)
     from pet_sweep.config import load_experiment
@@ -102,7 +108,8 @@ def main() -> None:
     shared = build_data(exp).dls  # (c): pet-sweep's DataLoaders, trained by the bare script
     bare_fastai(args.img_size, base["model"]["batch_size"], base["seed"])  # warm caches, imports
     epochs = sum(c["freeze_epochs"] + c["epochs"] for c in CONFIGS)
-    print(f"# overhead: {len(CONFIGS)} enqueued configs ({epochs} epochs), digits {args.img_size}px, {machine()}")
+    print(header(f"overhead: {len(CONFIGS)} enqueued configs ({epochs} epochs), digits {args.img_size}px "
+                 f"({args.limit or 'all'} images), {args.reps} interleaved repetitions"))
     print(f"# one-time store creation (MLflow + Optuna sqlite, first run only): {cold:.1f}s")
     times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
     print("rep | (a) pet-sweep s | (b) bare fastai s | (c) bare, pet-sweep's DataLoaders s | a/b | a/c")
@@ -117,7 +124,10 @@ def main() -> None:
     a_c = median([a / c for a, c in zip(times["a"], times["c"])])
     print(f"median: pet-sweep {median(times['a']):.1f}s, bare {median(times['b']):.1f}s, "
           f"bare on pet-sweep's DataLoaders {median(times['c']):.1f}s")
-    print(f"ratio a/b {a_b:.3f} (target <= 1.03); a/c {a_c:.3f} (orchestration alone)")
+    print(f"ratio a/b {a_b:.3f} (against the hand-written DataBlock; not the target)")
+    enough = args.reps >= 5
+    verdict = ("met" if a_c <= TARGET else "not met") if enough else f"not judged ({args.reps} < 5 repetitions)"
+    print(f"ratio a/c {a_c:.3f}, median of {args.reps} (the orchestration alone; target <= {TARGET}): {verdict}")
 
 
 if __name__ == "__main__":

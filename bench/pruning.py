@@ -1,112 +1,171 @@
-"""Pruning savings: the same study budget with the experiment's pruner and without, several seeds.
+"""Pruning: epochs saved and the held-out error of the best trial, per pruner, several seeds.
 
-Prints total epochs trained and the best error rate (with its Wilson 95 % interval) for
-each seed, and the median saving. What the pruner sees: each trial's validation error
-rate after every epoch, numbered across both phases (step = global epoch). A trial with
-a long one-cycle schedule is still at a high learning rate when a short one has
-finished, so the median pruner compares early epochs of schedules of different lengths;
-the `pruned at epoch` column shows where it stopped trials.
+For each seed, one sweep without pruning and one per pruner (Optuna's median, percentile,
+hyperband and wilcoxon, pet-sweep's schedule), all with the same budget, sampler seed and
+training seed, on the shipped digits experiment (its space, image size, data and pruner
+settings; no time budget, so that every sweep runs the same number of trials). A pruner
+is judged on two things:
 
-pet-sweep's `schedule` pruner compares trials at the same phase and fraction of their
-schedules instead; both are measured against no pruning. Each pruner starts from the
-shipped digits experiment's pruner settings; an entry of --pruners may override them,
-e.g. `schedule,percentile=50,n_warmup_steps=2`.
+- epochs saved: 1 - epochs trained / epochs of the unpruned sweep of the same seed;
+- the held-out error of its best trial, exported and replayed with pet-sweep's `train` (the
+  test split no trial saw, so a pruner cannot look good by keeping a trial that was lucky
+  on the validation items), pooled over the seeds' test items, with its Wilson interval.
 
-    python bench/pruning.py [--n-trials 12] [--seeds 0 1 2] [--img-size 16] [--pruners schedule median]
+Target: a median saving >= 40 % with the pooled held-out error inside the unpruned best's
+pooled 95 % interval. The winner is the pruner that meets it with the largest saving.
+
+    python -m bench.pruning [--seeds 0 1 2] [--pruners median percentile hyperband wilcoxon schedule]
+    python -m bench.pruning --seeds 0 --n-trials 2 --img-size 16 --limit 200 --space tiny.yaml   # smoke run
+
+An entry of --pruners may override the shipped settings, e.g. `schedule,min_fraction=0.0`.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
-from bench.common import default_digits, digits_space, epochs_trained, machine, median, temp_dir, write_experiment
+from bench.common import (default_digits, digits_space, epochs_trained, header, median, replay_best, temp_dir,
+                          wilson_text, write_experiment)
 
-
-def wilson(errors: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (math.nan, math.nan)
-    p = errors / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+PRUNERS = ["median", "percentile", "hyperband", "wilcoxon", "schedule"]
+TARGET_SAVING = 0.40
 
 
-def sweep(pruner: dict, seed: int, n_trials: int, img_size: int, limit: int) -> dict:
-    from pet_sweep.config import load_experiment
-    from pet_sweep.study import open_study, quiet_optuna, run_sweep
-
-    quiet_optuna()
-    base = default_digits()
-    experiment = {**base, "model": {**base["model"], "img_size": img_size},
-                  "data": {**base["data"], "limit": limit},
-                  "budget": {"n_trials": n_trials}, "sampler": {**base["sampler"], "seed": seed},
-                  "pruner": pruner}
-    path = write_experiment(temp_dir(f"pruning-{pruner['name']}-{seed}"), experiment, digits_space())
-    exp = load_experiment(path)
-    started = time.perf_counter()
-    run_sweep(exp, echo=lambda line: None)
-    seconds = time.perf_counter() - started
-    study = open_study(exp, create=False)
-    done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    best = min(done, key=lambda t: t.value)
-    n_valid = len(best.user_attrs["valid_targets"])
-    pruned_at = [len(t.user_attrs.get("history", [])) for t in study.trials if t.state.name == "PRUNED"]
-    return {"epochs": epochs_trained(study), "best": best.value, "n_valid": n_valid,
-            "interval": wilson(round(best.value * n_valid), n_valid), "seconds": seconds,
-            "pruned": len(pruned_at), "pruned_at": pruned_at}
+@dataclass
+class Sweep:
+    epochs: int
+    seconds: float
+    pruned_at: list[int]             # epochs each pruned trial trained
+    best_trial: int | None
+    valid_errors: int = 0
+    n_valid: int = 0
+    test_errors: int = 0
+    n_test: int = 0
 
 
-def pruner_settings(spec: str, base: dict) -> dict:
-    """`name[,key=value...]` -> the experiment's `pruner` mapping (base settings overridden)."""
+def pruner_settings(spec: str, base: dict[str, Any]) -> dict[str, Any]:
+    """`name[,key=value...]` -> the experiment's `pruner` mapping: the shipped settings that
+    apply to that pruner, overridden by the pairs."""
     name, *pairs = spec.split(",")
     settings = {**base, "name": name}
     if name != "schedule":  # settings of pet-sweep's schedule pruner only
         settings.pop("min_fraction", None)
-    if name in ("median", "hyperband"):  # the median is the 50th percentile by definition
+    if name in ("median", "hyperband", "wilcoxon"):  # the median is the 50th percentile by definition
         settings.pop("percentile", None)
+    if name != "wilcoxon":
+        settings.pop("p_threshold", None)
     for pair in pairs:
         key, _, value = pair.partition("=")
         settings[key] = float(value) if "." in value else int(value)
     return settings
 
 
-def main() -> None:
+def sweep(pruner: dict[str, Any], seed: int, args: argparse.Namespace, space: dict[str, Any], root: Path,
+          label: str) -> Sweep:
+    """One sweep in its own Optuna store; all of them log to one MLflow store under `root`
+    (a fresh MLflow sqlite store costs seconds of migrations, paid once)."""
+    from pet_sweep.config import load_experiment
+    from pet_sweep.report import errors_of
+    from pet_sweep.study import open_study, quiet_optuna, run_sweep
+
+    quiet_optuna()
+    base = default_digits()
+    experiment = {**base, "model": {**base["model"], "img_size": args.img_size},
+                  "data": {**base["data"], "limit": args.limit},
+                  "budget": {"n_trials": args.n_trials}, "sampler": {**base["sampler"], "seed": seed},
+                  "pruner": pruner, "seed": seed,
+                  "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": f"pruning-{label}-{seed}"}}
+    folder = root / f"{label}-{seed}"
+    exp = load_experiment(write_experiment(folder, experiment, space))
+    started = time.perf_counter()
+    run_sweep(exp, echo=lambda line: None)
+    seconds = time.perf_counter() - started
+    study = open_study(exp, create=False)
+    pruned_at = [len(t.user_attrs.get("history", [])) for t in study.trials if t.state.name == "PRUNED"]
+    result = Sweep(epochs_trained(study), seconds, pruned_at, None)
+    if not any(t.state.name == "COMPLETE" for t in study.trials):
+        return result  # nothing to replay: judged as not meeting the target
+    best = study.best_trial
+    replay = replay_best(exp, folder)
+    result.best_trial = best.number
+    result.n_valid = len(best.user_attrs["valid_targets"])
+    result.valid_errors = errors_of(best.value, result.n_valid)
+    result.n_test = replay.n_test
+    result.test_errors = errors_of(replay.test_error, replay.n_test) if replay.test_error is not None else 0
+    return result
+
+
+def judge(runs: dict[str, list[Sweep]], reference: list[Sweep]) -> dict[str, dict[str, Any]]:
+    """Per pruner: median saving, pooled held-out errors, and whether the target is met."""
+    from pet_sweep.report import wilson
+
+    ref_errors, ref_n = sum(r.test_errors for r in reference), sum(r.n_test for r in reference)
+    lo, hi = wilson(ref_errors, ref_n) if ref_n else (float("nan"), float("nan"))
+    verdicts = {}
+    for name, sweeps in runs.items():
+        saving = median([1 - s.epochs / r.epochs for s, r in zip(sweeps, reference)])
+        errors, n = sum(s.test_errors for s in sweeps), sum(s.n_test for s in sweeps)
+        inside = bool(n) and all(s.best_trial is not None for s in sweeps) and lo <= errors / n <= hi
+        verdicts[name] = {"saving": saving, "errors": errors, "n": n, "inside": inside,
+                          "met": inside and saving >= TARGET_SAVING}
+    return verdicts
+
+
+def winner(verdicts: dict[str, dict[str, Any]]) -> str | None:
+    """The pruner that meets the target with the largest saving (ties: the lower held-out error)."""
+    met = [name for name, v in verdicts.items() if v["met"]]
+    return min(met, key=lambda name: (-verdicts[name]["saving"], verdicts[name]["errors"] / verdicts[name]["n"]),
+               default=None)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-trials", type=int, default=12)
-    parser.add_argument("--pruners", nargs="+", default=["schedule", "median"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--img-size", type=int, default=16)
-    parser.add_argument("--limit", type=int, default=900, help="digits images used (train + valid + test)")
-    args = parser.parse_args()
+    parser.add_argument("--pruners", nargs="+", default=PRUNERS, help="each is compared with no pruning")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler and training seeds")
+    base = default_digits()
+    parser.add_argument("--n-trials", type=int, default=base["budget"]["n_trials"])
+    parser.add_argument("--img-size", type=int, default=base["model"]["img_size"])
+    parser.add_argument("--limit", type=int, default=None, help="digits images used (default: all 1,797)")
+    parser.add_argument("--space", type=Path, help="a sweep file instead of sweeps/digits.yaml (smoke runs)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    settings = {k: v for k, v in default_digits()["pruner"].items() if k != "name"}
-    variants = {spec: pruner_settings(spec, settings) for spec in args.pruners}
-    print(f"# pruning savings: digits ({args.limit} images), {args.n_trials} trials/study, img {args.img_size}px, "
-          f"{machine()}")
+    space = yaml.safe_load(args.space.read_text()) if args.space else digits_space()
+    shipped = {k: v for k, v in base["pruner"].items() if k != "name"}
+    variants = {spec: pruner_settings(spec, shipped) for spec in args.pruners}
+    print(header(f"pruning: digits ({args.limit or 'all'} images), {args.n_trials} trials per sweep, "
+                 f"{args.img_size}px, seeds {' '.join(map(str, args.seeds))}, "
+                 f"space {args.space or 'sweeps/digits.yaml'}"))
     for spec, pruner in variants.items():
         print(f"# {spec}: {pruner}")
-    savings: dict[str, list[float]] = {spec: [] for spec in args.pruners}
-    print("seed | pruner | epochs (pruner) | epochs (none) | saving | best err pruner [95% CI] | "
-          "best err none [95% CI] | pruned (at epochs) | wall time pruner vs none")
+    print("seed | pruner | epochs | saving | pruned (epochs trained) | best trial | best valid err [95% CI] | "
+          "held-out err of the best, replayed [95% CI] | wall s", flush=True)
+    root = temp_dir("pruning")
+    reference: list[Sweep] = []
+    runs: dict[str, list[Sweep]] = {spec: [] for spec in variants}
     for seed in args.seeds:
-        without = sweep({"name": "none"}, seed, args.n_trials, args.img_size, args.limit)
-        for name, pruner in variants.items():
-            with_p = sweep(pruner, seed, args.n_trials, args.img_size, args.limit)
-            saving = 1 - with_p["epochs"] / without["epochs"]
-            savings[name].append(saving)
-            within = without["interval"][0] <= with_p["best"] <= without["interval"][1]
-            print(f"{seed} | {name} | {with_p['epochs']} | {without['epochs']} | {saving:.0%} | "
-                  f"{with_p['best']:.4f} [{with_p['interval'][0]:.4f}, {with_p['interval'][1]:.4f}] | "
-                  f"{without['best']:.4f} [{without['interval'][0]:.4f}, {without['interval'][1]:.4f}] "
-                  f"({'within' if within else 'OUTSIDE'} its interval) | {with_p['pruned']} {with_p['pruned_at']} | "
-                  f"{with_p['seconds']:.0f}s vs {without['seconds']:.0f}s",
-                  flush=True)
-    for name, values in savings.items():
-        print(f"{name}: median saving {median(values):.0%} fewer epochs (target >= 40 %)")
+        for spec, pruner in {"none": {"name": "none"}, **variants}.items():
+            result = sweep(pruner, seed, args, space, root, spec)
+            (reference if spec == "none" else runs[spec]).append(result)
+            saving = 1 - result.epochs / reference[-1].epochs
+            print(f"{seed} | {spec} | {result.epochs} | {saving:.0%} | {len(result.pruned_at)} {result.pruned_at} | "
+                  f"{result.best_trial} | {wilson_text(result.valid_errors, result.n_valid)} | "
+                  f"{wilson_text(result.test_errors, result.n_test)} | {result.seconds:.0f}", flush=True)
+    verdicts = judge(runs, reference)
+    ref = wilson_text(sum(r.test_errors for r in reference), sum(r.n_test for r in reference))
+    print(f"none: held-out error of the best trials, pooled over {len(args.seeds)} seeds: {ref}")
+    for name, v in verdicts.items():
+        print(f"{name}: median saving {v['saving']:.0%} (target >= {TARGET_SAVING:.0%}); held-out error pooled "
+              f"{wilson_text(v['errors'], v['n'])}, {'inside' if v['inside'] else 'OUTSIDE'} the unpruned "
+              f"interval; target {'met' if v['met'] else 'not met'}")
+    best = winner(verdicts)
+    print(f"winner: {best}" if best else "winner: none (no pruner met the target)")
 
 
 if __name__ == "__main__":

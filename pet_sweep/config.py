@@ -82,15 +82,24 @@ class PrunerConfig(_Strict):
     """`schedule`: pruning at the same point of each one-cycle schedule (pet_sweep.pruners);
     `median`, `percentile`, `hyperband`: Optuna's own, which compare trials epoch by epoch.
     `percentile` applies to `schedule` and `percentile` (50 is the median; 25 keeps only
-    trials in the best quarter, which prunes more)."""
+    trials in the best quarter, which prunes more).
 
-    name: Literal["none", "schedule", "median", "percentile", "hyperband"] = "none"
+    `wilcoxon`: Optuna's WilcoxonPruner. It was made for steps that are problem instances
+    (folds, questions); here a step is an epoch, so it pairs the trial's error after epoch k
+    with the best completed trial's after epoch k and prunes once a signed-rank test says,
+    at `p_threshold`, that the trial's curve lies above the best one's. Epochs of one curve
+    are not independent instances and schedules of different lengths are paired by epoch
+    number, so `p_threshold` is a knob for how readily it prunes, not a false-positive rate.
+    `n_warmup_steps` is its `n_startup_steps` (it never judges on fewer than 2 epochs)."""
+
+    name: Literal["none", "schedule", "median", "percentile", "hyperband", "wilcoxon"] = "none"
     n_startup_trials: int = Field(3, ge=0)
     n_warmup_steps: int = Field(1, ge=0)
     percentile: float = Field(50.0, gt=0, lt=100)
     min_fraction: float = Field(0.0, ge=0, lt=1)   # `schedule`: no pruning before this fraction of a phase
     min_resource: int = Field(1, ge=1)
     reduction_factor: int = Field(3, ge=2)
+    p_threshold: float = Field(0.1, ge=0, le=1)     # `wilcoxon`: prune when the signed-rank p-value is below
 
     @model_validator(mode="after")
     def _check(self) -> "PrunerConfig":
@@ -99,6 +108,8 @@ class PrunerConfig(_Strict):
                              "use `name: percentile` (or `schedule`) to set another")
         if self.name != "schedule" and self.min_fraction:
             raise ValueError(f"min_fraction is a setting of the schedule pruner, not of {self.name!r}")
+        if self.name != "wilcoxon" and "p_threshold" in self.model_fields_set:
+            raise ValueError(f"p_threshold is a setting of the wilcoxon pruner, not of {self.name!r}")
         return self
 
 

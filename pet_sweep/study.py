@@ -15,6 +15,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -210,6 +211,10 @@ def make_pruner(exp: Experiment) -> optuna.pruners.BasePruner:
                                                n_warmup_steps=cfg.n_warmup_steps)
     if cfg.name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor)
+    if cfg.name == "wilcoxon":
+        with warnings.catch_warnings():  # chosen knowingly in the config: no ExperimentalWarning per study opened
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=cfg.p_threshold, n_startup_steps=cfg.n_warmup_steps)
     return optuna.pruners.NopPruner()
 
 

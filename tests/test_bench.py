@@ -41,3 +41,84 @@ def test_gpu_precision_script_without_cuda_measures_nothing(capsys: pytest.Captu
         pytest.skip("a CUDA GPU is here: the script would measure it")
     gpu_precision.main([])
     assert capsys.readouterr().out.strip() == "no CUDA GPU here: nothing to measure"
+
+
+TINY_SPACE = ("arch: xresnet18\nbase_lr: 1.0e-2\nlr_hi: {low: 3.0e-3, high: 3.0e-2, log: true}\nlr_mult: 10\n"
+              "freeze_epochs: 0\nepochs: 1\n")
+
+
+def test_pruning_script_judges_each_pruner_on_epochs_and_replayed_held_out_error(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import pruning
+
+    monkeypatch.setattr(pruning, "temp_dir", lambda prefix: tmp_path / prefix)
+    (tmp_path / "tiny.yaml").write_text(TINY_SPACE)
+    pruning.main(["--seeds", "0", "--n-trials", "2", "--img-size", "16", "--limit", "100",
+                  "--space", str(tmp_path / "tiny.yaml"), "--pruners", "median", "schedule,min_fraction=0.5"])
+    out = capsys.readouterr().out
+    assert re.search(r"^# \d{4}-\d\d-\d\d \d\d:\d\d UTC, commit \S+, \d+ cores .*torch CPU kernels", out, re.M)
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("0 | ")]
+    assert [row[1] for row in rows] == ["none", "median", "schedule,min_fraction=0.5"]
+    for row in rows:  # 2 trials of 1 epoch: nothing to prune
+        assert row[2:4] == ["2", "0%"], row
+        assert re.fullmatch(r"\d\.\d{4} \(\d+/10\) \[\d\.\d{4}, \d\.\d{4}\]", row[7]), row  # 10 held-out items
+    assert "median: median saving 0% (target >= 40%)" in out and "target not met" in out
+    assert out.strip().endswith("winner: none (no pruner met the target)")
+
+
+def test_pruning_winner_needs_the_saving_and_the_held_out_error() -> None:
+    from bench.pruning import Sweep, judge, winner
+
+    reference = [Sweep(100, 1.0, [], 0, test_errors=2, n_test=180)]
+    runs = {"saves-and-holds": [Sweep(55, 1.0, [3], 1, test_errors=4, n_test=180)],
+            "saves-more-but-worse": [Sweep(30, 1.0, [2], 1, test_errors=20, n_test=180)],
+            "holds-but-saves-little": [Sweep(90, 1.0, [9], 1, test_errors=2, n_test=180)]}
+    verdicts = judge(runs, reference)
+    assert verdicts["saves-and-holds"]["met"] and not verdicts["saves-more-but-worse"]["inside"]
+    assert verdicts["holds-but-saves-little"]["inside"] and not verdicts["holds-but-saves-little"]["met"]
+    assert winner(verdicts) == "saves-and-holds"
+    assert winner({k: v for k, v in verdicts.items() if k != "saves-and-holds"}) is None
+
+
+def test_search_baseline_is_fastais_own_fine_tune(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar is `learn.fine_tune(epochs)` with all of fastai's defaults (pct_start=0.99 frozen,
+    halved base_lr, div=5 unfrozen), not the recipe's fit_one_cycle phases."""
+    import argparse
+
+    import fastai.callback.schedule  # noqa: F401 (patches fine_tune onto Learner: before our patch, not after)
+    from fastai.learner import Learner
+
+    from bench import search
+    from pet_sweep import recipe  # noqa: F401 (imports fastai's patches too)
+
+    monkeypatch.setattr(search, "temp_dir", lambda prefix: tmp_path / prefix)
+    calls: list[tuple[tuple, dict]] = []
+    monkeypatch.setattr(Learner, "fine_tune", lambda self, *args, **kwargs: calls.append((args, kwargs)),
+                        raising=False)
+    monkeypatch.setattr(Learner, "fit_one_cycle", lambda *a, **k: pytest.fail("the recipe's schedule"),
+                        raising=False)
+    args = argparse.Namespace(img_size=16, limit=100, n_trials=1)
+    error = search.fastai_default_error(search.experiment("tpe", 0, args), epochs=3)
+    assert calls == [((3,), {})]  # every other setting is fastai's default
+    assert 0 <= error <= 1
+
+
+@pytest.mark.parametrize("a_times, reps, verdict", [
+    ([102.0, 110.0, 101.0, 104.0, 99.0], 5, "ratio a/c 1.020, median of 5 (the orchestration alone; target <= 1.03): met"),
+    ([102.0, 110.0, 104.0, 106.0, 99.0], 5, "ratio a/c 1.040, median of 5 (the orchestration alone; target <= 1.03): "
+                                            "not met"),
+    ([101.0, 101.0, 101.0], 3, "not judged (3 < 5 repetitions)"),
+])
+def test_overhead_is_judged_on_the_median_a_c_of_five_repetitions(
+        a_times: list[float], reps: int, verdict: str, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import overhead
+
+    monkeypatch.setattr(overhead, "temp_dir", lambda prefix: tmp_path / prefix)
+    timings = iter(a_times)
+    monkeypatch.setattr(overhead, "with_pet_sweep", lambda path, name: next(timings))
+    monkeypatch.setattr(overhead, "bare_fastai", lambda *args, dls=None: 100.0)  # (b) and (c): 100 s each
+    overhead.main(["--reps", str(reps), "--limit", "100", "--img-size", "16"])
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if re.match(r"\d \| ", line)]) == reps
+    assert verdict in out.splitlines()[-1]
