@@ -62,9 +62,11 @@ class Progress:
         # the sweep's thread and the ticker both write the status line
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
         if self.live:
             # an epoch can take minutes on a big data set: keep the clock moving between events
-            threading.Thread(target=self._tick, name="pet-sweep-progress", daemon=True).start()
+            self._ticker = threading.Thread(target=self._tick, name="pet-sweep-progress", daemon=True)
+            self._ticker.start()
 
     # -- hooks of study.run_sweep ------------------------------------------------
 
@@ -118,6 +120,8 @@ class Progress:
     def close(self) -> None:
         """Stop the clock and remove the status line (before the caller's summary)."""
         self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()  # outside the lock: the ticker may be waiting for it
         with self._lock:
             self._clear()
 
@@ -177,12 +181,6 @@ class Progress:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self._status_shown = False
-        # the sweep's thread and the ticker both write the status line
-        self._lock = threading.RLock()
-        self._stop = threading.Event()
-        if self.live:
-            # an epoch can take minutes on a big data set: keep the clock moving between events
-            threading.Thread(target=self._tick, name="pet-sweep-progress", daemon=True).start()
 
 
 def _planned_epochs(params: dict[str, Any]) -> int | None:

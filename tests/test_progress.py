@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -99,6 +100,18 @@ def test_status_line_in_a_terminal_says_where_the_sweep_is() -> None:
     assert "\r\x1b[Ktrial   0 COMPLETE error_rate=0.2500\n\r\x1b[Ktrials 1/4" in text
     progress.close()
     assert out.getvalue().endswith("\r\x1b[K")
+
+
+def test_one_ticker_per_sweep_stopped_on_close() -> None:
+    before = threading.active_count()
+    progress = Progress(100, stream=io.StringIO(), err=io.StringIO(), clock=Clock(), live=True)
+    assert threading.active_count() == before + 1  # the status line's ticker
+    progress.trial_started(0, PARAMS)
+    for number in range(100):
+        progress.echo(f"trial {number:>3} COMPLETE error_rate=0.5000")
+    assert threading.active_count() == before + 1
+    progress.close()
+    assert threading.active_count() == before
 
 
 def test_estimate_is_capped_by_the_timeout() -> None:
