@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from pet_sweep.callbacks import EpochRecord
 from pet_sweep.cli import cli
-from pet_sweep.progress import Progress, format_duration
+from pet_sweep.progress import Level, Progress, format_duration
 from pet_sweep.study import TrialOutcome
 
 PARAMS = {"arch": "resnet18", "base_lr": 1e-2, "lr_lo": 1e-3, "lr_hi": 1e-2, "freeze_epochs": 1, "epochs": 2}
@@ -71,6 +71,24 @@ def test_verbose_adds_one_line_per_epoch() -> None:
     assert epochs[0] == ("trial   0 epoch 1/3 (frozen) train_loss=1.0000 valid_loss=1.5000 "
                          "error_rate=0.5000 (10.0s)")
     assert [line.split()[3] for line in epochs] == ["1/3", "2/3", "3/3"]
+
+
+def test_off_a_terminal_a_long_trial_prints_an_epoch_line_at_most_every_minute() -> None:
+    def epochs(level: Level) -> list[str]:
+        out, clock = io.StringIO(), Clock()
+        progress = Progress(4, level=level, stream=out, err=io.StringIO(), clock=clock)
+        progress.trial_started(0, {**PARAMS, "epochs": 4})
+        # epochs end 30, 65, 100, 130 and 150 s into the trial
+        for epoch, seconds in enumerate((30, 35, 35, 30, 20)):
+            clock.now += seconds
+            progress.epoch_done(0, record(epoch, 0.5 - epoch / 10))
+        progress.close()
+        return [line for line in out.getvalue().splitlines() if " epoch " in line]
+
+    assert epochs("normal") == ["trial   0 epoch 2/5 error_rate=0.4000 (1m05s into the trial)",
+                                "trial   0 epoch 4/5 error_rate=0.2000 (2m10s into the trial)"]
+    assert epochs("quiet") == []
+    assert len(epochs("verbose")) == 5  # verbose prints every epoch anyway
 
 
 def test_quiet_prints_only_failed_trials_on_stderr() -> None:
