@@ -31,7 +31,7 @@ from fastai.metrics import error_rate
 from fastai.torch_core import set_seed
 from fastai.vision.learner import model_meta, vision_learner
 
-from pet_sweep.callbacks import EpochHistory, EpochListener, EpochRecord, StopOnNonFinite
+from pet_sweep.callbacks import EpochHistory, EpochListener, EpochRecord, StopOnDivergence
 from pet_sweep.config import ModelConfig
 from pet_sweep.errors import PetSweepError
 from pet_sweep.space import ARCHITECTURES, TrialParams
@@ -169,7 +169,7 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
         if lr_find is not None:  # before the history callbacks: the finder's mock epochs are not epochs
             lr_find(learn, params)
         history = EpochHistory(listeners)
-        learn.add_cbs([history, StopOnNonFinite(history)])
+        learn.add_cbs([history, StopOnDivergence(history)])
         with learn.no_bar(), learn.no_logging():
             if params.freeze_epochs > 0:
                 learn.freeze()

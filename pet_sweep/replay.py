@@ -203,9 +203,9 @@ def check_test_split(source: ReplaySource | None, now: SplitFingerprint, *, allo
 def without_training_callbacks(learn: Any) -> None:
     """Drop pet-sweep's per-trial callbacks: they would fire again in `validate`, `predict`
     and in every use of the exported learner (and fail outside a fit)."""
-    from pet_sweep.callbacks import EpochHistory, StopOnNonFinite
+    from pet_sweep.callbacks import EpochHistory, StopOnDivergence
 
-    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (EpochHistory, StopOnNonFinite))])
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (EpochHistory, StopOnDivergence))])
 
 
 def evaluate_test(learn: Any, items: tuple[Path, ...]) -> float:

@@ -103,6 +103,25 @@ def test_nan_loss_prunes_the_trial_with_its_reason(write_experiments: Callable[.
     assert "reason: training loss became" in "\n".join(lines)
 
 
+def test_a_loss_that_blows_up_prunes_the_trial_in_its_first_epoch(write_experiments: Callable[..., Path]) -> None:
+    quiet_optuna()
+    # 1,000x the digits space's learning rates: the loss reaches ~1e4 and stays finite
+    space = {**RANDOM_SPACE, "lr_hi": 10.0, "freeze_epochs": 0, "epochs": 2}
+    # batches of 8: enough steps in one epoch for the learning rate to warm up and do its damage
+    exp = load_experiment(write_experiments(space=space, data=FAST_DATA, model={"batch_size": 8},
+                                            budget={"n_trials": 1}))
+    lines: list[str] = []
+    run_sweep(exp, echo=lines.append)
+    (trial,) = load(exp.storage_url, exp.study_name).get_trials()
+    assert trial.state == TrialState.PRUNED
+    reason = trial.user_attrs["reason"]
+    assert re.match(r"diverged: loss rose from [\d.]+ to [\d.e+]+ by batch \d+ \(epoch 0, unfrozen phase", reason), reason
+    assert trial.intermediate_values == {}  # stopped before its first epoch was reported
+    run = trial_runs(exp.tracking_uri, exp.tracking_experiment, exp.study_name)[0]
+    assert run.info.status == "KILLED" and run.data.tags["reason"] == reason
+    assert f"reason: {reason}" in "\n".join(lines)
+
+
 def test_out_of_memory_fails_the_trial_and_the_sweep_goes_on(write_experiments: Callable[..., Path]) -> None:
     import torch
 

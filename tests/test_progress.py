@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 
 from pet_sweep.callbacks import EpochRecord
 from pet_sweep.cli import cli
-from pet_sweep.progress import Progress, format_duration
+from pet_sweep.progress import Level, Progress, format_duration
 from pet_sweep.study import TrialOutcome
 
 PARAMS = {"arch": "resnet18", "base_lr": 1e-2, "lr_lo": 1e-3, "lr_hi": 1e-2, "freeze_epochs": 1, "epochs": 2}
@@ -72,6 +73,24 @@ def test_verbose_adds_one_line_per_epoch() -> None:
     assert [line.split()[3] for line in epochs] == ["1/3", "2/3", "3/3"]
 
 
+def test_off_a_terminal_a_long_trial_prints_an_epoch_line_at_most_every_minute() -> None:
+    def epochs(level: Level) -> list[str]:
+        out, clock = io.StringIO(), Clock()
+        progress = Progress(4, level=level, stream=out, err=io.StringIO(), clock=clock)
+        progress.trial_started(0, {**PARAMS, "epochs": 4})
+        # epochs end 30, 65, 100, 130 and 150 s into the trial
+        for epoch, seconds in enumerate((30, 35, 35, 30, 20)):
+            clock.now += seconds
+            progress.epoch_done(0, record(epoch, 0.5 - epoch / 10))
+        progress.close()
+        return [line for line in out.getvalue().splitlines() if " epoch " in line]
+
+    assert epochs("normal") == ["trial   0 epoch 2/5 error_rate=0.4000 (1m05s into the trial)",
+                                "trial   0 epoch 4/5 error_rate=0.2000 (2m10s into the trial)"]
+    assert epochs("quiet") == []
+    assert len(epochs("verbose")) == 5  # verbose prints every epoch anyway
+
+
 def test_quiet_prints_only_failed_trials_on_stderr() -> None:
     out, err, clock = io.StringIO(), io.StringIO(), Clock()
     drive(Progress(4, level="quiet", stream=out, err=err, clock=clock, live=True), clock)
@@ -99,6 +118,18 @@ def test_status_line_in_a_terminal_says_where_the_sweep_is() -> None:
     assert "\r\x1b[Ktrial   0 COMPLETE error_rate=0.2500\n\r\x1b[Ktrials 1/4" in text
     progress.close()
     assert out.getvalue().endswith("\r\x1b[K")
+
+
+def test_one_ticker_per_sweep_stopped_on_close() -> None:
+    before = threading.active_count()
+    progress = Progress(100, stream=io.StringIO(), err=io.StringIO(), clock=Clock(), live=True)
+    assert threading.active_count() == before + 1  # the status line's ticker
+    progress.trial_started(0, PARAMS)
+    for number in range(100):
+        progress.echo(f"trial {number:>3} COMPLETE error_rate=0.5000")
+    assert threading.active_count() == before + 1
+    progress.close()
+    assert threading.active_count() == before
 
 
 def test_estimate_is_capped_by_the_timeout() -> None:

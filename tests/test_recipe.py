@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from pet_sweep.data import build_data
 from pet_sweep.errors import PetSweepError, TrainingDiverged
 from pet_sweep.recipe import fine_tune, precision_for
 from pet_sweep.space import TrialParams
+from pet_sweep.study import message_of
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,33 @@ def test_diverging_loss_stops_with_reason(tiny) -> None:
     params = TrialParams("resnet18", base_lr=1e6, lr_lo=1e5, lr_hi=1e6, freeze_epochs=1, epochs=1)
     with pytest.raises(TrainingDiverged, match="training loss became (nan|inf)"):
         fine_tune(data.dls, params, exp.config.model, seed=0)
+
+
+def test_a_loss_that_blows_up_but_stays_finite_stops_in_its_first_epoch(tiny) -> None:
+    exp, data = tiny
+    seen = []
+    # learning rates 1,000x too high send the training loss to ~1e4, still finite
+    params = TrialParams("resnet18", base_lr=10, lr_lo=1, lr_hi=10, freeze_epochs=1, epochs=1)
+    with pytest.raises(TrainingDiverged) as caught:
+        fine_tune(data.dls, params, exp.config.model, seed=0, listeners=[seen.append])
+    found = re.match(r"diverged: loss rose from ([\d.]+) to ([\d.e+]+) by batch (\d+) \(epoch 0, frozen phase", message_of(caught.value))
+    assert found, caught.value
+    start, end, batch = float(found[1]), float(found[2]), int(found[3])
+    assert end > 10 * start and math.isfinite(end)
+    assert 1 <= batch <= len(data.dls.train) and seen == []  # within epoch 0: no epoch finished
+
+
+@pytest.mark.parametrize(("base_lr", "lr_hi", "lr_mult", "freeze_epochs", "epochs"), [
+    (3e-2, 3e-2, 1, 0, 2),   # the digits space's highest learning rates, warm-up over 2 epochs only
+    (3e-2, 3e-2, 1, 1, 1),   # ... after a frozen epoch: the unfrozen phase's loss rises above the frozen one's
+])
+def test_a_normal_trial_is_not_stopped_by_its_warm_up(tiny, base_lr: float, lr_hi: float, lr_mult: float,
+                                                      freeze_epochs: int, epochs: int) -> None:
+    exp, data = tiny
+    params = TrialParams("resnet18", base_lr=base_lr, lr_lo=lr_hi / lr_mult, lr_hi=lr_hi,
+                         freeze_epochs=freeze_epochs, epochs=epochs)
+    result = fine_tune(data.dls, params, exp.config.model, seed=0)
+    assert len(result.history) == 2
 
 
 def test_channels_last_trains_the_model_in_nhwc(tiny) -> None:
