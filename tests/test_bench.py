@@ -41,3 +41,10 @@ def test_gpu_precision_script_without_cuda_measures_nothing(capsys: pytest.Captu
         pytest.skip("a CUDA GPU is here: the script would measure it")
     gpu_precision.main([])
     assert capsys.readouterr().out.strip() == "no CUDA GPU here: nothing to measure"
+
+
+def test_rates_keep_significant_digits_on_a_slow_machine() -> None:
+    from bench.gpu_precision import significant
+
+    # a busy 2-core CPU measured 0.4 images/s: printed as "0" it read as nothing measured
+    assert [significant(v) for v in (0.4, 0.004123, 1.0, 12.345, 1234.4)] == ["0.4", "0.00412", "1", "12.3", "1234"]
