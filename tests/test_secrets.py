@@ -191,3 +191,23 @@ def test_study_state_note_hides_the_password(write_experiments: Callable[..., Pa
     assert result.exit_code == 0, result.output
     assert "cannot read: cannot connect to postgresql://postgres:***@" in result.output, result.output
     assert SECRET not in result.output
+
+
+def test_train_uploads_its_config_without_passwords(tmp_path: Path) -> None:
+    from pet_sweep.replay import _without_passwords, load_replay
+
+    # a hand-written (or older) config may hold the passwords export no longer writes
+    path = tmp_path / "best.yaml"
+    path.write_text(yaml.safe_dump({
+        "format": "pet-sweep/replay-1", "name": "x", "data": {"source": "digits"}, "model": {"img_size": 16},
+        "source": {"experiment": "x", "study": "x", "trial": 0,
+                   "storage": f"postgresql://postgres:{SECRET}@db/optuna"},
+        "params": {"arch": "resnet18", "base_lr": 0.01, "lr_hi": 0.01, "lr_lo": 0.001, "freeze_epochs": 0,
+                   "epochs": 1},
+        "tracking": {"uri": f"http://user:{SECRET}@mlflow:5000"}}))
+    cfg, _ = load_replay(path)
+    (tmp_path / "upload").mkdir()
+    copy = _without_passwords(path, cfg, tmp_path / "upload")
+    text = copy.read_text()
+    assert copy.name == "best.yaml" and SECRET not in text
+    assert "postgresql://postgres:***@db/optuna" in text and "http://user:***@mlflow:5000" in text
