@@ -27,17 +27,20 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from pet_sweep.config import Experiment, load_experiment, load_experiments_file
 from pet_sweep.errors import PetSweepError, StudyError
-from pet_sweep.tracking import artifact_root, redact_url, sqlite_path
+from pet_sweep.tracking import artifact_root, open_http, redact_url, redact_url_in, sqlite_path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # MLflow 3's UI opens on its GenAI (traces) pages unless told it is model training,
 # where the runs table with the sweep and its nested trials is.
 MLFLOW_VIEW = "?workflowType=machine_learning"
 DASHBOARD_INSTALL = "pip install 'pet-sweep[dashboard]'"
+# A server's command line and the variables that carry its store URL: `ps` shows every
+# user of the machine the command line, the environment only to its owner.
+Command = tuple[list[str], dict[str, str]]
 
 
 class ServerError(PetSweepError):
@@ -96,8 +99,7 @@ def remote_experiment_url(server: str, experiment: str, timeout: float = 5.0) ->
     base = server.rstrip("/")
     query = urllib.parse.urlencode({"experiment_name": experiment})
     try:
-        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}",
-                                    timeout=timeout) as answer:
+        with open_http(f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout) as answer:
             experiment_id = json.load(answer)["experiment"]["experiment_id"]
     except urllib.error.HTTPError as err:
         note = {404: f"the server has no experiment {experiment!r} yet",
@@ -105,13 +107,13 @@ def remote_experiment_url(server: str, experiment: str, timeout: float = 5.0) ->
                     err.code, f"the server answered HTTP {err.code}")
         return f"{base}/#/experiments", note
     except (OSError, ValueError, KeyError) as err:  # unreachable, timeout, not MLflow's JSON
-        return f"{base}/#/experiments", f"could not ask the server for experiment {experiment!r}: {err}"
+        return f"{base}/#/experiments", (f"could not ask the server for experiment {experiment!r}: "
+                                         f"{redact_url_in(str(err), server)}")
     return mlflow_experiment_url(base, experiment_id), None
 
 
-def mlflow_command(tracking_uri: str, host: str, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
-           "--host", host, "--port", str(port),
+def mlflow_command(tracking_uri: str, host: str, port: int) -> Command:
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
            # one worker is plenty for one user and spares the machine that trains
            "--workers", "1",
            # a log line per request would bury the URL we print
@@ -120,23 +122,32 @@ def mlflow_command(tracking_uri: str, host: str, port: int) -> list[str]:
     if root is not None:
         # experiments created from the UI keep their artifacts beside the database too
         cmd += ["--default-artifact-root", root]
-    return cmd
+    return cmd, {"MLFLOW_BACKEND_STORE_URI": tracking_uri}  # `mlflow server`'s own variable
 
 
 # -- optuna-dashboard -----------------------------------------------------------
 
 
-def dashboard_executable() -> str:
-    """The `optuna-dashboard` script of this Python environment (it has no ``python -m`` entry)."""
-    beside = Path(sys.executable).parent / "optuna-dashboard"
-    found = str(beside) if beside.exists() else shutil.which("optuna-dashboard")
-    if importlib.util.find_spec("optuna_dashboard") is None or found is None:
+DASHBOARD_STORAGE_VAR = "PET_SWEEP_DASHBOARD_STORAGE"
+# optuna-dashboard takes its storage only as an argument: this runs its console script
+# (the `optuna-dashboard` entry point) with the URL put into sys.argv from the environment,
+# so the process's visible command line never holds it.
+_DASHBOARD_MAIN = ("import os, sys\n"
+                   "from importlib.metadata import entry_points\n"
+                   f"sys.argv[:1] = ['optuna-dashboard', os.environ.pop({DASHBOARD_STORAGE_VAR!r})]\n"
+                   "[script] = entry_points(group='console_scripts', name='optuna-dashboard')\n"
+                   "sys.exit(script.load()())\n")
+
+
+def require_dashboard() -> None:
+    """Refuse at once, saying how to install it, when optuna-dashboard is missing."""
+    if importlib.util.find_spec("optuna_dashboard") is None:
         raise ServerError(f"optuna-dashboard is not installed; install it with: {DASHBOARD_INSTALL}")
-    return found
 
 
-def dashboard_command(executable: str, storage_url: str, host: str, port: int) -> list[str]:
-    return [executable, storage_url, "--host", host, "--port", str(port), "--quiet"]
+def dashboard_command(storage_url: str, host: str, port: int) -> Command:
+    return ([sys.executable, "-c", _DASHBOARD_MAIN, "--host", host, "--port", str(port), "--quiet"],
+            {DASHBOARD_STORAGE_VAR: storage_url})
 
 
 # -- pet-sweep list ---------------------------------------------------------------
@@ -201,7 +212,7 @@ def study_state(exp: Experiment, storages: dict[str, Any] | None = None) -> Stud
         message = str(root).splitlines()[0][:200] if str(root) else type(root).__name__
         if any(sign in message for sign in _NO_TABLE):  # a database Optuna never wrote to
             return StudyState(**base, found=False)
-        return StudyState(**base, found=False, note=f"cannot read: {message}")
+        return StudyState(**base, found=False, note=f"cannot read: {redact_url_in(message, url)}")
     counts = {state: sum(t.state == state for t in trials)
               for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
@@ -255,12 +266,13 @@ def check_port_free(host: str, port: int) -> None:
                               "choose another port with --port") from None
 
 
-def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path | None = None) -> None:
+def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path | None = None,
+                  hide: Iterable[str] = ()) -> None:
     """Poll `url` until the server answers; fail when the child exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            said = log_tail(log) if log else ""
+            said = log_tail(log, hide) if log else ""
             raise ServerError(f"the server exited with code {proc.returncode} before it answered"
                               + (f"; its last messages:\n{said}" if said else ""))
         try:
@@ -273,11 +285,15 @@ def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float, log: 
     raise ServerError(f"the server did not answer at {url} within {timeout:.0f}s")
 
 
-def log_tail(log: Path, lines: int = 15) -> str:
+def log_tail(log: Path, hide: Iterable[str] = (), lines: int = 15) -> str:
+    """The log's last lines, without the passwords of the URLs in `hide` (a server may quote its store)."""
     try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        text = "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+    for url in hide:
+        text = redact_url_in(text, url)
+    return text
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
@@ -294,39 +310,44 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         proc.wait()
 
 
-def open_ui(title: str, cmd: list[str], host: str, port: int, *, ready_path: str, page_path: str,
+def open_ui(title: str, command: Command, host: str, port: int, *, ready_path: str, page_path: str,
             echo: Callable[[str], None]) -> int:
     """Start a UI server on `host`:`port`, print the page to open, run until Ctrl-C."""
     check_port_free(host, port)
     base = f"http://{url_host(host)}:{port}"
     echo(f"starting {title}")
-    return serve(cmd, ready_url=base + ready_path, open_url=base + page_path, echo=echo)
+    cmd, env = command
+    return serve(cmd, env=env, ready_url=base + ready_path, open_url=base + page_path, echo=echo)
 
 
-def serve(cmd: list[str], *, ready_url: str, open_url: str, echo: Callable[[str], None],
-          startup_timeout: float = 120.0) -> int:
+def serve(cmd: list[str], *, env: dict[str, str] | None = None, ready_url: str, open_url: str,
+          echo: Callable[[str], None], startup_timeout: float = 120.0) -> int:
     """Run a UI server until Ctrl-C (or SIGTERM); print `open_url` once it answers.
 
     The server's own start-up and request messages go to a log file, so the URL to
     open is not buried among them; a server that fails to start shows its last lines.
+    `env`: variables added to the server's environment (its store URLs, kept off its
+    command line and out of the lines shown).
     """
+    env = env or {}
     log_file = tempfile.NamedTemporaryFile(prefix="pet-sweep-server-", suffix=".log", delete=False)
     log = Path(log_file.name)
     # own session: Ctrl-C reaches only us, and we stop the whole group (uvicorn/gunicorn workers)
     with log_file:
-        proc = subprocess.Popen(cmd, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env})
 
     def terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        wait_until_up(ready_url, proc, startup_timeout, log)
+        wait_until_up(ready_url, proc, startup_timeout, log, env.values())
         echo(f"open {open_url}")
         echo(f"(Ctrl-C stops the server; its messages go to {log})")
         code = proc.wait()
         if code:
-            echo(f"the server stopped with code {code}; its last messages:\n{log_tail(log)}")
+            echo(f"the server stopped with code {code}; its last messages:\n{log_tail(log, env.values())}")
         return code
     except KeyboardInterrupt:
         echo("stopping the server")

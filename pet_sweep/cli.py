@@ -342,7 +342,8 @@ def export(experiment: str | None, config_path: str, output: str, trial: int | N
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.option("--export-model", is_flag=True, help="Save the trained learner (learn.export) as an MLflow artifact.")
 @click.option("--tracking-uri", envvar="PET_SWEEP_TRACKING_URI",
-              help="MLflow tracking URI (default: the one in CONFIG_FILE, the sweep's; env PET_SWEEP_TRACKING_URI).")
+              help="MLflow tracking URI (default: the one in CONFIG_FILE, the sweep's; env PET_SWEEP_TRACKING_URI); "
+                   "needed where export replaced its password with ***.")
 @click.option("--allow-split-change", is_flag=True,
               help="Measure the test split even if it changed since the sweep (labelled 'not held out').")
 @fail_clearly
@@ -447,14 +448,14 @@ def dashboard(experiment: str | None, config_path: str, port: int, host: str, st
     from pet_sweep import browse
 
     exp = load(config_path, experiment, storage=storage)
-    executable = browse.dashboard_executable()
+    browse.require_dashboard()
     _warn_host(host)
     state = browse.study_state(exp)
     if not state.found:
         raise CliError(f"no study {exp.study_name!r} in {state.storage}"
                        + (f" ({state.note})" if state.note else "") + f"; run `pet-sweep run {exp.name}` first")
     browse.open_ui(f"optuna-dashboard on {state.storage}",
-                   browse.dashboard_command(executable, exp.storage_url, host, port), host, port,
+                   browse.dashboard_command(exp.storage_url, host, port), host, port,
                    ready_path="/api/studies", page_path=f"/dashboard/studies/{state.study_id}", echo=click.echo)
 
 

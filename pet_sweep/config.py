@@ -232,13 +232,47 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError("file not found", file=str(path)) from None
     except OSError as err:
         raise ConfigError(f"cannot read: {err.strerror}", file=str(path)) from None
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text)
+        node = loader.get_single_node()  # yaml.safe_load's steps, with the check in between
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, "", path, set())
+        return loader.construct_document(node)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"malformed YAML{where}: {problem}", file=str(path)) from None
+    finally:
+        loader.dispose()
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: str, file: Path, seen_nodes: set[int]) -> None:
+    """A key given twice in one mapping is an error: PyYAML would silently keep the last one."""
+    if id(node) in seen_nodes:  # an alias: checked where its anchor is (and no endless recursion)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = path
+            if isinstance(key, yaml.ScalarNode):
+                name = f"{path}.{key.value}" if path else key.value
+                if key.tag != _MERGE_TAG:  # `<<: *defaults` then overriding a key is meant
+                    line = key.start_mark.line + 1
+                    if (key.tag, key.value) in first_line:
+                        raise ConfigError(f"duplicate key {key.value!r} at line {line} (first at line "
+                                          f"{first_line[key.tag, key.value]}); a key may appear once in a mapping",
+                                          file=str(file), key=name)
+                    first_line[key.tag, key.value] = line
+            _refuse_duplicate_keys(value, name, file, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{path}[{i}]", file, seen_nodes)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

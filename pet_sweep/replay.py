@@ -105,7 +105,7 @@ def _pick_trial(study: Any, number: int | None) -> Any:
 def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, Any], int]:
     """The standalone config of the best (or the given) completed trial, as a mapping."""
     from pet_sweep.study import BATCH_ATTR, PARAMS_ATTR, SPLIT_ATTR, TARGETS_ATTR, trial_config
-    from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR
+    from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, redact_url
 
     study = open_existing_study(exp)
     chosen = _pick_trial(study, trial)
@@ -119,14 +119,15 @@ def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, 
         data["path"] = str(exp.data_path())  # the exported file may live anywhere
     n_valid = len(attrs.get(TARGETS_ATTR, ())) or None
     source = ReplaySource(experiment=exp.name, study=exp.study_name, trial=chosen.number,
-                          storage=exp.storage_url, validation_error=float(chosen.value), n_valid=n_valid,
+                          storage=redact_url(exp.storage_url), validation_error=float(chosen.value), n_valid=n_valid,
                           mlflow_run_id=attrs.get(RUN_ID_ATTR),
                           mlflow_parent_run_id=study.user_attrs.get(PARENT_RUN_ATTR),
                           split=study.user_attrs.get(SPLIT_ATTR))
     doc = {"format": FORMAT, "name": f"{exp.name}-trial-{chosen.number}",
            "source": source.model_dump(exclude_none=True), "data": data, "model": base["model"],
            "params": base["params"], "seed": base["seed"],
-           "tracking": {"uri": exp.tracking_uri, "experiment": exp.tracking_experiment}}
+           # a file users keep, mail and upload: the stores' passwords stay out of it (`train` asks)
+           "tracking": {"uri": redact_url(exp.tracking_uri), "experiment": exp.tracking_experiment}}
     ReplayConfig(**doc)  # what we write must read back
     return doc, chosen.number
 
@@ -216,6 +217,18 @@ def evaluate_test(learn: Any, items: tuple[Path, ...]) -> float:
     return float(values[1])  # [valid_loss, error_rate]
 
 
+def _without_passwords(path: Path, cfg: ReplayConfig, folder: Path) -> Path:
+    """A copy of the config to upload, with the passwords of its URLs hidden (a hand-edited one may have them)."""
+    from pet_sweep.tracking import redact_url_in
+
+    text = path.read_text(encoding="utf-8")
+    for url in (cfg.tracking.uri, cfg.source.storage if cfg.source else ""):
+        text = redact_url_in(text, url)
+    copy = folder / path.name
+    copy.write_text(text, encoding="utf-8")
+    return copy
+
+
 def _parent_in_store(client: Any, run_id: str | None) -> str | None:
     from mlflow.exceptions import MlflowException
 
@@ -238,10 +251,13 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
     """
     from pet_sweep import recipe
     from pet_sweep.data import build_data
-    from pet_sweep.tracking import Tracker, check_server
+    from pet_sweep.tracking import Tracker, check_server, redact_url_in, require_password
 
     cfg, exp = load_replay(path)
     exp = exp.with_overrides(tracking_uri=tracking_uri)
+    # export keeps no password: the real one comes from the environment or the option
+    require_password(exp.tracking_uri, "PET_SWEEP_TRACKING_URI (or pass --tracking-uri)",
+                     file=str(exp.config_path), key="tracking.uri")
     check_server(exp.tracking_uri)  # a server that is down: said before the training, not after
     params = params_from_dict(cfg.params)
     data = build_data(exp)
@@ -283,7 +299,7 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
         if test_error is not None:
             metrics.update({TEST_METRIC: test_error, N_TEST_METRIC: float(len(data.splits.test))})
         with tempfile.TemporaryDirectory() as tmp:
-            artifacts = [Path(path).expanduser().resolve()]
+            artifacts = [_without_passwords(Path(path).expanduser().resolve(), cfg, Path(tmp))]
             model_artifact = None
             if export_model:
                 model_path = Path(tmp) / "learner.pkl"
@@ -294,7 +310,8 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
                                  {"reproduced": str(reproduced).lower()} if reproduced is not None else {},
                                  artifacts)
     except BaseException as err:
-        tracker.client.set_tag(run_id, "reason", f"{type(err).__name__}: {err}"[:5000])
+        reason = redact_url_in(f"{type(err).__name__}: {err}", exp.tracking_uri)
+        tracker.client.set_tag(run_id, "reason", reason[:5000])
         tracker.client.set_terminated(run_id, status="FAILED")
         raise
     finally:

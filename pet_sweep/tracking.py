@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:  # callbacks imports fastai; `pet-sweep ui` and `list` do not need it
     from pet_sweep.callbacks import EpochRecord
@@ -27,6 +27,7 @@ RUN_ID_ATTR = "mlflow_run_id"
 # MLflow 3's UI opens an experiment of unknown kind on its GenAI (traces) overview;
 # this tag makes it open on the runs table, where the sweep and its trials are.
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+REDACTED = "***"  # what `redact_url` writes in place of a password
 
 
 def redact_url(url: str) -> str:
@@ -39,7 +40,7 @@ def redact_url(url: str) -> str:
         return url
     netloc = parts.netloc.rsplit("@", 1)
     user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+    return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{netloc[1]}"))
 
 
 def redact_url_in(text: str, url: str) -> str:
@@ -48,7 +49,45 @@ def redact_url_in(text: str, url: str) -> str:
         password = urlsplit(url).password
     except ValueError:
         return text
-    return text.replace(password, "***") if password else text
+    if not password or password == REDACTED:
+        return text
+    for form in {password, unquote(password)}:  # a driver may quote it percent-decoded
+        text = text.replace(form, REDACTED)
+    return text
+
+
+def is_redacted(url: str) -> bool:
+    """Whether `url`'s password is the placeholder `redact_url` writes (an exported config's URLs)."""
+    try:
+        return urlsplit(url).password == REDACTED
+    except ValueError:
+        return False
+
+
+def require_password(url: str, variable: str, *, file: str | None = None, key: str | None = None) -> str:
+    """`url` itself, unless its password was redacted: then say which variable gives the real one."""
+    if is_redacted(url):
+        from pet_sweep.errors import ConfigError
+
+        raise ConfigError(f"{url} has its password removed (export writes {REDACTED} in its place); "
+                          f"set {variable} to the full URL", file=file, key=key)
+    return url
+
+
+def open_http(url: str, timeout: float) -> Any:
+    """`urlopen` that sends a URL's ``user:password@`` as HTTP basic auth, as MLflow's client does.
+
+    urllib would take the password for part of the host (and quote it in its error).
+    """
+    import base64
+    import urllib.request
+
+    parts = urlsplit(url)
+    request = urllib.request.Request(urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])))
+    if parts.username is not None:
+        login = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(login).decode())
+    return urllib.request.urlopen(request, timeout=timeout)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -95,12 +134,11 @@ def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
     this process is not asked again: `run` checks before building the data, `Tracker` after).
     """
     import urllib.error
-    import urllib.request
 
     if urlsplit(tracking_uri).scheme not in ("http", "https") or tracking_uri in _ANSWERED:
         return
     try:
-        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout):
+        with open_http(tracking_uri.rstrip("/") + "/health", timeout=timeout):
             _ANSWERED.add(tracking_uri)
             return
     except urllib.error.HTTPError:
@@ -110,7 +148,8 @@ def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
         reason = getattr(err, "reason", err)
         from pet_sweep.errors import StudyError
 
-        raise StudyError(f"cannot reach the MLflow tracking server {redact_url(tracking_uri)} ({reason}); "
+        raise StudyError(f"cannot reach the MLflow tracking server {redact_url(tracking_uri)} "
+                         f"({redact_url_in(str(reason), tracking_uri)}); "
                          f"start it, or point {WHERE_TRACKING} at one that runs") from None
 
 

@@ -13,9 +13,10 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-# Small enough for seconds per trial on a shared 2-core machine; heartbeats fast
-# so a killed worker's trial is noticed in a few seconds.
-FAST_FAULTS = {"heartbeat_interval": 1, "grace_period": 4, "max_retry": 2}
+# Small enough for seconds per trial on a shared 2-core machine; heartbeats fast so a
+# killed worker's trial is noticed in seconds, with a grace period of 10 heartbeats so
+# that a live worker delayed on a loaded machine (a busy database, a starved thread) is not.
+FAST_FAULTS = {"heartbeat_interval": 2, "grace_period": 20, "max_retry": 2}
 FAST_DATA = {"limit": 120, "valid_pct": 0.25, "test_pct": 0.0}
 RANDOM_SPACE = {"arch": "resnet18", "base_lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
                 "lr_hi": 1.0e-2, "lr_mult": 10, "freeze_epochs": 0, "epochs": 1}
@@ -89,7 +90,7 @@ def two_workers_finish_the_budget(write_experiments: Callable[..., Path], storag
     config = write_experiments(space=RANDOM_SPACE, data=FAST_DATA, faults=FAST_FAULTS, study_name=name)
     exp = load_experiment(config)
     proc = pet_sweep("run", "--config", str(config), "--workers", "2", "--n-trials", "3", "--storage", storage)
-    out, err = proc.communicate(timeout=600)
+    out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, out + err
     trials = load(storage, name).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3, out + err

@@ -122,3 +122,10 @@ def test_overhead_is_judged_on_the_median_a_c_of_five_repetitions(
     out = capsys.readouterr().out
     assert len([line for line in out.splitlines() if re.match(r"\d \| ", line)]) == reps
     assert verdict in out.splitlines()[-1]
+
+
+def test_rates_keep_significant_digits_on_a_slow_machine() -> None:
+    from bench.gpu_precision import significant
+
+    # a busy 2-core CPU measured 0.4 images/s: printed as "0" it read as nothing measured
+    assert [significant(v) for v in (0.4, 0.004123, 1.0, 12.345, 1234.4)] == ["0.4", "0.00412", "1", "12.3", "1234"]

@@ -42,9 +42,9 @@ def recorded_serve(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Replace the server loop: record what would have been started."""
     calls: list[dict[str, Any]] = []
 
-    def fake_serve(cmd: list[str], *, ready_url: str, open_url: str, echo: Callable[[str], None],
-                   startup_timeout: float = 0) -> int:
-        calls.append({"cmd": cmd, "ready_url": ready_url, "open_url": open_url})
+    def fake_serve(cmd: list[str], *, env: dict[str, str], ready_url: str, open_url: str,
+                   echo: Callable[[str], None], startup_timeout: float = 0) -> int:
+        calls.append({"cmd": cmd, "env": env, "ready_url": ready_url, "open_url": open_url})
         echo(f"open {open_url}")
         return 0
 
@@ -188,7 +188,8 @@ def test_ui_starts_mlflow_on_the_store_and_prints_the_experiment_page(
     [call] = recorded_serve
     cmd = call["cmd"]
     db = (config.parent / "stores" / "mlflow.db").resolve()
-    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{db}"
+    assert call["env"] == {"MLFLOW_BACKEND_STORE_URI": f"sqlite:///{db}"}  # not on the command line (`ps`)
+    assert not [arg for arg in cmd if "mlflow.db" in arg]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == str(port)
     assert cmd[cmd.index("--default-artifact-root") + 1] == (db.parent / "mlartifacts").as_uri()
     url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}?workflowType=machine_learning"
@@ -237,9 +238,7 @@ def test_dashboard_missing_says_how_to_install(write_experiments: Callable[..., 
     assert "pip install 'pet-sweep[dashboard]'" in result.output
 
 
-def test_dashboard_opens_the_study_page(write_experiments: Callable[..., Path], recorded_serve: list[Any],
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(browse, "dashboard_executable", lambda: "/opt/bin/optuna-dashboard")
+def test_dashboard_opens_the_study_page(write_experiments: Callable[..., Path], recorded_serve: list[Any]) -> None:
     config = write_experiments()
     (config.parent / "stores").mkdir()
     storage = f"sqlite:///{(config.parent / 'stores' / 'optuna.db').resolve()}"
@@ -249,13 +248,12 @@ def test_dashboard_opens_the_study_page(write_experiments: Callable[..., Path], 
     assert result.exit_code == 0, result.output
     assert "warning: binding to 0.0.0.0" in result.stderr
     [call] = recorded_serve
-    assert call["cmd"][:2] == ["/opt/bin/optuna-dashboard", storage]
+    assert call["env"] == {browse.DASHBOARD_STORAGE_VAR: storage}  # not on the command line (`ps`)
+    assert not [arg for arg in call["cmd"] if "optuna.db" in arg]
     assert call["open_url"] == f"http://127.0.0.1:{port}/dashboard/studies/1"
 
 
-def test_dashboard_without_a_study_says_what_to_run(write_experiments: Callable[..., Path],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(browse, "dashboard_executable", lambda: "/opt/bin/optuna-dashboard")
+def test_dashboard_without_a_study_says_what_to_run(write_experiments: Callable[..., Path]) -> None:
     result = CliRunner().invoke(cli, ["dashboard", "--config", str(write_experiments())])
     assert result.exit_code == 2
     assert "no study 'tiny'" in result.output and "pet-sweep run tiny" in result.output
@@ -276,7 +274,7 @@ def test_serve_prints_the_url_once_up_and_stops_the_server_on_sigterm() -> None:
 
     def echo(line: str) -> None:
         lines.append(line)
-        if line.startswith("open "):  # the user is done: stop as `kill` or Ctrl-C would
+        if line.startswith("(Ctrl-C"):  # the last line before it waits: stop as `kill` or Ctrl-C would
             threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
     previous = signal.getsignal(signal.SIGTERM)

@@ -142,3 +142,81 @@ def test_default_must_exist(tmp_path: Path, write_experiments) -> None:
     path.write_text(yaml.safe_dump(doc))
     err = _error(path)
     assert err.key == "default" and "ghost" in str(err)
+
+
+GOOD_SWEEP = "arch: resnet18\nbase_lr: 0.01\nlr_hi: 0.01\nlr_mult: 10\nfreeze_epochs: 0\nepochs: 1\n"
+GOOD_EXPERIMENT = "  tiny:\n    data: {source: digits}\n    sweep: sweeps/tiny.yaml\n"
+
+
+@pytest.mark.parametrize("experiments, sweep, words, key", [
+    # a key given twice, at any depth: PyYAML alone would keep the last one silently
+    ("experiments:\n" + GOOD_EXPERIMENT + GOOD_EXPERIMENT.replace("tiny:", "other:") + GOOD_EXPERIMENT,
+     GOOD_SWEEP, "duplicate key 'tiny' at line 8 (first at line 2)", "experiments.tiny"),
+    ("default: tiny\ndefault: tiny\nexperiments:\n" + GOOD_EXPERIMENT, GOOD_SWEEP,
+     "duplicate key 'default' at line 2 (first at line 1)", "default"),
+    ("experiments:\n  tiny:\n    data:\n      source: digits\n      limit: 100\n      limit: 200\n"
+     "    sweep: sweeps/tiny.yaml\n", GOOD_SWEEP, "duplicate key 'limit' at line 6 (first at line 5)",
+     "experiments.tiny.data.limit"),
+    ("experiments:\n  tiny:\n    data: {source: digits, source: pets}\n    sweep: sweeps/tiny.yaml\n", GOOD_SWEEP,
+     "duplicate key 'source' at line 3", "experiments.tiny.data.source"),
+    ("experiments:\n" + GOOD_EXPERIMENT, GOOD_SWEEP + "epochs: 3\n",
+     "duplicate key 'epochs' at line 7 (first at line 6)", "epochs"),
+    ("experiments:\n" + GOOD_EXPERIMENT,
+     GOOD_SWEEP.replace("base_lr: 0.01", "base_lr: {low: 0.001, low: 0.002, high: 0.1}"),
+     "duplicate key 'low' at line 2", "base_lr.low"),
+    ("experiments:\n  tiny:\n    data: {source: digits}\n    sweep:\n      arch: resnet18\n      arch: resnet34\n",
+     GOOD_SWEEP, "duplicate key 'arch' at line 6", "experiments.tiny.sweep.arch"),
+    # other shapes that are not an experiments file or a search space
+    ("- tiny\n- other\n", GOOD_SWEEP, "must be a mapping with `experiments:`", None),
+    ("", GOOD_SWEEP, "must be a mapping with `experiments:`", None),
+    ("experiments:\n", GOOD_SWEEP, "valid dictionary, but got None", "experiments"),
+    ("experiments: []\n", GOOD_SWEEP, "valid dictionary, but got []", "experiments"),
+    ("experiments: {}\n", GOOD_SWEEP, "at least 1 item", "experiments"),
+    ("experiments:\n  tiny:\n", GOOD_SWEEP, "experiment 'tiny': Input should be a valid dictionary", None),
+    ("experiments:\n  tiny: [data, sweep]\n", GOOD_SWEEP, "experiment 'tiny': Input should be a valid dictionary",
+     None),
+    ("experiments:\n" + GOOD_EXPERIMENT, "", "a search space must be a mapping", None),
+    ("experiments:\n" + GOOD_EXPERIMENT, "- arch\n- base_lr\n", "a search space must be a mapping", None),
+    ("experiments:\n" + GOOD_EXPERIMENT, "arch: [resnet18\n", "malformed YAML at line", None),
+    ("experiments:\n" + GOOD_EXPERIMENT + "---\nexperiments: {}\n", GOOD_SWEEP, "malformed YAML", None),
+])
+def test_bad_file_shapes_name_the_file_line_and_key(tmp_path: Path, experiments: str, sweep: str, words: str,
+                                                   key: str | None) -> None:
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "tiny.yaml").write_text(sweep)
+    path = tmp_path / "experiments.yaml"
+    path.write_text(experiments)
+    err = _error(path)
+    assert words in str(err), str(err)
+    assert (err.key or "").endswith(key or ""), err.key
+    in_sweep = experiments.startswith("experiments:\n" + GOOD_EXPERIMENT) and sweep != GOOD_SWEEP
+    assert (str(tmp_path / "sweeps" / "tiny.yaml") if in_sweep else str(path)) in str(err)
+
+
+def test_a_duplicate_key_creates_nothing(write_experiments) -> None:
+    from click.testing import CliRunner
+
+    from pet_sweep.cli import cli
+
+    from tests.conftest import tiny_experiment
+
+    path = write_experiments()  # `experiments:` comes last: append a second `tiny` under it
+    again = yaml.safe_dump({"tiny": tiny_experiment(budget={"n_trials": 5})}, sort_keys=False)
+    path.write_text(path.read_text() + "".join("  " + line for line in again.splitlines(True)))
+    for command in ("run", "report", "export", "list"):
+        result = CliRunner().invoke(cli, [command, "--config", str(path)])
+        assert result.exit_code == 2, result.output
+        assert f"{path}: key 'experiments.tiny': duplicate key 'tiny' at line" in result.output, result.output
+    assert sorted(p.name for p in path.parent.iterdir()) == ["experiments.yaml", "sweeps"]
+
+
+def test_an_exported_config_with_a_duplicate_key_is_refused(tmp_path: Path) -> None:
+    from pet_sweep.replay import load_replay
+
+    path = tmp_path / "best.yaml"
+    path.write_text("format: pet-sweep/replay-1\nname: x\ndata: {source: digits}\nmodel: {img_size: 16}\n"
+                    "params: {arch: resnet18, base_lr: 0.01, lr_hi: 0.01, lr_lo: 0.001, freeze_epochs: 0,\n"
+                    "         epochs: 1, epochs: 2}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'epochs' at line 6 .first at line 6.") as info:
+        load_replay(path)
+    assert info.value.key == "params.epochs" and info.value.file == str(path)

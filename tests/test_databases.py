@@ -27,7 +27,7 @@ def server_url(kind: str) -> str:
     try:
         import sqlalchemy
 
-        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 3})
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 15})
         with engine.connect():
             pass
         engine.dispose()

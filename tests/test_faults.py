@@ -35,9 +35,9 @@ def test_sigkill_of_a_worker_mid_trial_fails_and_retries_its_trial(write_experim
     config = write_experiments(space=LONG_TRIALS, data=FAST_DATA, faults=FAST_FAULTS, study_name=name)
     exp = load_experiment(config)
     proc = pet_sweep("run", "--config", str(config), "--workers", "2", "--n-trials", "2")
-    victim = wait_for(lambda: running_trial_with_epoch(exp.storage_url, name), 300, "a trial past epoch 0", proc)
+    victim = wait_for(lambda: running_trial_with_epoch(exp.storage_url, name), 1800, "a trial past epoch 0", proc)
     os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
-    out, err = proc.communicate(timeout=600)
+    out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, out + err  # the other worker finished the budget
     assert "worker" in err and "SIGKILL" in err
     trials = {t.number: t for t in load(exp.storage_url, name).get_trials()}
@@ -60,9 +60,9 @@ def test_sigint_stops_cleanly_and_the_hint_resumes(write_experiments: Callable[.
     config = write_experiments(space=LONG_TRIALS, data=FAST_DATA, faults=FAST_FAULTS, study_name=name)
     exp = load_experiment(config)
     proc = pet_sweep("run", "--config", str(config), "--workers", "2", "--n-trials", "2")
-    wait_for(lambda: running_trial_with_epoch(exp.storage_url, name), 300, "a trial past epoch 0", proc)
+    wait_for(lambda: running_trial_with_epoch(exp.storage_url, name), 1800, "a trial past epoch 0", proc)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 130, out + err
     hints = [line for line in err.splitlines() if "resume with:" in line]
     assert len(hints) == 1, err
@@ -81,7 +81,7 @@ def test_sigint_stops_cleanly_and_the_hint_resumes(write_experiments: Callable[.
     command = shlex.split(hints[0].split("resume with: ", 1)[1])
     assert command[:2] == ["pet-sweep", "run"] and command[-2:] == ["--n-trials", str(2 - finished)]
     resumed = pet_sweep(*command[1:], cwd=str(config.parent))
-    out, err = resumed.communicate(timeout=600)
+    out, err = resumed.communicate(timeout=1800)
     assert resumed.returncode == 0, out + err
     trials = load(exp.storage_url, name).get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
@@ -247,10 +247,10 @@ def test_when_every_worker_dies_their_trial_is_failed_and_queued_again(write_exp
     config = write_experiments(space=LONG_TRIALS, data=FAST_DATA, study_name=name)  # default 120 s grace period
     exp = load_experiment(config)
     proc = pet_sweep("run", "--config", str(config), "--workers", "2", "--n-trials", "1")
-    victim = wait_for(lambda: running_trial_with_epoch(exp.storage_url, name), 300, "a trial past epoch 0", proc)
+    victim = wait_for(lambda: running_trial_with_epoch(exp.storage_url, name), 1800, "a trial past epoch 0", proc)
     for worker in psutil.Process(proc.pid).children():
         worker.kill()
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 1 and "resume with:" in err, out + err
     trials = load(exp.storage_url, name).get_trials()
     assert trials[victim.number].state == TrialState.FAIL

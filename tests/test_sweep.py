@@ -111,7 +111,7 @@ def test_optuna_cli_lists_the_trials(swept) -> None:
     optuna_cli = Path(sys.executable).parent / "optuna"
     out = subprocess.run([str(optuna_cli), "trials", "--study-name", "tiny", "--storage", exp.storage_url,
                           "-f", "yaml"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("state: COMPLETE") == 2 and "lr_hi:" in out.stdout
 
@@ -187,16 +187,25 @@ def test_bad_input_exits_2_and_creates_nothing(write_experiments, args, override
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_an_mlflow_server_that_is_down_is_said_in_seconds(write_experiments, workers: str) -> None:
-    """MLflow's own client would retry for minutes and then print a traceback."""
-    import time
+def test_an_mlflow_server_that_is_down_is_said_in_seconds(write_experiments, workers: str, monkeypatch) -> None:
+    """MLflow's own client would retry for minutes and then print a traceback.
 
+    Said before that client sends anything (not timed: a wall-clock bound fails on a busy machine).
+    """
+    import mlflow.utils.rest_utils
+
+    asked = []
+
+    def retrying_client(*args, **kwargs) -> None:  # noqa: ANN002, ANN003 - stands in for MLflow's
+        asked.append(kwargs.get("endpoint", args[1:2]))
+        raise AssertionError("MLflow's retrying client was asked")
+
+    monkeypatch.setattr(mlflow.utils.rest_utils, "http_request", retrying_client)
     path = write_experiments()
     uri = f"http://user:s3cret@127.0.0.1:{closed_port()}"
-    started = time.monotonic()
     result = CliRunner().invoke(cli, ["run", "--config", str(path), "--tracking-uri", uri, "--workers", workers])
     assert result.exit_code == 2, result.output
-    assert time.monotonic() - started < 30
+    assert asked == []
     assert f"cannot reach the MLflow tracking server http://user:***@127.0.0.1:" in result.output
     assert "s3cret" not in result.output and "Traceback" not in result.output
     assert not (path.parent / "stores").exists()  # no study, no MLflow store
@@ -243,10 +252,10 @@ def test_every_command_has_help() -> None:
 def test_python_dash_m_and_fast_help() -> None:
     out = subprocess.run([sys.executable, "-c", "import sys, pet_sweep.cli; "
                           "print(sorted(m for m in ('torch', 'fastai', 'mlflow', 'optuna') if m in sys.modules))"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=600)
     assert out.stdout.strip() == "[]"  # heavy libraries stay out of the CLI's import
     help_out = subprocess.run([sys.executable, "-m", "pet_sweep", "--help"], capture_output=True, text=True,
-                              timeout=60)
+                              timeout=600)
     assert help_out.returncode == 0 and "run" in help_out.stdout
 
 

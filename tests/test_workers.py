@@ -27,7 +27,7 @@ def test_workers_stopped_by_the_study_cap_say_so_and_exit_0(write_experiments: C
                                study_name=name, budget={"n_trials": 3, "max_trials": 1})
     exp = load_experiment(config)
     proc = pet_sweep("run", "--config", str(config), "--workers", "2")
-    out, err = proc.communicate(timeout=600)
+    out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, out + err  # not "the workers stopped early"
     assert [t.state for t in load(exp.storage_url, name).get_trials()] == [TrialState.COMPLETE]
     # the worker that found trial 0 running waited for it rather than start a second one
