@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pet_sweep.config import Experiment, ModelConfig, load_experiment
 from pet_sweep.errors import ConfigError
@@ -55,6 +55,12 @@ class Checkpoint:
     def model(self, model: ModelConfig) -> ModelConfig:
         """The model settings of a trial that starts from this checkpoint."""
         return model.model_copy(update={"weights": self.path, "pretrained_on": None})
+
+
+def starting_model(model: ModelConfig, checkpoints: Mapping[str, Checkpoint], arch: str) -> ModelConfig:
+    """The model settings a learner of `arch` is built with (its checkpoint's weights, if any)."""
+    found = checkpoints.get(arch)
+    return model if found is None else found.model(model)
 
 
 def file_sha256(path: Path) -> str:

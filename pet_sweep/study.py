@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pet_sweep.callbacks import EpochRecord
 from pet_sweep.config import JOURNAL_PREFIX, Experiment, FaultsConfig
 from pet_sweep.errors import StudyError, TrainingDiverged, TrialFailed
-from pet_sweep.pretrain import CHECKPOINT_ATTR, Checkpoint, checkpoints_for
+from pet_sweep.pretrain import CHECKPOINT_ATTR, Checkpoint, checkpoints_for, starting_model
 from pet_sweep.space import Anchors, TrialParams, anchor_params, suggest
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, check_server, redact_url, redact_url_in
 from pet_sweep.workers import INVOCATION_ATTR, OOM_RETRY_OF, RETRY_OF, Budget, Claim, WorkerRole
@@ -377,8 +377,8 @@ class Objective:
         trial.set_user_attr(PARAMS_ATTR, params.as_dict())
         trial.set_user_attr(PRECISION_ATTR, precision)
         checkpoint = self.checkpoints.get(params.arch)
+        model = starting_model(model, self.checkpoints, params.arch)
         if checkpoint is not None:
-            model = checkpoint.model(model)
             trial.set_user_attr(CHECKPOINT_ATTR, asdict(checkpoint))
         retry = {OOM_RETRY_OF: trial.user_attrs[OOM_RETRY_OF]} if OOM_RETRY_OF in trial.user_attrs else {}
         run_id = self.tracker.start_trial(
@@ -603,9 +603,9 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         # Under the claim lock, so of the workers starting together on one machine the first
         # runs it and stores it in the study, and the others read it back when it is their turn.
         with budget.claim():
-            objective.anchors = lrfind.study_anchors(study, exp, data, tracker=tracker, parent_run_id=parent,
-                                                     echo=echo)
             objective.checkpoints = checkpoints_for(exp, echo=echo)  # a missing one is pretrained first
+            objective.anchors = lrfind.study_anchors(study, exp, data, tracker=tracker, parent_run_id=parent,
+                                                     echo=echo, checkpoints=objective.checkpoints)
         freeze_long_lived_objects()
         waiting = False
         while budget_cfg.timeout is None or time.monotonic() - started < budget_cfg.timeout:

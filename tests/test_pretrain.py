@@ -8,6 +8,7 @@ from typing import Any, Callable
 import optuna
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
@@ -116,6 +117,16 @@ def test_transfer_sweep_pretrains_first_and_records_the_checkpoint_on_every_tria
         params = runs[str(trial.number)].data.params
         assert params["checkpoint_sha256"] == checkpoint["sha256"]
         assert params["pretrain_run_id"] == source_run.info.run_id and params["pretrained_on"] == "source"
+
+    # the exported config starts from the same file, with no source experiment to resolve
+    best = transfer.parent / "best.yaml"
+    assert _invoke("export", "--config", str(transfer), "-o", str(best)).exit_code == 0
+    model = yaml.safe_load(best.read_text())["model"]
+    assert model["weights"] == trials[0].user_attrs[CHECKPOINT_ATTR]["path"] and "pretrained_on" not in model
+    # the LR finder probes the pretrained body too (no ImageNet download), reusing the checkpoint
+    found = _invoke("lr-find", "--config", str(transfer), "--num-it", "30", "--out", str(transfer.parent / "lr"))
+    assert found.exit_code == 0, found.output
+    assert "reusing" in found.output and "lr-find-xresnet18" in found.output
 
 
 def test_held_out_items_are_disjoint_and_per_class_trims_only_training(transfer: Path) -> None:
