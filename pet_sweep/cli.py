@@ -266,6 +266,32 @@ def lr_find(experiment: str | None, config_path: str, archs: tuple[str, ...], ou
         click.echo(f"MLflow run   lr-find-{found.arch} ({found.run_id})")
 
 
+@cli.command()
+@click.argument("experiment", required=False)
+@config_option
+@click.option("--arch", "archs", multiple=True,
+              help="Architecture to pretrain (repeatable; default: every ResNet in the space).")
+@tracking_option
+@fail_clearly
+def pretrain(experiment: str | None, config_path: str, archs: tuple[str, ...], tracking_uri: str | None) -> None:
+    """Train a body from scratch on EXPERIMENT's data, for experiments with `model.pretrained_on: EXPERIMENT`.
+
+    Saves the full model's state dict in pet-sweep's cache (what `model.weights`
+    loads) and logs a run `pretrain-<arch>` to MLflow. A checkpoint of the same data,
+    architecture, image size, seed and `pretrain` settings is reused, not trained again.
+    """
+    exp = load(config_path, experiment, tracking_uri=tracking_uri)
+    _quiet_libraries()
+    from pet_sweep.pretrain import pretrain as pretrain_bodies
+    from pet_sweep.tracking import redact_url
+
+    click.echo(f"experiment   {exp.name}  ({exp.config_path})")
+    click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'")
+    for found in pretrain_bodies(exp, archs, echo=lambda line: click.echo(line)):
+        click.echo(f"checkpoint   {found.arch}: {found.path}  sha256 {found.sha256[:16]}  "
+                   f"(MLflow run pretrain-{found.arch} {found.run_id})")
+
+
 def _sigterm_is_interrupt() -> None:
     """SIGTERM (a scheduler or `kill`) stops a sweep the way Ctrl-C does: the trial is closed first."""
     import signal

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pet_sweep.errors import ConfigError
 from pet_sweep.space import SearchSpace, parse_space
@@ -43,6 +43,15 @@ class DataConfig(_Strict):
     num_workers: int | None = Field(None, ge=0)
     limit: int | None = Field(None, ge=10)
     bad_images: Literal["refuse", "skip"] = "refuse"
+    # one data set as source and target: a subset of labels, at most N training items per class
+    classes: list[str] | None = Field(None, min_length=1)
+    per_class: int | None = Field(None, ge=1)
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: Any) -> Any:
+        # labels are file-name matches (text); YAML reads `classes: [5, 6]` as numbers
+        return [str(v) if isinstance(v, int) else v for v in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -64,6 +73,22 @@ class ModelConfig(_Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     channels_last: bool = False  # fastai's ChannelsLast: NHWC convolutions (tensor cores with fp16/bf16)
     weights: str | None = None
+    pretrained_on: str | None = None  # an experiment whose `pet-sweep pretrain` checkpoint each trial starts from
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.weights is not None and self.pretrained_on is not None:
+            raise ValueError("give `weights` (one local checkpoint) or `pretrained_on` (an experiment's "
+                             f"pretrained bodies), not both; got weights={self.weights!r}, "
+                             f"pretrained_on={self.pretrained_on!r}")
+        return self
+
+
+class PretrainConfig(_Strict):
+    """How `pet-sweep pretrain` trains a body from scratch on this experiment's data (one cycle)."""
+
+    epochs: int = Field(8, ge=1)
+    lr: float = Field(1e-2, gt=0)
 
 
 class BudgetConfig(_Strict):
@@ -150,6 +175,7 @@ class ExperimentConfig(_Strict):
     faults: FaultsConfig = FaultsConfig()
     seed: int = 0
     lr_find: bool = False
+    pretrain: PretrainConfig = PretrainConfig()
 
 
 class ExperimentsFile(_Strict):
@@ -332,7 +358,23 @@ def load_experiments_file(path: str | Path = DEFAULT_CONFIG) -> tuple[Experiment
     if parsed.default is not None and parsed.default not in parsed.experiments:
         raise ConfigError(f"default experiment {parsed.default!r} is not defined; valid choices: "
                           f"{', '.join(parsed.experiments)}", file=str(path), key="default")
+    for name, cfg in parsed.experiments.items():
+        _check_source(name, cfg.model.pretrained_on, parsed.experiments, path)
     return parsed, path
+
+
+def _check_source(name: str, source: str | None, experiments: dict[str, ExperimentConfig], path: Path) -> None:
+    """`model.pretrained_on` names another experiment of the file, one that trains from scratch."""
+    if source is None:
+        return
+    choices = [n for n in experiments if n != name]
+    if source not in choices:
+        raise ConfigError(f"unknown experiment {source!r}; valid choices: {', '.join(choices) or 'none'}",
+                          file=str(path), experiment=name, key="model.pretrained_on")
+    if experiments[source].model.pretrained_on is not None:
+        raise ConfigError(f"the source experiment {source!r} is itself pretrained_on "
+                          f"{experiments[source].model.pretrained_on!r}; pretraining starts from scratch",
+                          file=str(path), experiment=name, key="model.pretrained_on")
 
 
 def experiment_names(path: str | Path = DEFAULT_CONFIG) -> list[str]:

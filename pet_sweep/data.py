@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from pet_sweep.config import DataConfig, Experiment, ModelConfig
-from pet_sweep.errors import DataError
+from pet_sweep.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DIGITS_PATTERN = r"^(\d+)_\d+\.png$"
@@ -198,7 +198,41 @@ def _source(data: DataConfig, exp: Experiment) -> tuple[Path, Callable[[Path], s
                             f"{len(unmatched)} file(s) do not match {pattern!r}, first: {unmatched[0]}")
     if not items:
         raise DataError(f"{exp.config_path}: experiment '{exp.name}': no images found in {folder}")
-    return folder, label, items
+    return folder, label, select_classes(items, label, data, exp)
+
+
+def select_classes(items: list[Path], label: Callable[[Path], str], data: DataConfig,
+                   exp: Experiment) -> list[Path]:
+    """The items of `data.classes` (all items when it is not set); a label the data lacks is refused."""
+    if data.classes is None:
+        return items
+    labels = sorted({label(p) for p in items})
+    unknown = [c for c in data.classes if c not in labels]
+    if unknown:
+        raise ConfigError(f"unknown label(s) {', '.join(map(repr, unknown))}; valid labels: {', '.join(labels)}",
+                          file=str(exp.config_path), experiment=exp.name, key="data.classes")
+    wanted = set(data.classes)
+    return [p for p in items if label(p) in wanted]
+
+
+def trim_per_class(splits: Splits, label: Callable[[Path], str], per_class: int | None, seed: int) -> Splits:
+    """At most `per_class` training items of each class (a seeded pick); valid and test stay as split.
+
+    Called after `split_items`, so the held-out and validation items are the same
+    whatever `per_class` is: a few-shot target is judged on as many items as a full one.
+    """
+    if per_class is None:
+        return splits
+    order = np.random.default_rng(seed).permutation(len(splits.train))
+    kept: set[Path] = set()
+    taken: dict[str, int] = {}
+    for i in order:
+        item = splits.train[i]
+        name = label(item)
+        if taken.get(name, 0) < per_class:
+            taken[name] = taken.get(name, 0) + 1
+            kept.add(item)
+    return Splits(tuple(p for p in splits.train if p in kept), splits.valid, splits.test)
 
 
 def check_images(items: list[Path], data: DataConfig, where: str) -> list[Path]:
@@ -274,6 +308,7 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
     if data.source != "digits":
         items = check_images(items, data, f"{exp.config_path}: experiment '{exp.name}'")
     splits = split_items(items, data.valid_pct, data.test_pct, data.split_seed)
+    splits = trim_per_class(splits, label, data.per_class, data.split_seed)
     if len(splits.train) < model.batch_size:
         # fastai drops the last partial training batch: fewer items than a batch means no training at all
         raise DataError(f"{exp.config_path}: experiment '{exp.name}': key 'model.batch_size': "

@@ -31,7 +31,7 @@ import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from fastai.callback.schedule import minimum, slide, steep, valley
 
 from pet_sweep.config import Experiment, ModelConfig
 from pet_sweep.errors import ConfigError, LRFindError
+from pet_sweep.pretrain import Checkpoint, checkpoints_for, starting_model
 from pet_sweep.recipe import apply_precision, create_learner, release, reseed
 from pet_sweep.space import (PHASES, Anchored, Anchors, Choice, Range, SearchSpace, TrialParams, check_anchors,
                               known_architecture)
@@ -257,11 +258,12 @@ def find_for_experiment(exp: Experiment, *, out_dir: Path, archs: Sequence[str] 
                               f" {', '.join(exp.space.architectures)}")
     protocol = protocol_for(exp.space, freeze_epochs)
     data = build_data(exp)
+    checkpoints = checkpoints_for(exp, echo=echo)  # the finder probes the body the trials start from
     tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
     findings = []
     for arch in archs or exp.space.architectures:
-        results = find_lrs(data.dls, arch, exp.config.model, seed=exp.config.seed, phases=PHASES, protocol=protocol,
-                           num_it=num_it)
+        results = find_lrs(data.dls, arch, starting_model(exp.config.model, checkpoints, arch), seed=exp.config.seed,
+                           phases=PHASES, protocol=protocol, num_it=num_it)
         plots = [plot_phase(r, out_dir / f"lr-find-{arch}-{phase}.png") for phase, r in results.items()]
         run_id = log_finder_run(tracker, arch, results, plots, protocol=protocol, seed=exp.config.seed)
         for phase, result in results.items():
@@ -281,7 +283,8 @@ def _attr(arch: str, phase: str) -> str:
 
 
 def study_anchors(study: Any, exp: Experiment, data: Any, *, tracker: Any = None, parent_run_id: str | None = None,
-                  echo: Callable[[str], None] = print) -> Anchors:
+                  echo: Callable[[str], None] = print,
+                  checkpoints: Mapping[str, Checkpoint] | None = None) -> Anchors:
     """The LR-finder suggestions an anchored space needs, run at most once per study.
 
     Each (architecture, phase) is stored as the study user attribute
@@ -299,7 +302,8 @@ def study_anchors(study: Any, exp: Experiment, data: Any, *, tracker: Any = None
         missing = [phase for phase in phases if stored[phase] is None]
         if missing:
             frozen = stored["frozen"]
-            results = find_lrs(data.dls, arch, exp.config.model, seed=exp.config.seed, phases=missing,
+            results = find_lrs(data.dls, arch, starting_model(exp.config.model, checkpoints or {}, arch),
+                               seed=exp.config.seed, phases=missing,
                                protocol=protocol, frozen_valley=frozen["suggestions"]["valley"] if frozen else None)
             run_id = None
             if tracker is not None:

@@ -58,8 +58,9 @@ class FineTuneResult:
 def resolve_arch(name: str, weights: str | None = None) -> Any:
     """Architecture name -> what `vision_learner` takes (a torchvision/fastai function, or a timm name).
 
-    With `weights` (a local checkpoint of the full torchvision model), the returned
-    function builds the model and loads that file: pretrained weights with no hub.
+    With `weights` (a local checkpoint of the full model: a torchvision ResNet's, or an
+    xresnet's own state dict), the returned function builds the model and loads that
+    file: pretrained weights with no hub.
     """
     if name.startswith("xresnet"):
         from fastai.vision.models import xresnet
@@ -76,10 +77,16 @@ def resolve_arch(name: str, weights: str | None = None) -> Any:
     return _local_weights_arch(arch, str(Path(weights).expanduser()))
 
 
+def bare_model(arch: Any) -> torch.nn.Module:
+    """The full model of an architecture function, randomly initialised (no download)."""
+    # fastai's xresnets take `pretrained`, torchvision's ResNets `weights`
+    return arch(pretrained=False) if arch.__module__.startswith("fastai") else arch(weights=None)
+
+
 @functools.lru_cache(maxsize=None)
 def _local_weights_arch(arch: Any, path: str) -> Any:
     def build(pretrained: bool = True, **_: Any) -> torch.nn.Module:
-        model = arch(weights=None)
+        model = bare_model(arch)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:

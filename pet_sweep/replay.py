@@ -104,6 +104,7 @@ def _pick_trial(study: Any, number: int | None) -> Any:
 
 def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, Any], int]:
     """The standalone config of the best (or the given) completed trial, as a mapping."""
+    from pet_sweep.pretrain import CHECKPOINT_ATTR, Checkpoint
     from pet_sweep.study import BATCH_ATTR, PARAMS_ATTR, SPLIT_ATTR, TARGETS_ATTR, trial_config
     from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, redact_url
 
@@ -114,6 +115,9 @@ def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, 
         raise StudyError(f"trial {chosen.number} has no recorded parameters ({PARAMS_ATTR!r} user attribute); "
                          "was it run by pet-sweep?")
     base = trial_config(exp, params_from_dict(attrs[PARAMS_ATTR]), attrs.get(BATCH_ATTR))
+    if CHECKPOINT_ATTR in attrs:  # the file the trial started from: the replay needs no source experiment
+        base["model"] = Checkpoint(**attrs[CHECKPOINT_ATTR]).model(ModelConfig(**base["model"])).model_dump(
+            exclude_none=True)
     data = dict(base["data"])
     if exp.data_path() is not None:
         data["path"] = str(exp.data_path())  # the exported file may live anywhere

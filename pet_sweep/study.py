@@ -16,7 +16,7 @@ import socket
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -28,6 +28,7 @@ from pet_sweep.callbacks import EpochRecord
 from pet_sweep.config import JOURNAL_PREFIX, Experiment, FaultsConfig
 from pet_sweep.data import SplitFingerprint
 from pet_sweep.errors import DataError, StudyError, TrainingDiverged, TrialFailed
+from pet_sweep.pretrain import CHECKPOINT_ATTR, Checkpoint, checkpoints_for, starting_model
 from pet_sweep.space import Anchors, TrialParams, anchor_params, lr_text, suggest
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, check_server, redact_url, redact_url_in
 from pet_sweep.workers import INVOCATION_ATTR, OOM_RETRY_OF, RETRY_OF, Budget, Claim, WorkerRole
@@ -382,6 +383,7 @@ class Objective:
         # called first thing in every trial: the sweep loop takes the budget slot there
         self.on_start: Callable[[optuna.Trial], None] | None = None
         self._loaders = {exp.config.model.batch_size: data.dls}  # batch size -> DataLoaders
+        self.checkpoints: dict[str, Checkpoint] = {}  # arch -> what the trial starts from (pretrain)
 
     def loaders(self, batch_size: int) -> Any:
         """The worker's DataLoaders at another batch size (an out-of-memory retry), made once."""
@@ -405,13 +407,18 @@ class Objective:
         precision = recipe.precision_for(model.precision, dls.device)
         trial.set_user_attr(PARAMS_ATTR, params.as_dict())
         trial.set_user_attr(PRECISION_ATTR, precision)
+        checkpoint = self.checkpoints.get(params.arch)
+        model = starting_model(model, self.checkpoints, params.arch)
+        if checkpoint is not None:
+            trial.set_user_attr(CHECKPOINT_ATTR, asdict(checkpoint))
         retry = {OOM_RETRY_OF: trial.user_attrs[OOM_RETRY_OF]} if OOM_RETRY_OF in trial.user_attrs else {}
         run_id = self.tracker.start_trial(
             self.parent_run_id, exp.study_name, trial.number,
             {**params.as_dict(), "precision": precision, "img_size": model.img_size,
              "batch_size": batch_size, "pretrained": model.pretrained, "channels_last": model.channels_last,
              "seed": exp.config.seed,
-             "device": str(dls.device), **retry, **anchor_params(exp.space, params, self.anchors)},
+             "device": str(dls.device), **retry, **anchor_params(exp.space, params, self.anchors),
+             **(checkpoint.params() if checkpoint else {})},
             tags={"arch": params.arch})
         trial.set_user_attr(RUN_ID_ATTR, run_id)
         for listener in self.trial_listeners:
@@ -627,8 +634,9 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         # Under the claim lock, so of the workers starting together on one machine the first
         # runs it and stores it in the study, and the others read it back when it is their turn.
         with budget.claim():
+            objective.checkpoints = checkpoints_for(exp, echo=echo)  # a missing one is pretrained first
             objective.anchors = lrfind.study_anchors(study, exp, data, tracker=tracker, parent_run_id=parent,
-                                                     echo=echo)
+                                                     echo=echo, checkpoints=objective.checkpoints)
         freeze_long_lived_objects()
         waiting = False
         while budget_cfg.timeout is None or time.monotonic() - started < budget_cfg.timeout:
