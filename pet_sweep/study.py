@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -580,7 +578,6 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         cleaned = clean_leftovers([exp])
         if cleaned:
             echo(cleaned)
-        role.own_lock()
     parent = open_parent_run(exp, study, tracker) if owns_parent else role.parent_run_id
     outcome = SweepOutcome(exp.study_name, parent)
     budget_cfg, faults = exp.config.budget, exp.config.faults
@@ -608,6 +605,8 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     objective = Objective(exp, data, tracker, parent, epoch_listeners, trial_listeners)
     started = time.monotonic()
     status = "FAILED"
+    if owns_parent:
+        role.own_lock()  # removed in `finally`; left behind only by a kill -9 (clean_leftovers)
     try:
         # anchored spaces: the LR finder once per (arch, phase) for the study, before any trial.
         # Under the claim lock, so of the workers starting together on one machine the first
@@ -678,7 +677,7 @@ def _take_slot(trial: optuna.Trial, *, role: WorkerRole, claim: Claim) -> None:
     """
     if INVOCATION_ATTR not in trial.user_attrs:
         trial.set_user_attr(INVOCATION_ATTR, role.invocation)
-    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr(WORKER_ATTR, this_process())
     claim.release()
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import optuna
@@ -244,8 +245,8 @@ def test_the_next_command_cleans_up_after_a_killed_supervisor(
 
 
 @pytest.mark.parametrize("kind", STORES)
-def test_a_parent_held_by_a_live_process_or_live_trial_is_not_closed(kind: str, write_experiments: Callable[..., Path],
-                                                                     tmp_path: Path) -> None:
+def test_a_parent_held_by_a_live_process_or_live_trial_is_not_closed(
+        kind: str, write_experiments: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pet_sweep.workers import PARENT_OPEN_ATTR, abandoned_parent
 
     name = f"l{uuid.uuid4().hex[:10]}"
@@ -264,7 +265,9 @@ def test_a_parent_held_by_a_live_process_or_live_trial_is_not_closed(kind: str, 
     # opened on another machine: only once the study has been quiet for the grace period
     study.set_user_attr(PARENT_OPEN_ATTR, f"elsewhere:1@{time.time():.0f}")
     assert abandoned_parent(study, 600) is None
-    assert abandoned_parent(study, 0).startswith("no live trial for ")
+    later = time.time() + 700
+    monkeypatch.setattr("pet_sweep.workers.time", SimpleNamespace(time=lambda: later))
+    assert abandoned_parent(study, 600).startswith("no live trial for 7")  # ~700 s since the trial ended
 
 
 @pytest.mark.slow
