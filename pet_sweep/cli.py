@@ -74,7 +74,8 @@ def cli() -> None:
 @cli.command()
 @click.argument("experiment", required=False)
 @config_option
-@click.option("--n-trials", type=int, help="Trials to add to the study in this run (default: budget.n_trials).")
+@click.option("--n-trials", type=int, help="Trials to add to the study in this run (default: budget.n_trials); "
+                                           "0 runs only the trials queued again (retries).")
 @click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
 @click.option("--storage", envvar="PET_SWEEP_STORAGE",
               help="Optuna storage URL (default: the experiment's `storage`; env PET_SWEEP_STORAGE): "
@@ -148,15 +149,16 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
     where = ("".join(f" {part}" for part in flags(*stores)),                         # report
              "".join(f" {part}" for part in flags(("--tracking-uri", tracking_uri))))  # ui
 
-    def resume_command(finished: int) -> str:
+    def resume_command(left: int) -> str:
+        """`left`: the trials the budget has left (Budget.left); queued retries run free, so 0 runs only them."""
         again = ["pet-sweep run", exp.name, *flags(*stores, ("--timeout", timeout), ("--gpus", gpus))]
         if workers > 1:
             again += ["--workers", str(workers)]
-        again += ["--n-trials", str(max(1, budget.n_trials - finished))]
+        again += ["--n-trials", str(left)]
         return " ".join(again)
 
-    def hint(finished: int) -> str:
-        return f"interrupted after {finished} of {budget.n_trials} trials; resume with: {resume_command(finished)}"
+    def hint(finished: int, left: int) -> str:
+        return f"interrupted after {finished} of {budget.n_trials} trials; resume with: {resume_command(left)}"
 
     if workers > 1:
         argv = ["run", exp.name, "--config", str(exp.config_path), "--n-trials", str(budget.n_trials),
@@ -165,7 +167,7 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         try:
             done = supervise(exp, workers, parse_gpus(gpus), argv, echo=lambda line: click.echo(line))
         except KeyboardInterrupt:  # before the workers started
-            click.echo(hint(0), err=True)
+            click.echo(hint(0, budget.n_trials), err=True)
             sys.exit(130)
         for worker_exit in done.exits:
             if worker_exit.returncode not in (0, 130):
@@ -173,7 +175,7 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         if done.closed_runs:
             click.echo(f"closed       {done.closed_runs} MLflow run(s) a dead worker left running")
         if done.interrupted:
-            click.echo(hint(done.finished), err=True)
+            click.echo(hint(done.finished, done.left), err=True)
             sys.exit(130)
         if done.orphans:
             click.echo(f"retry        trial(s) {', '.join(map(str, done.orphans))} of dead workers: "
@@ -184,12 +186,12 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         timed_out = budget.timeout is not None and time.monotonic() - started >= budget.timeout
         short = done.used < budget.n_trials
         if not any(e.returncode == 0 for e in done.exits) or (short and not (done.capped or timed_out)):
-            click.echo(f"the workers stopped early; resume with: {resume_command(done.finished)}", err=True)
+            click.echo(f"the workers stopped early; resume with: {resume_command(done.left)}", err=True)
             sys.exit(1)
         if short and done.capped:
             _print_capped(budget.max_trials, done.used, budget.n_trials)
         elif short:
-            _print_timeout(budget.timeout, done.used, budget.n_trials, resume_command(done.finished))
+            _print_timeout(budget.timeout, done.used, budget.n_trials, resume_command(done.left))
         return
     progress = Progress(budget.n_trials, level="quiet" if quiet else "verbose" if verbose else "normal",
                         timeout=budget.timeout, stream=click.get_text_stream("stdout"),
@@ -199,7 +201,7 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
                             trial_listeners=(progress,))
     except SweepInterrupted as stop:
         progress.close()
-        click.echo("\n" + hint(stop.finished), err=True)
+        click.echo("\n" + hint(stop.finished, stop.left), err=True)
         sys.exit(130)
     progress.close()
     _print_best(exp, None if outcome.best_trial is None else (outcome.best_value, outcome.best_trial), where, quiet)
@@ -207,7 +209,7 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
     if outcome.capped and ran < budget.n_trials:
         _print_capped(budget.max_trials, ran, budget.n_trials)
     elif outcome.timed_out:
-        _print_timeout(budget.timeout, ran, budget.n_trials, resume_command(ran))
+        _print_timeout(budget.timeout, ran, budget.n_trials, resume_command(budget.n_trials - ran))
 
 
 def _print_capped(max_trials: int | None, ran: int, n_trials: int) -> None:
@@ -331,6 +333,7 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
     from pet_sweep.report import summary_text
     from pet_sweep.report_io import load_report, write_report
 
+    _clean_leftovers([exp])
     bundle = load_report(exp)
     out = Path(out_dir) if out_dir else exp.base_dir / "reports" / exp.study_name
     written = write_report(bundle, out, attach=not no_mlflow_attach)
@@ -414,6 +417,53 @@ def list_(config_path: str, storage: str | None) -> None:
     states, default = list_studies(config_path, storage)
     for line in format_states(states, default):
         click.echo(line.rstrip())
+    _clean_leftovers(load(config_path, state.experiment, storage=storage) for state in states if state.found)
+
+
+def _clean_leftovers(exps: Any) -> None:
+    """What a killed `pet-sweep run` left (its lock file, its MLflow parent run RUNNING): cleaned, in one line."""
+    from pet_sweep.workers import clean_leftovers
+
+    cleaned = clean_leftovers(exps)
+    if cleaned:
+        click.echo(cleaned)
+
+
+@cli.command("fail-stale")
+@click.argument("experiment", required=False)
+@config_option
+@click.option("--trial", "number", type=int, help="Fail this RUNNING trial, after a confirmation (the way to free "
+                                                  "a trial where there are no heartbeats: journal storage).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (scripts).")
+@storage_option
+@tracking_option
+@click.option("--study-name", help="Optuna study name (default: the experiment's name).")
+@fail_clearly
+def fail_stale(experiment: str | None, config_path: str, number: int | None, yes: bool, storage: str | None,
+               tracking_uri: str | None, study_name: str | None) -> None:
+    """Fail the RUNNING trials of EXPERIMENT whose worker is gone: queue them again
+    (faults.max_retry) and close their MLflow runs.
+
+    A dead worker's trial holds its place under budget.max_trials until then. With
+    heartbeats (SQLite, PostgreSQL, MySQL storages) this fails the trials silent for
+    longer than faults.grace_period (Optuna's fail_stale_trials), as a running sweep
+    does. Without them (journal storage), name the trial.
+
+    \b
+    Example:
+      pet-sweep fail-stale digits
+      pet-sweep fail-stale digits --storage journal:///shared/optuna.log --trial 7 --yes
+    """
+    exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
+    _quiet_libraries()
+    from pet_sweep.study import quiet_optuna
+    from pet_sweep.workers import fail_stale as fail
+
+    quiet_optuna()
+    # a "no" aborts (exit 1) with nothing changed
+    failed = fail(exp, number, confirm=lambda question: yes or click.confirm(question, default=False, abort=True),
+                  echo=lambda line: click.echo(line))
+    click.echo(f"failed       trial(s) {', '.join(map(str, failed))}" if failed else "failed       no trial")
 
 
 def _warn_host(host: str) -> None:

@@ -229,8 +229,8 @@ class Experiment:
             update["storage"] = storage
         if study_name:
             update["study_name"] = study_name
-        if n_trials is not None and n_trials < 1:
-            raise ConfigError(f"--n-trials must be >= 1, but got {n_trials}")
+        if n_trials is not None and n_trials < 0:  # 0: only the queued retries (a resume's hint)
+            raise ConfigError(f"--n-trials must be >= 0, but got {n_trials}")
         if timeout is not None and not timeout > 0:  # model_copy does not validate: say it here
             raise ConfigError(f"--timeout must be > 0 seconds, but got {timeout:g}")
         return Experiment(self.name, cfg.model_copy(update=update), self.space, self.config_path)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import os
-import socket
 import tempfile
 import time
 import warnings
@@ -31,7 +29,8 @@ from pet_sweep.errors import DataError, StudyError, TrainingDiverged, TrialFaile
 from pet_sweep.pretrain import CHECKPOINT_ATTR, Checkpoint, checkpoints_for, starting_model
 from pet_sweep.space import Anchors, TrialParams, anchor_params, lr_text, suggest
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, check_server, redact_url, redact_url_in
-from pet_sweep.workers import INVOCATION_ATTR, OOM_RETRY_OF, RETRY_OF, Budget, Claim, WorkerRole
+from pet_sweep.workers import (INTERRUPTED, INVOCATION_ATTR, OOM_RETRY_OF, PARENT_OPEN_ATTR, RETRY_OF, Budget, Claim,
+                               WorkerRole, this_process)
 
 # Trial user attributes pet-sweep writes (the report reads them back).
 PARAMS_ATTR = "params"            # the full TrialParams, fixed values included
@@ -54,23 +53,25 @@ class StaleTrialHandler:
     trial's MLflow run id is in its user attrs, so that worker closes the run.
     """
 
-    def __init__(self, max_retry: int) -> None:
+    def __init__(self, max_retry: int, reason: str = STALE_REASON) -> None:
         self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-        self.max_retry = max_retry
+        self.max_retry, self.reason = max_retry, reason
         self.tracker: Tracker | None = None  # set once the worker has opened MLflow
         self.echo: Callable[[str], None] = lambda line: None
+        self.closed_runs: list[str] = []  # the MLflow runs it closed
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.retry(study, trial)
         queued = self.max_retry > len(trial.system_attrs.get("retry_history", []))
-        self.echo(f"trial {trial.number:>3} FAIL     {STALE_REASON}; "
+        self.echo(f"trial {trial.number:>3} FAIL     {self.reason}; "
                   + ("queued to run again" if queued else f"not retried (faults.max_retry={self.max_retry})"))
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if self.tracker is not None and run_id:
             from mlflow.exceptions import MlflowException
 
             try:
-                self.tracker.finish_trial(run_id, "FAIL", tags={"reason": STALE_REASON})
+                self.tracker.finish_trial(run_id, "FAIL", tags={"reason": self.reason})
+                self.closed_runs.append(run_id)
             except MlflowException:  # the run lives in another tracking store; close_stale_runs there
                 pass
 
@@ -311,9 +312,10 @@ def history_from_attrs(trial: FrozenTrial) -> list[EpochRecord]:
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped the sweep; the running trial was closed first."""
 
-    def __init__(self, finished: int) -> None:
+    def __init__(self, finished: int, left: int) -> None:
         super().__init__(f"interrupted after {finished} finished trial(s)")
         self.finished = finished  # this invocation's trials that ran to the end
+        self.left = left          # what a resume must run to finish the budget (Budget.left)
 
 
 @dataclass
@@ -463,7 +465,7 @@ class Objective:
             reason = f"out of memory: {message_of(err).splitlines()[0][:200] or 'CUDA'}"
             oom = True
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL, MLflow agrees
-            close("FAIL", "interrupted")
+            close("FAIL", INTERRUPTED)
             raise
         except BaseException as err:  # bugs: close the run, then let them stop the sweep
             close("FAIL", f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
@@ -549,8 +551,13 @@ def best_of(study: optuna.Study) -> tuple[float, int] | None:
 
 
 def open_parent_run(exp: Experiment, study: optuna.Study, tracker: Tracker) -> str:
-    """The study's MLflow parent run (the sweep), reused by resumes and every worker."""
+    """The study's MLflow parent run (the sweep), reused by resumes and every worker.
+
+    Machines opening a new study together agree on one run (`Tracker.sweep_run`).
+    The study records who holds it open, so a command can close it if that process is killed.
+    """
     parent = tracker.sweep_run(exp.study_name, sweep_settings(exp), study.user_attrs.get(PARENT_RUN_ATTR))
+    study.set_user_attr(PARENT_OPEN_ATTR, f"{this_process()}@{time.time():.0f}")
     if study.user_attrs.get(PARENT_RUN_ATTR) != parent:
         study.set_user_attr(PARENT_RUN_ATTR, parent)
         study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
@@ -564,6 +571,7 @@ def close_parent_run(study: optuna.Study, tracker: Tracker, parent: str, status:
     if any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
         return False
     tracker.finish_sweep(parent, status)
+    study.set_user_attr(PARENT_OPEN_ATTR, "")
     return True
 
 
@@ -602,6 +610,12 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
     stale.tracker, stale.echo = tracker, echo
     owns_parent = role.parent_run_id is None
+    if owns_parent:
+        from pet_sweep.workers import clean_leftovers
+
+        cleaned = clean_leftovers([exp])
+        if cleaned:
+            echo(cleaned)
     parent = open_parent_run(exp, study, tracker) if owns_parent else role.parent_run_id
     outcome = SweepOutcome(exp.study_name, parent)
     budget_cfg, faults = exp.config.budget, exp.config.faults
@@ -629,6 +643,8 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     objective = Objective(exp, data, tracker, parent, epoch_listeners, trial_listeners)
     started = time.monotonic()
     status = "FAILED"
+    if owns_parent:
+        role.own_lock()  # removed in `finally`; left behind only by a kill -9 (clean_leftovers)
     try:
         # anchored spaces: the LR finder once per (arch, phase) for the study, before any trial.
         # Under the claim lock, so of the workers starting together on one machine the first
@@ -665,7 +681,8 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
-        raise SweepInterrupted(budget.finished(study.get_trials(deepcopy=False))) from None
+        trials = study.get_trials(deepcopy=False)
+        raise SweepInterrupted(budget.finished(trials), budget.left(trials)) from None
     finally:
         gc.unfreeze()  # a library caller's later collections see everything again
         if owns_parent:
@@ -699,7 +716,7 @@ def _take_slot(trial: optuna.Trial, *, role: WorkerRole, claim: Claim) -> None:
     """
     if INVOCATION_ATTR not in trial.user_attrs:
         trial.set_user_attr(INVOCATION_ATTR, role.invocation)
-    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr(WORKER_ATTR, this_process())
     claim.release()
 
 

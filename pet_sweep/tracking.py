@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # callbacks imports fastai; `pet-sweep ui` and `list` do not 
 # purpose (KILLED), a failed one FAILED; no trial run is ever left RUNNING.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+# How long a new parent run waits for those other machines create at the same moment to be
+# stored (well above one insert, even on a loaded database) before the earliest is kept.
+SWEEP_SETTLE_S = 1.0
 RUN_ID_ATTR = "mlflow_run_id"
 # MLflow 3's UI opens an experiment of unknown kind on its GenAI (traces) overview;
 # this tag makes it open on the runs table, where the sweep and its trials are.
@@ -190,7 +193,13 @@ class Tracker:
     # -- the sweep (parent run) ------------------------------------------------
 
     def sweep_run(self, study_name: str, settings: Mapping[str, Any], run_id: str | None = None) -> str:
-        """Reuse the study's parent run (resume, other workers) or create it."""
+        """Reuse the study's parent run (resume, other workers) or create it.
+
+        Machines that open a new study at the same moment each create one. So a creator
+        waits `SWEEP_SETTLE_S` for the others' runs to be stored, then every one of them
+        keeps the same run, the earliest open `sweep-<study>` (start time, then run id),
+        and deletes its own if it lost, before any trial logs to it.
+        """
         from mlflow.entities import RunStatus
 
         if run_id:
@@ -202,11 +211,19 @@ class Tracker:
                 if run.info.status != "RUNNING":
                     self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
                 return run_id
-        run = self.client.create_run(
+        mine = self.client.create_run(
             self.experiment_id, run_name=f"sweep-{study_name}",
-            tags={"pet_sweep.role": "sweep", "pet_sweep.study": study_name})
-        self.log_params(run.info.run_id, settings)
-        return run.info.run_id
+            tags={"pet_sweep.role": "sweep", "pet_sweep.study": study_name}).info.run_id
+        time.sleep(SWEEP_SETTLE_S)
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`pet_sweep.study` = '{study_name}' and "
+                                                "tags.`pet_sweep.role` = 'sweep' and attributes.status = 'RUNNING'")
+        winner = min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else mine
+        if winner != mine:
+            self.client.delete_run(mine)
+            return winner
+        self.log_params(mine, settings)
+        return mine
 
     def update_sweep(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str] = ()) -> None:
         from mlflow.entities import Metric, RunTag

@@ -29,14 +29,16 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -46,6 +48,28 @@ INVOCATION_ATTR = "pet_sweep_invocation"
 RETRY_OF = "failed_trial"  # system attr RetryHeartbeatStaleTrialCallback sets on a retry
 OOM_RETRY_OF = "oom_retry_of"  # user attr of a trial re-queued at half the batch size after an out-of-memory
 WORKER_ENV = "PET_SWEEP_WORKER"
+# Study user attr: "host:pid@unix-time" of the process that last opened the MLflow parent
+# run and will close it; "" once closed. A killed opener leaves it set (`clean_leftovers`).
+PARENT_OPEN_ATTR = "mlflow_parent_open"
+INTERRUPTED = "interrupted"  # the reason of a trial Ctrl-C or SIGTERM stopped (not retried)
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_gone(owner: str) -> bool | None:
+    """Is the process `host:pid` gone? None when it runs on another host (it cannot be asked)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: alive
+        return False
+    return False
 
 
 @dataclass(frozen=True)
@@ -71,7 +95,29 @@ class WorkerRole:
 
     @property
     def lock_path(self) -> Path:
-        return Path(tempfile.gettempdir()) / f"pet-sweep-{self.invocation}.lock"
+        return Path(tempfile.gettempdir()) / f"{LOCK_PREFIX}{self.invocation}.lock"
+
+    def own_lock(self) -> None:
+        """Write this process (the one that removes the lock at the end) into the lock file,
+        so a later command can tell the lock of a killed supervisor from a live one."""
+        self.lock_path.write_text(this_process() + "\n")
+
+
+LOCK_PREFIX = "pet-sweep-"
+
+
+def clean_stale_locks() -> list[str]:
+    """Remove the lock files whose owner (host:pid) is gone from this host; returns the owners."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{LOCK_PREFIX}*.lock"):
+        try:
+            owner = path.read_text().strip()
+        except OSError:  # removed meanwhile, or another user's
+            continue
+        if owner and process_gone(owner):
+            path.unlink(missing_ok=True)
+            removed.append(owner)
+    return removed
 
 
 def is_retry(trial: FrozenTrial) -> bool:
@@ -92,6 +138,17 @@ class Budget:
         """Slots used: this invocation's trials, retries of a dead worker's trial not counted again."""
         return sum(1 for t in trials if t.user_attrs.get(INVOCATION_ATTR) == self.role.invocation
                    and not is_retry(t))
+
+    def left(self, trials: list[FrozenTrial]) -> int:
+        """What a resume must run to finish this budget, queued retries aside (they are free).
+
+        A slot stays used by a trial that completed, was pruned, failed, or failed and was
+        queued again (its retry fills it). A trial (or retry) Ctrl-C stopped is not queued
+        again, so its slot is given back.
+        """
+        interrupted = sum(1 for t in trials if t.user_attrs.get(INVOCATION_ATTR) == self.role.invocation
+                          and t.state == TrialState.FAIL and t.user_attrs.get("reason") == INTERRUPTED)
+        return max(0, self.n_trials - self.used(trials) + interrupted)
 
     def finished(self, trials: list[FrozenTrial]) -> int:
         """This invocation's trials that ran to the end (complete or pruned), retries included."""
@@ -269,6 +326,7 @@ class Supervised:
     closed_runs: int       # MLflow runs a dead worker left RUNNING, closed at the end
     orphans: list[int]     # trials whose worker died with no other worker left to retry them
     capped: bool = False   # budget.max_trials stopped the workers
+    left: int = 0          # what a resume must run to finish the budget, queued retries aside (Budget.left)
 
 
 def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
@@ -287,6 +345,9 @@ def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
     # The supervisor creates the study, the tables and the parent run, so the
     # workers never race to create them.
     study = open_study(exp)  # a bad storage URL: before the MLflow store
+    cleaned = clean_leftovers([exp])
+    if cleaned:
+        echo(cleaned)
     tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
     parent = open_parent_run(exp, study, tracker)
     envs = worker_envs(n_workers, gpus)
@@ -298,6 +359,7 @@ def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
         echo(f"worker {role.index}     {where}")
     secrets = {"PET_SWEEP_STORAGE": exp.storage_url, "PET_SWEEP_TRACKING_URI": exp.tracking_uri}
     status = "FAILED"
+    roles[0].own_lock()
     try:
         procs, pumps = start_workers(argv, roles, envs, secrets, echo)
         exits, interrupted = wait_workers(procs)
@@ -306,7 +368,7 @@ def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
         orphans = fail_orphans(study, tracker, exp.config.faults.max_retry, [p.pid for p in procs])
         budget = Budget(roles[0], exp.config.budget.n_trials)
         trials = study.get_trials(deepcopy=False)
-        finished, used = budget.finished(trials), budget.used(trials)
+        finished, used, left = budget.finished(trials), budget.used(trials), budget.left(trials)
         capped = cap_reached(trials, exp.config.budget.max_trials)
         status = "KILLED" if interrupted else "FINISHED" if finished else "FAILED"
     finally:
@@ -314,7 +376,7 @@ def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
         close_parent_run(study, tracker, parent, status)
         roles[0].lock_path.unlink(missing_ok=True)
     return Supervised(exp.study_name, parent, exits, interrupted, finished, used, best_of(study), closed, orphans,
-                      capped)
+                      capped, left)
 
 
 def fail_orphans(study: optuna.Study, tracker: Any, max_retry: int, pids: list[int]) -> list[int]:
@@ -323,21 +385,149 @@ def fail_orphans(study: optuna.Study, tracker: Any, max_retry: int, pids: list[i
     Every worker has exited, so none of their trials can still be running; waiting
     for the grace period would only leave them RUNNING for the next `pet-sweep run`.
     """
-    import socket
-
     from pet_sweep.study import WORKER_ATTR, StaleTrialHandler
 
     ours = {f"{socket.gethostname()}:{pid}" for pid in pids}
     handler = StaleTrialHandler(max_retry)
     handler.tracker = tracker  # no echo: the supervisor says which trials it queued again
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get(WORKER_ATTR) not in ours:
+    return [trial.number for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if trial.user_attrs.get(WORKER_ATTR) in ours and fail_and_retry(study, trial.number, handler)]
+
+
+def fail_and_retry(study: optuna.Study, number: int, handler: Any) -> bool:
+    """Fail the RUNNING trial `number` whose worker is gone; `handler` (a StaleTrialHandler)
+    queues its retry and closes its MLflow run. False if it finished meanwhile, or another
+    process failed and retried it first."""
+    frozen = study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    retried = any(t.system_attrs.get(RETRY_OF) == number for t in study.get_trials(deepcopy=False))
+    if frozen.state != TrialState.FAIL or retried:
+        return False
+    handler(study, frozen)
+    return True
+
+
+# -- what a killed process leaves behind ------------------------------------------
+
+
+def stale_trial_numbers(study: optuna.Study) -> set[int] | None:
+    """The RUNNING trials whose heartbeat is older than the grace period (None: no heartbeats here)."""
+    # Optuna's own test, as `fail_stale_trials` makes it (the storage's heartbeat interface)
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        return None
+    ids = set(storage._get_stale_trial_ids(study._study_id))
+    return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t._trial_id in ids}
+
+
+def live_trials(study: optuna.Study) -> list[int]:
+    """RUNNING trials that may still have a worker: a fresh (or no) heartbeat; any, without heartbeats."""
+    stale = stale_trial_numbers(study) or set()
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in stale]
+
+
+def abandoned_parent(study: optuna.Study, grace_period: float) -> str | None:
+    """Why the study's MLflow parent run, held open, has nobody left to close it (None: it may be in use)."""
+    opener = study.user_attrs.get(PARENT_OPEN_ATTR)
+    if not opener or live_trials(study):
+        return None
+    owner, _, since = opener.rpartition("@")
+    gone = process_gone(owner)
+    if gone is None:  # opened on another machine: closed once the study has been quiet for a grace period
+        ends = [t.datetime_complete.timestamp() for t in study.get_trials(deepcopy=False) if t.datetime_complete]
+        quiet = time.time() - max([float(since or 0), *ends])
+        return f"no live trial for {quiet:.0f}s" if quiet > grace_period else None
+    return f"its process {owner} is gone and no trial is live" if gone else None
+
+
+def clean_leftovers(exps: Iterable[Any]) -> str:
+    """Undo what a killed `pet-sweep run` (supervisor or single process) left behind.
+
+    Removes the lock files of processes gone from this host, and closes (KILLED) the MLflow
+    parent run of each experiment's study whose opener is gone and which has no live
+    trial, with the trial runs left RUNNING. Creates nothing. Returns one line saying
+    what was cleaned, "" when nothing was.
+    """
+    from pet_sweep.errors import PetSweepError
+    from pet_sweep.study import close_dead_runs, missing_store_file, open_study
+    from pet_sweep.tracking import PARENT_RUN_ATTR, Tracker
+
+    done = [f"lock file of {owner} (gone)" for owner in clean_stale_locks()]
+    for exp in exps:
+        if missing_store_file(exp.storage_url) is not None:
             continue
-        frozen = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-        retried = any(t.system_attrs.get(RETRY_OF) == trial.number for t in study.get_trials(deepcopy=False))
-        if frozen.state != TrialState.FAIL or retried:
-            continue  # finished meanwhile, or failed and retried by a worker on another machine
-        handler(study, frozen)
-        failed.append(trial.number)
+        try:
+            study = open_study(exp, create=False)
+        except PetSweepError:  # no study yet, or a store that cannot be read: nothing of ours to close
+            continue
+        why, parent = abandoned_parent(study, exp.config.faults.grace_period), study.user_attrs.get(PARENT_RUN_ATTR)
+        if why is None or not parent:
+            continue
+        from mlflow.exceptions import MlflowException
+
+        try:
+            tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
+            tracker.finish_sweep(parent, "KILLED")
+            closed = close_dead_runs(study, tracker)
+        except (MlflowException, PetSweepError):  # the run lives in another tracking store
+            continue
+        study.set_user_attr(PARENT_OPEN_ATTR, "")
+        done.append(f"MLflow parent run of study {exp.study_name!r} closed ({why})"
+                    + (f" with {closed} trial run(s) left running" if closed else ""))
+    return "cleaned      " + "; ".join(done) if done else ""
+
+
+def fail_stale(exp: Any, number: int | None, confirm: Callable[[str], bool],
+               echo: Callable[[str], None]) -> list[int]:
+    """Fail RUNNING trials whose worker is gone, queue their retries, close their MLflow runs.
+
+    Without `number`: Optuna's `fail_stale_trials` (trials silent for faults.grace_period;
+    needs heartbeats). With `number`: that trial, once `confirm` agrees (nothing
+    tells whether its worker on another machine is gone). Returns the trials failed.
+    """
+    from optuna.storages import fail_stale_trials
+
+    from pet_sweep.errors import StudyError
+    from pet_sweep.study import WORKER_ATTR, StaleTrialHandler, open_study
+    from pet_sweep.tracking import Tracker
+
+    handler = StaleTrialHandler(exp.config.faults.max_retry)
+    study = open_study(exp, create=False, on_stale=handler)
+    handler.tracker, handler.echo = Tracker(exp.tracking_uri, exp.tracking_experiment), echo
+    stale = stale_trial_numbers(study)
+    running = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    grace = exp.config.faults.grace_period
+    if number is None:
+        if stale is None:
+            raise StudyError(f"{exp.storage_url.split(':', 1)[0]} storage has no heartbeats, so no trial is known "
+                             f"stale; name the trial whose worker is gone: --trial N (running: "
+                             f"{_numbers(sorted(running)) or 'none'})")
+        fail_stale_trials(study)  # calls handler for each trial it failed
+        now = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+        failed = sorted(n for n in stale if now[n] == TrialState.FAIL)
+        alive = sorted(set(running) - set(failed))
+        if alive:
+            echo(f"running      trial(s) {_numbers(alive)} sent a heartbeat within faults.grace_period ({grace}s)"
+                 " or never sent one; name one with --trial N to fail it anyway")
+    else:
+        trial = running.get(number)
+        if trial is None:
+            states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+            raise StudyError(f"trial {number} of study {exp.study_name!r} is "
+                             f"{states.get(number, 'not in the study')}, not RUNNING: nothing to fail")
+        worker = trial.user_attrs.get(WORKER_ATTR, "unknown")
+        if process_gone(worker) is False:
+            raise StudyError(f"trial {number}'s worker {worker} still runs on this machine; stop it "
+                             "(Ctrl-C) instead of failing its trial")
+        fresh = stale is not None and number not in stale
+        if not confirm(f"fail trial {number} of study {exp.study_name!r} (worker {worker}, started "
+                       f"{trial.datetime_start:%Y-%m-%d %H:%M:%S})"
+                       + (f"; it sent a heartbeat within {grace}s or never sent one" if fresh else "")
+                       + "? Only if its worker is gone"):
+            return []
+        handler.reason = f"failed by `pet-sweep fail-stale --trial {number}`: its worker is gone"
+        failed = [number] if fail_and_retry(study, number, handler) else []
+    for run_id in handler.closed_runs:
+        echo(f"closed       MLflow run {run_id} (FAILED)")
     return failed
