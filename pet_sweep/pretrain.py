@@ -153,7 +153,7 @@ def _train(exp: Experiment, arch: str, data: Any, path: Path, tracker: Any,
            echo: Callable[[str], None]) -> Checkpoint:
     """One cycle from scratch on all the layers; the full model saved, one finished MLflow run."""
     from pet_sweep import recipe
-    from pet_sweep.callbacks import EpochHistory, EpochRecord, StopOnNonFinite
+    from pet_sweep.callbacks import EpochHistory, EpochRecord, StopOnDivergence
 
     cfg = exp.config
     started = time.perf_counter()
@@ -178,7 +178,7 @@ def _train(exp: Experiment, arch: str, data: Any, path: Path, tracker: Any,
         _normalize_as_finetune(data.dls, arch)
         recipe.apply_precision(learn, cfg.model)
         history = EpochHistory([tracker.epoch_logger(run_id), show])
-        learn.add_cbs([history, StopOnNonFinite(history)])
+        learn.add_cbs([history, StopOnDivergence(history)])
         with learn.no_bar(), learn.no_logging():
             learn.fit_one_cycle(cfg.pretrain.epochs, cfg.pretrain.lr)
         found = _save(full_state_dict(learn.model[0], arch), path, arch, exp.name, run_id)

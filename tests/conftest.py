@@ -70,3 +70,24 @@ def write_experiments(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def _close_database_connections(request: pytest.FixtureRequest) -> Any:
+    """After a test on a database server, close the connections its stores left in this process.
+
+    Optuna's RDBStorage keeps a connection pool per storage until it is garbage-collected;
+    over a whole session the PostgreSQL tests would hold more connections than the server's
+    100 allows ("too many clients already").
+    """
+    yield
+    if not any(request.node.get_closest_marker(name) for name in ("postgres", "mysql")):
+        return
+    import gc
+
+    import sqlalchemy
+
+    gc.collect()
+    for obj in gc.get_objects():
+        if isinstance(obj, sqlalchemy.engine.Engine):
+            obj.dispose()
