@@ -32,7 +32,13 @@ def pet_sweep(*args: str, env: dict[str, str] | None = None, **popen: Any) -> su
 
 
 def load(storage: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=storage)
+    """The study, read through a storage that keeps no idle connection: the tests poll with it,
+    and a pooled storage per poll would hold a PostgreSQL connection each until garbage-collected
+    (past the server's 100 on a slow machine)."""
+    from sqlalchemy.pool import NullPool
+
+    rdb = optuna.storages.RDBStorage(storage, engine_kwargs={"poolclass": NullPool})
+    return optuna.load_study(study_name=name, storage=rdb)
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen | None = None) -> Any:

@@ -287,8 +287,10 @@ def test_kill_9_of_the_supervisor_is_cleaned_by_the_next_list(kind: str, write_e
     parent = study.user_attrs[PARENT_RUN_ATTR]
     assert sweep_runs(exp, name)[0].info.status == "RUNNING"
     running = {t.number for t in study.get_trials(states=(TrialState.RUNNING,))}
-    # the killed workers' heartbeats go stale after faults.grace_period
-    wait_for(lambda: stale_trial_numbers(open_study(exp, create=False)) == running, 300, "stale heartbeats")
+    # the killed workers' heartbeats go stale after faults.grace_period (one storage for the polling:
+    # a new one per poll would hold a PostgreSQL connection each until garbage-collected)
+    polled = open_study(exp, create=False)
+    wait_for(lambda: stale_trial_numbers(polled) == running, 300, "stale heartbeats")
     result = CliRunner().invoke(cli, ["list", "--config", str(config)])
     assert result.exit_code == 0, result.output
     (cleaned,) = [line for line in result.output.splitlines() if line.startswith("cleaned")]
