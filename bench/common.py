@@ -48,7 +48,7 @@ def hand_written_dls(img_size: int, batch_size: int) -> Any:
     from fastai.vision.data import ImageBlock
     from fastcore.xtras import using_attr
 
-    from pet_sweep.data import digits_folder, image_files, split_items
+    from pet_sweep.train.data import digits_folder, image_files, split_items
 
     splits = split_items(image_files(digits_folder()), 0.2, 0.1, 42)
     items = list(splits.train) + list(splits.valid)
@@ -108,7 +108,7 @@ def header(title: str) -> str:
 
 def wilson_text(errors: int, n: int) -> str:
     """`0.0111 (2/180) [0.0031, 0.0397]`: a rate with its count and Wilson 95 % interval."""
-    from pet_sweep.report import wilson
+    from pet_sweep.report.core import wilson
 
     if n == 0:
         return "n/a (no items)"

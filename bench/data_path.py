@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     from pet_sweep.config import load_experiment
-    from pet_sweep.data import build_data
+    from pet_sweep.train.data import build_data
 
     base = default_digits()
     experiment = {**base, "model": {**base["model"], "img_size": args.img_size}}

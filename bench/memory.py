@@ -32,7 +32,8 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from pet_sweep.config import load_experiment
-    from pet_sweep.study import quiet_optuna, run_sweep
+    from pet_sweep.sweep.loop import run_sweep
+    from pet_sweep.sweep.storage import quiet_optuna
 
     quiet_optuna()
     process = psutil.Process()

@@ -39,7 +39,8 @@ SPACE = {"arch": {"choices": ["resnet18", "xresnet18"]}, "base_lr": {"low": 1e-3
 
 def with_pet_sweep(path: Path, study_name: str) -> float:
     from pet_sweep.config import load_experiment
-    from pet_sweep.study import open_study, run_sweep
+    from pet_sweep.sweep.loop import run_sweep
+    from pet_sweep.sweep.storage import open_study
 
     exp = load_experiment(path).with_overrides(study_name=study_name, n_trials=len(CONFIGS))
     study = open_study(exp)  # enqueueing is the user's setup, not the sweep's
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="smoke runs only: digits images of (a) and (c); (b) always reads all, so a/b then means nothing")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    from pet_sweep.study import quiet_optuna
+    from pet_sweep.sweep.storage import quiet_optuna
     from pet_sweep.tracking import Tracker
 
     quiet_optuna()
@@ -96,14 +97,14 @@ def main(argv: list[str] | None = None) -> None:
     folder = temp_dir("overhead")
     path = write_experiment(folder, experiment, SPACE)
     from pet_sweep.config import load_experiment
-    from pet_sweep.study import open_study
+    from pet_sweep.sweep.storage import open_study
 
     exp = load_experiment(path)
     started = time.perf_counter()
     Tracker(exp.tracking_uri, exp.tracking_experiment)
     open_study(exp.with_overrides(study_name="warm-up"))
     cold = time.perf_counter() - started
-    from pet_sweep.data import build_data
+    from pet_sweep.train.data import build_data
 
     shared = build_data(exp).dls  # (c): pet-sweep's DataLoaders, trained by the bare script
     bare_fastai(args.img_size, base["model"]["batch_size"], base["seed"])  # warm caches, imports

@@ -42,8 +42,8 @@ def experiment(sampler: str, seed: int, args: argparse.Namespace) -> Any:
 def fastai_default_error(exp: Any, epochs: int) -> float:
     """Validation error of fastai's own `learn.fine_tune(epochs)` (all its defaults) with the
     space's first architecture, on the experiment's DataLoaders and training seed."""
-    from pet_sweep import recipe
-    from pet_sweep.data import build_data
+    from pet_sweep.train import recipe
+    from pet_sweep.train.data import build_data
 
     dls = build_data(exp).dls
     recipe.reseed(dls, exp.config.seed)  # as every trial is seeded
@@ -58,7 +58,8 @@ def fastai_default_error(exp: Any, epochs: int) -> float:
 
 
 def study_errors(exp: Any) -> list[float]:
-    from pet_sweep.study import open_study, quiet_optuna, run_sweep
+    from pet_sweep.sweep.loop import run_sweep
+    from pet_sweep.sweep.storage import open_study, quiet_optuna
 
     quiet_optuna()
     run_sweep(exp, echo=lambda line: None)

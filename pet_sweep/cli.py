@@ -106,17 +106,21 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
                tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
     from pet_sweep.progress import Progress
-    from pet_sweep.study import SweepInterrupted, missing_store_file, quiet_optuna, run_sweep
+    from pet_sweep.sweep.loop import run_sweep
+    from pet_sweep.sweep.storage import missing_store_file, quiet_optuna
     from pet_sweep.tracking import redact_url
-    from pet_sweep.workers import WorkerRole, parse_gpus, supervise
+    from pet_sweep.launch.local import parse_gpus, supervise
+    from pet_sweep.sweep.budget import WorkerRole
 
     quiet_optuna()
     _sigterm_is_interrupt()
     budget = exp.config.budget
     if worker_role:  # one of the supervisor's workers: it prints the banner and the hint
         try:
-            run_sweep(exp, echo=lambda line: click.echo(line), role=WorkerRole.decode(worker_role))
-        except KeyboardInterrupt:
+            result = run_sweep(exp, echo=lambda line: click.echo(line), role=WorkerRole.decode(worker_role))
+        except KeyboardInterrupt:  # before the sweep started
+            sys.exit(130)
+        if result.stopped_by == "interrupt":
             sys.exit(130)
         return
     if not quiet:
@@ -197,19 +201,20 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
                         timeout=budget.timeout, stream=click.get_text_stream("stdout"),
                         err=click.get_text_stream("stderr"))
     try:
-        outcome = run_sweep(exp, echo=progress.echo, epoch_listeners=(progress.epoch_done,),
-                            trial_listeners=(progress,))
-    except SweepInterrupted as stop:
-        progress.close()
-        click.echo("\n" + hint(stop.finished, stop.left), err=True)
-        sys.exit(130)
+        result = run_sweep(exp, echo=progress.echo, epoch_listeners=(progress.epoch_done,),
+                           trial_listeners=(progress,))
+    except KeyboardInterrupt:  # before the sweep started
+        result = None
     progress.close()
-    _print_best(exp, None if outcome.best_trial is None else (outcome.best_value, outcome.best_trial), where, quiet)
-    ran = sum(t.retry_of is None and t.oom_retry_of is None for t in outcome.trials)  # budget slots used
-    if outcome.capped and ran < budget.n_trials:
-        _print_capped(budget.max_trials, ran, budget.n_trials)
-    elif outcome.timed_out:
-        _print_timeout(budget.timeout, ran, budget.n_trials, resume_command(budget.n_trials - ran))
+    if result is None or result.stopped_by == "interrupt":
+        finished, left = (0, budget.n_trials) if result is None else (result.finished, result.left)
+        click.echo("\n" + hint(finished, left), err=True)
+        sys.exit(130)
+    _print_best(exp, result.best, where, quiet)
+    if result.stopped_by == "cap" and result.ran < budget.n_trials:
+        _print_capped(budget.max_trials, result.ran, budget.n_trials)
+    elif result.stopped_by == "timeout":
+        _print_timeout(budget.timeout, result.ran, budget.n_trials, resume_command(result.left))
 
 
 def _print_capped(max_trials: int | None, ran: int, n_trials: int) -> None:
@@ -256,7 +261,7 @@ def lr_find(experiment: str | None, config_path: str, archs: tuple[str, ...], ou
 
     exp = load(config_path, experiment, tracking_uri=tracking_uri)
     _quiet_libraries()
-    from pet_sweep.lrfind import find_for_experiment
+    from pet_sweep.train.lrfind import find_for_experiment
     from pet_sweep.tracking import redact_url
 
     click.echo(f"experiment   {exp.name}  ({exp.config_path})")
@@ -284,7 +289,7 @@ def pretrain(experiment: str | None, config_path: str, archs: tuple[str, ...], t
     """
     exp = load(config_path, experiment, tracking_uri=tracking_uri)
     _quiet_libraries()
-    from pet_sweep.pretrain import pretrain as pretrain_bodies
+    from pet_sweep.train.pretrain import pretrain as pretrain_bodies
     from pet_sweep.tracking import redact_url
 
     click.echo(f"experiment   {exp.name}  ({exp.config_path})")
@@ -330,8 +335,8 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
 
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
-    from pet_sweep.report import summary_text
-    from pet_sweep.report_io import load_report, write_report
+    from pet_sweep.report.core import summary_text
+    from pet_sweep.report.read import load_report, write_report
 
     _clean_leftovers([exp])
     bundle = load_report(exp)
@@ -385,7 +390,7 @@ def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_
     """
     _quiet_libraries()
     from pet_sweep.replay import train as replay
-    from pet_sweep.report import format_rate
+    from pet_sweep.report.core import format_rate
 
     outcome = replay(config_file, export_model=export_model, tracking_uri=tracking_uri,
                      allow_split_change=allow_split_change, echo=lambda line: click.echo(line))
@@ -422,7 +427,7 @@ def list_(config_path: str, storage: str | None) -> None:
 
 def _clean_leftovers(exps: Any) -> None:
     """What a killed `pet-sweep run` left (its lock file, its MLflow parent run RUNNING): cleaned, in one line."""
-    from pet_sweep.workers import clean_leftovers
+    from pet_sweep.sweep.lifecycle import clean_leftovers
 
     cleaned = clean_leftovers(exps)
     if cleaned:
@@ -456,8 +461,8 @@ def fail_stale(experiment: str | None, config_path: str, number: int | None, yes
     """
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
-    from pet_sweep.study import quiet_optuna
-    from pet_sweep.workers import fail_stale as fail
+    from pet_sweep.sweep.storage import quiet_optuna
+    from pet_sweep.sweep.lifecycle import fail_stale as fail
 
     quiet_optuna()
     # a "no" aborts (exit 1) with nothing changed

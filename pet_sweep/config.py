@@ -104,7 +104,7 @@ class SamplerConfig(_Strict):
 
 
 class PrunerConfig(_Strict):
-    """`schedule`: pruning at the same point of each one-cycle schedule (pet_sweep.pruners);
+    """`schedule`: pruning at the same point of each one-cycle schedule (pet_sweep.sweep.pruners);
     `median`, `percentile`, `hyperband`: Optuna's own, which compare trials epoch by epoch.
     `percentile` applies to `schedule` and `percentile` (50 is the median; 25 keeps only
     trials in the best quarter, which prunes more).

@@ -11,7 +11,7 @@ import numpy as np
 matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pet_sweep.callbacks import EpochRecord  # noqa: E402
+from pet_sweep.sweep.records import EpochRecord
 
 
 def unfreeze_epoch(history: Sequence[EpochRecord]) -> int | None:

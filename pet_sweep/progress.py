@@ -26,8 +26,8 @@ import threading
 import time
 from typing import Any, Callable, Literal, TextIO
 
-from pet_sweep.callbacks import EpochRecord
-from pet_sweep.study import TrialOutcome, format_trial
+from pet_sweep.sweep.records import EpochRecord
+from pet_sweep.sweep.records import TrialOutcome, format_trial
 
 Level = Literal["quiet", "normal", "verbose"]
 

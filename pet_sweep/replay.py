@@ -23,10 +23,10 @@ from pydantic import BaseModel, ConfigDict
 
 from pet_sweep.config import (DataConfig, Experiment, ExperimentConfig, ModelConfig, TrackingConfig, load_space,
                               read_model)
-from pet_sweep.data import SplitFingerprint
+from pet_sweep.train.data import SplitFingerprint
 from pet_sweep.errors import ConfigError, DataError, StudyError
-from pet_sweep.report import errors_of, format_rate, wilson
-from pet_sweep.report_io import HELD_OUT_TAG, N_TEST_METRIC, REPLAY_OF_TAG, REPLAY_ROLE, TEST_METRIC, \
+from pet_sweep.report.core import errors_of, format_rate, wilson
+from pet_sweep.report.read import HELD_OUT_TAG, N_TEST_METRIC, REPLAY_OF_TAG, REPLAY_ROLE, TEST_METRIC, \
     VALID_METRIC, open_existing_study
 from pet_sweep.space import lr_text, params_from_dict
 
@@ -104,8 +104,8 @@ def _pick_trial(study: Any, number: int | None) -> Any:
 
 def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, Any], int]:
     """The standalone config of the best (or the given) completed trial, as a mapping."""
-    from pet_sweep.pretrain import CHECKPOINT_ATTR, Checkpoint
-    from pet_sweep.study import BATCH_ATTR, PARAMS_ATTR, SPLIT_ATTR, TARGETS_ATTR, trial_config
+    from pet_sweep.train.pretrain import CHECKPOINT_ATTR, Checkpoint
+    from pet_sweep.sweep.records import BATCH_ATTR, PARAMS_ATTR, SPLIT_ATTR, TARGETS_ATTR, trial_config
     from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, redact_url
 
     study = open_existing_study(exp)
@@ -208,7 +208,7 @@ def check_test_split(source: ReplaySource | None, now: SplitFingerprint, *, allo
 def without_training_callbacks(learn: Any) -> None:
     """Drop pet-sweep's per-trial callbacks: they would fire again in `validate`, `predict`
     and in every use of the exported learner (and fail outside a fit)."""
-    from pet_sweep.callbacks import EpochHistory, StopOnDivergence
+    from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence
 
     learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (EpochHistory, StopOnDivergence))])
 
@@ -253,8 +253,8 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
     (the sweep's), e.g. on the machine that takes the config to production.
     A test split that differs from the sweep's is refused unless `allow_split_change`.
     """
-    from pet_sweep import recipe
-    from pet_sweep.data import build_data
+    from pet_sweep.train import recipe
+    from pet_sweep.train.data import build_data
     from pet_sweep.tracking import Tracker, check_server, redact_url_in, require_password
 
     cfg, exp = load_replay(path)

@@ -13,7 +13,7 @@ An anchored learning rate is ``anchor x factor``: Optuna searches the factor
 (param ``<name>_factor``, a static distribution, which TPE needs), and the
 anchor is the suggestion (``minimum``, ``steep``, ``valley`` or ``slide``) of
 fastai's ``lr_find`` for the trial's architecture in the ``frozen`` phase (fresh
-head) or the ``unfrozen`` one (after the frozen epochs). `pet_sweep.lrfind` runs
+head) or the ``unfrozen`` one (after the frozen epochs). `pet_sweep.train.lrfind` runs
 the finder once per architecture and phase and hands the results in as
 `Anchors`.
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:  # callbacks imports fastai; `pet-sweep ui` and `list` do not need it
-    from pet_sweep.callbacks import EpochRecord
+    from pet_sweep.sweep.records import EpochRecord
 
 # MLflow run statuses for Optuna trial states: a pruned trial was stopped on
 # purpose (KILLED), a failed one FAILED; no trial run is ever left RUNNING.

@@ -91,7 +91,7 @@ def two_workers_finish_the_budget(write_experiments: Callable[..., Path], storag
     """Two CPU workers run exactly n_trials trials between them, with distinct numbers."""
     name = f"w{uuid.uuid4().hex[:10]}"  # one study per test: a shared server keeps old ones
     from pet_sweep.config import load_experiment
-    from pet_sweep.workers import INVOCATION_ATTR
+    from pet_sweep.sweep.records import INVOCATION_ATTR
 
     config = write_experiments(space=RANDOM_SPACE, data=FAST_DATA, faults=FAST_FAULTS, study_name=name)
     exp = load_experiment(config)

@@ -89,7 +89,7 @@ def test_search_baseline_is_fastais_own_fine_tune(tmp_path: Path, monkeypatch: p
     from fastai.learner import Learner
 
     from bench import search
-    from pet_sweep import recipe  # noqa: F401 (imports fastai's patches too)
+    from pet_sweep.train import recipe  # noqa: F401 (imports fastai's patches too)
 
     monkeypatch.setattr(search, "temp_dir", lambda prefix: tmp_path / prefix)
     calls: list[tuple[tuple, dict]] = []

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pet_sweep.config import load_experiment
-from pet_sweep.data import Splits, build_data, digits_folder, split_fingerprint, split_items
+from pet_sweep.train.data import Splits, build_data, digits_folder, split_fingerprint, split_items
 from pet_sweep.errors import DataError
 
 

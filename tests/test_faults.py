@@ -19,7 +19,9 @@ from tests._sweeps import (FAST_DATA, FAST_FAULTS, RANDOM_SPACE, assert_nothing_
                      running_trial_with_epoch, trial_runs, wait_for)
 from pet_sweep.cli import cli
 from pet_sweep.config import load_experiment
-from pet_sweep.study import STALE_REASON, quiet_optuna, run_sweep
+from pet_sweep.sweep.loop import run_sweep
+from pet_sweep.sweep.storage import quiet_optuna
+from pet_sweep.sweep.records import STALE_REASON
 
 LONG_TRIALS = {**RANDOM_SPACE, "epochs": 3}  # long enough to be stopped after its first epoch
 
@@ -149,10 +151,10 @@ def test_out_of_memory_is_retried_once_at_half_the_batch_size(write_experiments:
     import torch
     import yaml
 
-    from pet_sweep import recipe
+    from pet_sweep.train import recipe
     from pet_sweep.replay import export_config
-    from pet_sweep.report import ranked, summary_text
-    from pet_sweep.report_io import load_report
+    from pet_sweep.report.core import ranked, summary_text
+    from pet_sweep.report.read import load_report
 
     quiet_optuna()
     real_fine_tune, seen = recipe.fine_tune, []
@@ -220,7 +222,7 @@ def test_corrupt_images_are_refused_before_anything_starts(write_experiments: Ca
 
 def test_corrupt_images_are_skipped_when_the_experiment_says_so(write_experiments: Callable[..., Path],
                                                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from pet_sweep.data import build_data
+    from pet_sweep.train.data import build_data
 
     folder = _image_folder(tmp_path / "images", corrupt=1)
     exp = load_experiment(write_experiments(data={"source": "folder", "path": str(folder), "label": "parent",

@@ -16,7 +16,7 @@ from optuna.trial import FixedTrial
 from pet_sweep.config import load_experiment
 from pet_sweep.errors import ConfigError, LRFindError
 from pet_sweep.space import Anchored, anchor_params, check_anchors, parse_space, suggest
-from pet_sweep.workers import WorkerRole
+from pet_sweep.sweep.budget import WorkerRole
 
 ANCHORED_SPACE: dict[str, Any] = {
     "arch": "resnet18",
@@ -33,7 +33,7 @@ ANCHORS = {"resnet18": {"frozen": {"minimum": 1e-2, "steep": 5e-3, "valley": 2e-
 @pytest.fixture(autouse=True)
 def _short_finder(monkeypatch: pytest.MonkeyPatch) -> None:
     """30 finder steps instead of fastai's 100: the same curve, coarser, on a shared CPU."""
-    from pet_sweep import lrfind
+    from pet_sweep.train import lrfind
 
     monkeypatch.setattr(lrfind, "NUM_IT", 30)
 
@@ -150,7 +150,7 @@ def test_experiment_file_error_names_file_and_key(write_experiments: Callable[..
 
 
 def test_a_curve_that_diverges_at_once_gives_no_suggestion() -> None:
-    from pet_sweep.lrfind import suggest_lrs
+    from pet_sweep.train.lrfind import suggest_lrs
 
     lrs = [1e-7 * 1.2 ** i for i in range(12)]
     with pytest.raises(LRFindError, match="LR finder for resnet34, unfrozen phase: the loss diverged at once"):
@@ -161,7 +161,7 @@ def test_a_curve_that_diverges_at_once_gives_no_suggestion() -> None:
 
 
 def test_suggestions_at_the_start_of_a_short_curve_get_a_caution() -> None:
-    from pet_sweep.lrfind import caution_for
+    from pet_sweep.train.lrfind import caution_for
 
     lrs = [1e-7 * 10 ** (8 * i / 29) for i in range(30)]  # --num-it 30: 22 usable points from lrs[3]
     fine = {"minimum": lrs[3], "steep": 1e-3, "valley": 2e-3, "slide": 5e-3}
@@ -224,8 +224,8 @@ def test_finder_leaves_weights_and_training_unchanged(write_experiments: Callabl
 
     import torch
 
-    from pet_sweep import lrfind, recipe
-    from pet_sweep.data import build_data
+    from pet_sweep.train import lrfind, recipe
+    from pet_sweep.train.data import build_data
     from pet_sweep.space import TrialParams
     from pet_sweep.tracking import Tracker
 
@@ -263,8 +263,9 @@ def test_anchored_sweep_runs_the_finder_once_per_arch_and_phase(
         write_experiments: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
-    from pet_sweep import lrfind
-    from pet_sweep.study import open_study, run_sweep
+    from pet_sweep.train import lrfind
+    from pet_sweep.sweep.loop import run_sweep
+    from pet_sweep.sweep.storage import open_study
 
     calls: list[tuple[str, tuple[str, ...]]] = []
     real_find = lrfind.find_lrs
@@ -316,9 +317,9 @@ def test_anchored_sweep_runs_the_finder_once_per_arch_and_phase(
 
 def test_a_diverging_finder_stops_the_sweep_before_any_trial(
         write_experiments: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    from pet_sweep import lrfind
+    from pet_sweep.train import lrfind
     from pet_sweep.cli import cli
-    from pet_sweep.study import open_study
+    from pet_sweep.sweep.storage import open_study
 
     monkeypatch.setattr(lrfind, "START_LR", 1e4)  # the loss explodes from the first step
     path = write_experiments(space=ANCHORED_SPACE)

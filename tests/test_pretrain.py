@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 
 from pet_sweep.cli import cli
 from pet_sweep.config import load_experiment
-from pet_sweep.data import build_data
-from pet_sweep.pretrain import CHECKPOINT_ATTR, file_sha256
+from pet_sweep.train.data import build_data
+from pet_sweep.train.pretrain import CHECKPOINT_ATTR, file_sha256
 
 SOURCE_CLASSES = ["0", "1", "2", "3", "4"]
 TARGET_CLASSES = [5, 6, 7, 8, 9]  # numbers, as a user writes them in YAML
@@ -67,7 +67,7 @@ def _runs(path: Path, experiment: str, role: str) -> list[Any]:
 
 
 def test_pretrain_writes_checkpoints_that_model_weights_loads_and_reuses_them(transfer: Path) -> None:
-    from pet_sweep.recipe import create_learner
+    from pet_sweep.train.recipe import create_learner
 
     first = _invoke("pretrain", "source", "--config", str(transfer))
     assert first.exit_code == 0, first.output

@@ -7,7 +7,7 @@ import pytest
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState
 
-from pet_sweep.pruners import SchedulePruner, curve_at, position
+from pet_sweep.sweep.pruners import SchedulePruner, curve_at, position
 
 
 def _finished(study: optuna.Study, freeze: int, epochs: int, errors: list[float]) -> None:
@@ -83,7 +83,7 @@ def test_percentile_keeps_only_the_best_quarter() -> None:
 def test_experiment_pruner_settings_reach_the_pruners(write_experiments) -> None:
     from pet_sweep.config import load_experiment
     from pet_sweep.errors import ConfigError
-    from pet_sweep.study import make_pruner
+    from pet_sweep.sweep.search import make_pruner
 
     def pruner(**cfg: object) -> optuna.pruners.BasePruner:
         return make_pruner(load_experiment(write_experiments(pruner=cfg)))
@@ -165,7 +165,7 @@ def test_peers_are_not_compared_further_into_their_annealing() -> None:
 def test_wilcoxon_is_optunas_pruner_with_its_threshold(write_experiments) -> None:
     from pet_sweep.config import load_experiment
     from pet_sweep.errors import ConfigError
-    from pet_sweep.study import make_pruner
+    from pet_sweep.sweep.search import make_pruner
 
     exp = load_experiment(write_experiments(pruner={"name": "wilcoxon", "p_threshold": 0.05, "n_warmup_steps": 3}))
     pruner = make_pruner(exp)

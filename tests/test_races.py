@@ -26,11 +26,23 @@ from optuna.trial import TrialState
 
 from pet_sweep.cli import cli
 from pet_sweep.config import load_experiment
-from pet_sweep.study import RUN_ID_ATTR, WORKER_ATTR, open_study, quiet_optuna
-from pet_sweep.tracking import PARENT_RUN_ATTR, Tracker
-from pet_sweep.workers import INVOCATION_ATTR, Budget, WorkerRole, is_retry, stale_trial_numbers
-from tests._sweeps import (FAST_DATA, FAST_FAULTS, PROJECT, RANDOM_SPACE, assert_nothing_running, load, mlflow_runs,
-                           pet_sweep, running_trial_with_epoch, wait_for)
+from pet_sweep.sweep.budget import Budget, WorkerRole, is_retry
+from pet_sweep.sweep.lifecycle import stale_trial_numbers
+from pet_sweep.sweep.records import INVOCATION_ATTR, WORKER_ATTR
+from pet_sweep.sweep.storage import open_study, quiet_optuna
+from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker
+from tests._sweeps import (
+    FAST_DATA,
+    FAST_FAULTS,
+    PROJECT,
+    RANDOM_SPACE,
+    assert_nothing_running,
+    load,
+    mlflow_runs,
+    pet_sweep,
+    running_trial_with_epoch,
+    wait_for,
+)
 from tests.test_databases import server_url
 
 STORES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -78,7 +90,7 @@ def test_two_processes_opening_a_new_study_together_keep_one_parent_run(
         kind: str, write_experiments: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
-    from pet_sweep.study import open_parent_run
+    from pet_sweep.sweep.loop import open_parent_run
 
     name = f"p{uuid.uuid4().hex[:10]}"
     exp = load_experiment(write_experiments(data=FAST_DATA, study_name=name, storage=storage_for(kind, tmp_path)))
@@ -188,9 +200,9 @@ def test_n_trials_below_0_is_refused(write_experiments: Callable[..., Path]) -> 
 OPENER = """
 import sys, time
 from pet_sweep.config import load_experiment
-from pet_sweep.study import open_parent_run, open_study
+from pet_sweep.sweep.loop import open_parent_run, open_study
 from pet_sweep.tracking import Tracker
-from pet_sweep.workers import Budget, WorkerRole
+from pet_sweep.sweep.budget import Budget, WorkerRole
 
 exp = load_experiment(sys.argv[1])
 study = open_study(exp)
@@ -247,7 +259,8 @@ def test_the_next_command_cleans_up_after_a_killed_supervisor(
 @pytest.mark.parametrize("kind", STORES)
 def test_a_parent_held_by_a_live_process_or_live_trial_is_not_closed(
         kind: str, write_experiments: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pet_sweep.workers import PARENT_OPEN_ATTR, abandoned_parent
+    from pet_sweep.sweep.lifecycle import abandoned_parent
+    from pet_sweep.sweep.records import PARENT_OPEN_ATTR
 
     name = f"l{uuid.uuid4().hex[:10]}"
     exp = load_experiment(write_experiments(data=FAST_DATA, study_name=name, storage=storage_for(kind, tmp_path),
@@ -266,7 +279,7 @@ def test_a_parent_held_by_a_live_process_or_live_trial_is_not_closed(
     study.set_user_attr(PARENT_OPEN_ATTR, f"elsewhere:1@{time.time():.0f}")
     assert abandoned_parent(study, 600) is None
     later = time.time() + 700
-    monkeypatch.setattr("pet_sweep.workers.time", SimpleNamespace(time=lambda: later))
+    monkeypatch.setattr("pet_sweep.sweep.lifecycle.time", SimpleNamespace(time=lambda: later))
     assert abandoned_parent(study, 600).startswith("no live trial for 7")  # ~700 s since the trial ended
 
 
@@ -309,7 +322,7 @@ def running_trial(exp: Any, worker: str) -> tuple[optuna.Study, int, str]:
     """A RUNNING trial with its MLflow run, as a worker that then died leaves it."""
     study = open_study(exp)
     tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
-    from pet_sweep.study import open_parent_run
+    from pet_sweep.sweep.loop import open_parent_run
 
     parent = open_parent_run(exp, study, tracker)
     trial = study.ask()
@@ -334,7 +347,7 @@ def assert_failed_and_queued(exp: Any, number: int, run_id: str, reason: str) ->
 
 
 def load_study(exp: Any) -> optuna.Study:
-    from pet_sweep.study import make_storage
+    from pet_sweep.sweep.storage import make_storage
 
     return optuna.load_study(study_name=exp.study_name, storage=make_storage(exp.storage_url))
 
@@ -342,7 +355,7 @@ def load_study(exp: Any) -> optuna.Study:
 @pytest.mark.parametrize("kind", STORES)
 def test_fail_stale_fails_trials_whose_heartbeat_stopped(kind: str, write_experiments: Callable[..., Path],
                                                           tmp_path: Path) -> None:
-    from pet_sweep.study import STALE_REASON
+    from pet_sweep.sweep.records import STALE_REASON
 
     quiet_optuna()
     name = f"f{uuid.uuid4().hex[:10]}"

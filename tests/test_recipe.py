@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from pet_sweep.config import load_experiment
-from pet_sweep.data import build_data
+from pet_sweep.train.data import build_data
 from pet_sweep.errors import PetSweepError, TrainingDiverged
-from pet_sweep.recipe import fine_tune, precision_for
+from pet_sweep.train.recipe import fine_tune, precision_for
 from pet_sweep.space import TrialParams
-from pet_sweep.study import message_of
+from pet_sweep.sweep.objective import message_of
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_pretrained_weights_from_torch_home_cache(tiny, tmp_path: Path, monkeypa
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     model = exp.config.model.model_copy(update={"pretrained": True})
     params = TrialParams("resnet18", base_lr=1e-3, lr_lo=1e-4, lr_hi=1e-3, freeze_epochs=0, epochs=1)
-    from pet_sweep.recipe import create_learner
+    from pet_sweep.train.recipe import create_learner
 
     learn = create_learner(data.dls, "resnet18", model, tmp_path)
     assert torch.allclose(learn.model[0][0].weight, torch.full_like(learn.model[0][0].weight, 0.0123))
@@ -154,7 +154,7 @@ def test_missing_pretrained_weights_is_a_clear_error(tiny, tmp_path: Path, monke
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     model = exp.config.model.model_copy(update={"pretrained": True})
-    from pet_sweep.recipe import create_learner
+    from pet_sweep.train.recipe import create_learner
 
     with pytest.raises(PetSweepError, match="model.weights"):
         create_learner(data.dls, "resnet34", model, tmp_path)
@@ -169,7 +169,7 @@ def test_local_weights_file(tiny, tmp_path: Path) -> None:
         reference.conv1.weight.fill_(0.5)
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
-    from pet_sweep.recipe import create_learner
+    from pet_sweep.train.recipe import create_learner
 
     model = exp.config.model.model_copy(update={"weights": str(path)})
     learn = create_learner(data.dls, "resnet18", model, tmp_path)

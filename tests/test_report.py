@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from pet_sweep import report as rp
+from pet_sweep.report import core as rp
 from pet_sweep.errors import StudyError
 
 
@@ -348,7 +348,7 @@ def test_no_completed_trial_is_a_clear_error() -> None:
 
 
 def test_report_module_stays_pure() -> None:
-    code = ("import sys, pet_sweep.report; "
+    code = ("import sys, pet_sweep.report.core; "
             "print(sorted(m for m in ('fastai', 'torch', 'mlflow', 'optuna', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -56,7 +56,7 @@ def test_optuna_figures_have_one_title_and_no_white_lines(study: Path) -> None:
     import matplotlib.colors
     import optuna
 
-    from pet_sweep.report_plots import optuna_figures
+    from pet_sweep.report.figures import optuna_figures
 
     storage = f"sqlite:///{study.parent / 'stores' / 'optuna.db'}"
     loaded = optuna.load_study(study_name="tiny", storage=storage)
@@ -183,7 +183,7 @@ def test_importances_leave_out_inert_parameters_and_need_enough_trials() -> None
     import optuna
     from optuna.distributions import FloatDistribution, IntDistribution
 
-    from pet_sweep.report_io import param_importances
+    from pet_sweep.report.read import param_importances
 
     dists = {"lr_hi": FloatDistribution(1e-4, 1e-1, log=True), "epochs": IntDistribution(1, 8),
              "freeze_epochs": IntDistribution(0, 1), "base_lr": FloatDistribution(1e-3, 1e-2, log=True)}
@@ -375,7 +375,7 @@ def test_train_refuses_a_changed_test_split(tmp_path: Path) -> None:
     with --allow-split-change the test error is measured and labelled "not held out" everywhere."""
     from mlflow import MlflowClient
 
-    from pet_sweep.data import image_files, split_items
+    from pet_sweep.train.data import image_files, split_items
 
     breeds, images = ("Abyssinian", "Bengal", "great_pyrenees"), tmp_path / "pets" / "images"
     _breed_images(images, breeds, range(1, 21))
@@ -424,7 +424,7 @@ def test_train_refuses_a_changed_test_split(tmp_path: Path) -> None:
 
 
 def test_check_test_split_matched_changed_or_unverifiable() -> None:
-    from pet_sweep.data import split_fingerprint, split_items
+    from pet_sweep.train.data import split_fingerprint, split_items
     from pet_sweep.errors import DataError
     from pet_sweep.replay import ReplaySource, check_test_split
 
@@ -453,8 +453,9 @@ def test_a_study_that_predates_fingerprints_is_left_unrecorded(tmp_path: Path) -
     import optuna
 
     from pet_sweep.config import load_experiment
-    from pet_sweep.data import split_fingerprint, split_items
-    from pet_sweep.study import SPLIT_ATTR, check_split
+    from pet_sweep.train.data import split_fingerprint, split_items
+    from pet_sweep.sweep.storage import check_split
+    from pet_sweep.sweep.records import SPLIT_ATTR
 
     exp = load_experiment(write_config(tmp_path))
     fp = split_fingerprint(split_items([Path(f"/d/0_{i}.png") for i in range(50)], 0.2, 0.1, 1), Path("/d"))

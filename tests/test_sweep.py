@@ -261,7 +261,8 @@ def test_python_dash_m_and_fast_help() -> None:
 
 
 def test_a_resumed_study_draws_new_parameters(write_experiments) -> None:
-    from pet_sweep.study import open_study, trial_seed
+    from pet_sweep.sweep.search import trial_seed
+    from pet_sweep.sweep.storage import open_study
 
     exp = load_experiment(write_experiments())  # random sampler, seed 0
     first = open_study(exp)
@@ -280,7 +281,7 @@ def test_machines_opening_a_study_together_draw_different_parameters(write_exper
                                                                       sampler: str) -> None:
     """Two processes that open a new study at once each start from the same seed; their trials
     still differ, and the same study run again draws the same parameters trial by trial."""
-    from pet_sweep.study import open_study
+    from pet_sweep.sweep.storage import open_study
 
     def draws(storage: str) -> list[float]:
         exp = load_experiment(write_experiments(sampler={"name": sampler, "seed": 0})).with_overrides(storage=storage)
@@ -299,7 +300,7 @@ def test_machines_opening_a_study_together_draw_different_parameters(write_exper
 
 def test_opening_a_missing_study_creates_no_store(write_experiments, tmp_path: Path) -> None:
     from pet_sweep.errors import StudyError
-    from pet_sweep.study import open_study
+    from pet_sweep.sweep.storage import open_study
 
     exp = load_experiment(write_experiments())
     for url in (exp.storage_url, f"journal:///{tmp_path}/journal/optuna.log"):

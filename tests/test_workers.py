@@ -12,7 +12,9 @@ from optuna.trial import TrialState
 from tests._sweeps import FAST_DATA, FAST_FAULTS, RANDOM_SPACE, load, pet_sweep, two_workers_finish_the_budget
 from pet_sweep.config import load_experiment
 from pet_sweep.errors import ConfigError, PetSweepError
-from pet_sweep.workers import INVOCATION_ATTR, Budget, WorkerRole, parse_gpus, worker_envs
+from pet_sweep.launch.local import parse_gpus, worker_envs
+from pet_sweep.sweep.budget import Budget, WorkerRole
+from pet_sweep.sweep.records import INVOCATION_ATTR
 
 
 @pytest.mark.slow
@@ -96,7 +98,7 @@ def test_worker_role_round_trips_and_gpus_are_assigned(monkeypatch: pytest.Monke
 
 
 def test_journal_storage_is_shared_through_a_file(write_experiments: Callable[..., Path], tmp_path: Path) -> None:
-    from pet_sweep.study import make_storage, open_study
+    from pet_sweep.sweep.storage import make_storage, open_study
 
     exp = load_experiment(write_experiments(storage="journal://stores/optuna.log"))
     assert exp.storage_url == f"journal://{tmp_path}/stores/optuna.log"  # relative to experiments.yaml
@@ -114,7 +116,7 @@ def test_faults_settings_are_checked(write_experiments: Callable[..., Path]) -> 
     with pytest.raises(ConfigError, match="faults.*grace_period must be > heartbeat_interval"):
         load_experiment(write_experiments(faults={"heartbeat_interval": 10, "grace_period": 5}))
     exp = load_experiment(write_experiments(faults={"heartbeat_interval": 2, "grace_period": 7, "max_retry": 0}))
-    from pet_sweep.study import make_storage
+    from pet_sweep.sweep.storage import make_storage
 
     storage = make_storage(exp.storage_url, exp.config.faults)
     assert (storage.heartbeat_interval, storage.grace_period) == (2, 7)
@@ -125,7 +127,7 @@ def test_tables_created_by_another_process_at_the_same_moment(monkeypatch: pytes
     import optuna
     import sqlalchemy.exc
 
-    from pet_sweep.study import make_storage
+    from pet_sweep.sweep.storage import make_storage
 
     real, calls = optuna.storages.RDBStorage, []
 
@@ -137,7 +139,7 @@ def test_tables_created_by_another_process_at_the_same_moment(monkeypatch: pytes
         return real(*args, **kwargs)
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
-    monkeypatch.setattr("pet_sweep.study.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("pet_sweep.sweep.storage.time.sleep", lambda seconds: None)
     assert isinstance(make_storage(f"sqlite:///{tmp_path}/new.db"), real) and len(calls) == 2
     # any other database error is not a race: it is reported at once
     def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -154,7 +156,7 @@ def test_tables_created_by_another_process_at_the_same_moment(monkeypatch: pytes
 def test_a_missing_database_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import optuna
 
-    from pet_sweep.study import make_storage
+    from pet_sweep.sweep.storage import make_storage
 
     def no_driver(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - what Optuna raises without psycopg
         raise ImportError("Failed to import DB access module for the specified storage URL. "
@@ -171,7 +173,7 @@ def test_a_missing_database_driver_names_the_extra(monkeypatch: pytest.MonkeyPat
 def test_the_shared_parent_run_stays_open_while_another_machine_trains() -> None:
     import optuna
 
-    from pet_sweep.study import close_parent_run
+    from pet_sweep.sweep.loop import close_parent_run
 
     closed: list[tuple[str, str]] = []
 

@@ -31,7 +31,8 @@ from fastai.metrics import error_rate
 from fastai.torch_core import set_seed
 from fastai.vision.learner import model_meta, vision_learner
 
-from pet_sweep.callbacks import EpochHistory, EpochListener, EpochRecord, StopOnDivergence
+from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence
+from pet_sweep.sweep.records import EpochListener, EpochRecord
 from pet_sweep.config import ModelConfig
 from pet_sweep.errors import PetSweepError
 from pet_sweep.space import ARCHITECTURES, TrialParams

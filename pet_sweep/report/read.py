@@ -18,7 +18,7 @@ from typing import Any
 
 from pet_sweep.config import Experiment
 from pet_sweep.errors import StudyError
-from pet_sweep.report import HeldOut, StudyReport, TrialRecord, build_report, completed, html, markdown, \
+from pet_sweep.report.core import HeldOut, StudyReport, TrialRecord, build_report, completed, html, markdown, \
     too_few_for_importances
 from pet_sweep.space import Range, always_inert, inert_params
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, check_server, redact_url, sqlite_path
@@ -38,7 +38,7 @@ def require_sqlite_file(url: str, what: str, hint: str) -> None:
 
 def open_existing_study(exp: Experiment) -> Any:
     """The experiment's study, read-only in spirit: never creates a storage or a study."""
-    from pet_sweep.study import open_study, quiet_optuna
+    from pet_sweep.sweep.storage import open_study, quiet_optuna
 
     quiet_optuna()
     return open_study(exp, create=False)
@@ -49,7 +49,7 @@ def trial_records(study: Any, batch_size: int | None = None) -> list[TrialRecord
 
     `batch_size`: the experiment's; a trial re-queued after an out-of-memory ran at its own.
     """
-    from pet_sweep.study import BATCH_ATTR, HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, REASON_ATTR, TARGETS_ATTR
+    from pet_sweep.sweep.records import BATCH_ATTR, HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, REASON_ATTR, TARGETS_ATTR
 
     records = []
     for t in study.get_trials(deepcopy=False):
@@ -71,7 +71,7 @@ def active_params(study: Any) -> tuple[list[str], dict[str, int]]:
     completed trials they acted in (base_lr: only those with a frozen phase)."""
     from optuna.trial import TrialState
 
-    from pet_sweep.study import PARAMS_ATTR
+    from pet_sweep.sweep.records import PARAMS_ATTR
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     # an old study recorded base_lr even where it did nothing: the trial's own values decide
@@ -190,7 +190,7 @@ class Written:
 
 def render(bundle: ReportBundle, folder: Path) -> list[Path]:
     """Figures (PNG), report.html (figures embedded) and report.md into `folder`."""
-    from pet_sweep.report_plots import optuna_figures, png_bytes, report_figures
+    from pet_sweep.report.figures import optuna_figures, png_bytes, report_figures
 
     figures = report_figures(bundle.report)
     extra, notes = optuna_figures(bundle.study, list(bundle.report.importances))

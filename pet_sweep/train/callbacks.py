@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,21 +22,7 @@ from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Recorder
 
 from pet_sweep.errors import TrainingDiverged
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    """One finished epoch, numbered across both phases."""
-
-    epoch: int
-    phase: str  # "frozen" or "unfrozen"
-    train_loss: float
-    valid_loss: float
-    error_rate: float
-    seconds: float
-
-
-EpochListener = Callable[[EpochRecord], None]
+from pet_sweep.sweep.records import EpochListener, EpochRecord
 
 
 class EpochHistory(Callback):

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator, PercentFormatter
 
-from pet_sweep.report import VERDICTS, StudyReport, unfreeze_epoch
+from pet_sweep.report.core import VERDICTS, StudyReport, unfreeze_epoch
 
 # One colour per verdict, the same in every figure.
 VERDICT_COLOURS: dict[str, str] = dict(zip(VERDICTS, ("tab:green", "tab:orange", "tab:red", "tab:blue",

@@ -39,8 +39,8 @@ from fastai.callback.schedule import minimum, slide, steep, valley
 
 from pet_sweep.config import Experiment, ModelConfig
 from pet_sweep.errors import ConfigError, LRFindError
-from pet_sweep.pretrain import Checkpoint, checkpoints_for, starting_model
-from pet_sweep.recipe import apply_precision, create_learner, release, reseed
+from pet_sweep.train.pretrain import Checkpoint, checkpoints_for, starting_model
+from pet_sweep.train.recipe import apply_precision, create_learner, release, reseed
 from pet_sweep.space import (PHASES, Anchored, Anchors, Choice, Range, SearchSpace, TrialParams, check_anchors,
                               known_architecture)
 
@@ -249,7 +249,7 @@ def find_for_experiment(exp: Experiment, *, out_dir: Path, archs: Sequence[str] 
                         freeze_epochs: int | None = None, num_it: int | None = None,
                         echo: Callable[[str], None] = print) -> list[ArchFinding]:
     """``pet-sweep lr-find``: both phases for each architecture (default: every one in the space)."""
-    from pet_sweep.data import build_data
+    from pet_sweep.train.data import build_data
     from pet_sweep.tracking import Tracker
 
     for arch in archs:

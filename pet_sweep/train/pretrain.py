@@ -91,7 +91,7 @@ def checkpoint_spec(exp: Experiment, arch: str, data: Any) -> dict[str, Any]:
 
 
 def checkpoint_path(exp: Experiment, arch: str, data: Any) -> Path:
-    from pet_sweep.data import cache_dir
+    from pet_sweep.train.data import cache_dir
 
     key = hashlib.sha256(json.dumps(checkpoint_spec(exp, arch, data), sort_keys=True).encode()).hexdigest()
     return cache_dir() / "pretrained" / f"{arch}-{exp.config.model.img_size}px-seed{exp.config.seed}-{key[:16]}.pth"
@@ -109,7 +109,7 @@ def cached(path: Path) -> Checkpoint | None:
 def pretrain(exp: Experiment, archs: Sequence[str] = (), *, echo: Callable[[str], None] = print,
              why: str = "") -> list[Checkpoint]:
     """Pretrain each architecture on `exp`'s data, or reuse its cached checkpoint."""
-    from pet_sweep.data import build_data
+    from pet_sweep.train.data import build_data
     from pet_sweep.tracking import Tracker
 
     archs = pretrainable(exp, archs, "--arch")
@@ -152,8 +152,9 @@ def checkpoints_for(exp: Experiment, *, echo: Callable[[str], None] = print) -> 
 def _train(exp: Experiment, arch: str, data: Any, path: Path, tracker: Any,
            echo: Callable[[str], None]) -> Checkpoint:
     """One cycle from scratch on all the layers; the full model saved, one finished MLflow run."""
-    from pet_sweep import recipe
-    from pet_sweep.callbacks import EpochHistory, EpochRecord, StopOnDivergence
+    from pet_sweep.train import recipe
+    from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence
+    from pet_sweep.sweep.records import EpochRecord
 
     cfg = exp.config
     started = time.perf_counter()
@@ -199,7 +200,7 @@ def _normalize_as_finetune(dls: Any, arch: str) -> None:
     from fastai.data.transforms import Normalize
     from fastai.vision.learner import model_meta
 
-    from pet_sweep.recipe import resolve_arch
+    from pet_sweep.train.recipe import resolve_arch
 
     stats = model_meta.get(resolve_arch(arch), {}).get("stats")
     if stats is not None and not any(isinstance(t, Normalize) for t in dls.after_batch.fs):
@@ -210,7 +211,7 @@ def full_state_dict(body: Any, arch: str) -> dict[str, Any]:
     """The state dict of the whole architecture with `body` (the learner's model[0]) in place:
     what `model.weights` loads. The layers after the body (pooling, a 1000-way `fc`) stay
     as initialised; `vision_learner` cuts them off again."""
-    from pet_sweep.recipe import bare_model, resolve_arch
+    from pet_sweep.train.recipe import bare_model, resolve_arch
 
     full = bare_model(resolve_arch(arch))
     for target, trained in zip(full.children(), body.children()):  # create_body keeps the first children

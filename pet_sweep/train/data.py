@@ -324,7 +324,7 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
         get_x = ImageCache() if cache else None
     elif cache:
         # nothing random is left per item: keep each image as the model's input tensor
-        from pet_sweep.tensor_cache import TensorCache
+        from pet_sweep.train.tensor_cache import TensorCache
 
         cached = TensorCache(model.img_size, keep=train_valid)
         x_block, item_tfms = TransformBlock(type_tfms=cached, batch_tfms=IntToFloatTensor), None

@@ -1,0 +1,172 @@
+"""What a sweep writes into Optuna and reads back: trial attribute names, one epoch's
+record, a finished trial's outcome and its one-line summary, a sweep's result.
+
+Pure: imports neither torch, fastai nor MLflow, so the light commands (report,
+export, list) can read a study without the training stack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from optuna.trial import FrozenTrial, TrialState
+
+from pet_sweep.config import Experiment
+from pet_sweep.space import TrialParams, lr_text
+from pet_sweep.tracking import redact_url
+
+# Trial user attributes pet-sweep writes (the report reads them back).
+PARAMS_ATTR = "params"            # the full TrialParams, fixed values included
+
+
+HISTORY_ATTR = "history"          # per-epoch records, global epoch numbering
+
+
+PRECISION_ATTR = "precision"      # what really ran
+
+
+PREDS_ATTR = "valid_preds"        # predicted class per validation item (last epoch)
+
+
+TARGETS_ATTR = "valid_targets"
+
+
+REASON_ATTR = "reason"            # why a trial was pruned or failed
+
+
+WORKER_ATTR = "worker"            # host:pid of the process that ran the trial
+
+
+BATCH_ATTR = "batch_size"         # set on a trial re-queued after an out-of-memory: the halved batch size
+
+
+SPLIT_ATTR = "split"              # study attribute: the data split's fingerprint, recorded when the sweep starts
+
+
+STALE_REASON = "its worker stopped sending heartbeats (killed or lost)"
+
+
+def sweep_settings(exp: Experiment) -> dict[str, Any]:
+    """The study's settings, as the parent MLflow run's params (passwords hidden)."""
+    cfg = exp.config
+    return {
+        "experiment": exp.name, "study_name": exp.study_name, "storage": redact_url(exp.storage_url),
+        "data": cfg.data.source, "valid_pct": cfg.data.valid_pct, "test_pct": cfg.data.test_pct,
+        "img_size": cfg.model.img_size, "batch_size": cfg.model.batch_size,
+        "pretrained": cfg.model.pretrained, "precision_requested": cfg.model.precision,
+        "channels_last": cfg.model.channels_last,
+        "sampler": cfg.sampler.name, "sampler_seed": cfg.sampler.seed, "pruner": cfg.pruner.name,
+        "n_trials": cfg.budget.n_trials, "timeout": cfg.budget.timeout, "seed": cfg.seed,
+        "sweep": cfg.sweep if isinstance(cfg.sweep, str) else "inline",
+    }
+
+
+def trial_config(exp: Experiment, params: TrialParams, batch_size: int | None = None) -> dict[str, Any]:
+    """A trial's complete configuration (what `export` writes and `train` replays).
+
+    `batch_size`: the one the trial really ran with, where an out-of-memory retry halved it.
+    """
+    cfg = exp.config
+    model = cfg.model.model_dump(exclude_none=True)
+    if batch_size is not None:
+        model["batch_size"] = int(batch_size)
+    return {
+        "experiment": exp.name,
+        "data": cfg.data.model_dump(exclude_none=True),
+        "model": model,
+        "params": params.as_dict(),
+        "seed": cfg.seed,
+    }
+
+
+@dataclass
+class TrialOutcome:
+    number: int
+    state: str
+    value: float | None
+    params: dict[str, Any]
+    seconds: float
+    reason: str = ""
+    retry_of: int | None = None  # the trial of a dead worker this one re-ran
+    oom_retry_of: int | None = None  # the trial that ran out of memory at twice this one's batch size
+    batch_size: int | None = None    # set where an out-of-memory retry changed it
+
+
+def describe_trial(trial: FrozenTrial) -> TrialOutcome:
+    seconds = ((trial.datetime_complete - trial.datetime_start).total_seconds()
+               if trial.datetime_complete and trial.datetime_start else 0.0)
+    params = trial.user_attrs.get(PARAMS_ATTR) or dict(trial.params)
+    value = trial.value if trial.state == TrialState.COMPLETE else (
+        trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
+    retry_of = trial.system_attrs.get(RETRY_OF)
+    return TrialOutcome(trial.number, trial.state.name, value, params, seconds,
+                        str(trial.user_attrs.get(REASON_ATTR, "")), retry_of,
+                        trial.user_attrs.get(OOM_RETRY_OF), trial.user_attrs.get(BATCH_ATTR))
+
+
+def format_trial(outcome: TrialOutcome, best: tuple[float, int] | None) -> str:
+    p = outcome.params
+    shown = f"arch={p.get('arch')} {lr_text(p)} freeze_epochs={p.get('freeze_epochs')} epochs={p.get('epochs')}"
+    value = f"error_rate={outcome.value:.4f}" if outcome.value is not None else "error_rate=-"
+    line = f"trial {outcome.number:>3} {outcome.state:<8} {value}  {shown}  ({outcome.seconds:.1f}s)"
+    if best:
+        line += f"  best={best[0]:.4f} (trial {best[1]})"
+    if outcome.retry_of is not None:
+        line += f"  [retry of trial {outcome.retry_of}]"
+    if outcome.oom_retry_of is not None:
+        line += f"  [batch_size {outcome.batch_size}: trial {outcome.oom_retry_of} ran out of memory]"
+    if outcome.reason and outcome.state != "COMPLETE":
+        line += f"\n            reason: {outcome.reason}"
+    return line
+
+
+# Trial user attribute: the invocation (one `pet-sweep run`) whose budget the trial used.
+INVOCATION_ATTR = "pet_sweep_invocation"
+
+
+RETRY_OF = "failed_trial"  # system attr RetryHeartbeatStaleTrialCallback sets on a retry
+
+
+OOM_RETRY_OF = "oom_retry_of"  # user attr of a trial re-queued at half the batch size after an out-of-memory
+
+
+# Study user attr: "host:pid@unix-time" of the process that last opened the MLflow parent
+# run and will close it; "" once closed. A killed opener leaves it set (`clean_leftovers`).
+PARENT_OPEN_ATTR = "mlflow_parent_open"
+
+
+INTERRUPTED = "interrupted"  # the reason of a trial Ctrl-C or SIGTERM stopped (not retried)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One finished epoch, numbered across both phases."""
+
+    epoch: int
+    phase: str  # "frozen" or "unfrozen"
+    train_loss: float
+    valid_loss: float
+    error_rate: float
+    seconds: float
+
+
+EpochListener = Callable[[EpochRecord], None]
+
+
+# Why a sweep stopped: every slot of its budget used; budget.timeout; budget.max_trials (the
+# study's cap); Ctrl-C or SIGTERM; or, with --workers, the workers exited with slots left.
+StoppedBy = Literal["budget", "timeout", "cap", "interrupt", "workers"]
+
+
+@dataclass
+class SweepResult:
+    """What one `pet-sweep run` ended with, the same for one process and for supervised workers."""
+
+    study_name: str
+    parent_run_id: str
+    ran: int                          # budget slots this invocation used (failed trials count; retries run free)
+    finished: int                     # this invocation's trials that ran to the end (complete or pruned)
+    best: tuple[float, int] | None    # (error rate, trial number) of the study's best trial
+    stopped_by: StoppedBy
+    left: int                         # slots a resume must run to finish the budget (queued retries aside)
+    trials: list[TrialOutcome] = field(default_factory=list)  # the trials this process saw end

@@ -1,0 +1,87 @@
+"""The sampler and the pruner an experiment names (`sampler:`, `pruner:`)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from pet_sweep.config import Experiment
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of trial `number`'s draws: the same trial of the same study draws the same."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Optuna's sampler, seeded afresh for each trial from the seed and the trial's number.
+
+    Trial numbers are handed out by the storage, one per trial across every worker and
+    machine. So two machines that open a new study at the same moment do not draw the
+    same parameters (as one seeded sampler per process would), a resume does not repeat
+    the first run's draws, and a study stays reproducible: what a trial draws depends
+    only on the seed, its number and the trials before it.
+    """
+
+    def __init__(self, make: Callable[[int | None], optuna.samplers.BaseSampler], seed: int | None) -> None:
+        self._make, self._seed = make, seed
+        self._inner = make(seed)
+
+    def __str__(self) -> str:
+        return f"{type(self._inner).__name__} (seeded per trial from {self._seed})"
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self._seed is not None:
+            self._inner = self._make(trial_seed(self._seed, trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: Any) -> Any:
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
+def make_sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
+    cfg = exp.config.sampler
+    if cfg.name == "random":
+        return TrialSeededSampler(lambda seed: optuna.samplers.RandomSampler(seed=seed), cfg.seed)
+    return TrialSeededSampler(lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials),
+                              cfg.seed)
+
+
+def make_pruner(exp: Experiment) -> optuna.pruners.BasePruner:
+    cfg = exp.config.pruner
+    if cfg.name == "schedule":
+        from pet_sweep.sweep.pruners import SchedulePruner
+
+        return SchedulePruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps,
+                              percentile=cfg.percentile, min_fraction=cfg.min_fraction)
+    if cfg.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
+    if cfg.name == "percentile":
+        return optuna.pruners.PercentilePruner(cfg.percentile, n_startup_trials=cfg.n_startup_trials,
+                                               n_warmup_steps=cfg.n_warmup_steps)
+    if cfg.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor)
+    if cfg.name == "wilcoxon":
+        with warnings.catch_warnings():  # chosen knowingly in the config: no ExperimentalWarning per study opened
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=cfg.p_threshold, n_startup_steps=cfg.n_warmup_steps)
+    return optuna.pruners.NopPruner()
