@@ -91,3 +91,23 @@ def _close_database_connections(request: pytest.FixtureRequest) -> Any:
     for obj in gc.get_objects():
         if isinstance(obj, sqlalchemy.engine.Engine):
             obj.dispose()
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """experiments.yaml of a finished two-trial tiny study, trained once for the session.
+
+    Tests that use it only read it (a replay may add MLflow runs, nothing else)."""
+    from click.testing import CliRunner
+
+    from pet_sweep.cli import cli
+
+    folder = tmp_path_factory.mktemp("finished-study")
+    (folder / "sweeps").mkdir()
+    (folder / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(TINY_SPACE))
+    doc = {"default": "tiny", "experiments": {"tiny": tiny_experiment()}}
+    path = folder / "experiments.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    result = CliRunner().invoke(cli, ["run", "--config", str(path), "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return path
