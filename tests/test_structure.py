@@ -302,6 +302,6 @@ def test_report_export_and_list_load_neither_torch_nor_fastai(finished_study: Pa
     config = str(finished_study)
     out = loaded_by(["list", "--config", config],
                     ["report", "--config", config, "--out", str(tmp_path / "report"), "--no-mlflow-attach"],
-                    ["export", "--config", config, "--out", str(tmp_path / "best.yaml")])
+                    ["export", "--config", config, "--output", str(tmp_path / "best.yaml")])
     assert (tmp_path / "report").is_dir() and (tmp_path / "best.yaml").is_file()  # they really ran
     assert out == {}
