@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator, PercentFormatter
+from matplotlib.ticker import MaxNLocator, NullLocator, PercentFormatter
 
 from pet_sweep.report.analysis import StudyReport
 from pet_sweep.report.verdicts import VERDICTS, epoch_numbers, value_of
@@ -258,6 +258,7 @@ def loss_curve(history: Sequence[Any], path: Path, title: str = "") -> Path:
     ax.plot(epochs, [r.train_loss for r in history], "o-", label="train loss")
     ax.plot(epochs, [r.valid_loss for r in history], "o-", label="valid loss")
     ax.set_xlabel(EPOCH_AXIS)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
     ax2.plot(epochs, [r.error_rate for r in history], "s--", color="tab:red", alpha=0.7, label="error rate")
