@@ -108,7 +108,7 @@ def header(title: str) -> str:
 
 def wilson_text(errors: int, n: int) -> str:
     """`0.0111 (2/180) [0.0031, 0.0397]`: a rate with its count and Wilson 95 % interval."""
-    from pet_sweep.report.core import wilson
+    from pet_sweep.report.stats import wilson
 
     if n == 0:
         return "n/a (no items)"

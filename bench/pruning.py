@@ -72,7 +72,7 @@ def sweep(pruner: dict[str, Any], seed: int, args: argparse.Namespace, space: di
     """One sweep in its own Optuna store; all of them log to one MLflow store under `root`
     (a fresh MLflow sqlite store costs seconds of migrations, paid once)."""
     from pet_sweep.config import load_experiment
-    from pet_sweep.report.core import errors_of
+    from pet_sweep.report.stats import errors_of
     from pet_sweep.sweep.loop import run_sweep
     from pet_sweep.sweep.storage import open_study, quiet_optuna
 
@@ -105,7 +105,7 @@ def sweep(pruner: dict[str, Any], seed: int, args: argparse.Namespace, space: di
 
 def judge(runs: dict[str, list[Sweep]], reference: list[Sweep]) -> dict[str, dict[str, Any]]:
     """Per pruner: median saving, pooled held-out errors, and whether the target is met."""
-    from pet_sweep.report.core import wilson
+    from pet_sweep.report.stats import wilson
 
     ref_errors, ref_n = sum(r.test_errors for r in reference), sum(r.n_test for r in reference)
     lo, hi = wilson(ref_errors, ref_n) if ref_n else (float("nan"), float("nan"))

@@ -335,7 +335,7 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
 
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
-    from pet_sweep.report.core import summary_text
+    from pet_sweep.report.render import summary_text
     from pet_sweep.report.read import load_report, write_report
 
     _clean_leftovers([exp])
@@ -390,7 +390,7 @@ def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_
     """
     _quiet_libraries()
     from pet_sweep.replay import train as replay
-    from pet_sweep.report.core import format_rate
+    from pet_sweep.report.stats import format_rate
 
     outcome = replay(config_file, export_model=export_model, tracking_uri=tracking_uri,
                      allow_split_change=allow_split_change, echo=lambda line: click.echo(line))

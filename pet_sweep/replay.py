@@ -25,7 +25,7 @@ from pet_sweep.config import (DataConfig, Experiment, ExperimentConfig, ModelCon
                               read_model)
 from pet_sweep.train.data import SplitFingerprint
 from pet_sweep.errors import ConfigError, DataError, StudyError
-from pet_sweep.report.core import errors_of, format_rate, wilson
+from pet_sweep.report.stats import errors_of, format_rate, wilson
 from pet_sweep.report.read import HELD_OUT_TAG, N_TEST_METRIC, REPLAY_OF_TAG, REPLAY_ROLE, TEST_METRIC, \
     VALID_METRIC, open_existing_study
 from pet_sweep.space import lr_text, params_from_dict

@@ -1,26 +1,40 @@
-"""The report's figures: matplotlib `Figure`s built from a `report.StudyReport`.
+"""Every figure pet-sweep draws: a trial's loss curve and LR-finder plot (written while it
+trains), and the report's figures built from a `StudyReport`.
 
 Figures are made with `matplotlib.figure.Figure` (not pyplot), so they never
-touch the backend: the CLI saves them as PNG, a notebook shows them inline.
-Optuna's own plots (importances, parallel coordinates) come from its
-matplotlib backend.
+touch the backend: the CLI and the trials save them as PNG, a notebook shows them
+inline. Optuna's own plots (importances, parallel coordinates) come from its
+matplotlib backend. Epochs are numbered as recorded (`verdicts.epoch_numbers`:
+from 0 across both phases, as MLflow's step; fastai's table starts at 0 too).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import textwrap
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator, PercentFormatter
+from matplotlib.ticker import MaxNLocator, NullLocator, PercentFormatter
 
-from pet_sweep.report.core import VERDICTS, StudyReport, unfreeze_epoch
+from pet_sweep.report.analysis import StudyReport
+from pet_sweep.report.verdicts import VERDICTS, epoch_numbers, value_of
+
+EPOCH_AXIS = "epoch (frozen + unfrozen, from 0 as in MLflow)"
 
 # One colour per verdict, the same in every figure.
 VERDICT_COLOURS: dict[str, str] = dict(zip(VERDICTS, ("tab:green", "tab:orange", "tab:red", "tab:blue",
                                                       "tab:purple", "black"), strict=True))
+
+
+def unfreeze_epoch(history: Sequence[Any]) -> int | None:
+    """Number of the first unfrozen epoch, when a frozen phase came before it."""
+    frozen = [value_of(r, "phase") for r in history].count("frozen")
+    return epoch_numbers(history)[frozen] if 0 < frozen < len(history) else None
 
 
 def _error_axis(ax: Any, floor: float = 0.01, from_zero: bool = True) -> None:
@@ -52,11 +66,11 @@ def loss_curves(report: StudyReport, k: int = 4) -> Figure:
     handles: dict[str, Any] = {}
     for ax, number in zip(axes, top):
         history = report.records[number].history
-        epochs = [i + 1 for i in range(len(history))]
+        epochs = epoch_numbers(history)
         for key, style, name in (("train_loss", "o-", "train loss"), ("valid_loss", "o-", "valid loss")):
             (line,) = ax.plot(epochs, [h[key] for h in history], style, ms=4, label=name)
             handles[name] = line
-        ax.set_xlabel("epoch (frozen + unfrozen)")
+        ax.set_xlabel(EPOCH_AXIS)
         ax.set_yscale("log")  # a spike in one epoch must not flatten the end of the curve
         ax.set_ylabel("loss (log scale)")
         ax.grid(alpha=0.3)
@@ -78,8 +92,11 @@ def loss_curves(report: StudyReport, k: int = 4) -> Figure:
         ax.set_title(_label(report, number), fontsize=10)
     for ax in axes[len(top):]:
         ax.set_visible(False)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=len(handles), fontsize=9)
-    fig.suptitle(f"{report.study_name}: loss curves of the top {len(top)} trials")
+    # one row fits under two panels; under one panel, a row would be cut at both edges
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+               ncols=len(handles) if cols > 1 else 3, fontsize=9)
+    fig.suptitle(f"{report.study_name}: loss curves of the " + ("best trial" if len(top) == 1 else
+                                                                f"top {len(top)} trials"))
     return fig
 
 
@@ -87,26 +104,26 @@ def error_curves(report: StudyReport, k: int = 6) -> Figure:
     """Error rate per epoch of the top k trials, with the best trial's 95 % interval as a band."""
     fig = Figure(figsize=(8, 4.6), dpi=100, layout="constrained")
     ax = fig.subplots()
-    longest = 1
+    ticks: set[int] = set()
     for i, number in enumerate(report.top(k)):
         history = report.records[number].history
         if not history:
             continue
-        epochs = [j + 1 for j in range(len(history))]
-        longest = max(longest, len(history))
+        epochs = epoch_numbers(history)
+        ticks.update(epochs)
         (line,) = ax.plot(epochs, [h["error_rate"] for h in history], "o-", ms=4, lw=2.2 if i == 0 else 1.3,
                           label=_label(report, number))
         split = unfreeze_epoch(history)
         if split is not None:
-            ax.plot([split], [history[split - 1]["error_rate"]], "v", color=line.get_color(), ms=9)
+            ax.plot([split], [history[epochs.index(split)]["error_rate"]], "v", color=line.get_color(), ms=9)
     row = report.trials.set_index("number").loc[report.best.number]
     if row["ci_low"] is not None and not math.isnan(row["ci_low"]):
         ax.axhspan(row["ci_low"], row["ci_high"], color="grey", alpha=0.15,
                    label=f"best trial's 95% interval ({row['n_valid']:.0f} items)")
     ax.plot([], [], "v", color="grey", label="first unfrozen epoch")
-    ax.set_xticks(range(1, longest + 1))
+    ax.set_xticks(sorted(ticks))
     _error_axis(ax)
-    ax.set_xlabel("epoch (frozen + unfrozen)")
+    ax.set_xlabel(EPOCH_AXIS)
     ax.set_ylabel("validation error rate (log scale above 1%)")
     ax.set_title(f"{report.study_name}: error rate per epoch, top trials")
     ax.grid(alpha=0.3)
@@ -211,13 +228,13 @@ def _readable_parallel_coordinate(fig: Figure) -> None:
 
 
 def _close(fig: Any) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: pyplot (a backend), only to release Optuna's figures
 
     plt.close(fig)
 
 
 def report_figures(report: StudyReport) -> dict[str, Figure]:
-    """The report's own figures, by name (see `report.FIGURE_CAPTIONS`)."""
+    """The report's own figures, by name (see `render.FIGURE_CAPTIONS`)."""
     return {"loss_curves": loss_curves(report), "error_curves": error_curves(report),
             "error_vs_gap": error_vs_gap(report)}
 
@@ -228,3 +245,65 @@ def png_bytes(fig: Figure) -> bytes:
     fig.savefig(buffer, format="png", dpi=100)
     _close(fig)
     return buffer.getvalue()
+
+
+# -- one trial, while it trains (the trial's MLflow artifacts) -----------------
+
+
+def loss_curve(history: Sequence[Any], path: Path, title: str = "") -> Path:
+    """Train and validation loss per epoch (fastai's `plot_loss` view), error rate on a second axis."""
+    epochs = epoch_numbers(history)
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.subplots()
+    ax.plot(epochs, [r.train_loss for r in history], "o-", label="train loss")
+    ax.plot(epochs, [r.valid_loss for r in history], "o-", label="valid loss")
+    ax.set_xlabel(EPOCH_AXIS)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [r.error_rate for r in history], "s--", color="tab:red", alpha=0.7, label="error rate")
+    ax2.set_ylabel("error rate")
+    split = unfreeze_epoch(history)
+    if split is not None:
+        ax.axvline(split - 0.5, color="grey", linestyle=":", label="unfreeze")
+    handles = ax.get_legend_handles_labels()
+    handles2 = ax2.get_legend_handles_labels()
+    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="upper right", fontsize=8)
+    ax.set_title(title or "loss per epoch")
+    ax.grid(alpha=0.3)
+    # fixed margins instead of tight_layout, which draws the figure once more just to
+    # measure it (half the cost of a plot that every trial writes)
+    fig.subplots_adjust(left=0.1, right=0.88, bottom=0.12, top=0.92)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def lr_find_plot(lrs: Sequence[float], losses: Sequence[float], suggestions: dict[str, float],
+                 path: Path, title: str = "") -> Path:
+    """fastai's LR-finder view: smoothed loss against a log-scale learning rate, each suggestion
+    marked on the curve and named (with its value) in the legend."""
+    fig = Figure(figsize=(7, 4.4), dpi=110)
+    ax = fig.subplots()
+    ax.plot(lrs, losses, color="tab:blue", label="smoothed training loss")
+    ax.set_xscale("log")
+    styles = {"minimum": ("v", "tab:green", "minimum (loss min / 10)"), "steep": ("^", "tab:orange", "steep"),
+              "valley": ("o", "tab:red", "valley"), "slide": ("s", "tab:purple", "slide")}
+    # hollow markers, each smaller than the last, so suggestions that coincide stay visible
+    for size, (name, lr) in zip(range(14, 0, -3), suggestions.items()):
+        marker, color, label = styles.get(name, ("o", "grey", name))
+        # the suggested LR itself, read off the curve
+        loss_at = float(np.interp(np.log10(lr), np.log10(lrs), losses))
+        ax.axvline(lr, color=color, alpha=0.4, linestyle=":")
+        ax.plot([lr], [loss_at], marker, color=color, markersize=size, markerfacecolor="none",
+                markeredgewidth=2, label=f"{label}: {lr:.2e}")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss (smoothed)")
+    lines = (title or "learning-rate finder").split("\n")
+    ax.set_title("\n".join([lines[0]] + [textwrap.fill(line, 80) for line in lines[1:]]), fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -1,5 +1,5 @@
 """`pet-sweep report` at the edges: read the Optuna storage and the MLflow store,
-hand plain records to the pure `report` module, write the outputs.
+hand plain records to the pure analysis (`report.analysis`), write the outputs.
 
 Reading never writes: a missing SQLite file is an error here, not a new empty
 store. Writing is all or nothing: every output goes to a temporary folder, is
@@ -18,8 +18,9 @@ from typing import Any
 
 from pet_sweep.config import Experiment
 from pet_sweep.errors import StudyError
-from pet_sweep.report.core import HeldOut, StudyReport, TrialRecord, build_report, completed, html, markdown, \
+from pet_sweep.report.analysis import HeldOut, StudyReport, TrialRecord, build_report, completed, \
     too_few_for_importances
+from pet_sweep.report.render import html, markdown
 from pet_sweep.space import Range, always_inert, inert_params
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, check_server, redact_url, sqlite_path
 
@@ -38,7 +39,7 @@ def require_sqlite_file(url: str, what: str, hint: str) -> None:
 
 def open_existing_study(exp: Experiment) -> Any:
     """The experiment's study, read-only in spirit: never creates a storage or a study."""
-    from pet_sweep.sweep.storage import open_study, quiet_optuna
+    from pet_sweep.sweep.storage import open_study, quiet_optuna  # heavy: optuna, only to open the study
 
     quiet_optuna()
     return open_study(exp, create=False)
@@ -49,7 +50,9 @@ def trial_records(study: Any, batch_size: int | None = None) -> list[TrialRecord
 
     `batch_size`: the experiment's; a trial re-queued after an out-of-memory ran at its own.
     """
-    from pet_sweep.sweep.records import BATCH_ATTR, HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, REASON_ATTR, TARGETS_ATTR
+    # heavy: sweep.records imports optuna; the study is open by now anyway
+    from pet_sweep.sweep.records import BATCH_ATTR, HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, \
+        REASON_ATTR, TARGETS_ATTR
 
     records = []
     for t in study.get_trials(deepcopy=False):
@@ -69,9 +72,9 @@ def trial_records(study: Any, batch_size: int | None = None) -> list[TrialRecord
 def active_params(study: Any) -> tuple[list[str], dict[str, int]]:
     """Optuna params that acted in every completed trial, and the others with the number of
     completed trials they acted in (base_lr: only those with a frozen phase)."""
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # heavy: optuna, as everywhere in this module
 
-    from pet_sweep.sweep.records import PARAMS_ATTR
+    from pet_sweep.sweep.records import PARAMS_ATTR  # heavy: imports optuna
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     # an old study recorded base_lr even where it did nothing: the trial's own values decide
@@ -83,7 +86,7 @@ def active_params(study: Any) -> tuple[list[str], dict[str, int]]:
 def param_importances(study: Any) -> tuple[dict[str, float], str]:
     """Optuna's fANOVA importances (seeded) of the parameters active in every completed trial,
     or a note saying why there are none; the note also names the parameters left out."""
-    import optuna
+    import optuna  # heavy: optuna (its fANOVA evaluator)
 
     n_done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     too_few = too_few_for_importances(n_done)
@@ -190,7 +193,7 @@ class Written:
 
 def render(bundle: ReportBundle, folder: Path) -> list[Path]:
     """Figures (PNG), report.html (figures embedded) and report.md into `folder`."""
-    from pet_sweep.report.figures import optuna_figures, png_bytes, report_figures
+    from pet_sweep.report.figures import optuna_figures, png_bytes, report_figures  # heavy: matplotlib
 
     figures = report_figures(bundle.report)
     extra, notes = optuna_figures(bundle.study, list(bundle.report.importances))

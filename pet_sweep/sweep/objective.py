@@ -200,7 +200,7 @@ class Objective:
 
     def _artifacts(self, folder: Path, params: TrialParams, history: list[EpochRecord], number: int,
                    batch_size: int) -> list[Path]:
-        from pet_sweep.plots import loss_curve
+        from pet_sweep.report.figures import loss_curve  # heavy: matplotlib
 
         config = folder / "trial_config.yaml"
         config.write_text(yaml.safe_dump(trial_config(self.exp, params, batch_size), sort_keys=False))

@@ -1,0 +1,333 @@
+"""The study: every trial analysed, the best one compared with its rivals, what to try next.
+
+`build_report` turns plain `TrialRecord`s (read from the Optuna storage by
+`report.read`) into a `StudyReport`: a table of trials with their intervals and
+verdicts, tables of error rate by setting, Holm-corrected comparisons and next
+steps in plain words. No I/O and no fastai/mlflow/optuna-storage imports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pet_sweep.errors import StudyError
+from pet_sweep.report.stats import Comparison, compare_predictions, compare_rates, errors_of, holm_corrected, \
+    plural, wilson
+from pet_sweep.report.verdicts import DIVERGED, OVERCONFIDENT, OVERFITTING, STILL_IMPROVING, UNDERFIT, VERDICTS, \
+    TrialAnalysis, analyse_history
+from pet_sweep.space import ARCHITECTURES, PARAMS, inert_params
+
+UNFINISHED = ("RUNNING", "WAITING")
+# fANOVA (Optuna's importance evaluator) fits a random forest to the completed trials and splits
+# the error's variance among the parameters. Measured on a synthetic five-parameter objective
+# (lr_hi matters most, epochs less, the rest is noise; 8 random studies per size): the true top
+# parameter came first in 0/8 studies of 3 trials, 1/8 of 5, 5/8 of 8 and 8/8 of 10, and leaving one
+# trial out changed the top in 79 %, 55 %, 38 % and 30 % of cases (10 % at 15 trials). Below 10
+# the ranking is noise, so the report says so instead of ranking.
+MIN_IMPORTANCE_TRIALS = 10
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What the report needs of one Optuna trial (built by `report.read`)."""
+
+    number: int
+    state: str                              # COMPLETE, PRUNED, FAIL, RUNNING, WAITING
+    params: Mapping[str, Any]               # the full TrialParams dict
+    history: tuple[Mapping[str, Any], ...] = ()
+    value: float | None = None
+    preds: tuple[int, ...] = ()
+    targets: tuple[int, ...] = ()
+    precision: str = ""
+    reason: str = ""
+    seconds: float = 0.0
+    run_id: str | None = None
+    batch_size: int | None = None           # what it ran with (an out-of-memory retry halves it)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A replay of one trial (`pet-sweep train`) and its error on the held-out test split."""
+
+    trial: int | None
+    test_error: float | None
+    n_test: int
+    valid_error: float | None
+    run_id: str
+    held_out: bool | None = None  # its test split's fingerprint matched the sweep's; None: not checked
+
+
+@dataclass(frozen=True)
+class StudyReport:
+    """Everything the report shows; rendered by `summary_text`, `markdown` and `html`."""
+
+    experiment: str
+    study_name: str
+    trials: pd.DataFrame                    # one row per trial
+    analyses: dict[int, TrialAnalysis]
+    best: TrialRecord
+    n_valid: int | None
+    comparisons: list[Comparison]           # Holm-corrected together
+    tables: dict[str, pd.DataFrame]         # error rate by arch, freeze_epochs, epochs, LR
+    importances: dict[str, float]
+    heldout: HeldOut | None
+    next_steps: list[str]
+    counts: dict[str, int]                  # trials per state
+    verdict_counts: dict[str, int]
+    records: dict[int, TrialRecord] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    test_split: bool = True                 # the experiment holds items out of every trial (data.test_pct > 0)
+    importance_note: str = ""               # why there is no ranking, or what it leaves out
+    n_candidates: int = 0                   # completed trials the best was selected from
+
+    @property
+    def best_analysis(self) -> TrialAnalysis | None:
+        return self.analyses.get(self.best.number)
+
+    def top(self, k: int = 4) -> list[int]:
+        """Numbers of the k best completed trials, best first."""
+        done = self.trials[self.trials["state"] == "COMPLETE"].sort_values(["error_rate", "number"])
+        return [int(x) for x in done["number"].head(k)]
+
+
+def _n_items(record: TrialRecord) -> int | None:
+    return len(record.targets) or None
+
+
+def trials_frame(records: Sequence[TrialRecord], analyses: Mapping[int, TrialAnalysis],
+                 n_valid: int | None = None) -> pd.DataFrame:
+    """One row per trial: parameters, outcome, interval and the overfitting reading."""
+    rows = []
+    for r in records:
+        p, a, n = r.params, analyses.get(r.number), _n_items(r) or n_valid
+        history = r.history
+        error = r.value if r.value is not None else (float(history[-1]["error_rate"]) if history else None)
+        lo = hi = None
+        if error is not None and math.isfinite(error) and n:
+            lo, hi = wilson(errors_of(error, n), n)
+        rows.append({
+            "number": r.number, "state": r.state, "arch": p.get("arch"),
+            "depth": ARCHITECTURES.get(str(p.get("arch")), None),
+            "base_lr": None if "base_lr" in inert_params(p) else p.get("base_lr"), "lr_lo": p.get("lr_lo"), "lr_hi": p.get("lr_hi"),
+            "freeze_epochs": p.get("freeze_epochs"), "epochs": p.get("epochs"),
+            "error_rate": error, "ci_low": lo, "ci_high": hi, "n_valid": n,
+            "best_error": a.best_error if a else None, "best_epoch": a.best_epoch if a else None,
+            "epochs_run": len(history), "past_best": a.epochs_past_best if a else None,
+            "final_gap": a.final_gap if a else None, "gap_trend": a.gap_trend if a else None,
+            "valid_loss_slope": a.valid_loss_slope if a else None,
+            "verdict": a.verdict if a else ("running" if r.state in UNFINISHED and history else ""),
+            # the recipe's `epochs`: unfrozen epochs, like the "epochs" column (epochs_run counts both phases)
+            "rec_unfrozen_epochs": a.recommended_epochs if a and r.state == "COMPLETE" else None,
+            "seconds": r.seconds, "precision": r.precision, "reason": r.reason, "batch_size": r.batch_size,
+        })
+    return pd.DataFrame(rows)
+
+
+def lr_bins(values: pd.Series) -> pd.Series:
+    """Half-decade bins of a learning rate (1e-3–3.2e-3, 3.2e-3–1e-2, ...)."""
+    logs = np.log10(values.astype(float))
+    lo, hi = math.floor(logs.min() * 2) / 2, math.ceil(logs.max() * 2) / 2
+    edges = np.arange(lo, max(hi, lo + 0.5) + 0.25, 0.5)
+    labels = [f"{10 ** a:.1e}–{10 ** b:.1e}" for a, b in zip(edges[:-1], edges[1:])]
+    return pd.cut(logs, edges, labels=labels, include_lowest=True)
+
+
+def group_table(frame: pd.DataFrame, by: str | pd.Series, name: str | None = None) -> pd.DataFrame:
+    """Error rate of completed trials grouped by a setting; every trial counted."""
+    key = by if isinstance(by, str) else name or str(by.name)
+    data = frame.assign(**{key: by}) if not isinstance(by, str) else frame
+    done = data[data["state"] == "COMPLETE"]
+    table = data.groupby(key, observed=True).agg(trials=("number", "size"))
+    if not done.empty:
+        stats = done.groupby(key, observed=True).agg(
+            completed=("number", "size"), best_error=("error_rate", "min"),
+            median_error=("error_rate", "median"), mean_error=("error_rate", "mean"))
+        best_trial = done.loc[done.groupby(key, observed=True)["error_rate"].idxmin()].set_index(key)["number"]
+        table = table.join(stats).join(best_trial.rename("best_trial"))
+    return table.reset_index().sort_values(key).reset_index(drop=True)
+
+
+def study_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Error rate by architecture depth, freeze epochs, epochs and learning rates."""
+    arch = group_table(frame, "arch")
+    arch.insert(1, "depth", [ARCHITECTURES.get(str(a)) for a in arch["arch"]])
+    tables = {
+        "architecture": arch.sort_values(["depth", "arch"], na_position="last").reset_index(drop=True),
+        "freeze_epochs": group_table(frame, "freeze_epochs"),
+        "epochs": group_table(frame, "epochs"),
+    }
+    for lr in ("base_lr", "lr_hi"):
+        if frame[lr].notna().any() and frame[lr].nunique() > 1:
+            tables[f"{lr} (binned)"] = group_table(frame, lr_bins(frame[lr]).rename(f"{lr} bin"), f"{lr} bin")
+    return tables
+
+
+def comparisons_for(best: TrialRecord, done: Sequence[TrialRecord]) -> list[Comparison]:
+    """The best trial against the runner-up and against the best trial of each other architecture."""
+    ranked = sorted((r for r in done if r.number != best.number), key=lambda r: (r.value, r.number))
+    rivals: list[tuple[str, TrialRecord]] = []
+    if ranked:
+        rivals.append(("runner-up", ranked[0]))
+    seen = {str(best.params.get("arch"))}
+    for r in ranked:
+        arch = str(r.params.get("arch"))
+        if arch not in seen:
+            seen.add(arch)
+            rivals.append((f"best {arch}", r))
+    out = []
+    for label, other in rivals:
+        if best.preds and other.preds and best.targets and best.targets == other.targets \
+                and len(best.preds) == len(other.preds) == len(best.targets):
+            out.append(compare_predictions(label, (best.number, best.preds), (other.number, other.preds),
+                                           best.targets))
+        elif _n_items(best):
+            out.append(compare_rates(label, (best.number, float(best.value)), (other.number, float(other.value)),
+                                     len(best.targets)))
+    return holm_corrected(out)
+
+
+def trial_cost(row: Mapping[str, Any], by_time: bool = True) -> tuple[float, str]:
+    """What a trial cost: its wall time (`by_time`), else its epochs (frozen + unfrozen)."""
+    if by_time:
+        return float(row["seconds"]), f"{row['seconds']:.0f}s"
+    epochs = float((row.get("freeze_epochs") or 0) + (row.get("epochs") or 0))
+    return epochs, plural(int(epochs), "epoch")
+
+
+def _timed(row: Mapping[str, Any]) -> bool:
+    seconds = row.get("seconds")
+    return seconds is not None and math.isfinite(seconds) and seconds > 0
+
+
+def tie_advice(best: int, rivals: Sequence[int], frame: pd.DataFrame) -> str:
+    """Two configs within noise are a tie: point at the cheaper one, naming it, or say the best is it."""
+    by_number = frame.set_index("number")
+    rows = {n: by_number.loc[n].to_dict() for n in (best, *rivals)}
+    by_time = all(_timed(row) for row in rows.values())  # never seconds against epochs
+    costs = {n: trial_cost(row, by_time) for n, row in rows.items()}
+    names = ", ".join(f"trial {n} ({costs[n][1]})" for n in rivals)
+    head = f"the best trial ({costs[best][1]}) is within noise of {names}"
+    # a tenth cheaper at least: wall times of equal configs differ by a few per cent
+    cheaper = sorted((n for n in rivals if costs[n][0] < 0.9 * costs[best][0]), key=lambda n: costs[n][0])
+    if cheaper:
+        return (f"{head}: prefer the cheaper trial {cheaper[0]} (pet-sweep export --trial {cheaper[0]}), "
+                "or validate on more items before choosing")
+    if all(costs[best][0] <= costs[n][0] for n in rivals):
+        return f"{head}: it is also the cheapest, so keep it; validate on more items to separate them"
+    return f"{head}: none is clearly cheaper (by a tenth), so keep it; validate on more items to separate them"
+
+
+def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, comparisons: Sequence[Comparison],
+               verdict_counts: Mapping[str, int], frame: pd.DataFrame,
+               bounds: Mapping[str, tuple[float, float]], heldout: HeldOut | None,
+               test_split: bool = True) -> list[str]:
+    """What to try next, in plain words, most important first."""
+    steps = []
+    p = report_best.params
+    if analysis is not None:
+        rec = analysis.recommended_epochs
+        if analysis.verdict in (STILL_IMPROVING, UNDERFIT):
+            steps.append(f"best trial {analysis.verdict} at its last epoch: raise epochs "
+                         f"(try epochs={rec} instead of {p.get('epochs')})")
+        elif analysis.verdict == OVERFITTING:
+            steps.append(f"best trial overfits after epoch {analysis.best_epoch}: train fewer epochs "
+                         f"(epochs={rec}) or add augmentation")
+        elif analysis.verdict == OVERCONFIDENT:
+            steps.append(f"best trial is overconfident (valid loss up, error rate not): judge by the error rate; "
+                         f"epochs={rec} reaches its best")
+    for name, (low, high) in bounds.items():
+        value = p.get(name)
+        if value is None or low == high or name in inert_params(p):  # no advice on what did nothing
+            continue
+        span = math.log(high / low) if low > 0 and "lr" in name else high - low
+        pos = (math.log(value / low) if low > 0 and "lr" in name else value - low) / span
+        if pos >= 0.95:
+            steps.append(f"best {name}={value:.3g} is at the top of its range [{low:.3g}, {high:.3g}]: widen it")
+        elif pos <= 0.05 and low > PARAMS.get(name, (None, -math.inf))[1]:  # 0 frozen epochs cannot go lower
+            steps.append(f"best {name}={value:.3g} is at the bottom of its range [{low:.3g}, {high:.3g}]: widen it")
+    close = [c for c in comparisons if c.verdict == "within noise"]
+    if close:
+        # the runner-up can also be the best of another architecture: name each trial once
+        steps.append(tie_advice(report_best.number, list(dict.fromkeys(c.other_trial for c in close)), frame))
+    div = frame[frame["verdict"] == DIVERGED]  # pruned ones too: a diverging trial is pruned at once
+    if not div.empty:
+        base = f", base_lr {div['base_lr'].min():.2g}" if div["base_lr"].notna().any() else ""
+        steps.append(f"{plural(len(div), 'trial')} diverged (lowest lr_hi {div['lr_hi'].min():.2g}{base}): "
+                     "lower the top of the LR ranges")
+    if not test_split:
+        steps.append("this experiment holds no items out (data.test_pct: 0), so the selected validation error is "
+                     "the only, optimistic, estimate: set data.test_pct for a new study to measure one")
+    elif heldout is None:
+        steps.append("measure the best config on the held-out split: pet-sweep export, then pet-sweep train best.yaml")
+    return steps
+
+
+def completed(records: Sequence[TrialRecord], *, experiment: str, study_name: str) -> list[TrialRecord]:
+    """The completed trials with a finite error rate; none is a `StudyError` saying what there is."""
+    done = [r for r in records if r.state == "COMPLETE" and r.value is not None and math.isfinite(r.value)]
+    if not done:
+        states = pd.Series([r.state for r in records], dtype=object).value_counts().to_dict()
+        found = ", ".join(f"{v} {k.lower()}" for k, v in states.items()) or "no trials"
+        raise StudyError(f"study {study_name!r} has no completed trial yet ({found}); "
+                         f"wait for one, or run `pet-sweep run {experiment}`")
+    return done
+
+
+def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name: str,
+                 importances: Mapping[str, float] | None = None, heldout: Sequence[HeldOut] = (),
+                 bounds: Mapping[str, tuple[float, float]] | None = None,
+                 n_classes: int | None = None, test_split: bool = True, importance_note: str = "",
+                 always_inert: Sequence[str] = ()) -> StudyReport:
+    """Analyse every trial with a history and compare the best with its rivals.
+
+    `importances` from fewer than MIN_IMPORTANCE_TRIALS completed trials are dropped
+    (`importance_note` says why); `always_inert`: parameters the space gives that no
+    trial can use (`space.always_inert`).
+    """
+    done = completed(records, experiment=experiment, study_name=study_name)
+    too_few = too_few_for_importances(len(done))
+    if too_few:
+        importances, importance_note = {}, too_few
+    best = min(done, key=lambda r: (r.value, r.number))
+    n_valid = _n_items(best)  # every trial is judged on the same validation items
+    analyses = {}
+    for r in records:
+        if r.history and r.state not in UNFINISHED:  # a running trial's curve is not a verdict yet
+            analyses[r.number] = analyse_history(r.history, n_valid=n_valid, n_classes=n_classes)
+    frame = trials_frame(records, analyses, n_valid)
+    comparisons = comparisons_for(best, done)
+    counts = {k: int(v) for k, v in frame["state"].value_counts().items()}
+    # verdicts of the trials that ran their course: a pruned trial was cut short on purpose, so
+    # "still improving" or an epoch count read off its curve says nothing about its config
+    complete = frame[frame["state"] == "COMPLETE"]
+    verdict_counts = {v: int((complete["verdict"] == v).sum()) for v in VERDICTS if (complete["verdict"] == v).any()}
+    mine = [h for h in heldout if h.trial == best.number]
+    held = mine[-1] if mine else (heldout[-1] if heldout else None)
+    steps = next_steps(best, analyses.get(best.number), comparisons, verdict_counts, frame, bounds or {}, held,
+                       test_split)
+    notes = []
+    if counts.get("RUNNING"):
+        notes.append(f"the study is still running ({plural(counts['RUNNING'], 'trial')} in progress); "
+                     "this report is a snapshot")
+    notes += [f"{name} does nothing in this space: freeze_epochs is 0 in every trial, so there is no frozen phase; "
+              f"it is not sampled, and can be dropped from the space" for name in always_inert]
+    return StudyReport(experiment=experiment, study_name=study_name, trials=frame, analyses=analyses, best=best,
+                       n_valid=_n_items(best), comparisons=comparisons, tables=study_tables(frame),
+                       importances=dict(importances or {}), heldout=held, next_steps=steps, counts=counts,
+                       verdict_counts=verdict_counts, records={r.number: r for r in records}, notes=notes,
+                       test_split=test_split, n_candidates=len(done), importance_note=importance_note)
+
+
+def too_few_for_importances(n_complete: int) -> str:
+    """Why importances are not ranked on `n_complete` completed trials; "" when there are enough."""
+    if n_complete >= MIN_IMPORTANCE_TRIALS:
+        return ""
+    return (f"not ranked: {plural(n_complete, 'completed trial')}, fewer than the "
+            f"{MIN_IMPORTANCE_TRIALS} an importance ranking needs to be more than noise")
+
+
