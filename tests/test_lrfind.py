@@ -226,7 +226,7 @@ def test_finder_leaves_weights_and_training_unchanged(write_experiments: Callabl
 
     from pet_sweep.train import lrfind, recipe
     from pet_sweep.train.data import build_data
-    from pet_sweep.space import TrialParams
+    from pet_sweep.params import TrialParams
     from pet_sweep.tracking import Tracker
 
     exp = load_experiment(write_experiments())

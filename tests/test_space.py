@@ -6,7 +6,8 @@ import optuna
 import pytest
 
 from pet_sweep.errors import ConfigError
-from pet_sweep.space import TrialParams, always_inert, anchor_params, lr_text, params_from_dict, parse_space, suggest
+from pet_sweep.params import TrialParams, lr_text, params_from_dict
+from pet_sweep.space import always_inert, anchor_params, parse_space, suggest
 
 
 def test_fixed_trial_maps_every_parameter() -> None:

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from pet_sweep.errors import StudyError
-from pet_sweep.space import ARCHITECTURES, PARAMS, inert_params, lr_text
+from pet_sweep.params import inert_params, lr_text
+from pet_sweep.space import ARCHITECTURES, PARAMS
 
 Z95 = NormalDist().inv_cdf(0.975)  # 1.959964...
 ALPHA = 0.05          # "beyond noise": Holm-adjusted p < ALPHA; "no better than chance": chance p >= ALPHA

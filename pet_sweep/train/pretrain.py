@@ -158,8 +158,7 @@ def _train(exp: Experiment, arch: str, data: Any, path: Path, tracker: Any,
 
     cfg = exp.config
     started = time.perf_counter()
-    run_id = tracker.client.create_run(tracker.experiment_id, run_name=f"pretrain-{arch}",
-                                       tags={"pet_sweep.role": PRETRAIN_ROLE, "arch": arch}).info.run_id
+    run_id = tracker.start_run(f"pretrain-{arch}", {"pet_sweep.role": PRETRAIN_ROLE, "arch": arch})
     tracker.log_params(run_id, {
         "arch": arch, "epochs": cfg.pretrain.epochs, "lr": cfg.pretrain.lr, "img_size": cfg.model.img_size,
         "batch_size": cfg.model.batch_size, "seed": cfg.seed, "data": cfg.data.source,
@@ -189,7 +188,7 @@ def _train(exp: Experiment, arch: str, data: Any, path: Path, tracker: Any,
         status = "FINISHED"
         return found
     finally:
-        tracker.client.set_terminated(run_id, status=status)
+        tracker.end_run(run_id, status)
         recipe.release(learn)
         workdir.cleanup()
 
