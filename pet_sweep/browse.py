@@ -229,6 +229,9 @@ def list_studies(config_path: str, storage: str | None = None) -> tuple[list[Stu
     return states, parsed.default
 
 
+DEFAULT_LEGEND = "* the default experiment (`default:` in the file): the one commands use when none is named"
+
+
 def format_states(states: Sequence[StudyState], default: str | None) -> list[str]:
     """The table `pet-sweep list` prints."""
     header = ("experiment", "study", "complete", "pruned", "failed", "running", "best error_rate", "storage")
@@ -242,7 +245,10 @@ def format_states(states: Sequence[StudyState], default: str | None) -> list[str
         rows.append((name, s.study_name, str(s.complete), str(s.pruned), str(s.failed), str(s.running),
                      best, s.storage))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    if any(s.experiment == default for s in states):
+        lines.append(DEFAULT_LEGEND)
+    return lines
 
 
 # -- running a server -------------------------------------------------------------

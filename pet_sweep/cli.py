@@ -539,10 +539,3 @@ def dashboard(experiment: str | None, config_path: str, port: int, host: str, st
                    browse.dashboard_command(exp.storage_url, host, port), host, port,
                    ready_path="/api/studies", page_path=f"/dashboard/studies/{state.study_id}", echo=click.echo)
 
-
-def main() -> None:
-    cli()
-
-
-if __name__ == "__main__":
-    main()

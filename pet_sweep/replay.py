@@ -115,6 +115,8 @@ def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, 
         base["model"] = Checkpoint(**attrs[CHECKPOINT_ATTR]).model(ModelConfig(**base["model"])).model_dump(
             exclude_none=True)
     data = dict(base["data"])
+    if not exp.config.data.augment and "flip" not in exp.config.data.model_fields_set:
+        data.pop("flip", None)  # flip acts only with augment: a default that did nothing is no setting of the run
     if exp.data_path() is not None:
         data["path"] = str(exp.data_path())  # the exported file may live anywhere
     n_valid = len(attrs.get(TARGETS_ATTR, ())) or None
