@@ -128,6 +128,14 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
+def _client(tracking_uri: str) -> Any:
+    """The MlflowClient of a store (only this module holds one), MLflow's start-up lines silenced."""
+    from mlflow import MlflowClient  # heavy: mlflow and SQLAlchemy, out of `--help`, `list`, `export`
+
+    quiet_mlflow()
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
 WHERE_TRACKING = "tracking.uri, --tracking-uri or PET_SWEEP_TRACKING_URI"
 _ANSWERED: set[str] = set()  # servers that answered in this process: asked once, not by every caller
 
@@ -162,16 +170,14 @@ class Tracker:
     """Writes a sweep and its trials to one MLflow tracking store."""
 
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
-        from mlflow import MlflowClient  # heavy: mlflow (and SQLAlchemy)
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # heavy: mlflow
 
-        quiet_mlflow()
         check_server(tracking_uri)
         db = sqlite_path(tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
-        self._client = MlflowClient(tracking_uri=tracking_uri)
+        self._client = _client(tracking_uri)
         try:
             existing = self._client.get_experiment_by_name(experiment_name)
         except MlflowException as err:  # refused login, a server that is not MLflow, an unknown scheme
@@ -245,15 +251,7 @@ class Tracker:
 
     def has_run(self, run_id: str | None) -> bool:
         """Whether this store holds the run (an id read from a config may come from another store)."""
-        from mlflow.exceptions import MlflowException  # heavy: mlflow
-
-        if not run_id:
-            return False
-        try:
-            self._client.get_run(run_id)
-        except MlflowException:
-            return False
-        return True
+        return bool(run_id) and _run_or_none(self._client, str(run_id)) is not None
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self._client.set_tag(run_id, key, value[:5000])  # MLflow's limit on a tag value
@@ -321,10 +319,7 @@ class Tracker:
 
 def experiment_id(tracking_uri: str, experiment_name: str) -> str | None:
     """The id of the MLflow experiment of that name in the store, None when it has none."""
-    from mlflow import MlflowClient  # heavy: mlflow
-
-    quiet_mlflow()
-    found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment_name)
+    found = _client(tracking_uri).get_experiment_by_name(experiment_name)
     return None if found is None else str(found.experiment_id)
 
 
@@ -361,16 +356,18 @@ class SweepRuns:
 
 def open_sweep_runs(tracking_uri: str, parent_run_id: str) -> SweepRuns | None:
     """The sweep whose parent run is `parent_run_id`; None where the store lacks that run."""
-    from mlflow import MlflowClient  # heavy: mlflow
-    from mlflow.exceptions import MlflowException
+    client = _client(tracking_uri)
+    run = _run_or_none(client, parent_run_id)
+    return None if run is None else SweepRuns(client, run.info.experiment_id, parent_run_id)
 
-    quiet_mlflow()
-    client = MlflowClient(tracking_uri=tracking_uri)
+
+def _run_or_none(client: Any, run_id: str) -> Any:
+    from mlflow.exceptions import MlflowException  # heavy: mlflow
+
     try:
-        run = client.get_run(parent_run_id)
-    except MlflowException:
+        return client.get_run(run_id)
+    except MlflowException:  # no such run in this store
         return None
-    return SweepRuns(client, run.info.experiment_id, parent_run_id)
 
 
 class EpochLogger:

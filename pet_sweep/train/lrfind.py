@@ -39,6 +39,8 @@ from fastai.callback.schedule import minimum, slide, steep, valley
 
 from pet_sweep.config import Experiment, ModelConfig
 from pet_sweep.errors import ConfigError, LRFindError
+from pet_sweep.tracking import Tracker
+from pet_sweep.train.data import build_data
 from pet_sweep.train.pretrain import Checkpoint, checkpoints_for, starting_model
 from pet_sweep.train.recipe import apply_precision, create_learner, release, reseed
 from pet_sweep.params import TrialParams
@@ -198,7 +200,7 @@ def find_lrs(dls: Any, arch: str, model: ModelConfig, *, seed: int, phases: Sequ
 
 
 def plot_phase(result: PhaseResult, path: Path) -> Path:
-    from pet_sweep.plots import lr_find_plot
+    from pet_sweep.plots import lr_find_plot  # heavy: matplotlib, loaded only where a finder plots
 
     title = f"LR finder: {result.arch}, {result.phase} phase" + (f"\n{result.note}" if result.note else "")
     return lr_find_plot(result.lrs, result.losses, result.suggestions, path, title)
@@ -248,9 +250,6 @@ def find_for_experiment(exp: Experiment, *, out_dir: Path, archs: Sequence[str] 
                         freeze_epochs: int | None = None, num_it: int | None = None,
                         echo: Callable[[str], None] = print) -> list[ArchFinding]:
     """``pet-sweep lr-find``: both phases for each architecture (default: every one in the space)."""
-    from pet_sweep.train.data import build_data
-    from pet_sweep.tracking import Tracker
-
     for arch in archs:
         if not known_architecture(arch):
             raise ConfigError(f"--arch: unknown architecture {arch!r}; the space uses"
