@@ -8,9 +8,11 @@ Each command parses its options, calls the library, and turns a
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -27,8 +29,6 @@ class CliError(click.ClickException):
 
 def fail_clearly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the library's errors into `CliError` (exit code 2, no traceback)."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -262,8 +262,6 @@ def lr_find(experiment: str | None, config_path: str, archs: tuple[str, ...], ou
     Example:
       pet-sweep lr-find digits --arch resnet18 --out lr-find
     """
-    from pathlib import Path
-
     exp = load(config_path, experiment, tracking_uri=tracking_uri)
     _quiet_libraries()
     from pet_sweep.train.lrfind import find_for_experiment
@@ -344,8 +342,6 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
     Example:
       pet-sweep report digits --out reports/digits
     """
-    from pathlib import Path
-
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
     from pet_sweep.report.core import summary_text
@@ -378,8 +374,6 @@ def export(experiment: str | None, config_path: str, output: str, trial: int | N
     Example:
       pet-sweep export digits -o best.yaml
     """
-    from pathlib import Path
-
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
     from pet_sweep.replay import export_config, write_config
