@@ -229,7 +229,9 @@ class Experiment:
                  "--storage": (("storage",), storage or None), "--study-name": (("study_name",), study_name or None),
                  "--tracking-uri": (("tracking", "uri"), tracking_uri or None)}
         raw = self.config.model_dump(exclude_unset=True)  # unset stays unset: validators read model_fields_set
-        for (*parents, key), value in (where for where in given.values() if where[1] is not None):
+        for (*parents, key), value in given.values():
+            if value is None:
+                continue
             node = raw
             for parent in parents:
                 node = node.setdefault(parent, {})
