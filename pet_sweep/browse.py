@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from pet_sweep.config import Experiment, load_experiment, load_experiments_file
 from pet_sweep.errors import PetSweepError, StudyError
-from pet_sweep.tracking import artifact_root, open_http, redact_url, redact_url_in, sqlite_path
+from pet_sweep.tracking import artifact_root, experiment_id, open_http, redact_url, redact_url_in, sqlite_path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # MLflow 3's UI opens on its GenAI (traces) pages unless told it is model training,
@@ -74,16 +73,11 @@ def mlflow_experiment_id(exp: Experiment) -> str:
     db = sqlite_path(exp.tracking_uri)
     if db is not None and not db.exists():
         raise StudyError(f"no MLflow store at {db}; run `pet-sweep run {exp.name}` first")
-    from mlflow import MlflowClient
-
-    from pet_sweep.tracking import quiet_mlflow
-
-    quiet_mlflow()
-    found = MlflowClient(tracking_uri=exp.tracking_uri).get_experiment_by_name(exp.tracking_experiment)
+    found = experiment_id(exp.tracking_uri, exp.tracking_experiment)
     if found is None:
         raise StudyError(f"no MLflow experiment {exp.tracking_experiment!r} in {redact_url(exp.tracking_uri)}; "
                          f"run `pet-sweep run {exp.name}` first")
-    return str(found.experiment_id)
+    return found
 
 
 def mlflow_experiment_url(base: str, experiment_id: str) -> str:
@@ -172,7 +166,7 @@ class StudyState:
 
 
 def _open_storage_readonly(url: str) -> Any:
-    import optuna
+    import optuna  # heavy: optuna and SQLAlchemy, not needed by `ui`
 
     # no table creation, no migration check: `list` must leave every store as it found it
     return optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
@@ -191,7 +185,7 @@ def _root_cause(err: BaseException) -> BaseException:
 
 def study_state(exp: Experiment, storages: dict[str, Any] | None = None) -> StudyState:
     """Read `exp`'s study (trial counts by state, best error rate) without creating anything."""
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # heavy: optuna
 
     url = exp.storage_url
     base = {"experiment": exp.name, "study_name": exp.study_name, "storage": redact_url(url)}
@@ -235,6 +229,9 @@ def list_studies(config_path: str, storage: str | None = None) -> tuple[list[Stu
     return states, parsed.default
 
 
+DEFAULT_LEGEND = "* the default experiment (`default:` in the file): the one commands use when none is named"
+
+
 def format_states(states: Sequence[StudyState], default: str | None) -> list[str]:
     """The table `pet-sweep list` prints."""
     header = ("experiment", "study", "complete", "pruned", "failed", "running", "best error_rate", "storage")
@@ -248,7 +245,10 @@ def format_states(states: Sequence[StudyState], default: str | None) -> list[str
         rows.append((name, s.study_name, str(s.complete), str(s.pruned), str(s.failed), str(s.running),
                      best, s.storage))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    if any(s.experiment == default for s in states):
+        lines.append(DEFAULT_LEGEND)
+    return lines
 
 
 # -- running a server -------------------------------------------------------------

@@ -8,9 +8,11 @@ Each command parses its options, calls the library, and turns a
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -27,8 +29,6 @@ class CliError(click.ClickException):
 
 def fail_clearly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the library's errors into `CliError` (exit code 2, no traceback)."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -56,6 +56,7 @@ storage_option = click.option(
 tracking_option = click.option(
     "--tracking-uri", envvar="PET_SWEEP_TRACKING_URI",
     help="MLflow tracking URI (default: the experiment's `tracking.uri`; env PET_SWEEP_TRACKING_URI).")
+study_name_option = click.option("--study-name", help="Optuna study name (default: the experiment's name).")
 
 
 def load(config_path: str, experiment: str | None, **overrides: Any) -> Experiment:
@@ -256,9 +257,11 @@ def lr_find(experiment: str | None, config_path: str, archs: tuple[str, ...], ou
 
     Prints fastai's four suggestions (minimum, steep, valley, slide) per phase, writes
     each phase's loss-vs-learning-rate plot, and logs a run `lr-find-<arch>` to MLflow.
-    """
-    from pathlib import Path
 
+    \b
+    Example:
+      pet-sweep lr-find digits --arch resnet18 --out lr-find
+    """
     exp = load(config_path, experiment, tracking_uri=tracking_uri)
     _quiet_libraries()
     from pet_sweep.train.lrfind import find_for_experiment
@@ -286,6 +289,10 @@ def pretrain(experiment: str | None, config_path: str, archs: tuple[str, ...], t
     Saves the full model's state dict in pet-sweep's cache (what `model.weights`
     loads) and logs a run `pretrain-<arch>` to MLflow. A checkpoint of the same data,
     architecture, image size, seed and `pretrain` settings is reused, not trained again.
+
+    \b
+    Example:
+      pet-sweep pretrain digits-source
     """
     exp = load(config_path, experiment, tracking_uri=tracking_uri)
     _quiet_libraries()
@@ -320,7 +327,7 @@ def _sigterm_is_interrupt() -> None:
               help="Folder for report.html, report.md and figures/ (default: reports/<study> beside the config).")
 @storage_option
 @tracking_option
-@click.option("--study-name", help="Optuna study name (default: the experiment's name).")
+@study_name_option
 @click.option("--no-mlflow-attach", is_flag=True, help="Do not attach the report to the sweep's MLflow run.")
 @fail_clearly
 def report(experiment: str | None, config_path: str, out_dir: str | None, storage: str | None,
@@ -330,9 +337,11 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
     Works on a finished or a still-running study. Writes a self-contained
     report.html and report.md (with figures/) and attaches them to the sweep's
     parent MLflow run.
-    """
-    from pathlib import Path
 
+    \b
+    Example:
+      pet-sweep report digits --out reports/digits
+    """
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
     from pet_sweep.report.render import summary_text
@@ -355,13 +364,16 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
 @click.option("--trial", type=int, help="Export this trial number instead of the best completed one.")
 @storage_option
 @tracking_option
-@click.option("--study-name", help="Optuna study name (default: the experiment's name).")
+@study_name_option
 @fail_clearly
 def export(experiment: str | None, config_path: str, output: str, trial: int | None, storage: str | None,
            tracking_uri: str | None, study_name: str | None) -> None:
-    """Write the best (or --trial N) trial of EXPERIMENT as a standalone config for `pet-sweep train`."""
-    from pathlib import Path
+    """Write the best (or --trial N) trial of EXPERIMENT as a standalone config for `pet-sweep train`.
 
+    \b
+    Example:
+      pet-sweep export digits -o best.yaml
+    """
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
     from pet_sweep.replay import export_config, write_config
@@ -387,6 +399,10 @@ def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_
     Reports the validation error (and whether it reproduces the trial's, within
     its 95 % interval) and the error on the held-out test split, if any. A test split
     that differs from the sweep's (its fingerprint in CONFIG_FILE) is refused.
+
+    \b
+    Example:
+      pet-sweep train best.yaml --export-model
     """
     _quiet_libraries()
     from pet_sweep.replay import train as replay
@@ -412,10 +428,14 @@ def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_
 @storage_option
 @fail_clearly
 def list_(config_path: str, storage: str | None) -> None:
-    """List the experiments of the file with their studies' state (default marked *).
+    """List the experiments of the file with their studies' state (the default marked *).
 
     Counts trials complete / pruned / failed / running and shows the best error
     rate; reads the storages without creating anything.
+
+    \b
+    Example:
+      pet-sweep list --config ~/pets/experiments.yaml
     """
     from pet_sweep.browse import format_states, list_studies
 
@@ -442,7 +462,7 @@ def _clean_leftovers(exps: Any) -> None:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (scripts).")
 @storage_option
 @tracking_option
-@click.option("--study-name", help="Optuna study name (default: the experiment's name).")
+@study_name_option
 @fail_clearly
 def fail_stale(experiment: str | None, config_path: str, number: int | None, yes: bool, storage: str | None,
                tracking_uri: str | None, study_name: str | None) -> None:
@@ -496,6 +516,10 @@ def ui(experiment: str | None, config_path: str, port: int, host: str, tracking_
     The sweep is a parent run `sweep-<study>` with the trials `trial-<n>` nested
     under it. With a remote tracking server (http[s]://), prints that server's
     page for the experiment instead of starting anything. Ctrl-C stops the UI.
+
+    \b
+    Example:
+      pet-sweep ui digits --port 5001
     """
     from pet_sweep import browse
 
@@ -525,6 +549,10 @@ def dashboard(experiment: str | None, config_path: str, port: int, host: str, st
     """Open optuna-dashboard on EXPERIMENT's study storage and print the study's URL.
 
     Needs the optional extra: pip install 'pet-sweep[dashboard]'. Ctrl-C stops it.
+
+    \b
+    Example:
+      pet-sweep dashboard digits
     """
     from pet_sweep import browse
 
@@ -539,10 +567,3 @@ def dashboard(experiment: str | None, config_path: str, port: int, host: str, st
                    browse.dashboard_command(exp.storage_url, host, port), host, port,
                    ready_path="/api/studies", page_path=f"/dashboard/studies/{state.study_id}", echo=click.echo)
 
-
-def main() -> None:
-    cli()
-
-
-if __name__ == "__main__":
-    main()

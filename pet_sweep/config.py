@@ -1,4 +1,4 @@
-"""experiments.yaml: named experiments, validated strictly. The only YAML reader.
+"""experiments.yaml: named experiments, validated strictly (read by `yaml_files`, the only YAML reader).
 
 `load_experiment(path, name)` returns a frozen `Experiment`: the validated
 settings, the parsed search space, and where relative paths point (the
@@ -10,23 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pet_sweep.errors import ConfigError
-from pet_sweep.space import SearchSpace, parse_space
+from pet_sweep.space import SearchSpace, Strict, parse_space
+from pet_sweep.yaml_files import read_model, read_yaml
 
 DEFAULT_CONFIG = "experiments.yaml"
-ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Where the images come from and how they are split."""
 
     source: Literal["digits", "pets", "folder"]
@@ -64,7 +60,7 @@ class DataConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """Settings every trial shares."""
 
     img_size: int = Field(224, ge=8)
@@ -84,26 +80,34 @@ class ModelConfig(_Strict):
         return self
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(Strict):
     """How `pet-sweep pretrain` trains a body from scratch on this experiment's data (one cycle)."""
 
     epochs: int = Field(8, ge=1)
     lr: float = Field(1e-2, gt=0)
 
 
-class BudgetConfig(_Strict):
-    n_trials: int = Field(10, ge=1)
+class BudgetConfig(Strict):
+    n_trials: int = Field(10, ge=0)
     timeout: float | None = Field(None, gt=0)
     max_trials: int | None = Field(None, ge=1)
 
+    @field_validator("n_trials")
+    @classmethod
+    def _some_trials(cls, n_trials: int, info: ValidationInfo) -> int:
+        # `--n-trials 0` runs only the trials queued again (a resume's hint); a file asks for trials
+        if n_trials == 0 and not (info.context or {}).get(COMMAND_LINE):
+            raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to {ge}", {"ge": 1})
+        return n_trials
 
-class SamplerConfig(_Strict):
+
+class SamplerConfig(Strict):
     name: Literal["tpe", "random"] = "tpe"
     seed: int | None = 0
     n_startup_trials: int = Field(10, ge=0)
 
 
-class PrunerConfig(_Strict):
+class PrunerConfig(Strict):
     """`schedule`: pruning at the same point of each one-cycle schedule (pet_sweep.sweep.pruners);
     `median`, `percentile`, `hyperband`: Optuna's own, which compare trials epoch by epoch.
     `percentile` applies to `schedule` and `percentile` (50 is the median; 25 keeps only
@@ -138,7 +142,7 @@ class PrunerConfig(_Strict):
         return self
 
 
-class FaultsConfig(_Strict):
+class FaultsConfig(Strict):
     """How a sweep notices dead workers (RDB storages only: Optuna's heartbeats)."""
 
     heartbeat_interval: int = Field(30, ge=1)   # seconds between a running trial's heartbeats
@@ -154,12 +158,12 @@ class FaultsConfig(_Strict):
         return self
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(Strict):
     uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(Strict):
     """One named experiment of experiments.yaml."""
 
     description: str = ""
@@ -178,7 +182,7 @@ class ExperimentConfig(_Strict):
     pretrain: PretrainConfig = PretrainConfig()
 
 
-class ExperimentsFile(_Strict):
+class ExperimentsFile(Strict):
     default: str | None = None
     experiments: dict[str, ExperimentConfig] = Field(min_length=1)
 
@@ -219,23 +223,38 @@ class Experiment:
     def with_overrides(self, *, n_trials: int | None = None, timeout: float | None = None,
                        storage: str | None = None, tracking_uri: str | None = None,
                        study_name: str | None = None) -> "Experiment":
-        """A copy with command-line overrides applied (None leaves a setting as it is)."""
-        cfg = self.config
-        budget = cfg.budget.model_copy(update={k: v for k, v in
-                                               {"n_trials": n_trials, "timeout": timeout}.items() if v is not None})
-        tracking = cfg.tracking.model_copy(update={"uri": tracking_uri} if tracking_uri else {})
-        update: dict[str, Any] = {"budget": budget, "tracking": tracking}
-        if storage:
-            update["storage"] = storage
-        if study_name:
-            update["study_name"] = study_name
-        if n_trials is not None and n_trials < 0:  # 0: only the queued retries (a resume's hint)
-            raise ConfigError(f"--n-trials must be >= 0, but got {n_trials}")
-        if timeout is not None and not timeout > 0:  # model_copy does not validate: say it here
-            raise ConfigError(f"--timeout must be > 0 seconds, but got {timeout:g}")
-        return Experiment(self.name, cfg.model_copy(update=update), self.space, self.config_path)
+        """A copy with command-line overrides applied (None leaves a setting as it is), validated
+        again by the same models as the file (an error names the option)."""
+        given = {"--n-trials": (("budget", "n_trials"), n_trials), "--timeout": (("budget", "timeout"), timeout),
+                 "--storage": (("storage",), storage or None), "--study-name": (("study_name",), study_name or None),
+                 "--tracking-uri": (("tracking", "uri"), tracking_uri or None)}
+        raw = self.config.model_dump(exclude_unset=True)  # unset stays unset: validators read model_fields_set
+        for (*parents, key), value in given.values():
+            if value is None:
+                continue
+            node = raw
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[key] = value
+        try:
+            cfg = ExperimentConfig.model_validate(raw, context={COMMAND_LINE: True})
+        except ValidationError as err:
+            raise _override_error(err.errors()[0], {option: loc for option, (loc, _) in given.items()}) from None
+        return Experiment(self.name, cfg, self.space, self.config_path)
 
 
+def _override_error(first: Any, options: dict[str, tuple[str, ...]]) -> ConfigError:
+    """``--timeout must be > 0 seconds, but got -5``: a refused override, named by its option."""
+    option = next((o for o, loc in options.items() if loc == tuple(first["loc"][:len(loc)])), "an override")
+    template = {"greater_than": "must be > {gt:g}", "greater_than_equal": "must be >= {ge:g}"}.get(first["type"])
+    rule = template.format(**first["ctx"]) if template else first["msg"]
+    unit = " seconds" if option == "--timeout" else ""
+    value = first["input"]
+    return ConfigError(f"{option} {rule}{unit}, but got {value:g}" if isinstance(value, (int, float))
+                       else f"{option} {rule}, but got {value!r}")
+
+
+COMMAND_LINE = "command_line"  # validation context of `with_overrides`: the options' own rules apply
 JOURNAL_PREFIX = "journal://"  # journal:///abs/optuna.log or journal://relative/optuna.log
 
 
@@ -250,117 +269,29 @@ def resolve_url(url: str, base_dir: Path) -> str:
     return url
 
 
-def read_yaml(path: Path) -> Any:
-    """Read one YAML file; a missing file or bad syntax becomes a ConfigError naming it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("file not found", file=str(path)) from None
-    except OSError as err:
-        raise ConfigError(f"cannot read: {err.strerror}", file=str(path)) from None
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()  # yaml.safe_load's steps, with the check in between
-        if node is None:
-            return None
-        _refuse_duplicate_keys(node, "", path, set())
-        return loader.construct_document(node)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"malformed YAML{where}: {problem}", file=str(path)) from None
-    finally:
-        loader.dispose()
-
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-def _refuse_duplicate_keys(node: yaml.Node, path: str, file: Path, seen_nodes: set[int]) -> None:
-    """A key given twice in one mapping is an error: PyYAML would silently keep the last one."""
-    if id(node) in seen_nodes:  # an alias: checked where its anchor is (and no endless recursion)
-        return
-    seen_nodes.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        first_line: dict[tuple[str, str], int] = {}
-        for key, value in node.value:
-            name = path
-            if isinstance(key, yaml.ScalarNode):
-                name = f"{path}.{key.value}" if path else key.value
-                if key.tag != _MERGE_TAG:  # `<<: *defaults` then overriding a key is meant
-                    line = key.start_mark.line + 1
-                    if (key.tag, key.value) in first_line:
-                        raise ConfigError(f"duplicate key {key.value!r} at line {line} (first at line "
-                                          f"{first_line[key.tag, key.value]}); a key may appear once in a mapping",
-                                          file=str(file), key=name)
-                    first_line[key.tag, key.value] = line
-            _refuse_duplicate_keys(value, name, file, seen_nodes)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _refuse_duplicate_keys(item, f"{path}[{i}]", file, seen_nodes)
-
-
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The valid keys of the model reached by walking `loc` (for 'unknown key' messages)."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int) or current is None:
-            continue
-        if current is ExperimentsFile and part == "experiments":
-            current = "experiments"
-            continue
-        if current == "experiments":
-            current = ExperimentConfig
-            continue
-        field = getattr(current, "model_fields", {}).get(part)
-        ann = getattr(field, "annotation", None)
-        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
-
-
-def _config_error(err: ValidationError, file: Path, model: type[BaseModel]) -> ConfigError:
-    first = err.errors()[0]
-    loc = tuple(first["loc"])
-    experiment = None
-    if model is ExperimentsFile and len(loc) >= 2 and loc[0] == "experiments":
-        experiment, rest = str(loc[1]), loc[2:]
-    else:
-        rest = loc
-    key = ".".join(str(p) for p in rest if not (isinstance(p, str) and p.startswith("function-")))
-    if first["type"] == "extra_forbidden":
-        valid = _fields_at(model, loc[:-1])
-        msg = f"unknown key {loc[-1]!r}" + (f"; valid keys: {', '.join(valid)}" if valid else "")
-    elif first["type"] == "missing":
-        msg = "required key is missing"
-    else:
-        msg = f"{first['msg']}, but got {first.get('input')!r}"
-    return ConfigError(msg, file=str(file), experiment=experiment, key=key or None)
-
-
-def read_model(path: str | Path, model: type[ModelT], shape: str) -> tuple[ModelT, Path]:
-    """Read a YAML file and validate it as `model`; `shape` says what the file must be."""
-    path = Path(path).expanduser().resolve()
-    raw = read_yaml(path)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"must be {shape}", file=str(path))
-    try:
-        return model(**raw), path
-    except ValidationError as err:
-        raise _config_error(err, path, model) from None
-    except TypeError as err:
-        raise ConfigError(str(err), file=str(path)) from None
-
-
 def load_experiments_file(path: str | Path = DEFAULT_CONFIG) -> tuple[ExperimentsFile, Path]:
     """Read and validate a whole experiments file."""
-    parsed, path = read_model(path, ExperimentsFile, "a mapping with `experiments:`")
+    if not Path(path).expanduser().exists():
+        raise ConfigError(f"file not found; {_where_to_look(Path(path))}", file=str(Path(path).expanduser().resolve()))
+    parsed, path = read_model(path, ExperimentsFile, "a mapping with `experiments:`", section="experiments")
     if parsed.default is not None and parsed.default not in parsed.experiments:
         raise ConfigError(f"default experiment {parsed.default!r} is not defined; valid choices: "
                           f"{', '.join(parsed.experiments)}", file=str(path), key="default")
     for name, cfg in parsed.experiments.items():
         _check_source(name, cfg.model.pretrained_on, parsed.experiments, path)
     return parsed, path
+
+
+def _where_to_look(path: Path) -> str:
+    """What to do about a missing experiments file: --config, and the nearest file of the same
+    relative path in a folder above this one (as git finds its repository), if there is one."""
+    hint = "give the experiments file with --config PATH"
+    if path.is_absolute() or path.expanduser() != path:
+        return hint
+    here = Path.cwd()
+    found = next((folder / path for folder in here.parents if (folder / path).is_file()), None)
+    return hint + (f" (the nearest above this folder: --config {found})" if found else
+                   f" (none in {here} or the folders above it)")
 
 
 def _check_source(name: str, source: str | None, experiments: dict[str, ExperimentConfig], path: Path) -> None:
@@ -377,17 +308,16 @@ def _check_source(name: str, source: str | None, experiments: dict[str, Experime
                           file=str(path), experiment=name, key="model.pretrained_on")
 
 
-def experiment_names(path: str | Path = DEFAULT_CONFIG) -> list[str]:
-    parsed, _ = load_experiments_file(path)
-    return list(parsed.experiments)
-
-
 def load_space(sweep: Union[str, dict[str, Any]], base_dir: Path, *, file: str, experiment: str) -> SearchSpace:
     """Read a search space from its file under sweeps/ (or inline in the experiment)."""
     if isinstance(sweep, dict):
         raw, where, prefix = sweep, file, "sweep."
     else:
-        space_path = (base_dir / sweep).resolve()
+        space_path = (base_dir / Path(sweep).expanduser()).resolve()
+        if not space_path.exists():
+            raise ConfigError(f"search space file not found: {space_path} (a relative `sweep` path is relative to "
+                              f"the folder of the experiments file, {base_dir}, not to the current folder)",
+                              file=file, experiment=experiment, key="sweep")
         raw, where, prefix = read_yaml(space_path), str(space_path), ""
     try:
         return parse_space(raw)

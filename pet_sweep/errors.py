@@ -6,6 +6,8 @@ everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Sequence
+
 
 class PetSweepError(Exception):
     """Root of every error pet-sweep raises on purpose."""
@@ -48,3 +50,15 @@ class TrialFailed(PetSweepError):
 
 class LRFindError(PetSweepError):
     """The learning-rate finder gave no usable suggestion (the loss diverged at once, or NaN)."""
+
+
+def validation_reason(error: Mapping[str, Any], valid_keys: Sequence[str] = (), missing: str | None = None) -> str:
+    """One of pydantic's errors (an item of ``ValidationError.errors()``) in pet-sweep's words;
+    the caller names the file and the key. `missing`: what to say of a missing key."""
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {error['loc'][-1]!r}" + (f"; valid keys: {', '.join(valid_keys)}" if valid_keys else "")
+    if error["type"] == "missing":
+        return missing or "required key is missing"
+    if error["type"] == "value_error":  # a validator's own message, which names the values
+        return str(error["ctx"]["error"])
+    return f"{error['msg']}, but got {error.get('input')!r}"

@@ -2,7 +2,7 @@
 
 The exported file (``best.yaml``) holds everything the fine-tune needs: data,
 model, every recipe parameter, the seed, where to log, and where it came from.
-It is read by `config.read_model` (config.py stays the only YAML reader) and validated with the
+It is read by `yaml_files.read_model` (the only YAML reader) and validated with the
 same pydantic models as experiments.yaml. `train` re-runs that fine-tune once,
 logs an MLflow run (tagged as a replay of the trial, nested under the sweep's
 parent run when the store has it), reports the error on the held-out test
@@ -19,25 +19,25 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict
 
-from pet_sweep.config import (DataConfig, Experiment, ExperimentConfig, ModelConfig, TrackingConfig, load_space,
-                              read_model)
-from pet_sweep.train.data import SplitFingerprint
+from pet_sweep.config import DataConfig, Experiment, ExperimentConfig, ModelConfig, TrackingConfig, load_space
 from pet_sweep.errors import ConfigError, DataError, StudyError
 from pet_sweep.report.stats import errors_of, format_rate, wilson
 from pet_sweep.report.read import HELD_OUT_TAG, N_TEST_METRIC, REPLAY_OF_TAG, REPLAY_ROLE, TEST_METRIC, \
     VALID_METRIC, open_existing_study
-from pet_sweep.space import lr_text, params_from_dict
+from pet_sweep.params import TrialParams, lr_text, params_from_dict
+from pet_sweep.space import Strict
+from pet_sweep.sweep.records import BATCH_ATTR, PARAMS_ATTR, SPLIT_ATTR, TARGETS_ATTR, trial_config
+from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, check_server, redact_url, redact_url_in, \
+    require_password
+from pet_sweep.train.data import SplitFingerprint
+from pet_sweep.train.pretrain import CHECKPOINT_ATTR, Checkpoint
+from pet_sweep.yaml_files import read_model
 
 FORMAT = "pet-sweep/replay-1"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ReplaySource(_Strict):
+class ReplaySource(Strict):
     """Where an exported config came from; `train` works without the study, and checks its
     test split against `split` (the study's, recorded when the sweep started)."""
 
@@ -52,7 +52,7 @@ class ReplaySource(_Strict):
     split: SplitFingerprint | None = None    # the study's split; absent from exports made before it was recorded
 
 
-class ReplayConfig(_Strict):
+class ReplayConfig(Strict):
     """One fine-tune, complete: what `pet-sweep export` writes and `pet-sweep train` reads."""
 
     format: Literal["pet-sweep/replay-1"]
@@ -104,10 +104,6 @@ def _pick_trial(study: Any, number: int | None) -> Any:
 
 def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, Any], int]:
     """The standalone config of the best (or the given) completed trial, as a mapping."""
-    from pet_sweep.train.pretrain import CHECKPOINT_ATTR, Checkpoint
-    from pet_sweep.sweep.records import BATCH_ATTR, PARAMS_ATTR, SPLIT_ATTR, TARGETS_ATTR, trial_config
-    from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, redact_url
-
     study = open_existing_study(exp)
     chosen = _pick_trial(study, trial)
     attrs = chosen.user_attrs
@@ -119,6 +115,8 @@ def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, 
         base["model"] = Checkpoint(**attrs[CHECKPOINT_ATTR]).model(ModelConfig(**base["model"])).model_dump(
             exclude_none=True)
     data = dict(base["data"])
+    if not exp.config.data.augment and "flip" not in exp.config.data.model_fields_set:
+        data.pop("flip", None)  # flip acts only with augment: a default that did nothing is no setting of the run
     if exp.data_path() is not None:
         data["path"] = str(exp.data_path())  # the exported file may live anywhere
     n_valid = len(attrs.get(TARGETS_ATTR, ())) or None
@@ -208,7 +206,7 @@ def check_test_split(source: ReplaySource | None, now: SplitFingerprint, *, allo
 def without_training_callbacks(learn: Any) -> None:
     """Drop pet-sweep's per-trial callbacks: they would fire again in `validate`, `predict`
     and in every use of the exported learner (and fail outside a fit)."""
-    from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence
+    from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence  # heavy: fastai
 
     learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (EpochHistory, StopOnDivergence))])
 
@@ -223,8 +221,6 @@ def evaluate_test(learn: Any, items: tuple[Path, ...]) -> float:
 
 def _without_passwords(path: Path, cfg: ReplayConfig, folder: Path) -> Path:
     """A copy of the config to upload, with the passwords of its URLs hidden (a hand-edited one may have them)."""
-    from pet_sweep.tracking import redact_url_in
-
     text = path.read_text(encoding="utf-8")
     for url in (cfg.tracking.uri, cfg.source.storage if cfg.source else ""):
         text = redact_url_in(text, url)
@@ -233,15 +229,22 @@ def _without_passwords(path: Path, cfg: ReplayConfig, folder: Path) -> Path:
     return copy
 
 
-def _parent_in_store(client: Any, run_id: str | None) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    if not run_id:
-        return None
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        return None
+def _start_run(tracker: Tracker, cfg: ReplayConfig, params: TrialParams, data: Any, split: SplitCheck,
+               precision: str) -> str:
+    """The replay's MLflow run with its parameters, nested under the sweep's parent run where this store has it."""
+    tags = {"pet_sweep.role": REPLAY_ROLE, "arch": params.arch, HELD_OUT_TAG: split.tag,
+            "pet_sweep.split": split.text}
+    source = cfg.source
+    if source:
+        tags.update({"pet_sweep.study": source.study, REPLAY_OF_TAG: str(source.trial)})
+        if tracker.has_run(source.mlflow_parent_run_id):
+            tags["mlflow.parentRunId"] = str(source.mlflow_parent_run_id)
+    run_id = tracker.start_run(f"replay-{cfg.name}", tags)
+    tracker.log_params(run_id, {**params.as_dict(), "seed": cfg.seed, "precision": precision,
+                                "img_size": cfg.model.img_size, "batch_size": cfg.model.batch_size,
+                                "pretrained": cfg.model.pretrained, "channels_last": cfg.model.channels_last,
+                                "data": cfg.data.source,
+                                "n_test": len(data.splits.test), "device": str(data.dls.device)})
     return run_id
 
 
@@ -253,9 +256,8 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
     (the sweep's), e.g. on the machine that takes the config to production.
     A test split that differs from the sweep's is refused unless `allow_split_change`.
     """
-    from pet_sweep.train import recipe
+    from pet_sweep.train import recipe  # heavy: torch and fastai
     from pet_sweep.train.data import build_data
-    from pet_sweep.tracking import Tracker, check_server, redact_url_in, require_password
 
     cfg, exp = load_replay(path)
     exp = exp.with_overrides(tracking_uri=tracking_uri)
@@ -265,25 +267,12 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
     check_server(exp.tracking_uri)  # a server that is down: said before the training, not after
     params = params_from_dict(cfg.params)
     data = build_data(exp)
-    source = cfg.source
-    split = check_test_split(source, data.fingerprint, allow_change=allow_split_change, where=str(exp.config_path))
+    split = check_test_split(cfg.source, data.fingerprint, allow_change=allow_split_change,
+                             where=str(exp.config_path))
     echo(f"split        {split.text}")
     tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
-    tags = {"pet_sweep.role": REPLAY_ROLE, "arch": params.arch, HELD_OUT_TAG: split.tag,
-            "pet_sweep.split": split.text}
-    if source:
-        tags.update({"pet_sweep.study": source.study, REPLAY_OF_TAG: str(source.trial)})
-        parent = _parent_in_store(tracker.client, source.mlflow_parent_run_id)
-        if parent:
-            tags["mlflow.parentRunId"] = parent
-    run = tracker.client.create_run(tracker.experiment_id, run_name=f"replay-{cfg.name}", tags=tags)
-    run_id = run.info.run_id
     precision = recipe.precision_for(cfg.model.precision, data.dls.device)
-    tracker.log_params(run_id, {**params.as_dict(), "seed": cfg.seed, "precision": precision,
-                                "img_size": cfg.model.img_size, "batch_size": cfg.model.batch_size,
-                                "pretrained": cfg.model.pretrained, "channels_last": cfg.model.channels_last,
-                                "data": cfg.data.source,
-                                "n_test": len(data.splits.test), "device": str(data.dls.device)})
+    run_id = _start_run(tracker, cfg, params, data, split, precision)
     echo(f"replay       {cfg.name}: {params.arch} {lr_text(params.as_dict())} freeze_epochs={params.freeze_epochs} "
          f"epochs={params.epochs} seed={cfg.seed} ({precision}, {data.dls.device})")
     started = time.perf_counter()
@@ -291,35 +280,48 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
     try:
         result = recipe.fine_tune(data.dls, params, cfg.model, seed=cfg.seed,
                                   listeners=[tracker.epoch_logger(run_id)], keep_learner=True)
-        n_valid = len(result.valid_targets) or data.n_valid
-        without_training_callbacks(result.learner)
-        test_error = evaluate_test(result.learner, data.splits.test) if data.splits.test else None
-        reproduced = None
-        if source and source.validation_error is not None:
-            lo, hi = wilson(errors_of(source.validation_error, n_valid), n_valid)
-            reproduced = lo <= result.error_rate <= hi
-        metrics = {VALID_METRIC: result.error_rate, "n_valid": float(n_valid), "duration_s":
-                   time.perf_counter() - started}
-        if test_error is not None:
-            metrics.update({TEST_METRIC: test_error, N_TEST_METRIC: float(len(data.splits.test))})
-        with tempfile.TemporaryDirectory() as tmp:
-            artifacts = [_without_passwords(Path(path).expanduser().resolve(), cfg, Path(tmp))]
-            model_artifact = None
-            if export_model:
-                model_path = Path(tmp) / "learner.pkl"
-                result.learner.export(model_path)
-                artifacts.append(model_path)
-                model_artifact = f"runs:/{run_id}/{model_path.name}"
-            tracker.finish_trial(run_id, "COMPLETE", metrics,
-                                 {"reproduced": str(reproduced).lower()} if reproduced is not None else {},
-                                 artifacts)
+        measured = _measure(result, data, cfg.source)
+        measured["duration_s"] = time.perf_counter() - started
+        model_artifact = _finish(tracker, run_id, result.learner, measured, Path(path).expanduser().resolve(), cfg,
+                                 export_model=export_model)
     except BaseException as err:
-        reason = redact_url_in(f"{type(err).__name__}: {err}", exp.tracking_uri)
-        tracker.client.set_tag(run_id, "reason", reason[:5000])
-        tracker.client.set_terminated(run_id, status="FAILED")
+        tracker.fail_run(run_id, redact_url_in(f"{type(err).__name__}: {err}", exp.tracking_uri))
         raise
     finally:
         if result is not None and result.learner is not None:
             recipe.release(result.learner)
-    return ReplayOutcome(run_id, result.error_rate, n_valid, test_error, len(data.splits.test), reproduced,
-                         model_artifact, time.perf_counter() - started, split.held_out)
+    return ReplayOutcome(run_id, result.error_rate, int(measured["n_valid"]), measured.get(TEST_METRIC),
+                         len(data.splits.test), measured.get("reproduced"), model_artifact,
+                         time.perf_counter() - started, split.held_out)
+
+
+def _measure(result: Any, data: Any, source: ReplaySource | None) -> dict[str, Any]:
+    """The replay's metrics: validation error, test error on the held-out items, whether it reproduces."""
+    n_valid = len(result.valid_targets) or data.n_valid
+    without_training_callbacks(result.learner)
+    measured: dict[str, Any] = {VALID_METRIC: result.error_rate, "n_valid": float(n_valid)}
+    if data.splits.test:
+        measured.update({TEST_METRIC: evaluate_test(result.learner, data.splits.test),
+                         N_TEST_METRIC: float(len(data.splits.test))})
+    if source and source.validation_error is not None:
+        lo, hi = wilson(errors_of(source.validation_error, n_valid), n_valid)
+        measured["reproduced"] = lo <= result.error_rate <= hi  # within the trial's 95 % interval
+    return measured
+
+
+def _finish(tracker: Tracker, run_id: str, learner: Any, measured: dict[str, Any], config_file: Path,
+            cfg: ReplayConfig, *, export_model: bool) -> str | None:
+    """Close the run with its metrics and artifacts (the config, the learner if asked); the model's URI."""
+    reproduced = measured.get("reproduced")
+    metrics = {k: v for k, v in measured.items() if k != "reproduced"}
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = [_without_passwords(config_file, cfg, Path(tmp))]
+        model_artifact = None
+        if export_model:
+            model_path = Path(tmp) / "learner.pkl"
+            learner.export(model_path)
+            artifacts.append(model_path)
+            model_artifact = f"runs:/{run_id}/{model_path.name}"
+        tracker.finish_trial(run_id, "COMPLETE", metrics,
+                             {"reproduced": str(reproduced).lower()} if reproduced is not None else {}, artifacts)
+    return model_artifact

@@ -30,12 +30,13 @@ the YAML, and `suggest` works with any Optuna trial, including
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
-from pet_sweep.errors import ConfigError
+from pet_sweep.errors import ConfigError, validation_reason
+from pet_sweep.params import FROZEN_ONLY, TrialParams, inert_params
 
 # Architectures by name -> depth. torchvision's ResNets are what fastbook uses;
 # fastai's xresnets train well from scratch. Other names are looked up in timm.
@@ -55,8 +56,6 @@ PARAMS: dict[str, tuple[type, float]] = {
     "epochs": (int, 1),
 }
 REQUIRED = ("arch", "base_lr", "lr_hi", "freeze_epochs", "epochs")
-# Parameters that do nothing without a frozen phase (freeze_epochs 0): not sampled, not recorded.
-FROZEN_ONLY = ("base_lr",)
 
 # The LR finder's phases and fastai's suggestion functions an anchor may name.
 PHASES = ("frozen", "unfrozen")
@@ -68,27 +67,87 @@ ANCHORS = tuple(f"{phase}.{method}" for phase in PHASES for method in SUGGESTION
 Anchors = Mapping[str, Mapping[str, Mapping[str, float]]]
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """What a user writes: unknown keys refused (extra="forbid"), frozen once read."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Choice(_Strict):
+def _read_for(info: ValidationInfo) -> str | None:
+    """The parameter an entry is read for (``model_validate(raw, context={"param": name})``, which checks
+    its values by the parameter's rules); None for one built in code, from values already checked."""
+    return (info.context or {}).get("param")
+
+
+class Choice(Strict):
     choices: list[Union[int, float, str]] = Field(min_length=1)
 
+    @field_validator("choices")
+    @classmethod
+    def _valid_choices(cls, choices: list[Any], info: ValidationInfo) -> list[Any]:
+        name = _read_for(info)
+        return choices if name is None else [_check_value(name, v, f"{name}.choices[{i}]")
+                                             for i, v in enumerate(choices)]
 
-class Range(_Strict):
+
+class Range(Strict):
     low: float
     high: float
-    log: bool = False
+    log: StrictBool = False
     step: float | None = None
 
+    @field_validator("low", "high", mode="before")
+    @classmethod
+    def _valid_bound(cls, value: Any, info: ValidationInfo) -> Any:
+        name = _read_for(info)
+        return value if name is None else _check_value(name, value, f"{name}.{info.field_name}")
 
-class Anchored(_Strict):
-    """A learning rate relative to an LR-finder suggestion: ``anchor x factor``."""
+    @field_validator("step")
+    @classmethod
+    def _positive_step(cls, step: float | None) -> float | None:
+        if step is not None and step <= 0:
+            raise ValueError(f"`step` must be > 0, but got {step!r}")
+        return step
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Range":
+        if self.low > self.high:
+            raise ValueError(f"`low <= high` must hold, but got (low={self.low!r}, high={self.high!r})")
+        if self.log and self.step is not None:
+            raise ValueError("`step` and `log: true` cannot be used together")
+        return self
+
+
+class Anchored(Strict):
+    """A learning rate relative to an LR-finder suggestion: ``anchor x factor``.
+
+    A single factor fixes the multiple.
+    """
 
     anchor: str  # "<phase>.<suggestion>", one of ANCHORS
-    factor: tuple[float, float]
-    log: bool = False
+    factor: tuple[float, float] = Field(
+        description="an anchored learning rate needs `factor: [low, high]` (the LR is anchor x factor)")
+    log: StrictBool = False
+
+    @field_validator("anchor")
+    @classmethod
+    def _known_anchor(cls, anchor: str) -> str:
+        if anchor not in ANCHORS:
+            raise ValueError(f"unknown anchor {anchor!r}; valid anchors: {', '.join(ANCHORS)}")
+        return anchor
+
+    @field_validator("factor", mode="before")
+    @classmethod
+    def _factor_range(cls, factor: Any, info: ValidationInfo) -> tuple[float, float]:
+        factors = factor if isinstance(factor, (list, tuple)) else [factor, factor]
+        if len(factors) != 2:
+            raise ValueError(f"must be [low, high] or one number, but got {factor!r}")
+        name = _read_for(info)
+        low, high = factors if name is None else (_check_value(name, v, f"{name}.factor[{i}]")
+                                                  for i, v in enumerate(factors))
+        if low > high:
+            raise ValueError(f"`0 < low <= high` must hold, but got (low={low!r}, high={high!r})")
+        return low, high
 
     @property
     def phase(self) -> str:
@@ -102,7 +161,7 @@ class Anchored(_Strict):
 ParamSpec = Union[int, float, str, Choice, Range, Anchored]
 
 
-class SearchSpace(_Strict):
+class SearchSpace(Strict):
     """A validated search space. Build it with `parse_space`."""
 
     params: dict[str, ParamSpec]
@@ -142,45 +201,6 @@ class SearchSpace(_Strict):
         """Every architecture a trial may use."""
         spec = self.params["arch"]
         return [str(c) for c in spec.choices] if isinstance(spec, Choice) else [str(spec)]
-
-
-@dataclass(frozen=True)
-class TrialParams:
-    """Everything that varies between trials: what the recipe receives."""
-
-    arch: str
-    base_lr: float | None  # the frozen phase's LR; None when there is none (freeze_epochs 0)
-    lr_lo: float
-    lr_hi: float
-    freeze_epochs: int
-    epochs: int
-
-    def __post_init__(self) -> None:
-        if self.freeze_epochs > 0 and self.base_lr is None:
-            raise ValueError(f"a frozen phase needs base_lr, but got (base_lr=None, freeze_epochs={self.freeze_epochs})")
-
-    def as_dict(self) -> dict[str, Any]:
-        """The parameters that act on the trial: base_lr only where a frozen phase uses it."""
-        inert = inert_params(asdict(self))
-        return {k: v for k, v in asdict(self).items() if k not in inert and v is not None}
-
-    @property
-    def total_epochs(self) -> int:
-        return self.freeze_epochs + self.epochs
-
-
-def inert_params(values: Mapping[str, Any]) -> set[str]:
-    """Names (with Optuna's ``<name>_factor`` of an anchored one) that had no effect on a trial with these values."""
-    if values.get("freeze_epochs") is None or int(values["freeze_epochs"]) > 0:
-        return set()
-    return {f"{name}{tail}" for name in FROZEN_ONLY for tail in ("", "_factor")}
-
-
-def lr_text(values: Mapping[str, Any], sep: str = " ") -> str:
-    """``base_lr=1.00e-02 lr=slice(1.00e-04, 1.00e-03)``; base_lr left out where the trial had no frozen phase."""
-    base = None if "base_lr" in inert_params(values) else values.get("base_lr")
-    head = f"base_lr={float(base):.2e}{sep}" if base is not None else ""
-    return f"{head}lr=slice({float(values.get('lr_lo', 0)):.2e}, {float(values.get('lr_hi', 0)):.2e})"
 
 
 def always_inert(space: SearchSpace) -> list[str]:
@@ -227,63 +247,34 @@ def _check_value(name: str, value: Any, key: str) -> Any:
     return number
 
 
-def _parse_anchored(name: str, raw: dict[str, Any]) -> Anchored:
-    """``{anchor: frozen.valley, factor: [0.3, 3], log: true}``; a single factor fixes the multiple."""
-    key = name
-    if name not in ANCHORABLE:
-        raise ConfigError(f"only the learning rates ({', '.join(ANCHORABLE)}) can be anchored on the LR finder",
-                          key=f"{key}.anchor")
-    unknown = sorted(set(raw) - {"anchor", "factor", "log"})
-    if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r}; an anchored learning rate takes anchor, factor, log",
-                          key=f"{key}.{unknown[0]}")
-    anchor = raw["anchor"]
-    if anchor not in ANCHORS:
-        raise ConfigError(f"unknown anchor {anchor!r}; valid anchors: {', '.join(ANCHORS)}", key=f"{key}.anchor")
-    if "factor" not in raw:
-        raise ConfigError("an anchored learning rate needs `factor: [low, high]` (the LR is anchor x factor)",
-                          key=f"{key}.factor")
-    factor = raw["factor"]
-    factors = factor if isinstance(factor, list) else [factor, factor]
-    if len(factors) != 2:
-        raise ConfigError(f"must be [low, high] or one number, but got {factor!r}", key=f"{key}.factor")
-    low, high = (_check_value(name, v, f"{key}.factor[{i}]") for i, v in enumerate(factors))
-    if low > high:
-        raise ConfigError(f"`0 < low <= high` must hold, but got (low={low!r}, high={high!r})", key=f"{key}.factor")
-    log = raw.get("log", False)
-    if not isinstance(log, bool):
-        raise ConfigError(f"must be true or false, but got {log!r}", key=f"{key}.log")
-    return Anchored(anchor=anchor, factor=(low, high), log=log)
+
+
+def _entry_error(err: ValidationError, key: str, model: type[BaseModel]) -> ConfigError:
+    """A parameter entry pydantic refused, as a ConfigError naming the key (``epochs.low``, ``arch.choices[1]``)."""
+    first = err.errors()[0]
+    loc = key + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+    field = model.model_fields.get(str(first["loc"][-1])) if first["loc"] else None
+    reason = validation_reason(first, missing=getattr(field, "description", None))
+    # a validator's own message says the rule; pydantic's say only what is wrong
+    shape = ("an anchored learning rate takes anchor, factor, log" if model is Anchored else
+             "a parameter is a value, {choices: [...]} or {low: .., high: .., log: ..}")
+    return ConfigError(reason if first["type"] == "value_error" else f"{reason}; {shape}", key=loc)
 
 
 def _parse_param(name: str, raw: Any) -> ParamSpec:
-    key = name
-    if isinstance(raw, dict) and "anchor" in raw:
-        return _parse_anchored(name, raw)
-    if isinstance(raw, dict):
-        try:
-            spec = Choice(**raw) if "choices" in raw else Range(**raw)
-        except ValidationError as err:
-            first = err.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(f"{first['msg']} (got {first.get('input')!r}); a parameter is a"
-                              " value, {choices: [...]} or {low: .., high: .., log: ..}",
-                              key=f"{key}.{loc}" if loc else key) from None
-        if isinstance(spec, Choice):
-            values = [_check_value(name, v, f"{key}.choices[{i}]") for i, v in enumerate(spec.choices)]
-            return Choice(choices=values)
-        if PARAMS[name][0] is str:
-            raise ConfigError("an architecture is chosen with {choices: [...]}, not a range", key=key)
-        low = _check_value(name, raw["low"], f"{key}.low")
-        high = _check_value(name, raw["high"], f"{key}.high")
-        if low > high:
-            raise ConfigError(f"`low <= high` must hold, but got (low={low!r}, high={high!r})", key=key)
-        if spec.log and spec.step is not None:
-            raise ConfigError("`step` and `log: true` cannot be used together", key=key)
-        if spec.step is not None and spec.step <= 0:
-            raise ConfigError(f"`step` must be > 0, but got {spec.step!r}", key=f"{key}.step")
-        return Range(low=low, high=high, log=spec.log, step=spec.step)
-    return _check_value(name, raw, key)
+    """One entry of a space file: a fixed value, ``{choices: ..}``, ``{low: .., high: ..}`` or ``{anchor: ..}``."""
+    if not isinstance(raw, dict):
+        return _check_value(name, raw, name)
+    model: type[Choice | Range | Anchored] = Anchored if "anchor" in raw else Choice if "choices" in raw else Range
+    if model is Anchored and name not in ANCHORABLE:
+        raise ConfigError(f"only the learning rates ({', '.join(ANCHORABLE)}) can be anchored on the LR finder",
+                          key=f"{name}.anchor")
+    if model is Range and PARAMS[name][0] is str:
+        raise ConfigError("an architecture is chosen with {choices: [...]}, not a range", key=name)
+    try:
+        return model.model_validate(raw, context={"param": name})
+    except ValidationError as err:
+        raise _entry_error(err, name, model) from None
 
 
 def parse_space(raw: Any) -> SearchSpace:
@@ -402,19 +393,3 @@ def suggest(space: SearchSpace, trial: Any, anchors: Anchors | None = None) -> T
     base_lr = values.get("base_lr")
     return TrialParams(arch=str(values["arch"]), base_lr=None if base_lr is None else float(base_lr), lr_lo=lr_lo,
                        lr_hi=lr_hi, freeze_epochs=int(values["freeze_epochs"]), epochs=int(values["epochs"]))
-
-
-def params_from_dict(values: dict[str, Any]) -> TrialParams:
-    """Rebuild TrialParams from a mapping (an exported config, a trial's user attrs).
-
-    base_lr is needed only with a frozen phase; without one it is dropped (it did nothing).
-    """
-    try:
-        freeze_epochs = int(values["freeze_epochs"])
-        base_lr = None if freeze_epochs == 0 else float(values["base_lr"])
-        return TrialParams(arch=str(values["arch"]), base_lr=base_lr,
-                           lr_lo=float(values["lr_lo"]), lr_hi=float(values["lr_hi"]),
-                           freeze_epochs=freeze_epochs, epochs=int(values["epochs"]))
-    except KeyError as err:
-        why = " (the frozen phase's learning rate; needed when freeze_epochs > 0)" if err.args[0] in FROZEN_ONLY else ""
-        raise ConfigError(f"missing recipe parameter {err.args[0]!r}{why}", key=f"params.{err.args[0]}") from None

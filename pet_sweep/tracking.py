@@ -4,19 +4,30 @@ study (the sweep), one nested child run ``trial-<n>`` per Optuna trial.
 Everything goes through `MlflowClient` with explicit run ids, never the
 fluent ``mlflow.start_run`` stack, so several workers in one process tree, or
 a crash in the middle of a trial, cannot leave the wrong run active.
+
+This module is the one door to MLflow: `Tracker` writes (sweeps, trials, the
+finder's, pretraining's and replays' runs), `experiment_id` and `SweepRuns` read.
+No other module holds an `MlflowClient`. mlflow itself is imported inside the
+functions that use it, so `pet-sweep --help`, `list` and `export` never load it.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import os
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-if TYPE_CHECKING:  # callbacks imports fastai; `pet-sweep ui` and `list` do not need it
+from pet_sweep.errors import ConfigError, StudyError
+
+if TYPE_CHECKING:  # sweep.records imports this module (and optuna): for annotations only
     from pet_sweep.sweep.records import EpochRecord
 
 # MLflow run statuses for Optuna trial states: a pruned trial was stopped on
@@ -70,8 +81,6 @@ def is_redacted(url: str) -> bool:
 def require_password(url: str, variable: str, *, file: str | None = None, key: str | None = None) -> str:
     """`url` itself, unless its password was redacted: then say which variable gives the real one."""
     if is_redacted(url):
-        from pet_sweep.errors import ConfigError
-
         raise ConfigError(f"{url} has its password removed (export writes {REDACTED} in its place); "
                           f"set {variable} to the full URL", file=file, key=key)
     return url
@@ -82,9 +91,6 @@ def open_http(url: str, timeout: float) -> Any:
 
     urllib would take the password for part of the host (and quote it in its error).
     """
-    import base64
-    import urllib.request
-
     parts = urlsplit(url)
     request = urllib.request.Request(urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])))
     if parts.username is not None:
@@ -122,6 +128,14 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
+def _client(tracking_uri: str) -> Any:
+    """The MlflowClient of a store (only this module holds one), MLflow's start-up lines silenced."""
+    from mlflow import MlflowClient  # heavy: mlflow and SQLAlchemy, out of `--help`, `list`, `export`
+
+    quiet_mlflow()
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
 WHERE_TRACKING = "tracking.uri, --tracking-uri or PET_SWEEP_TRACKING_URI"
 _ANSWERED: set[str] = set()  # servers that answered in this process: asked once, not by every caller
 
@@ -136,8 +150,6 @@ def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
     so a server that restarts mid-sweep is waited for (and one that answered once in
     this process is not asked again: `run` checks before building the data, `Tracker` after).
     """
-    import urllib.error
-
     if urlsplit(tracking_uri).scheme not in ("http", "https") or tracking_uri in _ANSWERED:
         return
     try:
@@ -149,8 +161,6 @@ def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
         return  # an answer: a server (perhaps behind a proxy or asking for a login) is there
     except (OSError, ValueError) as err:  # URLError, refused, timed out, bad host
         reason = getattr(err, "reason", err)
-        from pet_sweep.errors import StudyError
-
         raise StudyError(f"cannot reach the MLflow tracking server {redact_url(tracking_uri)} "
                          f"({redact_url_in(str(reason), tracking_uri)}); "
                          f"start it, or point {WHERE_TRACKING} at one that runs") from None
@@ -160,34 +170,30 @@ class Tracker:
     """Writes a sweep and its trials to one MLflow tracking store."""
 
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # heavy: mlflow
 
-        from pet_sweep.errors import StudyError
-
-        quiet_mlflow()
         check_server(tracking_uri)
         db = sqlite_path(tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._client = _client(tracking_uri)
         try:
-            existing = self.client.get_experiment_by_name(experiment_name)
+            existing = self._client.get_experiment_by_name(experiment_name)
         except MlflowException as err:  # refused login, a server that is not MLflow, an unknown scheme
             first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             raise StudyError(f"cannot use the MLflow tracking store {redact_url(tracking_uri)}: "
                              f"{redact_url_in(first, tracking_uri)} ({WHERE_TRACKING})") from None
         if existing is None:
             try:
-                self.experiment_id = self.client.create_experiment(
+                self.experiment_id = self._client.create_experiment(
                     experiment_name, artifact_location=artifact_root(tracking_uri))
             except MlflowException:  # another worker created it first
-                self.experiment_id = self.client.get_experiment_by_name(experiment_name).experiment_id
+                self.experiment_id = self._client.get_experiment_by_name(experiment_name).experiment_id
         else:
             self.experiment_id = existing.experiment_id
         if existing is None or EXPERIMENT_KIND_TAG[0] not in existing.tags:
-            self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND_TAG)
+            self._client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND_TAG)
         self.experiment_name = experiment_name
 
     # -- the sweep (parent run) ------------------------------------------------
@@ -200,48 +206,69 @@ class Tracker:
         keeps the same run, the earliest open `sweep-<study>` (start time, then run id),
         and deletes its own if it lost, before any trial logs to it.
         """
-        from mlflow.entities import RunStatus
+        from mlflow.entities import RunStatus  # heavy: mlflow
 
         if run_id:
             try:
-                run = self.client.get_run(run_id)
+                run = self._client.get_run(run_id)
             except Exception:  # the id comes from another store (overridden --tracking-uri)
                 run = None
             if run is not None and run.info.experiment_id == self.experiment_id:
                 if run.info.status != "RUNNING":
-                    self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+                    self._client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
                 return run_id
-        mine = self.client.create_run(
+        mine = self._client.create_run(
             self.experiment_id, run_name=f"sweep-{study_name}",
             tags={"pet_sweep.role": "sweep", "pet_sweep.study": study_name}).info.run_id
         time.sleep(SWEEP_SETTLE_S)
-        runs = self.client.search_runs(
+        runs = self._client.search_runs(
             [self.experiment_id], filter_string=f"tags.`pet_sweep.study` = '{study_name}' and "
                                                 "tags.`pet_sweep.role` = 'sweep' and attributes.status = 'RUNNING'")
         winner = min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else mine
         if winner != mine:
-            self.client.delete_run(mine)
+            self._client.delete_run(mine)
             return winner
         self.log_params(mine, settings)
         return mine
 
     def update_sweep(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str] = ()) -> None:
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, RunTag  # heavy: mlflow
 
         now = int(time.time() * 1000)
-        self.client.log_batch(
+        self._client.log_batch(
             run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)],
             tags=[RunTag(k, str(v)) for k, v in dict(tags).items()])
 
     def finish_sweep(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self.end_run(run_id, status)
+
+    # -- other runs: the LR finder's, pretraining's, replays' -------------------
+
+    def start_run(self, run_name: str, tags: Mapping[str, str]) -> str:
+        """A new run in this experiment (tags such as ``mlflow.parentRunId`` nest it); its id."""
+        return self._client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+
+    def has_run(self, run_id: str | None) -> bool:
+        """Whether this store holds the run (an id read from a config may come from another store)."""
+        return bool(run_id) and _run_or_none(self._client, str(run_id)) is not None
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self._client.set_tag(run_id, key, value[:5000])  # MLflow's limit on a tag value
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self._client.set_terminated(run_id, status=status)
+
+    def fail_run(self, run_id: str, reason: str) -> None:
+        """Close a run that failed, saying why in its ``reason`` tag."""
+        self.set_tag(run_id, "reason", reason)
+        self.end_run(run_id, "FAILED")
 
     # -- trials (child runs) ---------------------------------------------------
 
     def start_trial(self, parent_run_id: str, study_name: str, number: int,
                     params: Mapping[str, Any], tags: Mapping[str, str] = ()) -> str:
-        run = self.client.create_run(
+        run = self._client.create_run(
             self.experiment_id, run_name=f"trial-{number}",
             tags={"mlflow.parentRunId": parent_run_id, "pet_sweep.role": "trial",
                   "pet_sweep.study": study_name, "optuna.trial": str(number),
@@ -250,28 +277,28 @@ class Tracker:
         return run.info.run_id
 
     def epoch_logger(self, run_id: str) -> "EpochLogger":
-        return EpochLogger(self.client, run_id)
+        return EpochLogger(self._client, run_id)
 
     def finish_trial(self, run_id: str, state: str, metrics: Mapping[str, float] = (),
                      tags: Mapping[str, str] = (), artifacts: Iterable[Path] = ()) -> None:
         """Final metrics, tags and artifacts, then close the run with the status of `state`."""
         self.update_sweep(run_id, dict(metrics), {"optuna.state": state, **dict(tags)})
         for path in artifacts:
-            self.client.log_artifact(run_id, str(path))
-        self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
+            self._client.log_artifact(run_id, str(path))
+        self._client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # heavy: mlflow
 
-        self.client.log_batch(run_id, params=[Param(k, _param_text(v)) for k, v in params.items()])
+        self._client.log_batch(run_id, params=[Param(k, _param_text(v)) for k, v in params.items()])
 
     def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
         for path in paths:
-            self.client.log_artifact(run_id, str(path), artifact_path)
+            self._client.log_artifact(run_id, str(path), artifact_path)
 
     def close_stale_runs(self, study_name: str, running_trials: set[int], state_of: Mapping[int, str]) -> int:
         """Close trial runs left RUNNING by a dead worker, using Optuna's final state."""
-        runs = self.client.search_runs(
+        runs = self._client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`pet_sweep.study` = '{study_name}' and tags.`pet_sweep.role` = 'trial'"
                           " and attributes.status = 'RUNNING'")
@@ -281,25 +308,81 @@ class Tracker:
             if number in running_trials:
                 continue
             state = state_of.get(number, "FAIL")
-            self.client.set_tag(run.info.run_id, "optuna.state", state)
-            self.client.set_terminated(run.info.run_id, status=RUN_STATUS.get(state, "FAILED"))
+            self._client.set_tag(run.info.run_id, "optuna.state", state)
+            self._client.set_terminated(run.info.run_id, status=RUN_STATUS.get(state, "FAILED"))
             closed += 1
         return closed
+
+
+# -- readers (`report`, `ui`): they never create a store, an experiment or a run ----------------
+
+
+def experiment_id(tracking_uri: str, experiment_name: str) -> str | None:
+    """The id of the MLflow experiment of that name in the store, None when it has none."""
+    found = _client(tracking_uri).get_experiment_by_name(experiment_name)
+    return None if found is None else str(found.experiment_id)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a reader needs of one MLflow run."""
+
+    run_id: str
+    metrics: Mapping[str, float]
+    tags: Mapping[str, str]
+
+
+class SweepRuns:
+    """A sweep's runs in an MLflow store, found from its parent run: read them, attach files to it.
+
+    `open_sweep_runs` builds one; it is None where the store lacks the parent run.
+    """
+
+    def __init__(self, client: Any, experiment_id: str, parent_run_id: str) -> None:
+        self._client, self.experiment_id, self.parent_run_id = client, experiment_id, parent_run_id
+
+    def finished_runs(self, study_name: str, role: str) -> list[RunRecord]:
+        """Finished runs of the study with tag ``pet_sweep.role`` = `role`, oldest first."""
+        runs = self._client.search_runs(
+            [self.experiment_id], order_by=["attributes.start_time ASC"],
+            filter_string=f"tags.`pet_sweep.role` = '{role}' and tags.`pet_sweep.study` = '{study_name}'"
+                          " and attributes.status = 'FINISHED'")
+        return [RunRecord(run.info.run_id, dict(run.data.metrics), dict(run.data.tags)) for run in runs]
+
+    def attach(self, folder: Path, artifact_path: str) -> None:
+        """Every file under `folder` as artifacts of the parent run, under `artifact_path`."""
+        self._client.log_artifacts(self.parent_run_id, str(folder), artifact_path=artifact_path)
+
+
+def open_sweep_runs(tracking_uri: str, parent_run_id: str) -> SweepRuns | None:
+    """The sweep whose parent run is `parent_run_id`; None where the store lacks that run."""
+    client = _client(tracking_uri)
+    run = _run_or_none(client, parent_run_id)
+    return None if run is None else SweepRuns(client, run.info.experiment_id, parent_run_id)
+
+
+def _run_or_none(client: Any, run_id: str) -> Any:
+    from mlflow.exceptions import MlflowException  # heavy: mlflow
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:  # no such run in this store
+        return None
 
 
 class EpochLogger:
     """Epoch listener: log train/valid loss and error rate at step = global epoch."""
 
     def __init__(self, client: Any, run_id: str) -> None:
-        self.client, self.run_id = client, run_id
+        self._client, self.run_id = client, run_id
 
     def __call__(self, record: EpochRecord) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # heavy: mlflow
 
         now = int(time.time() * 1000)
         values = {"train_loss": record.train_loss, "valid_loss": record.valid_loss,
                   "error_rate": record.error_rate, "epoch_seconds": record.seconds}
-        self.client.log_batch(self.run_id, metrics=[
+        self._client.log_batch(self.run_id, metrics=[
             Metric(k, float(v), now, record.epoch) for k, v in values.items() if _finite(v)])
 
 

@@ -62,6 +62,8 @@ def test_list_reports_no_study_and_creates_nothing(write_experiments: Callable[.
     lines = result.output.splitlines()
     assert lines[0].split()[:3] == ["experiment", "study", "complete"]
     assert lines[1].startswith("tiny *") and "no study yet" in lines[1]
+    # the mark is explained under the table
+    assert lines[-1] == "* the default experiment (`default:` in the file): the one commands use when none is named"
     assert not (config.parent / "stores").exists()  # no sqlite file was created
 
 
@@ -295,22 +297,3 @@ def test_serve_reports_a_server_that_exits_at_once() -> None:
                                                  "Address already in use"):
         browse.serve([sys.executable, "-c", fails], ready_url=f"http://127.0.0.1:{free_port()}/",
                      open_url="-", echo=lambda line: None)
-
-
-def test_tracker_keeps_artifacts_beside_the_store_and_opens_on_runs(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlflow import MlflowClient
-
-    from pet_sweep.tracking import Tracker
-
-    monkeypatch.chdir(tmp_path)  # MLflow's default would be ./mlruns here
-    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
-    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    tracker = Tracker(uri, "pet-sweep/x")
-    found = MlflowClient(uri).get_experiment(tracker.experiment_id)
-    assert found.artifact_location == (tmp_path / "runs" / "mlartifacts").as_uri()
-    assert found.tags["mlflow.experimentKind"] == "custom_model_development"
-    from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
-
-    assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()  # no "View run ... at: URL" lines between trial lines
-    assert not (tmp_path / "mlruns").exists()

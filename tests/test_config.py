@@ -220,3 +220,53 @@ def test_an_exported_config_with_a_duplicate_key_is_refused(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="duplicate key 'epochs' at line 6 .first at line 6.") as info:
         load_replay(path)
     assert info.value.key == "params.epochs" and info.value.file == str(path)
+
+
+# -- a newcomer's first steps: errors that say what to do ------------------------------------------
+
+
+def test_a_copied_experiments_file_names_the_sweep_key_and_the_rule(write_experiments, tmp_path: Path) -> None:
+    original = write_experiments()
+    copy = tmp_path / "elsewhere" / "experiments.yaml"
+    copy.parent.mkdir()
+    copy.write_text(original.read_text())  # copied without its sweeps/ folder
+    err = _error(copy)
+    assert (err.file, err.experiment, err.key) == (str(copy), "tiny", "sweep")
+    assert f"{copy}: experiment 'tiny': key 'sweep': search space file not found: " \
+           f"{copy.parent / 'sweeps' / 'tiny.yaml'}" in str(err)
+    assert f"relative to the folder of the experiments file, {copy.parent}, not to the current folder" in str(err)
+
+
+def test_a_missing_experiments_file_suggests_config_and_the_nearest_one_above(
+        write_experiments, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from pet_sweep.cli import cli
+
+    path = write_experiments()
+    below = tmp_path / "runs" / "today"
+    below.mkdir(parents=True)
+    monkeypatch.chdir(below)
+    result = CliRunner().invoke(cli, ["list"])
+    assert result.exit_code == 2
+    assert (f"Error: {below / 'experiments.yaml'}: file not found; give the experiments file with --config PATH "
+            f"(the nearest above this folder: --config {path})") in result.output, result.output
+    path.unlink()  # none anywhere above: --config alone
+    err = _error(Path("experiments.yaml"))
+    assert str(err).endswith(f"file not found; give the experiments file with --config PATH (none in {below} or "
+                             "the folders above it)"), str(err)
+    err = _error(tmp_path / "nope.yaml")  # a path given with --config: no search
+    assert str(err) == f"{tmp_path / 'nope.yaml'}: file not found; give the experiments file with --config PATH"
+
+
+def test_overrides_are_validated_by_the_file_models(write_experiments) -> None:
+    exp = load_experiment(write_experiments())
+    assert exp.with_overrides(n_trials=0).config.budget.n_trials == 0  # only the queued retries
+    with pytest.raises(ConfigError, match=r"^--n-trials must be >= 0, but got -1$"):
+        exp.with_overrides(n_trials=-1)
+    with pytest.raises(ConfigError, match=r"^--timeout must be > 0 seconds, but got 0$"):
+        exp.with_overrides(timeout=0.0)
+    pruned = load_experiment(write_experiments(pruner={"name": "wilcoxon", "p_threshold": 0.2}))
+    assert pruned.with_overrides(storage="sqlite:////tmp/o.db").config.pruner == pruned.config.pruner
+    err = _error(write_experiments(budget={"n_trials": 0}))  # 0 is for the command line, not the file
+    assert err.key == "budget.n_trials" and "greater than or equal to 1, but got 0" in str(err)

@@ -8,27 +8,13 @@ import struct
 from pathlib import Path
 from typing import Any, Callable
 
-import optuna
 import pytest
 from click.testing import CliRunner
-from optuna.trial import FixedTrial
 
 from pet_sweep.config import load_experiment
-from pet_sweep.errors import ConfigError, LRFindError
-from pet_sweep.space import Anchored, anchor_params, check_anchors, parse_space, suggest
+from pet_sweep.errors import LRFindError
+from tests.test_space import ANCHORED_SPACE
 from pet_sweep.sweep.budget import WorkerRole
-
-ANCHORED_SPACE: dict[str, Any] = {
-    "arch": "resnet18",
-    "base_lr": {"anchor": "frozen.valley", "factor": [0.3, 3], "log": True},
-    "lr_hi": {"anchor": "unfrozen.valley", "factor": [0.1, 1]},
-    "lr_mult": 10,
-    "freeze_epochs": 1,
-    "epochs": 1,
-}
-ANCHORS = {"resnet18": {"frozen": {"minimum": 1e-2, "steep": 5e-3, "valley": 2e-3, "slide": 3e-3},
-                        "unfrozen": {"minimum": 1e-4, "steep": 1e-6, "valley": 5e-5, "slide": 6e-5}}}
-
 
 @pytest.fixture(autouse=True)
 def _short_finder(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,104 +35,12 @@ def _one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-def space_with(**params: Any) -> dict[str, Any]:
-    return {**ANCHORED_SPACE, **params}
-
-
 def png_size(path: Path) -> tuple[int, int]:
     """Width and height from a PNG's IHDR chunk, after checking the signature."""
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
     assert data[12:16] == b"IHDR"
     return struct.unpack(">II", data[16:24])
-
-
-# -- the space: pure ---------------------------------------------------------------------------
-
-
-def test_anchored_entry_parses() -> None:
-    space = parse_space(ANCHORED_SPACE)
-    assert space.params["base_lr"] == Anchored(anchor="frozen.valley", factor=(0.3, 3.0), log=True)
-    assert space.anchor_phases == ["frozen", "unfrozen"]
-    # one number fixes the multiple
-    fixed = parse_space(space_with(base_lr={"anchor": "frozen.minimum", "factor": 1}))
-    assert fixed.params["base_lr"].factor == (1.0, 1.0)
-
-
-@pytest.mark.parametrize("entry, key, words", [
-    ({"anchor": "frozen.bottom", "factor": [0.3, 3]}, "base_lr.anchor", "unknown anchor 'frozen.bottom'"),
-    ({"anchor": "thawed.valley", "factor": [0.3, 3]}, "base_lr.anchor", "valid anchors: frozen.minimum"),
-    ({"anchor": "frozen.valley", "factor": [3, 0.3]}, "base_lr.factor", "`0 < low <= high` must hold"),
-    ({"anchor": "frozen.valley", "factor": [0, 3]}, "base_lr.factor[0]", "must be > 0"),
-    ({"anchor": "frozen.valley", "factor": [-1, 3]}, "base_lr.factor[0]", "must be > 0"),
-    ({"anchor": "frozen.valley", "factor": [1, 2, 3]}, "base_lr.factor", "[low, high]"),
-    ({"anchor": "frozen.valley"}, "base_lr.factor", "needs `factor"),
-    ({"anchor": "frozen.valley", "factor": [1, 2], "low": 1}, "base_lr.low", "unknown key 'low'"),
-])
-def test_bad_anchor_entries_name_the_key(entry: dict[str, Any], key: str, words: str) -> None:
-    with pytest.raises(ConfigError) as err:
-        parse_space(space_with(base_lr=entry))
-    assert err.value.key == key
-    assert words in str(err.value)
-
-
-def test_only_learning_rates_can_be_anchored() -> None:
-    with pytest.raises(ConfigError, match="only the learning rates"):
-        parse_space(space_with(lr_mult={"anchor": "unfrozen.valley", "factor": [1, 10]}))
-
-
-def test_same_anchor_overlapping_factors_cannot_keep_lr_lo_below_lr_hi() -> None:
-    entry = {"anchor": "unfrozen.valley", "factor": [0.05, 0.2]}
-    raw = {k: v for k, v in space_with(lr_lo=entry).items() if k != "lr_mult"}
-    with pytest.raises(ConfigError, match="lr_lo <= lr_hi") as err:
-        parse_space(raw)
-    assert err.value.key == "lr_lo"
-    raw["lr_lo"] = {"anchor": "unfrozen.valley", "factor": [0.01, 0.1]}
-    assert parse_space(raw).params["lr_lo"].factor == (0.01, 0.1)
-
-
-def test_lr_lo_below_lr_hi_is_checked_once_the_anchors_are_known() -> None:
-    raw = {k: v for k, v in space_with(lr_lo={"low": 1e-6, "high": 1e-4}).items() if k != "lr_mult"}
-    space = parse_space(raw)  # cannot be decided before the finder has run
-    check_anchors(space, {"resnet18": {**ANCHORS["resnet18"], "unfrozen": {"valley": 1e-3}}})
-    with pytest.raises(ConfigError, match="with resnet18") as err:
-        check_anchors(space, ANCHORS)  # lr_hi as low as 0.1 x 5e-5 = 5e-6 < 1e-4
-    assert err.value.key == "lr_lo"
-
-
-def test_anchored_ranges_resolve_to_anchor_times_factor() -> None:
-    space = parse_space(ANCHORED_SPACE)
-    assert space.bounds("base_lr", "resnet18", ANCHORS) == pytest.approx((0.3 * 2e-3, 3 * 2e-3))
-    assert space.bounds("lr_hi", "resnet18", ANCHORS) == pytest.approx((0.1 * 5e-5, 1 * 5e-5))
-    low = suggest(space, FixedTrial({"base_lr_factor": 0.3, "lr_hi_factor": 0.1}), ANCHORS)
-    high = suggest(space, FixedTrial({"base_lr_factor": 3, "lr_hi_factor": 1}), ANCHORS)
-    assert (low.base_lr, high.base_lr) == pytest.approx((6e-4, 6e-3))
-    assert (low.lr_hi, low.lr_lo) == pytest.approx((5e-6, 5e-7))
-    # what Optuna samples is the factor; every LR lands inside anchor x [low, high]
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
-    for _ in range(30):
-        trial = study.ask()
-        params = suggest(space, trial, ANCHORS)
-        assert set(trial.params) == {"base_lr_factor", "lr_hi_factor"}
-        assert 6e-4 * (1 - 1e-9) <= params.base_lr <= 6e-3 * (1 + 1e-9)
-        assert params.base_lr == pytest.approx(2e-3 * trial.params["base_lr_factor"])
-        study.tell(trial, 0.5)
-    shown = anchor_params(space, high, ANCHORS)
-    assert shown["base_lr_anchor"] == "frozen.valley"
-    assert shown["base_lr_anchor_lr"] == 2e-3
-    assert shown["base_lr_factor"] == pytest.approx(3)
-
-
-def test_suggest_without_anchors_names_the_missing_finder_result() -> None:
-    with pytest.raises(ConfigError, match="no LR-finder result frozen.valley for architecture 'resnet18'"):
-        suggest(parse_space(ANCHORED_SPACE), FixedTrial({"base_lr_factor": 1, "lr_hi_factor": 1}), {})
-
-
-def test_experiment_file_error_names_file_and_key(write_experiments: Callable[..., Path]) -> None:
-    path = write_experiments(space=space_with(lr_hi={"anchor": "unfrozen.nadir", "factor": [0.1, 1]}))
-    with pytest.raises(ConfigError) as err:
-        load_experiment(path)
-    assert "tiny.yaml" in str(err.value) and "key 'lr_hi.anchor'" in str(err.value)
 
 
 def test_a_curve_that_diverges_at_once_gives_no_suggestion() -> None:
@@ -226,7 +120,7 @@ def test_finder_leaves_weights_and_training_unchanged(write_experiments: Callabl
 
     from pet_sweep.train import lrfind, recipe
     from pet_sweep.train.data import build_data
-    from pet_sweep.space import TrialParams
+    from pet_sweep.params import TrialParams
     from pet_sweep.tracking import Tracker
 
     exp = load_experiment(write_experiments())
@@ -248,12 +142,14 @@ def test_finder_leaves_weights_and_training_unchanged(write_experiments: Callabl
     # a trial trains exactly as it would without the finder (weights, gradients, random state)
     params = TrialParams("resnet18", 1e-2, 1e-3, 1e-2, 1, 1)
     tracker = Tracker(exp.tracking_uri, "finder-in-trial")
-    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    run_id = tracker.start_run("finder-in-trial", {})
     plain = recipe.fine_tune(data.dls, params, model, seed=0)
     found = recipe.fine_tune(data.dls, params, model, seed=0, lr_find=lrfind.trial_finder(tracker, run_id))
     assert [r.valid_loss for r in found.history] == [r.valid_loss for r in plain.history]
     assert len(found.history) == 2  # the finder's mock epochs are not trial epochs
-    assert float(tracker.client.get_run(run_id).data.params["lr_find.frozen.valley"]) > 0
+    from mlflow import MlflowClient
+
+    assert float(MlflowClient(exp.tracking_uri).get_run(run_id).data.params["lr_find.frozen.valley"]) > 0
 
 
 # -- anchored sweeps and the per-trial finder ------------------------------------------------------

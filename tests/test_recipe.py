@@ -13,7 +13,7 @@ from pet_sweep.config import load_experiment
 from pet_sweep.train.data import build_data
 from pet_sweep.errors import PetSweepError, TrainingDiverged
 from pet_sweep.train.recipe import fine_tune, precision_for
-from pet_sweep.space import TrialParams
+from pet_sweep.params import TrialParams
 from pet_sweep.sweep.objective import message_of
 
 

@@ -11,7 +11,7 @@ import base64
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import yaml
@@ -130,6 +130,8 @@ def test_export_train_round_trip(study: Path, tmp_path: Path) -> None:
     doc = yaml.safe_load(best_yaml.read_text())
     assert set(doc["params"]) == {"arch", "base_lr", "lr_lo", "lr_hi", "freeze_epochs", "epochs"}
     assert doc["data"]["test_pct"] == 0.1 and doc["seed"] == 0 and doc["model"]["img_size"] == 16
+    # only what the run used: flip acts with augment, which the experiment leaves off
+    assert "flip" not in doc["data"] and doc["data"]["augment"] is False
     trial = doc["source"]["trial"]
 
     # another MLflow store than the sweep's (the production machine's): a server that is down is
@@ -468,3 +470,25 @@ def test_a_study_that_predates_fingerprints_is_left_unrecorded(tmp_path: Path) -
     check_split(new, exp, fp, lines.append)
     assert new.user_attrs[SPLIT_ATTR] == fp.model_dump() and len(lines) == 1
     check_split(new, exp, fp, lines.append)  # resumed on the same split: accepted
+
+
+@pytest.mark.parametrize("data, flip", [({}, None), ({"augment": True}, True), ({"flip": False}, False),
+                                        ({"augment": True, "flip": False}, False)])
+def test_export_writes_flip_only_where_the_run_used_it_or_the_experiment_set_it(
+        write_experiments: Callable[..., Path], data: dict[str, Any], flip: bool | None) -> None:
+    """best.yaml of digits said `flip: true`, a default that does nothing without augment."""
+    import optuna
+
+    from pet_sweep.config import load_experiment
+    from pet_sweep.replay import export_config
+    from pet_sweep.sweep.records import PARAMS_ATTR
+
+    exp = load_experiment(write_experiments(data=data))
+    Path(exp.storage_url.removeprefix("sqlite:///")).parent.mkdir(exist_ok=True)
+    study = optuna.create_study(study_name=exp.study_name, storage=exp.storage_url)
+    trial = study.ask()
+    trial.set_user_attr(PARAMS_ATTR, {"arch": "resnet18", "base_lr": 0.01, "lr_lo": 0.001, "lr_hi": 0.01,
+                                      "freeze_epochs": 1, "epochs": 1})
+    study.tell(trial, 0.1)
+    doc, _ = export_config(exp)
+    assert doc["data"].get("flip") == flip

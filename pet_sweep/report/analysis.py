@@ -20,7 +20,8 @@ from pet_sweep.report.stats import Comparison, compare_predictions, compare_rate
     plural, wilson
 from pet_sweep.report.verdicts import DIVERGED, OVERCONFIDENT, OVERFITTING, STILL_IMPROVING, UNDERFIT, VERDICTS, \
     TrialAnalysis, analyse_history
-from pet_sweep.space import ARCHITECTURES, PARAMS, inert_params
+from pet_sweep.params import inert_params
+from pet_sweep.space import ARCHITECTURES, PARAMS
 
 UNFINISHED = ("RUNNING", "WAITING")
 # fANOVA (Optuna's importance evaluator) fits a random forest to the completed trials and splits

@@ -21,8 +21,10 @@ from pet_sweep.errors import StudyError
 from pet_sweep.report.analysis import HeldOut, StudyReport, TrialRecord, build_report, completed, \
     too_few_for_importances
 from pet_sweep.report.render import html, markdown
-from pet_sweep.space import Range, always_inert, inert_params
-from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, check_server, redact_url, sqlite_path
+from pet_sweep.params import inert_params
+from pet_sweep.space import Range, always_inert
+from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, SweepRuns, check_server, open_sweep_runs, redact_url, \
+    sqlite_path
 
 REPLAY_ROLE = "replay"              # tag pet_sweep.role of a `pet-sweep train` run
 REPLAY_OF_TAG = "pet_sweep.replay_of"
@@ -109,51 +111,34 @@ def space_bounds(exp: Experiment) -> dict[str, tuple[float, float]]:
     return {name: (spec.low, spec.high) for name, spec in exp.space.params.items() if isinstance(spec, Range)}
 
 
-@dataclass(frozen=True)
-class Tracking:
-    """The sweep's MLflow store: client, experiment and parent run."""
-
-    client: Any
-    experiment_id: str
-    parent_run_id: str
+# The sweep's MLflow store, experiment and parent run, read through tracking.py (the one door to MLflow).
+Tracking = SweepRuns
 
 
 def open_tracking(exp: Experiment, study: Any) -> Tracking:
     """The sweep's parent run in the MLflow store; a store lacking it is an error."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from pet_sweep.tracking import quiet_mlflow
-
     hint = ("point `tracking.uri` (or --tracking-uri) at the store the sweep logged to")
     require_sqlite_file(exp.tracking_uri, "MLflow store", hint)
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
     if not parent:
         raise StudyError(f"study {exp.study_name!r} has no MLflow parent run recorded; was it made by pet-sweep run?")
-    quiet_mlflow()
     check_server(exp.tracking_uri)  # a server that is down: said in seconds, not after minutes of retries
-    client = MlflowClient(tracking_uri=exp.tracking_uri)
-    try:
-        run = client.get_run(parent)
-    except MlflowException:
+    runs = open_sweep_runs(exp.tracking_uri, parent)
+    if runs is None:
         raise StudyError(f"the MLflow store {redact_url(exp.tracking_uri)} lacks the sweep's runs "
-                         f"(parent run {parent} of study {exp.study_name!r}); {hint}") from None
-    return Tracking(client, run.info.experiment_id, parent)
+                         f"(parent run {parent} of study {exp.study_name!r}); {hint}")
+    return runs
 
 
 def read_heldout(tracking: Tracking, study_name: str) -> list[HeldOut]:
     """Finished `pet-sweep train` replays of this study's trials, oldest first."""
-    runs = tracking.client.search_runs(
-        [tracking.experiment_id], order_by=["attributes.start_time ASC"],
-        filter_string=f"tags.`pet_sweep.role` = '{REPLAY_ROLE}' and tags.`pet_sweep.study` = '{study_name}'"
-                      " and attributes.status = 'FINISHED'")
     out = []
-    for run in runs:
-        m, tags = run.data.metrics, run.data.tags
+    for run in tracking.finished_runs(study_name, REPLAY_ROLE):
+        m, tags = run.metrics, run.tags
         trial = tags.get(REPLAY_OF_TAG)
         out.append(HeldOut(trial=int(trial) if trial not in (None, "") else None, test_error=m.get(TEST_METRIC),
                            n_test=int(m.get(N_TEST_METRIC, 0)), valid_error=m.get(VALID_METRIC),
-                           run_id=run.info.run_id,
+                           run_id=run.run_id,
                            held_out={"true": True, "false": False}.get(tags.get(HELD_OUT_TAG, ""))))
     return out
 
@@ -220,7 +205,7 @@ def write_report(bundle: ReportBundle, out_dir: Path, *, attach: bool = True) ->
     try:
         files = render(bundle, tmp)
         if attach:
-            bundle.tracking.client.log_artifacts(bundle.tracking.parent_run_id, str(tmp), artifact_path="report")
+            bundle.tracking.attach(tmp, "report")
         final = []
         for path in files:
             target = out_dir / path.relative_to(tmp)

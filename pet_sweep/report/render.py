@@ -15,7 +15,7 @@ import pandas as pd
 from pet_sweep.report.analysis import StudyReport
 from pet_sweep.report.stats import format_rate, plural
 from pet_sweep.report.verdicts import ADVICE
-from pet_sweep.space import lr_text
+from pet_sweep.params import lr_text
 
 
 def describe_params(params: Mapping[str, Any]) -> str:

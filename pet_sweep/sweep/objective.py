@@ -16,7 +16,8 @@ from optuna.trial import FrozenTrial
 
 from pet_sweep.config import Experiment
 from pet_sweep.errors import TrainingDiverged, TrialFailed
-from pet_sweep.space import Anchors, TrialParams, anchor_params, suggest
+from pet_sweep.params import TrialParams
+from pet_sweep.space import Anchors, anchor_params, suggest
 from pet_sweep.sweep.records import (
     BATCH_ATTR,
     HISTORY_ATTR,

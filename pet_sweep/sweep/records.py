@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal
 from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.config import Experiment
-from pet_sweep.space import TrialParams, lr_text
+from pet_sweep.params import TrialParams, lr_text
 from pet_sweep.tracking import redact_url
 
 # Trial user attributes pet-sweep writes (the report reads them back).

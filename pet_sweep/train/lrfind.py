@@ -39,10 +39,12 @@ from fastai.callback.schedule import minimum, slide, steep, valley
 
 from pet_sweep.config import Experiment, ModelConfig
 from pet_sweep.errors import ConfigError, LRFindError
+from pet_sweep.tracking import Tracker
+from pet_sweep.train.data import build_data
 from pet_sweep.train.pretrain import Checkpoint, checkpoints_for, starting_model
 from pet_sweep.train.recipe import apply_precision, create_learner, release, reseed
-from pet_sweep.space import (PHASES, Anchored, Anchors, Choice, Range, SearchSpace, TrialParams, check_anchors,
-                              known_architecture)
+from pet_sweep.params import TrialParams
+from pet_sweep.space import PHASES, Anchored, Anchors, Choice, Range, SearchSpace, check_anchors, known_architecture
 
 # fastai's defaults: 100 mock-training steps from 1e-7 to 10, stopped once the loss is 4x its best.
 NUM_IT = 100
@@ -222,8 +224,7 @@ def log_finder_run(tracker: Any, arch: str, results: dict[str, PhaseResult], plo
         tags["mlflow.parentRunId"] = parent_run_id
     if study_name:
         tags["pet_sweep.study"] = study_name
-    run = tracker.client.create_run(tracker.experiment_id, run_name=f"lr-find-{arch}", tags=tags)
-    run_id = run.info.run_id
+    run_id = tracker.start_run(f"lr-find-{arch}", tags)
     num_it = next(iter(results.values())).num_it
     tracker.log_params(run_id, {"arch": arch, "seed": seed, "num_it": num_it, "freeze_epochs": protocol.freeze_epochs,
                                 "freeze_epochs_from": protocol.freeze_epochs_from,
@@ -231,7 +232,7 @@ def log_finder_run(tracker: Any, arch: str, results: dict[str, PhaseResult], plo
                                 **{f"{phase}.caution": r.caution for phase, r in results.items() if r.caution},
                                 **suggestion_params(results)})
     tracker.log_artifacts(run_id, plots)
-    tracker.client.set_terminated(run_id, status="FINISHED")
+    tracker.end_run(run_id)
     return run_id
 
 
@@ -249,9 +250,6 @@ def find_for_experiment(exp: Experiment, *, out_dir: Path, archs: Sequence[str] 
                         freeze_epochs: int | None = None, num_it: int | None = None,
                         echo: Callable[[str], None] = print) -> list[ArchFinding]:
     """``pet-sweep lr-find``: both phases for each architecture (default: every one in the space)."""
-    from pet_sweep.train.data import build_data
-    from pet_sweep.tracking import Tracker
-
     for arch in archs:
         if not known_architecture(arch):
             raise ConfigError(f"--arch: unknown architecture {arch!r}; the space uses"
@@ -363,7 +361,7 @@ def trial_finder(tracker: Any, run_id: str, *, num_it: int | None = None) -> Cal
             with preserved_rng(learn.dls):
                 result = run_finder(learn, params.arch, phase, num_it=num_it, note="in the trial, before training")
         except LRFindError as err:
-            tracker.client.set_tag(run_id, "lr_find.error", str(err)[:5000])
+            tracker.set_tag(run_id, "lr_find.error", str(err))
             return
         with tempfile.TemporaryDirectory() as tmp:
             plot = plot_phase(result, Path(tmp) / f"lr_find_{phase}.png")

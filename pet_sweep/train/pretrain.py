@@ -30,6 +30,9 @@ from typing import Any, Callable, Mapping, Sequence
 from pet_sweep.config import Experiment, ModelConfig, load_experiment
 from pet_sweep.errors import ConfigError
 from pet_sweep.space import ARCHITECTURES
+from pet_sweep.sweep.records import EpochRecord
+from pet_sweep.tracking import Tracker
+from pet_sweep.train.data import build_data, cache_dir
 
 PRETRAIN_ROLE = "pretrain"
 CHECKPOINT_ATTR = "checkpoint"  # trial user attribute: the Checkpoint a trial started from
@@ -91,8 +94,6 @@ def checkpoint_spec(exp: Experiment, arch: str, data: Any) -> dict[str, Any]:
 
 
 def checkpoint_path(exp: Experiment, arch: str, data: Any) -> Path:
-    from pet_sweep.train.data import cache_dir
-
     key = hashlib.sha256(json.dumps(checkpoint_spec(exp, arch, data), sort_keys=True).encode()).hexdigest()
     return cache_dir() / "pretrained" / f"{arch}-{exp.config.model.img_size}px-seed{exp.config.seed}-{key[:16]}.pth"
 
@@ -109,9 +110,6 @@ def cached(path: Path) -> Checkpoint | None:
 def pretrain(exp: Experiment, archs: Sequence[str] = (), *, echo: Callable[[str], None] = print,
              why: str = "") -> list[Checkpoint]:
     """Pretrain each architecture on `exp`'s data, or reuse its cached checkpoint."""
-    from pet_sweep.train.data import build_data
-    from pet_sweep.tracking import Tracker
-
     archs = pretrainable(exp, archs, "--arch")
     data = build_data(exp)
     tracker = None
@@ -152,14 +150,12 @@ def checkpoints_for(exp: Experiment, *, echo: Callable[[str], None] = print) -> 
 def _train(exp: Experiment, arch: str, data: Any, path: Path, tracker: Any,
            echo: Callable[[str], None]) -> Checkpoint:
     """One cycle from scratch on all the layers; the full model saved, one finished MLflow run."""
-    from pet_sweep.train import recipe
+    from pet_sweep.train import recipe  # heavy: torch and fastai (`export` imports this module for Checkpoint)
     from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence
-    from pet_sweep.sweep.records import EpochRecord
 
     cfg = exp.config
     started = time.perf_counter()
-    run_id = tracker.client.create_run(tracker.experiment_id, run_name=f"pretrain-{arch}",
-                                       tags={"pet_sweep.role": PRETRAIN_ROLE, "arch": arch}).info.run_id
+    run_id = tracker.start_run(f"pretrain-{arch}", {"pet_sweep.role": PRETRAIN_ROLE, "arch": arch})
     tracker.log_params(run_id, {
         "arch": arch, "epochs": cfg.pretrain.epochs, "lr": cfg.pretrain.lr, "img_size": cfg.model.img_size,
         "batch_size": cfg.model.batch_size, "seed": cfg.seed, "data": cfg.data.source,
@@ -189,7 +185,7 @@ def _train(exp: Experiment, arch: str, data: Any, path: Path, tracker: Any,
         status = "FINISHED"
         return found
     finally:
-        tracker.client.set_terminated(run_id, status=status)
+        tracker.end_run(run_id, status)
         recipe.release(learn)
         workdir.cleanup()
 
@@ -197,7 +193,7 @@ def _train(exp: Experiment, arch: str, data: Any, path: Path, tracker: Any,
 def _normalize_as_finetune(dls: Any, arch: str) -> None:
     """Normalise inputs as the fine-tune will: `vision_learner` adds the architecture's
     (ImageNet) statistics when it loads weights, but not when it trains from scratch."""
-    from fastai.data.transforms import Normalize
+    from fastai.data.transforms import Normalize  # heavy: fastai
     from fastai.vision.learner import model_meta
 
     from pet_sweep.train.recipe import resolve_arch
@@ -211,7 +207,7 @@ def full_state_dict(body: Any, arch: str) -> dict[str, Any]:
     """The state dict of the whole architecture with `body` (the learner's model[0]) in place:
     what `model.weights` loads. The layers after the body (pooling, a 1000-way `fc`) stay
     as initialised; `vision_learner` cuts them off again."""
-    from pet_sweep.train.recipe import bare_model, resolve_arch
+    from pet_sweep.train.recipe import bare_model, resolve_arch  # heavy: torch and fastai
 
     full = bare_model(resolve_arch(arch))
     for target, trained in zip(full.children(), body.children()):  # create_body keeps the first children
@@ -223,7 +219,7 @@ def full_state_dict(body: Any, arch: str) -> dict[str, Any]:
 
 def _save(state: dict[str, Any], path: Path, arch: str, source: str, run_id: str) -> Checkpoint:
     """Write the checkpoint and its record; a crash leaves no file that `cached` would accept."""
-    import torch
+    import torch  # heavy: out of `export`, which imports this module for Checkpoint
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

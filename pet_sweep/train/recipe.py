@@ -35,7 +35,8 @@ from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence
 from pet_sweep.sweep.records import EpochListener, EpochRecord
 from pet_sweep.config import ModelConfig
 from pet_sweep.errors import PetSweepError
-from pet_sweep.space import ARCHITECTURES, TrialParams
+from pet_sweep.params import TrialParams
+from pet_sweep.space import ARCHITECTURES
 
 
 @dataclass
