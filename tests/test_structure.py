@@ -71,6 +71,8 @@ def import_graph(top_level_only: bool = False) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in mods.items():
         tree = ast.parse(path.read_text())
+        for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)]:
+            block.body = []  # imports for type annotations only: never run
         nodes = _top_level_imports(tree) if top_level_only else \
             [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
         targets: set[str] = set()
