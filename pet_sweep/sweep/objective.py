@@ -117,7 +117,7 @@ class Objective:
             on_start(trial)
         run = self._start(trial)
         started = time.perf_counter()
-        oom_reason = None
+        oom_reason: str | None = None
         try:
             result = recipe.fine_tune(
                 run.dls, run.params, run.model, seed=self.exp.config.seed,
