@@ -90,7 +90,7 @@ def test_two_processes_opening_a_new_study_together_keep_one_parent_run(
         kind: str, write_experiments: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
-    from pet_sweep.sweep.loop import open_parent_run
+    from pet_sweep.sweep.parent import open_parent_run
 
     name = f"p{uuid.uuid4().hex[:10]}"
     exp = load_experiment(write_experiments(data=FAST_DATA, study_name=name, storage=storage_for(kind, tmp_path)))
@@ -200,7 +200,8 @@ def test_n_trials_below_0_is_refused(write_experiments: Callable[..., Path]) -> 
 OPENER = """
 import sys, time
 from pet_sweep.config import load_experiment
-from pet_sweep.sweep.loop import open_parent_run, open_study
+from pet_sweep.sweep.parent import open_parent_run
+from pet_sweep.sweep.storage import open_study
 from pet_sweep.tracking import Tracker
 from pet_sweep.sweep.budget import Budget, WorkerRole
 
@@ -322,7 +323,7 @@ def running_trial(exp: Any, worker: str) -> tuple[optuna.Study, int, str]:
     """A RUNNING trial with its MLflow run, as a worker that then died leaves it."""
     study = open_study(exp)
     tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
-    from pet_sweep.sweep.loop import open_parent_run
+    from pet_sweep.sweep.parent import open_parent_run
 
     parent = open_parent_run(exp, study, tracker)
     trial = study.ask()

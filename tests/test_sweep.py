@@ -207,7 +207,7 @@ def test_an_mlflow_server_that_is_down_is_said_in_seconds(write_experiments, wor
     result = CliRunner().invoke(cli, ["run", "--config", str(path), "--tracking-uri", uri, "--workers", workers])
     assert result.exit_code == 2, result.output
     assert asked == []
-    assert f"cannot reach the MLflow tracking server http://user:***@127.0.0.1:" in result.output
+    assert "cannot reach the MLflow tracking server http://user:***@127.0.0.1:" in result.output
     assert "s3cret" not in result.output and "Traceback" not in result.output
     assert not (path.parent / "stores").exists()  # no study, no MLflow store
 

@@ -173,7 +173,7 @@ def test_a_missing_database_driver_names_the_extra(monkeypatch: pytest.MonkeyPat
 def test_the_shared_parent_run_stays_open_while_another_machine_trains() -> None:
     import optuna
 
-    from pet_sweep.sweep.loop import close_parent_run
+    from pet_sweep.sweep.parent import close_parent_run
 
     closed: list[tuple[str, str]] = []
 

@@ -139,7 +139,8 @@ def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
     `argv` is the `run` command line the workers repeat (no URLs: those go in
     PET_SWEEP_STORAGE / PET_SWEEP_TRACKING_URI).
     """
-    from pet_sweep.sweep.loop import best_of, close_dead_runs, close_parent_run, open_parent_run
+    from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run
+    from pet_sweep.sweep.records import best_of
     from pet_sweep.sweep.storage import open_study
     from pet_sweep.tracking import Tracker, check_server
     from pet_sweep.train.data import check_data

@@ -3,18 +3,18 @@ run, report each epoch to Optuna (pruning) and return the error rate."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import optuna
 import yaml
-from optuna.trial import FrozenTrial
 
-from pet_sweep.config import Experiment
+from pet_sweep.config import Experiment, ModelConfig
 from pet_sweep.errors import TrainingDiverged, TrialFailed
 from pet_sweep.params import TrialParams
 from pet_sweep.space import Anchors, anchor_params, suggest
@@ -36,10 +36,6 @@ from pet_sweep.tracking import RUN_ID_ATTR, Tracker
 from pet_sweep.train.pretrain import CHECKPOINT_ATTR, Checkpoint, starting_model
 
 
-def history_from_attrs(trial: FrozenTrial) -> list[EpochRecord]:
-    return [EpochRecord(**r) for r in trial.user_attrs.get(HISTORY_ATTR, [])]
-
-
 def message_of(err: BaseException) -> str:
     """An error's own message, without the line fastai prepends when a callback raises."""
     text = str(err)
@@ -50,13 +46,13 @@ def message_of(err: BaseException) -> str:
 
 def torch_oom() -> type[BaseException]:
     """The error type of a CUDA (or other accelerator) out-of-memory."""
-    import torch
+    import torch  # heavy: torch
 
     return torch.OutOfMemoryError
 
 
 def release_cuda_memory() -> None:
-    import torch
+    import torch  # heavy: torch
 
     gc.collect()
     if torch.cuda.is_available():
@@ -71,40 +67,103 @@ class TrialListener(Protocol):
     def trial_finished(self, outcome: TrialOutcome, best: tuple[float, int] | None) -> None: ...
 
 
+@dataclass
+class TrialRun:
+    """One trial under way: what its epochs are reported with and its MLflow run is closed with."""
+
+    trial: optuna.Trial
+    params: TrialParams
+    model: ModelConfig       # the experiment's, with the weights of the trial's checkpoint if it has one
+    batch_size: int          # the experiment's, or half of it in an out-of-memory retry
+    dls: Any                 # the DataLoaders at that batch size
+    run_id: str              # its child MLflow run
+    history: list[EpochRecord] = field(default_factory=list)
+
+
 class Objective:
-    """One trial: suggest -> child run -> fine-tune -> report back; never leaves a run RUNNING."""
+    """One trial: suggest -> child run -> fine-tune -> report back; never leaves a run RUNNING.
+
+    `anchors`: the LR-finder suggestions of an anchored space (`lrfind.study_anchors`);
+    `checkpoints`: arch -> what its trials start from (`pretrain.checkpoints_for`).
+    """
 
     def __init__(self, exp: Experiment, data: Any, tracker: Tracker, parent_run_id: str,
                  listeners: tuple[Callable[[int, EpochRecord], None], ...] = (),
-                 trial_listeners: tuple[TrialListener, ...] = (), anchors: Anchors | None = None) -> None:
+                 trial_listeners: tuple[TrialListener, ...] = (), anchors: Anchors | None = None,
+                 checkpoints: Mapping[str, Checkpoint] | None = None) -> None:
         self.exp, self.data, self.tracker, self.parent_run_id = exp, data, tracker, parent_run_id
         self.listeners, self.trial_listeners = listeners, trial_listeners
-        self.anchors = anchors or {}  # LR-finder suggestions of an anchored space (lrfind.study_anchors)
-        # called first thing in every trial: the sweep loop takes the budget slot there
-        self.on_start: Callable[[optuna.Trial], None] | None = None
+        self.anchors = anchors or {}
+        self.checkpoints = dict(checkpoints or {})
         self._loaders = {exp.config.model.batch_size: data.dls}  # batch size -> DataLoaders
-        self.checkpoints: dict[str, Checkpoint] = {}  # arch -> what the trial starts from (pretrain)
 
     def loaders(self, batch_size: int) -> Any:
         """The worker's DataLoaders at another batch size (an out-of-memory retry), made once."""
         if batch_size not in self._loaders:
-            from fastai.data.core import DataLoaders
+            from fastai.data.core import DataLoaders  # heavy: fastai
 
             dls = self.data.dls
             self._loaders[batch_size] = DataLoaders(*(dl.new(bs=batch_size) for dl in dls.loaders),
                                                     path=dls.path, device=dls.device)
         return self._loaders[batch_size]
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        from pet_sweep.train import lrfind, recipe
+    def __call__(self, trial: optuna.Trial, on_start: Callable[[optuna.Trial], None] | None = None) -> float:
+        """Run the trial; return its error rate, or raise TrialPruned or TrialFailed.
 
-        if self.on_start is not None:
-            self.on_start(trial)
+        `on_start` is called first, once the trial exists (the sweep loop takes its budget slot there).
+        """
+        from pet_sweep.train import lrfind, recipe  # heavy: torch, fastai
+
+        if on_start is not None:
+            on_start(trial)
+        run = self._start(trial)
+        started = time.perf_counter()
+        oom_reason: str | None = None
+        try:
+            result = recipe.fine_tune(
+                run.dls, run.params, run.model, seed=self.exp.config.seed,
+                listeners=[self.tracker.epoch_logger(run.run_id), functools.partial(self._report, run)],
+                lr_find=lrfind.trial_finder(self.tracker, run.run_id) if self.exp.config.lr_find else None)
+        except optuna.TrialPruned as err:
+            self._close(run, "PRUNED", message_of(err))
+            raise
+        except TrainingDiverged as err:
+            self._close(run, "PRUNED", message_of(err))
+            raise optuna.TrialPruned(message_of(err)) from None
+        except TrialFailed as err:
+            self._close(run, "FAIL", message_of(err))
+            raise
+        except torch_oom() as err:
+            # a deeper architecture or larger batch than the GPU holds: this trial fails,
+            # the sweep goes on (recipe.fine_tune has already released the learner)
+            oom_reason = f"out of memory: {message_of(err).splitlines()[0][:200] or 'CUDA'}"
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL, MLflow agrees
+            self._close(run, "FAIL", INTERRUPTED)
+            raise
+        except BaseException as err:  # bugs: close the run, then let them stop the sweep
+            self._close(run, "FAIL", f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
+            raise
+        if oom_reason is not None:  # after the `except`: there, its traceback still holds the trial's tensors
+            release_cuda_memory()
+            oom_reason += self._requeue_smaller(trial, run.batch_size)
+            self._close(run, "FAIL", oom_reason)
+            raise TrialFailed(oom_reason)
+        trial.set_user_attr(PREDS_ATTR, result.valid_preds)
+        trial.set_user_attr(TARGETS_ATTR, result.valid_targets)
+        self._close(run, "COMPLETE", metrics={"final_error_rate": result.error_rate,
+                                              "best_error_rate": min(r.error_rate for r in result.history),
+                                              "duration_s": time.perf_counter() - started})
+        return result.error_rate
+
+    def _start(self, trial: optuna.Trial) -> TrialRun:
+        """Suggest the trial's parameters, record them on the trial and open its child MLflow run."""
+        from pet_sweep.train.recipe import precision_for  # heavy: torch
+
         exp, model = self.exp, self.exp.config.model
         params = suggest(exp.space, trial, self.anchors)
         batch_size = int(trial.user_attrs.get(BATCH_ATTR, model.batch_size))
         dls = self.loaders(batch_size)
-        precision = recipe.precision_for(model.precision, dls.device)
+        precision = precision_for(model.precision, dls.device)
         trial.set_user_attr(PARAMS_ATTR, params.as_dict())
         trial.set_user_attr(PRECISION_ATTR, precision)
         checkpoint = self.checkpoints.get(params.arch)
@@ -123,62 +182,26 @@ class Objective:
         trial.set_user_attr(RUN_ID_ATTR, run_id)
         for listener in self.trial_listeners:
             listener.trial_started(trial.number, params.as_dict())
-        history: list[EpochRecord] = []
+        return TrialRun(trial, params, model, batch_size, dls, run_id)
 
-        def report(record: EpochRecord) -> None:
-            history.append(record)
-            trial.set_user_attr(HISTORY_ATTR, [vars(r) for r in history])
-            for listener in self.listeners:
-                listener(trial.number, record)
-            trial.report(record.error_rate, step=record.epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {record.epoch} with error_rate {record.error_rate:.4f}")
+    def _report(self, run: TrialRun, record: EpochRecord) -> None:
+        """An epoch ended: record it, tell the listeners, and let Optuna's pruner judge it."""
+        trial = run.trial
+        run.history.append(record)
+        trial.set_user_attr(HISTORY_ATTR, [vars(r) for r in run.history])
+        for listener in self.listeners:
+            listener(trial.number, record)
+        trial.report(record.error_rate, step=record.epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {record.epoch} with error_rate {record.error_rate:.4f}")
 
-        def close(state: str, reason: str = "", metrics: dict[str, float] | None = None) -> None:
-            if reason:
-                trial.set_user_attr(REASON_ATTR, reason)
-            with tempfile.TemporaryDirectory() as tmp:
-                artifacts = self._artifacts(Path(tmp), params, history, trial.number, batch_size)
-                self.tracker.finish_trial(run_id, state, metrics or {},
-                                          {"reason": reason} if reason else {}, artifacts)
-
-        started = time.perf_counter()
-        oom, reason = False, ""
-        try:
-            result = recipe.fine_tune(dls, params, model, seed=exp.config.seed,
-                                      listeners=[self.tracker.epoch_logger(run_id), report],
-                                      lr_find=lrfind.trial_finder(self.tracker, run_id) if exp.config.lr_find else None)
-        except optuna.TrialPruned as err:
-            close("PRUNED", message_of(err))
-            raise
-        except TrainingDiverged as err:
-            close("PRUNED", message_of(err))
-            raise optuna.TrialPruned(message_of(err)) from None
-        except TrialFailed as err:
-            close("FAIL", message_of(err))
-            raise
-        except torch_oom() as err:
-            # a deeper architecture or larger batch than the GPU holds: this trial fails,
-            # the sweep goes on (recipe.fine_tune has already released the learner)
-            reason = f"out of memory: {message_of(err).splitlines()[0][:200] or 'CUDA'}"
-            oom = True
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL, MLflow agrees
-            close("FAIL", INTERRUPTED)
-            raise
-        except BaseException as err:  # bugs: close the run, then let them stop the sweep
-            close("FAIL", f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
-            raise
-        if oom:
-            release_cuda_memory()
-            reason += self._requeue_smaller(trial, batch_size)
-            close("FAIL", reason)
-            raise TrialFailed(reason)
-        trial.set_user_attr(PREDS_ATTR, result.valid_preds)
-        trial.set_user_attr(TARGETS_ATTR, result.valid_targets)
-        close("COMPLETE", metrics={"final_error_rate": result.error_rate,
-                                   "best_error_rate": min(r.error_rate for r in result.history),
-                                   "duration_s": time.perf_counter() - started})
-        return result.error_rate
+    def _close(self, run: TrialRun, state: str, reason: str = "", metrics: dict[str, float] | None = None) -> None:
+        """End the trial's MLflow run in `state`, with its config and loss curve as artifacts."""
+        if reason:
+            run.trial.set_user_attr(REASON_ATTR, reason)
+        with tempfile.TemporaryDirectory() as tmp:
+            artifacts = self._artifacts(Path(tmp), run)
+            self.tracker.finish_trial(run.run_id, state, metrics or {}, {"reason": reason} if reason else {}, artifacts)
 
     def _requeue_smaller(self, trial: optuna.Trial, batch_size: int) -> str:
         """Queue the same parameters at half the batch size, `faults.oom_retries` halvings at most.
@@ -199,14 +222,13 @@ class Objective:
         trial.study.enqueue_trial(dict(trial.params), user_attrs={BATCH_ATTR: smaller, OOM_RETRY_OF: trial.number})
         return f"; re-queued at batch_size {smaller}"
 
-    def _artifacts(self, folder: Path, params: TrialParams, history: list[EpochRecord], number: int,
-                   batch_size: int) -> list[Path]:
+    def _artifacts(self, folder: Path, run: TrialRun) -> list[Path]:
         from pet_sweep.report.figures import loss_curve  # heavy: matplotlib
 
         config = folder / "trial_config.yaml"
-        config.write_text(yaml.safe_dump(trial_config(self.exp, params, batch_size), sort_keys=False))
+        config.write_text(yaml.safe_dump(trial_config(self.exp, run.params, run.batch_size), sort_keys=False))
         paths = [config]
-        if history:
-            paths.append(loss_curve(history, folder / "loss_curve.png",
-                                    f"trial {number}: {params.arch}, error rate {history[-1].error_rate:.4f}"))
+        if run.history:
+            title = f"trial {run.trial.number}: {run.params.arch}, error rate {run.history[-1].error_rate:.4f}"
+            paths.append(loss_curve(run.history, folder / "loss_curve.png", title))
         return paths

@@ -6,9 +6,12 @@ export, list) can read a study without the training stack."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.config import Experiment
@@ -17,33 +20,43 @@ from pet_sweep.tracking import redact_url
 
 # Trial user attributes pet-sweep writes (the report reads them back).
 PARAMS_ATTR = "params"            # the full TrialParams, fixed values included
-
-
 HISTORY_ATTR = "history"          # per-epoch records, global epoch numbering
-
-
 PRECISION_ATTR = "precision"      # what really ran
-
-
 PREDS_ATTR = "valid_preds"        # predicted class per validation item (last epoch)
-
-
 TARGETS_ATTR = "valid_targets"
-
-
 REASON_ATTR = "reason"            # why a trial was pruned or failed
-
-
 WORKER_ATTR = "worker"            # host:pid of the process that ran the trial
-
-
 BATCH_ATTR = "batch_size"         # set on a trial re-queued after an out-of-memory: the halved batch size
+OOM_RETRY_OF = "oom_retry_of"     # set on that re-queued trial: the number of the trial that ran out of memory
+INVOCATION_ATTR = "pet_sweep_invocation"  # the invocation (one `pet-sweep run`) whose budget the trial used
 
+# Study user attributes.
+SPLIT_ATTR = "split"              # the data split's fingerprint, recorded when the sweep starts
+# "host:pid@unix-time" of the process that last opened the MLflow parent run and will
+# close it; "" once closed. A killed opener leaves it set (`lifecycle.clean_leftovers`).
+PARENT_OPEN_ATTR = "mlflow_parent_open"
 
-SPLIT_ATTR = "split"              # study attribute: the data split's fingerprint, recorded when the sweep starts
-
-
+# Reasons of failed trials.
 STALE_REASON = "its worker stopped sending heartbeats (killed or lost)"
+INTERRUPTED = "interrupted"       # Ctrl-C or SIGTERM stopped the trial (it is not retried)
+
+# The system attr Optuna's RetryHeartbeatStaleTrialCallback sets on a retry. Read it
+# through `retried_trial_number`; only `budget.is_retry` still names it.
+RETRY_OF = "failed_trial"
+
+
+def retried_trial_number(trial: FrozenTrial) -> int | None:
+    """The trial of a dead worker that `trial` runs again (Optuna's heartbeat retry); None if not a retry."""
+    with warnings.catch_warnings():  # marked experimental since Optuna 2.8, and relied on here
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+
+
+def retry_history(trial: FrozenTrial) -> list[int]:
+    """The trials before `trial` in its series of retries, the original first (each one's worker died); [] if none."""
+    with warnings.catch_warnings():  # as in `retried_trial_number`
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback.retry_history(trial)
 
 
 def sweep_settings(exp: Experiment) -> dict[str, Any]:
@@ -98,10 +111,18 @@ def describe_trial(trial: FrozenTrial) -> TrialOutcome:
     params = trial.user_attrs.get(PARAMS_ATTR) or dict(trial.params)
     value = trial.value if trial.state == TrialState.COMPLETE else (
         trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
-    retry_of = trial.system_attrs.get(RETRY_OF)
     return TrialOutcome(trial.number, trial.state.name, value, params, seconds,
-                        str(trial.user_attrs.get(REASON_ATTR, "")), retry_of,
+                        str(trial.user_attrs.get(REASON_ATTR, "")), retried_trial_number(trial),
                         trial.user_attrs.get(OOM_RETRY_OF), trial.user_attrs.get(BATCH_ATTR))
+
+
+def best_of(study: optuna.Study) -> tuple[float, int] | None:
+    """(error rate, trial number) of the study's best completed trial; None before one completes."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if not done:
+        return None
+    top = min(done, key=lambda t: t.value)
+    return float(top.value), top.number
 
 
 def format_trial(outcome: TrialOutcome, best: tuple[float, int] | None) -> str:
@@ -118,24 +139,6 @@ def format_trial(outcome: TrialOutcome, best: tuple[float, int] | None) -> str:
     if outcome.reason and outcome.state != "COMPLETE":
         line += f"\n            reason: {outcome.reason}"
     return line
-
-
-# Trial user attribute: the invocation (one `pet-sweep run`) whose budget the trial used.
-INVOCATION_ATTR = "pet_sweep_invocation"
-
-
-RETRY_OF = "failed_trial"  # system attr RetryHeartbeatStaleTrialCallback sets on a retry
-
-
-OOM_RETRY_OF = "oom_retry_of"  # user attr of a trial re-queued at half the batch size after an out-of-memory
-
-
-# Study user attr: "host:pid@unix-time" of the process that last opened the MLflow parent
-# run and will close it; "" once closed. A killed opener leaves it set (`clean_leftovers`).
-PARENT_OPEN_ATTR = "mlflow_parent_open"
-
-
-INTERRUPTED = "interrupted"  # the reason of a trial Ctrl-C or SIGTERM stopped (not retried)
 
 
 @dataclass(frozen=True)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.config import Experiment
+from pet_sweep.sweep.pruners import SchedulePruner
 
 
 def trial_seed(seed: int, number: int) -> int:
     """The seed of trial `number`'s draws: the same trial of the same study draws the same."""
-    import numpy as np
-
     return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
@@ -69,8 +69,6 @@ def make_sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
 def make_pruner(exp: Experiment) -> optuna.pruners.BasePruner:
     cfg = exp.config.pruner
     if cfg.name == "schedule":
-        from pet_sweep.sweep.pruners import SchedulePruner
-
         return SchedulePruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps,
                               percentile=cfg.percentile, min_fraction=cfg.min_fraction)
     if cfg.name == "median":

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 from optuna.trial import FrozenTrial
 
 from pet_sweep.config import JOURNAL_PREFIX, Experiment, FaultsConfig
 from pet_sweep.errors import DataError, StudyError
-from pet_sweep.sweep.records import SPLIT_ATTR, STALE_REASON
+from pet_sweep.sweep.records import SPLIT_ATTR, STALE_REASON, retry_history
 from pet_sweep.sweep.search import make_pruner, make_sampler
-from pet_sweep.tracking import RUN_ID_ATTR, Tracker, redact_url, redact_url_in
+from pet_sweep.tracking import RUN_ID_ATTR, Tracker, redact_url, redact_url_in, sqlite_path
 from pet_sweep.train.data import SplitFingerprint
 
 
@@ -25,26 +27,30 @@ class StaleTrialHandler:
 
     Optuna calls it from `fail_stale_trials` in whichever worker notices first; the
     trial's MLflow run id is in its user attrs, so that worker closes the run.
+    `tracker` gives the MLflow tracker that closes it (none: the run stays open for
+    `clean_leftovers`). It is a function because the handler is built with the storage,
+    before MLflow is opened (`parent.tracker_when_needed`).
     """
 
-    def __init__(self, max_retry: int, reason: str = STALE_REASON) -> None:
+    def __init__(self, max_retry: int, reason: str = STALE_REASON, *,
+                 tracker: Callable[[], Tracker] | None = None,
+                 echo: Callable[[str], None] = lambda line: None) -> None:
         self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
         self.max_retry, self.reason = max_retry, reason
-        self.tracker: Tracker | None = None  # set once the worker has opened MLflow
-        self.echo: Callable[[str], None] = lambda line: None
+        self.tracker, self.echo = tracker, echo
         self.closed_runs: list[str] = []  # the MLflow runs it closed
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.retry(study, trial)
-        queued = self.max_retry > len(trial.system_attrs.get("retry_history", []))
+        queued = self.max_retry > len(retry_history(trial))  # as the retry callback decides
         self.echo(f"trial {trial.number:>3} FAIL     {self.reason}; "
                   + ("queued to run again" if queued else f"not retried (faults.max_retry={self.max_retry})"))
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if self.tracker is not None and run_id:
-            from mlflow.exceptions import MlflowException
+            from mlflow.exceptions import MlflowException  # heavy: mlflow
 
             try:
-                self.tracker.finish_trial(run_id, "FAIL", tags={"reason": self.reason})
+                self.tracker().finish_trial(run_id, "FAIL", tags={"reason": self.reason})
                 self.closed_runs.append(run_id)
             except MlflowException:  # the run lives in another tracking store; close_stale_runs there
                 pass
@@ -66,8 +72,6 @@ def make_storage(url: str, faults: FaultsConfig | None = None,
     faults = faults or FaultsConfig()
     try:
         if url.startswith(JOURNAL_PREFIX):
-            from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
-
             path = Path(url[len(JOURNAL_PREFIX):])
             path.parent.mkdir(parents=True, exist_ok=True)
             # the open(O_EXCL) lock works on NFSv3+, where symlink locks may not
@@ -89,7 +93,7 @@ def make_storage(url: str, faults: FaultsConfig | None = None,
 
 def _rdb_storage(url: str, faults: FaultsConfig, on_stale: StaleTrialHandler,
                  engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
-    import sqlalchemy.exc
+    import sqlalchemy.exc  # heavy: sqlalchemy
 
     def open_rdb() -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(
@@ -112,8 +116,6 @@ def _rdb_storage(url: str, faults: FaultsConfig, on_stale: StaleTrialHandler,
 
 def missing_store_file(url: str) -> Path | None:
     """The file of a sqlite or journal storage URL when it does not exist (opening it would create it)."""
-    from pet_sweep.tracking import sqlite_path
-
     path = Path(url[len(JOURNAL_PREFIX):]) if url.startswith(JOURNAL_PREFIX) else sqlite_path(url)
     return path if path is not None and not path.is_file() else None
 
@@ -190,8 +192,6 @@ class _NoInterruptTraceback(logging.Filter):
 
 def quiet_optuna() -> None:
     """Optuna logs every trial at INFO; pet-sweep prints its own one line per trial."""
-    import warnings
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Ctrl-C (or SIGTERM) in a trial: Optuna logs the trial's failure with the whole
     # traceback through fastai and torch; pet-sweep says it in one line with the resume command
