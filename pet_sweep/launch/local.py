@@ -200,7 +200,7 @@ def supervise(exp: Experiment, n_workers: int, gpus: list[str] | None, *,
     trials = study.get_trials(deepcopy=False)
     used = budget.used(trials)
     timed_out = exp.config.budget.timeout is not None and time.monotonic() - started >= exp.config.budget.timeout
-    stopped_by = _stopped_by(exits, interrupted, short=used < budget.n_trials,
+    stopped_by = why_stopped(exits, interrupted, short=used < budget.n_trials,
                              capped=cap_reached(trials, exp.config.budget.max_trials), timed_out=timed_out)
     return SweepResult(exp.study_name, parent, ran=used, finished=finished, best=best_of(study),
                        stopped_by=stopped_by, left=budget.left(trials))
@@ -218,7 +218,7 @@ def _say_what_went_wrong(exits: list[WorkerExit], closed: int, orphans: list[int
              "failed now, queued to run again in the next `pet-sweep run`")
 
 
-def _stopped_by(exits: list[WorkerExit], interrupted: bool, *, short: bool, capped: bool, timed_out: bool
+def why_stopped(exits: list[WorkerExit], interrupted: bool, *, short: bool, capped: bool, timed_out: bool
                 ) -> StoppedBy:
     """Why the workers stopped. Fewer trials than the budget: the study's cap (read from the
     storage), else the time budget (the workers' clocks started after the supervisor's: if
