@@ -190,19 +190,18 @@ def supervise(exp: Experiment, n_workers: int, gpus: list[str] | None, *,
             pump.join(timeout=5)
         orphans = fail_orphans(study, tracker, exp.config.faults.max_retry, [p.pid for p in procs])
         budget = Budget(roles[0], exp.config.budget.n_trials)
-        finished = budget.finished(study.get_trials(deepcopy=False))
-        status = "KILLED" if interrupted else "FINISHED" if finished else "FAILED"
+        trials = study.get_trials(deepcopy=False)
+        status = "KILLED" if interrupted else "FINISHED" if budget.finished(trials) else "FAILED"
     finally:
         closed = close_dead_runs(study, tracker)
         close_parent_run(study, tracker, parent, status)
         roles[0].lock_path.unlink(missing_ok=True)
     _say_what_went_wrong(exits, closed, [] if interrupted else orphans, echo, warn)
-    trials = study.get_trials(deepcopy=False)
     used = budget.used(trials)
     timed_out = exp.config.budget.timeout is not None and time.monotonic() - started >= exp.config.budget.timeout
     stopped_by = why_stopped(exits, interrupted, short=used < budget.n_trials,
                              capped=cap_reached(trials, exp.config.budget.max_trials), timed_out=timed_out)
-    return SweepResult(exp.study_name, parent, ran=used, finished=finished, best=best_of(study),
+    return SweepResult(exp.study_name, parent, ran=used, finished=budget.finished(trials), best=best_of(study),
                        stopped_by=stopped_by, left=budget.left(trials))
 
 
