@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from pet_sweep.config import DEFAULT_CONFIG, Experiment, load_experiment
 from pet_sweep.errors import PetSweepError
+from pet_sweep.tracking import redact_url
+
+if TYPE_CHECKING:
+    from pet_sweep.sweep.records import SweepResult
 
 
 class CliError(click.ClickException):
@@ -86,13 +89,12 @@ def cli() -> None:
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Worker processes sharing the study and the budget (one GPU each where there are GPUs).")
 @click.option("--gpus", help="GPUs for the workers, e.g. 0,1 (default: every visible GPU).")
-@click.option("--worker", "worker_role", hidden=True, help="Set by `--workers`: this process's role.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failed trials and the final summary.")
 @click.option("--verbose", "-v", is_flag=True, help="Also print one line per epoch.")
 @fail_clearly
 def run(experiment: str | None, config_path: str, n_trials: int | None, timeout: float | None,
         storage: str | None, tracking_uri: str | None, study_name: str | None, workers: int,
-        gpus: str | None, worker_role: str | None, quiet: bool, verbose: bool) -> None:
+        gpus: str | None, quiet: bool, verbose: bool) -> None:
     """Run or resume the sweep of EXPERIMENT (default: the file's `default`).
 
     Running the same command again resumes the same study and adds trials to it.
@@ -106,137 +108,146 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
     exp = load(config_path, experiment, n_trials=n_trials, timeout=timeout, storage=storage,
                tracking_uri=tracking_uri, study_name=study_name)
     _quiet_libraries()
-    from pet_sweep.progress import Progress
-    from pet_sweep.sweep.loop import run_sweep
-    from pet_sweep.sweep.storage import missing_store_file, quiet_optuna
-    from pet_sweep.tracking import redact_url
-    from pet_sweep.launch.local import parse_gpus, supervise
-    from pet_sweep.sweep.budget import WorkerRole
+    from pet_sweep import launch  # heavy: optuna, SQLAlchemy, the training stack on demand
+    from pet_sweep.progress import Progress  # heavy: optuna (trial records)
+    from pet_sweep.sweep.storage import quiet_optuna  # heavy: optuna
 
     quiet_optuna()
     _sigterm_is_interrupt()
-    budget = exp.config.budget
-    if worker_role:  # one of the supervisor's workers: it prints the banner and the hint
-        try:
-            result = run_sweep(exp, echo=lambda line: click.echo(line), role=WorkerRole.decode(worker_role))
-        except KeyboardInterrupt:  # before the sweep started
-            sys.exit(130)
-        if result.stopped_by == "interrupt":
-            sys.exit(130)
-        return
     if not quiet:
-        click.echo(f"experiment   {exp.name}  ({exp.config_path})")
-        click.echo(f"study        {exp.study_name}  (+{budget.n_trials} trials"
-                   + (f", timeout {budget.timeout:g}s" if budget.timeout else "")
-                   + (f", {workers} workers" if workers > 1 else "") + ")")
-        # a store file that does not exist yet is created (its folder too): a mistyped path shows here
-        def created(url: str) -> str:
-            new = missing_store_file(url)
-            return "" if new is None else f"  (new file{'' if new.parent.is_dir() else ' and folder'})"
+        _print_banner(exp, workers)
+    progress = Progress(exp.config.budget.n_trials, level="quiet" if quiet else "verbose" if verbose else "normal",
+                        timeout=exp.config.budget.timeout, stream=click.get_text_stream("stdout"),
+                        err=click.get_text_stream("stderr"))
+    result = launch.run(exp, workers=workers, gpus=gpus, progress=progress, echo=click.echo,
+                        warn=lambda line: click.echo(line, err=True))
+    _print_result(exp, result, _Hints(click.get_current_context(), exp), quiet)
 
-        click.echo(f"storage      {redact_url(exp.storage_url)}{created(exp.storage_url)}")
-        click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'"
-                   f"{created(exp.tracking_uri)}")
 
-    source = click.get_current_context().get_parameter_source
+def _trials(n: int) -> str:
+    return f"{n} trial" if n == 1 else f"{n} trials"
 
-    def flags(*pairs: tuple[str, Any]) -> list[str]:
-        """The options given on the command line (not from the environment), to repeat in a hint."""
-        out = ["--config", config_path] if config_path != DEFAULT_CONFIG else []
-        for flag, value in pairs:
-            from_env = source(flag[2:].replace("-", "_")) == click.core.ParameterSource.ENVIRONMENT
-            if value is not None and not from_env:
-                out += [flag, f"{value:g}" if isinstance(value, float) else redact_url(str(value))]
+
+def _print_banner(exp: Experiment, workers: int) -> None:
+    """Where the sweep goes: the experiment, the study and what this run adds, the two stores."""
+    budget = exp.config.budget
+    click.echo(f"experiment   {exp.name}  ({exp.config_path})")
+    click.echo(f"study        {exp.study_name}  (+{_trials(budget.n_trials)}"
+               + (f", timeout {budget.timeout:g}s" if budget.timeout else "")
+               + (f", {workers} workers" if workers > 1 else "") + ")")
+    click.echo(f"storage      {redact_url(exp.storage_url)}{_created(exp.storage_url)}")
+    click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'"
+               f"{_created(exp.tracking_uri)}")
+
+
+def _created(url: str) -> str:
+    """A store file that does not exist yet is created (its folder too): a mistyped path shows here."""
+    from pet_sweep.sweep.storage import missing_store_file  # heavy: optuna
+
+    new = missing_store_file(url)
+    return "" if new is None else f"  (new file{'' if new.parent.is_dir() else ' and folder'})"
+
+
+class _Hints:
+    """The commands `run` suggests at its end. They repeat the options given on its command line
+    (not those from the environment: a machine set up with them has them), passwords redacted."""
+
+    def __init__(self, ctx: click.Context, exp: Experiment) -> None:
+        self.ctx, self.exp = ctx, exp
+        self.workers: int = ctx.params["workers"]
+
+    def flags(self, *names: str) -> list[str]:
+        params, source = self.ctx.params, self.ctx.get_parameter_source
+        out = ["--config", params["config_path"]] if params["config_path"] != DEFAULT_CONFIG else []
+        for name in names:
+            value = params[name]
+            if value is not None and source(name) != click.core.ParameterSource.ENVIRONMENT:
+                shown = f"{value:g}" if isinstance(value, float) else redact_url(str(value))
+                out += ["--" + name.replace("_", "-"), shown]
         return out
 
-    stores = (("--storage", storage), ("--tracking-uri", tracking_uri), ("--study-name", study_name))
-    # the next commands read the same study: the same stores and study name as this run
-    where = ("".join(f" {part}" for part in flags(*stores)),                         # report
-             "".join(f" {part}" for part in flags(("--tracking-uri", tracking_uri))))  # ui
+    def next_commands(self) -> str:
+        """`report` and `ui` on the same study: the same stores and study name as this run."""
+        stores = self.flags("storage", "tracking_uri", "study_name")
+        return (" ".join(["pet-sweep report", self.exp.name, *stores]) + "   |   "
+                + " ".join(["pet-sweep ui", self.exp.name, *self.flags("tracking_uri")]))
 
-    def resume_command(left: int) -> str:
-        """`left`: the trials the budget has left (Budget.left); queued retries run free, so 0 runs only them."""
-        again = ["pet-sweep run", exp.name, *flags(*stores, ("--timeout", timeout), ("--gpus", gpus))]
-        if workers > 1:
-            again += ["--workers", str(workers)]
-        again += ["--n-trials", str(left)]
-        return " ".join(again)
+    def resume(self, left: int) -> str:
+        """`left`: the trials the budget has left (SweepResult.left); queued retries run free, so 0 runs only them."""
+        again = ["pet-sweep run", self.exp.name,
+                 *self.flags("storage", "tracking_uri", "study_name", "timeout", "gpus")]
+        if self.workers > 1:
+            again += ["--workers", str(self.workers)]
+        return " ".join([*again, "--n-trials", str(left)])
 
-    def hint(finished: int, left: int) -> str:
-        return f"interrupted after {finished} of {budget.n_trials} trials; resume with: {resume_command(left)}"
 
-    if workers > 1:
-        argv = ["run", exp.name, "--config", str(exp.config_path), "--n-trials", str(budget.n_trials),
-                "--study-name", exp.study_name] + (["--timeout", str(budget.timeout)] if budget.timeout else [])
-        started = time.monotonic()
-        try:
-            done = supervise(exp, workers, parse_gpus(gpus), argv, echo=lambda line: click.echo(line))
-        except KeyboardInterrupt:  # before the workers started
-            click.echo(hint(0, budget.n_trials), err=True)
-            sys.exit(130)
-        for worker_exit in done.exits:
-            if worker_exit.returncode not in (0, 130):
-                click.echo(f"warning      {worker_exit.describe}", err=True)
-        if done.closed_runs:
-            click.echo(f"closed       {done.closed_runs} MLflow run(s) a dead worker left running")
-        if done.interrupted:
-            click.echo(hint(done.finished, done.left), err=True)
-            sys.exit(130)
-        if done.orphans:
-            click.echo(f"retry        trial(s) {', '.join(map(str, done.orphans))} of dead workers: "
-                       "failed now, queued to run again in the next `pet-sweep run`")
-        _print_best(exp, done.best, where, quiet)
-        # Why fewer trials than the budget: the study's cap (read from the storage), else the
-        # time budget (the workers' clocks started after this one: if they timed out, so did it)
-        timed_out = budget.timeout is not None and time.monotonic() - started >= budget.timeout
-        short = done.used < budget.n_trials
-        if not any(e.returncode == 0 for e in done.exits) or (short and not (done.capped or timed_out)):
-            click.echo(f"the workers stopped early; resume with: {resume_command(done.left)}", err=True)
-            sys.exit(1)
-        if short and done.capped:
-            _print_capped(budget.max_trials, done.used, budget.n_trials)
-        elif short:
-            _print_timeout(budget.timeout, done.used, budget.n_trials, resume_command(done.left))
-        return
-    progress = Progress(budget.n_trials, level="quiet" if quiet else "verbose" if verbose else "normal",
-                        timeout=budget.timeout, stream=click.get_text_stream("stdout"),
-                        err=click.get_text_stream("stderr"))
-    try:
-        result = run_sweep(exp, echo=progress.echo, epoch_listeners=(progress.epoch_done,),
-                           trial_listeners=(progress,))
-    except KeyboardInterrupt:  # before the sweep started
-        result = None
-    progress.close()
-    if result is None or result.stopped_by == "interrupt":
-        finished, left = (0, budget.n_trials) if result is None else (result.finished, result.left)
-        click.echo("\n" + hint(finished, left), err=True)
+def _print_result(exp: Experiment, result: SweepResult, hints: _Hints, quiet: bool) -> None:
+    """The end of `run`: the best trial, why fewer trials ran than asked, how to go on.
+    Exit code 130 after Ctrl-C or SIGTERM, 1 when the workers stopped early."""
+    n_trials = exp.config.budget.n_trials
+    if result.stopped_by == "interrupt":
+        lead = "" if hints.workers > 1 else "\n"  # one process: below the ^C and the status line
+        click.echo(f"{lead}interrupted after {result.finished} of {_trials(n_trials)}; "
+                   f"resume with: {hints.resume(result.left)}", err=True)
         sys.exit(130)
-    _print_best(exp, result.best, where, quiet)
-    if result.stopped_by == "cap" and result.ran < budget.n_trials:
-        _print_capped(budget.max_trials, result.ran, budget.n_trials)
+    _print_best(result.best, hints, quiet)
+    if result.stopped_by == "workers":
+        click.echo(f"the workers stopped early; resume with: {hints.resume(result.left)}", err=True)
+        sys.exit(1)
+    if result.stopped_by == "cap" and result.ran < n_trials:
+        _print_capped(exp.config.budget.max_trials, result.ran, n_trials)
     elif result.stopped_by == "timeout":
-        _print_timeout(budget.timeout, result.ran, budget.n_trials, resume_command(result.left))
+        _print_timeout(exp.config.budget.timeout, result.ran, n_trials, hints.resume(result.left))
 
 
 def _print_capped(max_trials: int | None, ran: int, n_trials: int) -> None:
     """The study's cap, not this run's trial budget, ended the run."""
     click.echo(f"budget       the study's cap is reached (budget.max_trials {max_trials}, counting trials finished or "
-               f"running anywhere): {ran} of {n_trials} trials ran here; raise budget.max_trials to go on")
+               f"running anywhere): {ran} of {_trials(n_trials)} ran here; raise budget.max_trials to go on")
 
 
 def _print_timeout(timeout: float | None, ran: int, n_trials: int, command: str) -> None:
     """The time budget, not the trial budget, ended the run: say so, and how to add more."""
-    click.echo(f"budget       time budget reached (budget.timeout {timeout:g}s): {ran} of {n_trials} trials ran;"
+    click.echo(f"budget       time budget reached (budget.timeout {timeout:g}s): {ran} of {_trials(n_trials)} ran;"
                f" add more with: {command} (--timeout SECONDS for a longer run)")
 
 
-def _print_best(exp: Experiment, best: tuple[float, int] | None, where: tuple[str, str], quiet: bool) -> None:
+def _print_best(best: tuple[float, int] | None, hints: _Hints, quiet: bool) -> None:
     if best is None:
         click.echo("no trial completed")
         return
     click.echo(f"best         trial {best[1]}: error_rate {best[0]:.4f}")
     if not quiet:
-        click.echo(f"next         pet-sweep report {exp.name}{where[0]}   |   pet-sweep ui {exp.name}{where[1]}")
+        click.echo(f"next         {hints.next_commands()}")
+
+
+@cli.command(hidden=True)
+@click.argument("role")
+@click.argument("experiment")
+@config_option
+@click.option("--n-trials", type=int)
+@click.option("--timeout", type=float)
+@storage_option
+@tracking_option
+@click.option("--study-name")
+@fail_clearly
+def worker(role: str, experiment: str, config_path: str, n_trials: int | None, timeout: float | None,
+           storage: str | None, tracking_uri: str | None, study_name: str | None) -> None:
+    """One of the workers `pet-sweep run --workers N` starts; ROLE is its place among them.
+
+    It repeats the supervisor's settings (the URLs come in the environment); the
+    supervisor prints the banner, the result and the hints. Exit code 130 after Ctrl-C.
+    """
+    exp = load(config_path, experiment, n_trials=n_trials, timeout=timeout, storage=storage,
+               tracking_uri=tracking_uri, study_name=study_name)
+    _quiet_libraries()
+    from pet_sweep.launch.local import work  # heavy: optuna, the training stack
+    from pet_sweep.sweep.storage import quiet_optuna  # heavy: optuna
+
+    quiet_optuna()
+    _sigterm_is_interrupt()
+    if work(exp, role, echo=click.echo).stopped_by == "interrupt":
+        sys.exit(130)
 
 
 @cli.command("lr-find")

@@ -26,8 +26,7 @@ import threading
 import time
 from typing import Any, Callable, Literal, TextIO
 
-from pet_sweep.sweep.records import EpochRecord
-from pet_sweep.sweep.records import TrialOutcome, format_trial
+from pet_sweep.sweep.records import EpochRecord, TrialOutcome, format_trial
 
 Level = Literal["quiet", "normal", "verbose"]
 
@@ -46,7 +45,7 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """A sweep's progress display; a `study.TrialListener` plus `echo` and an epoch listener.
+    """A sweep's progress display; a `sweep.objective.TrialListener` plus `echo` and an epoch listener.
 
     ``budget`` is the number of trials this run adds; ``timeout`` (seconds) caps
     the estimate of the time left. ``live`` selects the status line (a terminal)
@@ -78,7 +77,7 @@ class Progress:
             self._ticker = threading.Thread(target=self._tick, name="pet-sweep-progress", daemon=True)
             self._ticker.start()
 
-    # -- hooks of study.run_sweep ------------------------------------------------
+    # -- hooks of sweep.loop.run_sweep -----------------------------------------
 
     def echo(self, line: str) -> None:
         """A line from the sweep (a finished trial, a notice): above the status line."""

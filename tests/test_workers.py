@@ -97,6 +97,34 @@ def test_worker_role_round_trips_and_gpus_are_assigned(monkeypatch: pytest.Monke
         parse_gpus("a,b")
 
 
+def test_the_worker_is_a_hidden_command_whose_argv_carries_no_url(write_experiments: Callable[..., Path]) -> None:
+    from click.testing import CliRunner
+
+    from pet_sweep.cli import cli
+    from pet_sweep.launch.local import worker_command
+
+    assert cli.commands["worker"].hidden and "\n  worker " not in CliRunner().invoke(cli, ["--help"]).output
+    exp = load_experiment(write_experiments(tracking={"uri": "http://u:s3cret@mlflow:5000"},
+                                            budget={"n_trials": 3, "timeout": 60}))
+    role = WorkerRole("abc", 1, 2, "run1", 4)
+    argv = worker_command(exp, role)
+    assert argv[1:6] == ["-m", "pet_sweep", "worker", role.encode(), "tiny"]
+    assert argv[-6:] == ["--n-trials", "3", "--study-name", "tiny", "--timeout", "60.0"]
+    assert "s3cret" not in " ".join(argv)  # the URLs travel in the environment
+
+
+def test_the_supervisor_says_why_the_workers_stopped() -> None:
+    from pet_sweep.launch.local import WorkerExit, why_stopped
+
+    ok, dead = [WorkerExit(0, 0), WorkerExit(1, 0)], [WorkerExit(0, -9), WorkerExit(1, 1)]
+    assert why_stopped(ok, True, short=True, capped=False, timed_out=False) == "interrupt"
+    assert why_stopped(dead, False, short=False, capped=True, timed_out=True) == "workers"  # none exited 0
+    assert why_stopped(ok, False, short=False, capped=True, timed_out=True) == "budget"  # every slot used
+    assert why_stopped(ok, False, short=True, capped=True, timed_out=True) == "cap"  # the cap before the clock
+    assert why_stopped(ok, False, short=True, capped=False, timed_out=True) == "timeout"
+    assert why_stopped(ok, False, short=True, capped=False, timed_out=False) == "workers"  # slots left, no reason
+
+
 def test_journal_storage_is_shared_through_a_file(write_experiments: Callable[..., Path], tmp_path: Path) -> None:
     from pet_sweep.sweep.storage import make_storage, open_study
 

@@ -1,11 +1,12 @@
-"""Several worker processes on this machine sharing one study (`--workers N`).
+"""Sweeps on this machine: one worker loop in this process, or several worker processes
+sharing one study (`--workers N`).
 
 Scale-out is Optuna's own distributed mode: every worker is an ordinary
 `study.optimize` loop on the shared storage. The supervisor starts the workers
-(`python -m pet_sweep run ... --worker`), one GPU each via ``CUDA_VISIBLE_DEVICES``
-(CPU cores split between them otherwise), prints their trial lines with a worker
-prefix, forwards Ctrl-C / SIGTERM, and closes the MLflow parent run when they are
-done.
+(`python -m pet_sweep worker ROLE ...`, a hidden command), one GPU each via
+``CUDA_VISIBLE_DEVICES`` (CPU cores split between them otherwise), prints their
+trial lines with a worker prefix, forwards Ctrl-C / SIGTERM, closes the MLflow
+parent run when they are done, and says why the sweep stopped.
 """
 
 from __future__ import annotations
@@ -16,13 +17,41 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pet_sweep.config import Experiment
+from pet_sweep.errors import ConfigError
 from pet_sweep.sweep.budget import Budget, WorkerRole, cap_reached
 from pet_sweep.sweep.lifecycle import clean_leftovers, fail_orphans
+from pet_sweep.sweep.loop import run_sweep
+from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run
+from pet_sweep.sweep.records import StoppedBy, SweepResult, best_of
+from pet_sweep.sweep.storage import open_study
+from pet_sweep.tracking import Tracker, check_server
+from pet_sweep.train.data import check_data
 
-WORKER_ENV = "PET_SWEEP_WORKER"
+Echo = Callable[[str], None]
+
+
+def to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def nothing_ran(exp: Experiment) -> SweepResult:
+    """The result of a sweep that Ctrl-C stopped before it started: the whole budget is left."""
+    n_trials = exp.config.budget.n_trials
+    return SweepResult(exp.study_name, "", ran=0, finished=0, best=None, stopped_by="interrupt", left=n_trials)
+
+
+def work(exp: Experiment, role: str, echo: Echo = print) -> SweepResult:
+    """One of a supervisor's workers (the hidden `pet-sweep worker` command): `role` as
+    `WorkerRole.encode` wrote it. The supervisor prints the banner, the result and the hints."""
+    try:
+        return run_sweep(exp, echo=echo, role=WorkerRole.decode(role))
+    except KeyboardInterrupt:  # before the sweep started
+        return nothing_ran(exp)
 
 
 def parse_gpus(text: str | None) -> list[str] | None:
@@ -30,8 +59,6 @@ def parse_gpus(text: str | None) -> list[str] | None:
         return None
     gpus = [g.strip() for g in text.split(",") if g.strip()]
     if not gpus or not all(g.isdigit() for g in gpus):
-        from pet_sweep.errors import ConfigError
-
         raise ConfigError(f"--gpus must be GPU indices like 0,1, but got {text!r}")
     return gpus
 
@@ -39,7 +66,7 @@ def parse_gpus(text: str | None) -> list[str] | None:
 def worker_envs(n_workers: int, gpus: list[str] | None) -> list[dict[str, str]]:
     """Environment per worker: its own GPU where there are GPUs, a share of the cores otherwise."""
     if gpus is None:
-        import torch
+        import torch  # heavy: only to count the GPUs
 
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -55,7 +82,7 @@ def worker_envs(n_workers: int, gpus: list[str] | None) -> list[dict[str, str]]:
     return envs
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerExit:
     index: int
     returncode: int
@@ -67,19 +94,27 @@ class WorkerExit:
         return f"worker {self.index} exited with code {self.returncode}"
 
 
-def start_workers(argv: list[str], roles: list[WorkerRole], envs: list[dict[str, str]],
-                  secrets: dict[str, str], echo: Callable[[str], None]
+def worker_command(exp: Experiment, role: WorkerRole) -> list[str]:
+    """The hidden `pet-sweep worker` command line of one worker: this run's experiment, budget and
+    study name. No URLs: those travel in the environment (`start_workers`)."""
+    budget = exp.config.budget
+    timeout = ["--timeout", str(budget.timeout)] if budget.timeout else []
+    return [sys.executable, "-m", "pet_sweep", "worker", role.encode(), exp.name, "--config", str(exp.config_path),
+            "--n-trials", str(budget.n_trials), "--study-name", exp.study_name, *timeout]
+
+
+def start_workers(exp: Experiment, roles: list[WorkerRole], envs: list[dict[str, str]], echo: Echo
                   ) -> tuple[list[subprocess.Popen], list[threading.Thread]]:
     """Start the worker processes; a thread per worker prints its lines with a prefix."""
+    # URLs travel in the environment, not argv, so no password shows in `ps`.
+    secrets = {"PET_SWEEP_STORAGE": exp.storage_url, "PET_SWEEP_TRACKING_URI": exp.tracking_uri}
     procs, pumps = [], []
     for role, env in zip(roles, envs):
-        cmd = [sys.executable, "-m", "pet_sweep", *argv, "--worker", role.encode()]
-        # URLs travel in the environment, not argv, so no password shows in `ps`.
         full_env = {**os.environ, **env, **secrets, "PYTHONUNBUFFERED": "1"}
         # Own session: a Ctrl-C in the terminal reaches the supervisor only, which
         # forwards it once to every worker (a second one would cut their cleanup short).
-        proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1, start_new_session=True)
+        proc = subprocess.Popen(worker_command(exp, role), env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
         pump = threading.Thread(target=_pump, args=(proc, f"w{role.index}", echo), daemon=True)
         pump.start()
         procs.append(proc)
@@ -87,7 +122,7 @@ def start_workers(argv: list[str], roles: list[WorkerRole], envs: list[dict[str,
     return procs, pumps
 
 
-def _pump(proc: subprocess.Popen, prefix: str, echo: Callable[[str], None]) -> None:
+def _pump(proc: subprocess.Popen, prefix: str, echo: Echo) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
         echo(f"{prefix}| {line.rstrip()}")
@@ -115,36 +150,27 @@ def wait_workers(procs: list[subprocess.Popen]) -> tuple[list[WorkerExit], bool]
     return exits, interrupted.is_set()
 
 
-@dataclass
-class Supervised:
-    """What a supervised sweep ended with."""
-
-    study_name: str
-    parent_run_id: str
-    exits: list[WorkerExit]
-    interrupted: bool
-    finished: int          # this invocation's trials that ran to the end
-    used: int              # budget slots used (failed trials included)
-    best: tuple[float, int] | None
-    closed_runs: int       # MLflow runs a dead worker left RUNNING, closed at the end
-    orphans: list[int]     # trials whose worker died with no other worker left to retry them
-    capped: bool = False   # budget.max_trials stopped the workers
-    left: int = 0          # what a resume must run to finish the budget, queued retries aside (Budget.left)
+def worker_roles(exp: Experiment, n_workers: int, gpus: list[str] | None, parent: str, echo: Echo
+                 ) -> tuple[list[WorkerRole], list[dict[str, str]]]:
+    """Each worker's role in this invocation and its environment, said in one line per worker."""
+    envs = worker_envs(n_workers, gpus)
+    threads = int(envs[0]["OMP_NUM_THREADS"]) if "CUDA_VISIBLE_DEVICES" not in envs[0] else None
+    invocation = WorkerRole().invocation
+    roles = [WorkerRole(invocation, i, n_workers, parent, threads) for i in range(n_workers)]
+    for role, env in zip(roles, envs):
+        where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env else f"CPU, {threads} thread(s)"
+        echo(f"worker {role.index}     {where}")
+    return roles, envs
 
 
-def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
-              echo: Callable[[str], None] = print) -> Supervised:
+def supervise(exp: Experiment, n_workers: int, gpus: list[str] | None, *,
+              echo: Echo = print, warn: Echo = to_stderr) -> SweepResult:
     """Run `exp`'s sweep in `n_workers` worker processes sharing one budget.
 
-    `argv` is the `run` command line the workers repeat (no URLs: those go in
-    PET_SWEEP_STORAGE / PET_SWEEP_TRACKING_URI).
+    `echo` gets the workers' lines and the supervisor's notes; `warn` a line per
+    worker that ended with an error.
     """
-    from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run
-    from pet_sweep.sweep.records import best_of
-    from pet_sweep.sweep.storage import open_study
-    from pet_sweep.tracking import Tracker, check_server
-    from pet_sweep.train.data import check_data
-
+    started = time.monotonic()
     check_server(exp.tracking_uri)  # an MLflow server that is down: said in seconds
     check_data(exp)  # a data error stops everything before any study or run exists
     # The supervisor creates the study, the tables and the parent run, so the
@@ -155,30 +181,54 @@ def supervise(exp: Any, n_workers: int, gpus: list[str] | None, argv: list[str],
         echo(cleaned)
     tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
     parent = open_parent_run(exp, study, tracker)
-    envs = worker_envs(n_workers, gpus)
-    threads = int(envs[0]["OMP_NUM_THREADS"]) if "CUDA_VISIBLE_DEVICES" not in envs[0] else None
-    invocation = WorkerRole().invocation
-    roles = [WorkerRole(invocation, i, n_workers, parent, threads) for i in range(n_workers)]
-    for role, env in zip(roles, envs):
-        where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env else f"CPU, {threads} thread(s)"
-        echo(f"worker {role.index}     {where}")
-    secrets = {"PET_SWEEP_STORAGE": exp.storage_url, "PET_SWEEP_TRACKING_URI": exp.tracking_uri}
+    roles, envs = worker_roles(exp, n_workers, gpus, parent, echo)
     status = "FAILED"
     roles[0].own_lock()
     try:
-        procs, pumps = start_workers(argv, roles, envs, secrets, echo)
+        procs, pumps = start_workers(exp, roles, envs, echo)
         exits, interrupted = wait_workers(procs)
         for pump in pumps:
             pump.join(timeout=5)
         orphans = fail_orphans(study, tracker, exp.config.faults.max_retry, [p.pid for p in procs])
         budget = Budget(roles[0], exp.config.budget.n_trials)
         trials = study.get_trials(deepcopy=False)
-        finished, used, left = budget.finished(trials), budget.used(trials), budget.left(trials)
-        capped = cap_reached(trials, exp.config.budget.max_trials)
-        status = "KILLED" if interrupted else "FINISHED" if finished else "FAILED"
+        status = "KILLED" if interrupted else "FINISHED" if budget.finished(trials) else "FAILED"
     finally:
         closed = close_dead_runs(study, tracker)
         close_parent_run(study, tracker, parent, status)
         roles[0].lock_path.unlink(missing_ok=True)
-    return Supervised(exp.study_name, parent, exits, interrupted, finished, used, best_of(study), closed, orphans,
-                      capped, left)
+    _say_what_went_wrong(exits, closed, [] if interrupted else orphans, echo, warn)
+    used = budget.used(trials)
+    timed_out = exp.config.budget.timeout is not None and time.monotonic() - started >= exp.config.budget.timeout
+    stopped_by = why_stopped(exits, interrupted, short=used < budget.n_trials,
+                             capped=cap_reached(trials, exp.config.budget.max_trials), timed_out=timed_out)
+    return SweepResult(exp.study_name, parent, ran=used, finished=budget.finished(trials), best=best_of(study),
+                       stopped_by=stopped_by, left=budget.left(trials))
+
+
+def _say_what_went_wrong(exits: list[WorkerExit], closed: int, orphans: list[int], echo: Echo, warn: Echo) -> None:
+    """Workers that ended with an error, the MLflow runs they left open, the trials to retry."""
+    for worker_exit in exits:
+        if worker_exit.returncode not in (0, 130):
+            warn(f"warning      {worker_exit.describe}")
+    if closed:
+        echo(f"closed       {closed} MLflow run(s) a dead worker left running")
+    if orphans:
+        echo(f"retry        trial(s) {', '.join(map(str, orphans))} of dead workers: "
+             "failed now, queued to run again in the next `pet-sweep run`")
+
+
+def why_stopped(exits: list[WorkerExit], interrupted: bool, *, short: bool, capped: bool, timed_out: bool
+                ) -> StoppedBy:
+    """Why the workers stopped. Fewer trials than the budget: the study's cap (read from the
+    storage), else the time budget (the workers' clocks started after the supervisor's: if
+    they timed out, so did it), else the workers ended early."""
+    if interrupted:
+        return "interrupt"
+    if not any(e.returncode == 0 for e in exits):
+        return "workers"
+    if not short:
+        return "budget"
+    if capped:
+        return "cap"
+    return "timeout" if timed_out else "workers"

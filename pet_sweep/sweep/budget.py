@@ -6,8 +6,8 @@ file lock held from the budget check until its objective starts, so the check
 and the creation of the trial are one step for the workers of one machine. The
 slots used are the invocation's trials in the storage, so the count survives a
 dead worker: a trial whose worker was killed and which Optuna retried
-(`RetryHeartbeatStaleTrialCallback` marks the copy with the system attr
-``failed_trial``) uses no second slot, nor does a trial re-queued at half the
+(`RetryHeartbeatStaleTrialCallback.retried_trial_number` names the trial it
+re-runs) uses no second slot, nor does a trial re-queued at half the
 batch size after running out of memory. Invocations on other machines have
 their own ids and their own budgets; `budget.max_trials` caps the whole study,
 counting the trials running anywhere, so machines do not all start one more when
@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from pet_sweep.sweep.records import INTERRUPTED, INVOCATION_ATTR, OOM_RETRY_OF, RETRY_OF
+from pet_sweep.sweep.records import INTERRUPTED, INVOCATION_ATTR, OOM_RETRY_OF
 
 
 def this_process() -> str:
@@ -70,7 +71,7 @@ class WorkerRole:
             invocation, index, n_workers, parent, threads = text.split(":")
             return cls(invocation, int(index), int(n_workers), parent or None, int(threads) if threads else None)
         except ValueError:
-            raise ValueError(f"--worker must be INVOCATION:INDEX:N:PARENT_RUN:THREADS, but got {text!r}") from None
+            raise ValueError(f"a worker's ROLE must be INVOCATION:INDEX:N:PARENT_RUN:THREADS, but got {text!r}") from None
 
     @property
     def lock_path(self) -> Path:
@@ -101,7 +102,8 @@ def clean_stale_locks() -> list[str]:
 
 def is_retry(trial: FrozenTrial) -> bool:
     """A second go at a trial that already used a slot: its worker died, or it ran out of memory."""
-    return RETRY_OF in trial.system_attrs or OOM_RETRY_OF in trial.user_attrs
+    return (RetryHeartbeatStaleTrialCallback.retried_trial_number(trial) is not None
+            or OOM_RETRY_OF in trial.user_attrs)
 
 
 class Budget:
