@@ -1,0 +1,146 @@
+"""Sweeps on a Ray cluster: two nodes on this machine (`ray.cluster_utils.Cluster`, one CPU
+each) sharing a study on the loopback PostgreSQL.
+
+Skips, saying why, without ray (`pip install -e '.[ray]'`) or without a PostgreSQL server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from optuna.trial import TrialState
+
+from tests._sweeps import FAST_FAULTS, assert_nothing_running, load, mlflow_runs, running_trial_with_epoch, wait_for
+from tests.test_databases import server_url, with_password
+
+ray = pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[ray]'")
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+SECRET = "s3cret-ray"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Any:
+    """Two Ray nodes with one CPU each, this process their driver; shut down whatever happens."""
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(initialize_head=True, connect=False,
+                    head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": 0})
+    try:
+        nodes.add_node(num_cpus=1)
+        nodes.wait_for_nodes()
+        ray.init(address=nodes.address, log_to_driver=False)
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+
+
+class ArgvWatch:
+    """Samples every process's command line (Ray's daemons and workers included) until stopped."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.psutil, self.seen, self._stop = psutil, {}, threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            for proc in self.psutil.process_iter(["cmdline"]):
+                self.seen[proc.pid] = " ".join(proc.info["cmdline"] or [])
+
+    def stop(self) -> dict[int, str]:
+        self._stop.set()
+        self._thread.join()
+        return self.seen
+
+
+def ray_state_text() -> str:
+    """What Ray's dashboard and state API show of tasks, actors and jobs, in detail."""
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    return repr(list_tasks(detail=True, limit=10_000)) + repr(list_actors(detail=True)) + repr(list_jobs())
+
+
+def experiment(write_experiments: Callable[..., Path], n_trials: int) -> tuple[Any, str, str]:
+    from pet_sweep.config import load_experiment
+
+    storage = with_password(server_url("postgres"), SECRET)
+    name = f"r{uuid.uuid4().hex[:10]}"  # the server keeps other tests' studies
+    config = write_experiments(study_name=name, storage=storage, budget={"n_trials": n_trials}, faults=FAST_FAULTS)
+    return load_experiment(config), storage, name
+
+
+def check_the_stores(exp: Any, storage: str, name: str, n_trials: int) -> list[Any]:
+    """n_trials COMPLETE (retries aside), every one with its node; one parent run, a child per trial."""
+    from pet_sweep.launch.ray_worker import HOSTNAME_ATTR, NODE_ID_ATTR
+    from pet_sweep.sweep.budget import is_retry
+
+    trials = load(storage, name).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n_trials and len([t for t in trials if not is_retry(t)]) == n_trials, trials
+    assert all(t.user_attrs.get(NODE_ID_ATTR) and t.user_attrs.get(HOSTNAME_ATTR) for t in trials)
+    runs = [r for r in mlflow_runs(exp.tracking_uri, exp.tracking_experiment) if r.data.tags.get("pet_sweep.study") == name]
+    parents = [r for r in runs if r.data.tags["pet_sweep.role"] == "sweep"]
+    children = [r for r in runs if r.data.tags["pet_sweep.role"] == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", parents
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert len(children) == len(trials), (children, trials)
+    assert all(r.data.tags.get("ray.node_id") for r in children)
+    assert_nothing_running(storage, name, exp.tracking_uri, exp.tracking_experiment)
+    return trials
+
+
+def test_four_trials_on_two_nodes(cluster: Any, write_experiments: Callable[..., Path]) -> None:
+    from pet_sweep.launch.ray import run_on_ray
+    from pet_sweep.launch.ray_worker import NODE_ID_ATTR
+
+    exp, storage, name = experiment(write_experiments, 4)
+    lines: list[str] = []
+    watch = ArgvWatch()
+    try:
+        result = run_on_ray(exp, 2, echo=lines.append)
+    finally:
+        seen = watch.stop()
+    assert (result.ran, result.finished, result.stopped_by, result.left) == (4, 4, "budget", 0), lines
+    assert len(result.trials) == 4 and result.best is not None
+    trials = check_the_stores(exp, storage, name, 4)
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert {t.user_attrs[NODE_ID_ATTR] for t in trials} == nodes, "both nodes should have run trials"
+    assert {line.split("|")[0] for line in lines if "COMPLETE" in line} == {"w0", "w1"}, lines
+    assert [] == [line for line in lines if SECRET in line]
+    assert SECRET not in ray_state_text()
+    assert [] == [pid for pid, argv in seen.items() if SECRET in argv]
+
+
+def test_a_killed_worker_is_restarted_and_its_trial_retried(cluster: Any,
+                                                            write_experiments: Callable[..., Path]) -> None:
+    from pet_sweep.launch.ray import run_on_ray
+
+    exp, storage, name = experiment(write_experiments, 3)
+    lines: list[str] = []
+    done: dict[str, Any] = {}
+    driver = threading.Thread(target=lambda: done.update(result=run_on_ray(exp, 2, echo=lines.append)))
+    driver.start()
+    try:
+        victim = wait_for(lambda: running_trial_with_epoch(storage, name), 300, "a trial's first epoch")
+        os.kill(int(victim.user_attrs["worker"].rpartition(":")[2]), signal.SIGKILL)
+    finally:
+        driver.join(timeout=600)
+    result = done["result"]
+    assert (result.ran, result.stopped_by, result.left) == (3, "budget", 0), lines
+    trials = check_the_stores(exp, storage, name, 3)
+    assert [t.state for t in trials if t.number == victim.number] == [TrialState.FAIL]
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert [t.state for t in retries] == [TrialState.COMPLETE], lines
+    assert SECRET not in ray_state_text()
