@@ -143,4 +143,10 @@ def test_a_killed_worker_is_restarted_and_its_trial_retried(cluster: Any,
     assert [t.state for t in trials if t.number == victim.number] == [TrialState.FAIL]
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert [t.state for t in retries] == [TrialState.COMPLETE], lines
+    from ray.util.state import list_tasks
+
+    # Ray started the killed worker's task again (its second attempt)
+    attempts = [t.attempt_number for t in list_tasks(detail=True, limit=10_000) if t.name.startswith("pet-sweep-w")
+                and t.job_id == ray.get_runtime_context().get_job_id()]
+    assert max(attempts) >= 1, attempts
     assert SECRET not in ray_state_text()

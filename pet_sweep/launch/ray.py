@@ -167,27 +167,28 @@ def _run_workers(ray: Any, exp: Experiment, n_workers: int, parent: str, cpus: f
 
 
 def _wait(ray: Any, refs: list[Any], coordinator: Any, echo: Callable[[str], None]) -> bool:
-    """Relay the workers' lines until every task ended; True if Ctrl-C cancelled them."""
-    pending, interrupted, deadline = list(refs), False, None
-    while pending or deadline is not None:
+    """Relay the workers' lines until every task ended; True if Ctrl-C stopped them.
+
+    Ctrl-C asks every worker to stop (its trial ends FAIL "interrupted", its loop returns);
+    a worker still running `CLEANUP_S` later is cancelled outright.
+    """
+    pending, deadline = list(refs), None
+    while pending:
         try:
-            if pending:
-                _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
             for line in ray.get(coordinator.drain.remote()):
                 echo(line)
-            if deadline is not None:  # cancelled: wait for the workers to close their trials
-                started, ended = ray.get(coordinator.roll.remote())
-                if set(started) <= ended or time.monotonic() > deadline:
-                    deadline = None
-                else:
-                    time.sleep(0.5)
+            if deadline is not None and time.monotonic() > deadline:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                deadline = float("inf")
         except KeyboardInterrupt:
-            if interrupted:
-                continue
-            interrupted, deadline = True, time.monotonic() + CLEANUP_S
-            for ref in pending:
-                ray.cancel(ref)  # a KeyboardInterrupt in the worker: its trial ends FAIL "interrupted"
-    return interrupted
+            if deadline is None:  # a second Ctrl-C is not forwarded: it would cut the workers' cleanup short
+                deadline = time.monotonic() + CLEANUP_S
+                ray.get(coordinator.stop.remote())
+    for line in ray.get(coordinator.drain.remote()):
+        echo(line)
+    return deadline is not None
 
 
 def _fail_orphans(study: optuna.Study, max_retry: int, processes: set[str]) -> list[int]:

@@ -11,23 +11,26 @@ tracking URLs) comes from the object store, handed over as a reference.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import socket
 import threading
 import time
 import uuid
+import warnings
 from typing import Any
 
 import ray
 
 from pet_sweep.sweep.budget import WorkerRole, this_process
 from pet_sweep.sweep.loop import run_sweep
-from pet_sweep.sweep.records import SweepResult, TrialOutcome
-from pet_sweep.sweep.storage import make_storage
+from pet_sweep.sweep.records import EpochRecord, SweepResult, TrialOutcome
+from pet_sweep.sweep.storage import make_storage, quiet_optuna
 from pet_sweep.tracking import RUN_ID_ATTR, Tracker
 
 LEASE_S = 20.0  # a claim whose holder stopped renewing for this long is free again (holder killed)
 RENEW_S = 2.0
+POLL_S = 1.0    # how often a worker asks whether the driver was interrupted
 
 NODE_ID_ATTR = "ray_node_id"    # trial user attrs: where the trial ran
 HOSTNAME_ATTR = "ray_hostname"
@@ -44,6 +47,13 @@ class Coordinator:
         self.lines: list[str] = []
         self.processes: dict[str, int] = {}  # host:pid -> worker index
         self.finished: set[str] = set()
+        self.stopping = False  # Ctrl-C on the driver: every worker stops its trial and its loop
+
+    async def stop(self) -> None:
+        self.stopping = True
+
+    async def should_stop(self) -> bool:
+        return self.stopping
 
     async def acquire(self, token: str) -> None:
         while not self._take(token):
@@ -141,12 +151,51 @@ class NodeRecorder:
         pass
 
 
+class Interrupter:
+    """Ctrl-C on the driver, brought to this worker as a KeyboardInterrupt in its main thread.
+
+    A thread asks the coordinator every `POLL_S` and interrupts the main thread once, as
+    Ctrl-C would (the trial ends FAIL "interrupted", run_sweep returns). An interrupt that
+    lands where Python ignores it (a garbage-collector callback) would leave the worker
+    sweeping, so the listeners raise it again at the next epoch or trial boundary.
+    """
+
+    def __init__(self, coordinator: Any) -> None:
+        self.coordinator = coordinator
+        self.requested = threading.Event()
+        self.done = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.done.wait(POLL_S):
+            if ray.get(self.coordinator.should_stop.remote()):
+                self.requested.set()
+                _thread.interrupt_main()
+                return
+
+    def check(self, *args: Any) -> None:
+        if self.requested.is_set() and not self.done.is_set():
+            raise KeyboardInterrupt
+
+    def epoch_done(self, number: int, record: EpochRecord) -> None:
+        self.check()
+
+    def trial_started(self, number: int, params: dict[str, Any]) -> None:
+        self.check()
+
+    def trial_finished(self, outcome: TrialOutcome, best: tuple[float, int] | None) -> None:
+        self.check()
+
+
 def run_worker(exp_box: list[Any], role: WorkerRole, coordinator: Any) -> SweepResult:
     """One worker of the invocation (a Ray task): the sweep loop, its lines sent to the driver.
 
     `exp_box` holds the Experiment's object reference; in a list, so that Ray hands the
     reference over instead of the value, and the task's arguments show no URL.
     """
+    quiet_optuna()  # the driver prints one line per trial, as a local run does
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     exp = ray.get(exp_box[0])
     me = this_process()
     ray.get(coordinator.started.remote(me, role.index))
@@ -155,7 +204,10 @@ def run_worker(exp_box: list[Any], role: WorkerRole, coordinator: Any) -> SweepR
         for line in text.splitlines() or [""]:
             coordinator.say.remote(f"w{role.index}| {line}")
 
+    interrupter = Interrupter(coordinator)
     try:
-        return run_sweep(exp, echo=echo, trial_listeners=(NodeRecorder(exp),), role=role)
+        return run_sweep(exp, echo=echo, epoch_listeners=(interrupter.epoch_done,),
+                         trial_listeners=(NodeRecorder(exp), interrupter), role=role)
     finally:
+        interrupter.done.set()
         ray.get(coordinator.ended.remote(me))
