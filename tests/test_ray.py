@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -22,9 +21,66 @@ from tests.test_databases import server_url, with_password
 
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[ray]'")
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
 SECRET = "s3cret-ray"
+
+
+def test_without_ray_the_engine_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from pet_sweep.errors import ConfigError
+    from pet_sweep.launch.ray import import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` finds where it is not installed
+    with pytest.raises(ConfigError, match=r"pip install 'pet-sweep\[ray\]'"):
+        import_ray()
+
+
+@pytest.mark.parametrize("args, message", [((0, 1, 0), "--workers must be >= 1, but got 0"),
+                                           ((2, 0, 0), "cpus_per_worker must be > 0, but got 0"),
+                                           ((2, 1, 1.5), "gpus_per_worker must be a fraction of one GPU or a whole")])
+def test_resources_are_checked(args: tuple[int, float, float], message: str) -> None:
+    from pet_sweep.errors import ConfigError
+    from pet_sweep.launch.ray import check_resources
+
+    with pytest.raises(ConfigError, match=message):
+        check_resources(*args)
+    check_resources(4, 0.5, 0.25)  # fractions pack small workers on one core or card
+
+
+def test_the_claim_lock_is_a_lease_a_killed_holder_loses() -> None:
+    import asyncio
+
+    from pet_sweep.launch.ray_worker import Coordinator
+
+    async def scenario() -> list[bool]:
+        lock = Coordinator(lease_s=0.3)
+        await lock.acquire("a")
+        seen = [lock._take("b")]                      # held: the other worker waits
+        seen.append(await lock.renew("a"))            # the holder renews while it holds it
+        await lock.release("b")                       # someone else's release changes nothing
+        seen.append(lock._take("b"))
+        await asyncio.sleep(0.4)                      # "a" was killed: no renewal for a lease
+        seen.append(lock._take("b"))
+        seen.append(await lock.renew("a"))            # too late: "b" holds it now
+        await lock.release("b")
+        await asyncio.wait_for(lock.acquire("c"), 1)  # free again
+        return seen
+
+    assert asyncio.run(scenario()) == [False, True, False, True, False]
+
+
+def test_the_claim_lock_travels_unheld() -> None:
+    import pickle
+
+    from pet_sweep.launch.ray_worker import RayClaimLock
+    from pet_sweep.sweep.budget import WorkerRole
+
+    lock = RayClaimLock("coordinator handle")
+    lock._token = "held here"
+    role = WorkerRole(claim_lock=lock)
+    copy = pickle.loads(pickle.dumps(role))
+    assert copy.claim_lock._token is None and copy.claim_lock.coordinator == "coordinator handle"
+    assert copy == role and WorkerRole.decode(role.encode()).claim_lock is None  # --worker uses the lock file
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +157,8 @@ def check_the_stores(exp: Any, storage: str, name: str, n_trials: int) -> list[A
     return trials
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
 def test_four_trials_on_two_nodes(cluster: Any, write_experiments: Callable[..., Path]) -> None:
     from pet_sweep.launch.ray import run_on_ray
     from pet_sweep.launch.ray_worker import NODE_ID_ATTR
@@ -123,6 +181,8 @@ def test_four_trials_on_two_nodes(cluster: Any, write_experiments: Callable[...,
     assert [] == [pid for pid, argv in seen.items() if SECRET in argv]
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_its_trial_retried(cluster: Any,
                                                             write_experiments: Callable[..., Path]) -> None:
     from pet_sweep.launch.ray import run_on_ray

@@ -56,12 +56,12 @@ def run_on_ray(exp: Experiment, n_workers: int, *, address: str | None = None, c
     """Run `exp`'s sweep in `n_workers` Ray tasks sharing one budget.
 
     `address`: the cluster's (``auto`` from a node of it, ``ray://head:10001``); None
-    connects to the Ray this process already joined, else starts a local one.
+    joins the Ray this process is connected to, or the one RAY_ADDRESS names, else
+    starts a local Ray for this run. `max_retries`: how many times Ray starts a worker
+    again whose process or node died.
     """
-    from pet_sweep.sweep.loop import close_dead_runs, close_parent_run, open_parent_run  # heavy: fastai
-    from pet_sweep.sweep.storage import open_study
-    from pet_sweep.tracking import Tracker, check_server
-    from pet_sweep.train.data import check_data
+    from pet_sweep.tracking import check_server
+    from pet_sweep.train.data import check_data  # heavy: fastai
 
     ray = import_ray()
     check_resources(n_workers, cpus_per_worker, gpus_per_worker)
@@ -69,7 +69,25 @@ def run_on_ray(exp: Experiment, n_workers: int, *, address: str | None = None, c
     check_data(exp)  # a data error stops everything before any study or run exists
     joined = not ray.is_initialized()
     if joined:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"cannot connect to the Ray cluster at {address}: {first}") from None
+    try:
+        return _drive(ray, exp, n_workers, (cpus_per_worker, gpus_per_worker, max_retries), echo)
+    finally:
+        if joined:
+            ray.shutdown()
+
+
+def _drive(ray: Any, exp: Experiment, n_workers: int, resources: tuple[float, float, int],
+           echo: Callable[[str], None]) -> SweepResult:
+    """The supervisor's part, as launch.local does it: study and parent run, workers, the end."""
+    from pet_sweep.sweep.loop import close_dead_runs, close_parent_run, open_parent_run  # heavy: fastai
+    from pet_sweep.sweep.storage import open_study
+    from pet_sweep.tracking import Tracker
+
     study = open_study(exp)  # the driver creates the study and the parent run: no worker races for them
     cleaned = clean_leftovers([exp])
     if cleaned:
@@ -78,7 +96,7 @@ def run_on_ray(exp: Experiment, n_workers: int, *, address: str | None = None, c
     parent = open_parent_run(exp, study, tracker)
     status = "FAILED"
     try:
-        ended = _run_workers(ray, exp, n_workers, parent, cpus_per_worker, gpus_per_worker, max_retries, echo)
+        ended = _run_workers(ray, exp, n_workers, parent, *resources, echo)
         orphans = _fail_orphans(study, exp.config.faults.max_retry, ended.processes)
         if orphans:
             echo(f"retry        trial(s) {', '.join(map(str, orphans))} of dead workers: "
@@ -88,8 +106,6 @@ def run_on_ray(exp: Experiment, n_workers: int, *, address: str | None = None, c
     finally:
         closed = close_dead_runs(study, tracker)
         close_parent_run(study, tracker, parent, status)
-        if joined:
-            ray.shutdown()
     if closed:
         echo(f"closed       {closed} MLflow run(s) a dead worker left running")
     return result
