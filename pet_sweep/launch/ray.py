@@ -26,7 +26,11 @@ from pet_sweep.config import Experiment
 from pet_sweep.errors import ConfigError, PetSweepError
 from pet_sweep.sweep.budget import Budget, WorkerRole, cap_reached
 from pet_sweep.sweep.lifecycle import clean_leftovers, fail_and_retry
+from pet_sweep.sweep.loop import best_of, close_dead_runs, close_parent_run, open_parent_run
 from pet_sweep.sweep.records import WORKER_ATTR, StoppedBy, SweepResult, TrialOutcome
+from pet_sweep.sweep.storage import StaleTrialHandler, open_study
+from pet_sweep.tracking import Tracker, check_server
+from pet_sweep.train.data import check_data
 
 INSTALL_HINT = "the Ray engine needs ray: pip install 'pet-sweep[ray]'"
 CLEANUP_S = 60.0  # after Ctrl-C: how long the cancelled workers get to close their trials
@@ -60,8 +64,6 @@ def run_on_ray(exp: Experiment, n_workers: int, *, address: str | None = None, c
     starts a local Ray for this run. `max_retries`: how many times Ray starts a worker
     again whose process or node died.
     """
-    from pet_sweep.tracking import check_server
-    from pet_sweep.train.data import check_data  # heavy: fastai
 
     ray = import_ray()
     check_resources(n_workers, cpus_per_worker, gpus_per_worker)
@@ -84,9 +86,6 @@ def run_on_ray(exp: Experiment, n_workers: int, *, address: str | None = None, c
 def _drive(ray: Any, exp: Experiment, n_workers: int, resources: tuple[float, float, int],
            echo: Callable[[str], None]) -> SweepResult:
     """The supervisor's part, as launch.local does it: study and parent run, workers, the end."""
-    from pet_sweep.sweep.loop import close_dead_runs, close_parent_run, open_parent_run  # heavy: fastai
-    from pet_sweep.sweep.storage import open_study
-    from pet_sweep.tracking import Tracker
 
     study = open_study(exp)  # the driver creates the study and the parent run: no worker races for them
     cleaned = clean_leftovers([exp])
@@ -121,8 +120,6 @@ class Ended:
 
     def result(self, exp: Experiment, study: optuna.Study, parent: str) -> SweepResult:
         """The invocation's SweepResult, counted from the storage (as one process counts it)."""
-        from pet_sweep.sweep.loop import best_of  # heavy: fastai
-
         n_trials = exp.config.budget.n_trials
         budget = Budget(self.role, n_trials)
         trials = study.get_trials(deepcopy=False)
@@ -149,9 +146,10 @@ class Ended:
 def _run_workers(ray: Any, exp: Experiment, n_workers: int, parent: str, cpus: float, gpus: float,
                  max_retries: int, echo: Callable[[str], None]) -> Ended:
     """Start the tasks, relay their lines until they end; Ctrl-C cancels them."""
+    # optional: ray (and the worker side, which imports it)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pet_sweep.launch.ray_worker import Coordinator, RayClaimLock, run_worker  # heavy: the sweep loop
+    from pet_sweep.launch.ray_worker import Coordinator, RayClaimLock, run_worker
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     coordinator = ray.remote(Coordinator).options(num_cpus=0, scheduling_strategy=here).remote()
@@ -164,7 +162,8 @@ def _run_workers(ray: Any, exp: Experiment, n_workers: int, parent: str, cpus: f
     refs = [task.options(name=f"pet-sweep-w{role.index}", num_cpus=cpus, num_gpus=gpus, max_retries=max_retries)
             .remote(exp_box, role, coordinator) for role in roles]
     where = f"{gpus:g} GPU" if gpus else f"{cpus:g} CPU, {threads} thread(s)"
-    echo(f"ray          {n_workers} worker(s) of {where} each, on {len(ray.nodes())} node(s)")
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    echo(f"ray          {n_workers} worker(s) of {where} each, on {nodes} node(s)")
     interrupted = _wait(ray, refs, coordinator, echo)
     results: list[SweepResult] = []
     errors: list[BaseException] = []
@@ -210,8 +209,6 @@ def _wait(ray: Any, refs: list[Any], coordinator: Any, echo: Callable[[str], Non
 def _fail_orphans(study: optuna.Study, max_retry: int, processes: set[str]) -> list[int]:
     """Fail the trials our dead workers left RUNNING and queue their retry (their runs
     are closed by close_dead_runs): every worker has ended, so none can still run them."""
-    from pet_sweep.sweep.storage import StaleTrialHandler
-
     handler = StaleTrialHandler(max_retry)
     return [trial.number for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if trial.user_attrs.get(WORKER_ATTR) in processes and fail_and_retry(study, trial.number, handler)]
