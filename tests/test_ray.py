@@ -210,3 +210,43 @@ def test_a_killed_worker_is_restarted_and_its_trial_retried(cluster: Any,
                 and t.job_id == ray.get_runtime_context().get_job_id()]
     assert max(attempts) >= 1, attempts
     assert SECRET not in ray_state_text()
+
+
+DRIVER = """
+import sys
+from pet_sweep.config import load_experiment
+from pet_sweep.launch.ray import run_on_ray
+result = run_on_ray(load_experiment(sys.argv[1]), 2, address=sys.argv[2], echo=lambda line: print(line, flush=True))
+print("result", result.ran, result.finished, result.stopped_by, result.left, flush=True)
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_ctrl_c_on_the_driver_stops_every_worker_cleanly(cluster: Any, write_experiments: Callable[..., Path]) -> None:
+    import subprocess
+    import sys
+
+    from tests._sweeps import PROJECT
+
+    exp, storage, name = experiment(write_experiments, 3)
+    env = {**os.environ, "PYTHONPATH": f"{PROJECT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(exp.config_path), cluster.address], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: running_trial_with_epoch(storage, name), 300, "a trial's first epoch", driver)
+        driver.send_signal(signal.SIGINT)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, out
+    ran, finished, stopped_by, left = next(line for line in out.splitlines() if line.startswith("result ")).split()[1:]
+    assert stopped_by == "interrupt" and int(finished) < 3 and int(left) > 0, out
+    trials = load(storage, name).get_trials()
+    # the trial that had run an epoch: Ctrl-C failed it, as interrupted (its slot is given back to the resume)
+    assert "interrupted" in {t.user_attrs.get("reason") for t in trials if t.state == TrialState.FAIL}, out
+    assert_nothing_running(storage, name, exp.tracking_uri, exp.tracking_experiment)
+    parent = [r for r in mlflow_runs(exp.tracking_uri, exp.tracking_experiment)
+              if r.data.tags.get("pet_sweep.study") == name and r.data.tags["pet_sweep.role"] == "sweep"]
+    assert [r.info.status for r in parent] == ["KILLED"]
+    assert SECRET not in out
