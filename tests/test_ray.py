@@ -250,3 +250,44 @@ def test_ctrl_c_on_the_driver_stops_every_worker_cleanly(cluster: Any, write_exp
               if r.data.tags.get("pet_sweep.study") == name and r.data.tags["pet_sweep.role"] == "sweep"]
     assert [r.info.status for r in parent] == ["KILLED"]
     assert SECRET not in out
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_removed_node_is_replaced_by_the_other(cluster: Any, write_experiments: Callable[..., Path]) -> None:
+    from pet_sweep.launch.ray import run_on_ray
+    from pet_sweep.launch.ray_worker import NODE_ID_ATTR
+
+    exp, storage, name = experiment(write_experiments, 3)
+    node = next(iter(cluster.worker_nodes))
+
+    def training_there() -> Any:
+        trials = load(storage, name).get_trials(states=(TrialState.RUNNING,))
+        return next((t for t in trials if t.user_attrs.get("history") and t.user_attrs.get(NODE_ID_ATTR) == node.node_id),
+                    None)
+
+    lines: list[str] = []
+    done: dict[str, Any] = {}
+    driver = threading.Thread(target=lambda: done.update(result=run_on_ray(exp, 2, echo=lines.append)))
+    driver.start()
+    try:
+        wait_for(lambda: load_or_none(storage, name) and training_there(), 300, "a trial's first epoch on the node")
+        victim = training_there()
+        cluster.remove_node(node, allow_graceful=False)
+    finally:
+        driver.join(timeout=600)
+        cluster.add_node(num_cpus=1)  # the next test finds two nodes again
+    result = done["result"]
+    assert (result.ran, result.stopped_by, result.left) == (3, "budget", 0), lines
+    trials = check_the_stores(exp, storage, name, 3)
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert [t.state for t in retries] == [TrialState.COMPLETE], lines
+    assert retries[0].user_attrs[NODE_ID_ATTR] != node.node_id  # the node is gone: the other one ran it
+
+
+def load_or_none(storage: str, name: str) -> Any:
+    """The study once the driver has created it."""
+    try:
+        return load(storage, name)
+    except KeyError:
+        return None

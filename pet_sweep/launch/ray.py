@@ -149,9 +149,9 @@ def _run_workers(ray: Any, exp: Experiment, n_workers: int, parent: str, cpus: f
     # optional: ray (and the worker side, which imports it)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pet_sweep.launch.ray_worker import Coordinator, RayClaimLock, run_worker
+    from pet_sweep.launch.ray_worker import Coordinator, RayClaimLock, call, run_worker
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # goes with the driver
     coordinator = ray.remote(Coordinator).options(num_cpus=0, scheduling_strategy=here).remote()
     invocation = WorkerRole().invocation
     threads = max(1, int(cpus)) if not gpus else None
@@ -164,7 +164,7 @@ def _run_workers(ray: Any, exp: Experiment, n_workers: int, parent: str, cpus: f
     where = f"{gpus:g} GPU" if gpus else f"{cpus:g} CPU, {threads} thread(s)"
     nodes = sum(1 for node in ray.nodes() if node["Alive"])
     echo(f"ray          {n_workers} worker(s) of {where} each, on {nodes} node(s)")
-    interrupted = _wait(ray, refs, coordinator, echo)
+    interrupted = _wait(ray, refs, coordinator, call, echo)
     results: list[SweepResult] = []
     errors: list[BaseException] = []
     for index, ref in enumerate(refs):
@@ -177,11 +177,11 @@ def _run_workers(ray: Any, exp: Experiment, n_workers: int, parent: str, cpus: f
             errors.append(cause if isinstance(cause, BaseException) else err)
             first = str(errors[-1]).splitlines()[0] if str(errors[-1]) else type(errors[-1]).__name__
             echo(f"warning      worker {index} failed: {first}")
-    started, _ = ray.get(coordinator.roll.remote())
+    started, _ = call(coordinator.roll)
     return Ended(roles[0], results, errors, interrupted, set(started))
 
 
-def _wait(ray: Any, refs: list[Any], coordinator: Any, echo: Callable[[str], None]) -> bool:
+def _wait(ray: Any, refs: list[Any], coordinator: Any, call: Callable[..., Any], echo: Callable[[str], None]) -> bool:
     """Relay the workers' lines until every task ended; True if Ctrl-C stopped them.
 
     Ctrl-C asks every worker to stop (its trial ends FAIL "interrupted", its loop returns);
@@ -191,7 +191,7 @@ def _wait(ray: Any, refs: list[Any], coordinator: Any, echo: Callable[[str], Non
     while pending:
         try:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            for line in ray.get(coordinator.drain.remote()):
+            for line in call(coordinator.drain):
                 echo(line)
             if deadline is not None and time.monotonic() > deadline:
                 for ref in pending:
@@ -200,8 +200,8 @@ def _wait(ray: Any, refs: list[Any], coordinator: Any, echo: Callable[[str], Non
         except KeyboardInterrupt:
             if deadline is None:  # a second Ctrl-C is not forwarded: it would cut the workers' cleanup short
                 deadline = time.monotonic() + CLEANUP_S
-                ray.get(coordinator.stop.remote())
-    for line in ray.get(coordinator.drain.remote()):
+                call(coordinator.stop)
+    for line in call(coordinator.drain):
         echo(line)
     return deadline is not None
 

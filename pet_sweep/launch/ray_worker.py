@@ -37,6 +37,18 @@ HOSTNAME_ATTR = "ray_hostname"
 NODE_TAGS = {NODE_ID_ATTR: "ray.node_id", HOSTNAME_ATTR: "ray.hostname"}  # the same, as MLflow tags
 
 
+def call(method: Any, *args: Any, tries: int = 5) -> Any:
+    """`ray.get(method.remote(*args))`, again while the actor is briefly unreachable (a node of
+    the cluster went away meanwhile); every coordinator method may run twice."""
+    for attempt in range(tries):
+        try:
+            return ray.get(method.remote(*args))
+        except ray.exceptions.ActorUnavailableError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5 * 2 ** attempt)
+
+
 class Coordinator:
     """One invocation's claim lock, line queue and roll of worker processes (a Ray actor)."""
 
@@ -61,7 +73,7 @@ class Coordinator:
 
     def _take(self, token: str) -> bool:
         now = time.monotonic()
-        if self.holder is not None and now < self.expires:
+        if self.holder not in (None, token) and now < self.expires:  # the same token: a call retried
             return False
         self.holder, self.expires = token, now + self.lease_s
         return True
@@ -111,19 +123,19 @@ class RayClaimLock:
 
     def acquire(self) -> None:
         token = uuid.uuid4().hex
-        ray.get(self.coordinator.acquire.remote(token))
+        call(self.coordinator.acquire, token)
         self._token, self._stop = token, threading.Event()
         threading.Thread(target=self._renew, args=(token, self._stop), daemon=True).start()
 
     def _renew(self, token: str, stop: threading.Event) -> None:
         while not stop.wait(RENEW_S):
-            if not ray.get(self.coordinator.renew.remote(token)):
+            if not call(self.coordinator.renew, token):
                 return
 
     def release(self) -> None:
         self._stop.set()
         if self._token is not None:
-            ray.get(self.coordinator.release.remote(self._token))
+            call(self.coordinator.release, self._token)
             self._token = None
 
 
@@ -168,7 +180,7 @@ class Interrupter:
 
     def _watch(self) -> None:
         while not self.done.wait(POLL_S):
-            if ray.get(self.coordinator.should_stop.remote()):
+            if call(self.coordinator.should_stop):
                 self.requested.set()
                 _thread.interrupt_main()
                 return
@@ -198,7 +210,7 @@ def run_worker(exp_box: list[Any], role: WorkerRole, coordinator: Any) -> SweepR
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     exp = ray.get(exp_box[0])
     me = this_process()
-    ray.get(coordinator.started.remote(me, role.index))
+    call(coordinator.started, me, role.index)
 
     def echo(text: str) -> None:
         for line in text.splitlines() or [""]:
@@ -210,4 +222,4 @@ def run_worker(exp_box: list[Any], role: WorkerRole, coordinator: Any) -> SweepR
                          trial_listeners=(NodeRecorder(exp), interrupter), role=role)
     finally:
         interrupter.done.set()
-        ray.get(coordinator.ended.remote(me))
+        call(coordinator.ended, me)
