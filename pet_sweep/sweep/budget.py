@@ -25,7 +25,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Protocol
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -52,6 +52,32 @@ def process_gone(owner: str) -> bool | None:
     return False
 
 
+class ClaimLock(Protocol):
+    """The invocation's claim lock: `acquire` blocks until this process holds it."""
+
+    def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class FileClaimLock:
+    """The invocation's lock file under `flock`: one machine's workers; the kernel frees it if its holder dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: Any = None
+
+    def acquire(self) -> None:
+        handle = open(self.path, "a+")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        self._handle = handle
+
+    def release(self) -> None:
+        fcntl.flock(self._handle, fcntl.LOCK_UN)
+        self._handle.close()
+        self._handle = None
+
+
 @dataclass(frozen=True)
 class WorkerRole:
     """Who this process is within an invocation of `pet-sweep run`."""
@@ -61,6 +87,10 @@ class WorkerRole:
     n_workers: int = 1
     parent_run_id: str | None = None  # set by a supervisor: it owns (and closes) the parent run
     threads: int | None = None        # torch threads of this worker (CPU cores split)
+    # what serialises the claims of the invocation's workers: None, the lock file (one
+    # machine); a lock that spans machines where the workers do (launch.ray). Not encoded:
+    # a worker started by `--worker` uses the lock file.
+    claim_lock: ClaimLock | None = field(default=None, compare=False, repr=False)
 
     def encode(self) -> str:
         return f"{self.invocation}:{self.index}:{self.n_workers}:{self.parent_run_id or ''}:{self.threads or ''}"
@@ -168,9 +198,9 @@ class Budget:
     @contextlib.contextmanager
     def claim(self) -> Iterator["Claim"]:
         """Hold the invocation's lock; the objective releases it once its trial exists."""
-        handle = open(self.role.lock_path, "a+")
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        claim = Claim(handle)
+        lock = self.role.claim_lock or FileClaimLock(self.role.lock_path)
+        lock.acquire()
+        claim = Claim(lock)
         try:
             yield claim
         finally:
@@ -190,11 +220,10 @@ def _numbers(numbers: list[int]) -> str:
 class Claim:
     """A held budget lock; `release` is idempotent."""
 
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle
+    def __init__(self, lock: ClaimLock) -> None:
+        self._lock: ClaimLock | None = lock
 
     def release(self) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

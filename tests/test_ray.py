@@ -1,0 +1,293 @@
+"""Sweeps on a Ray cluster: two nodes on this machine (`ray.cluster_utils.Cluster`, one CPU
+each) sharing a study on the loopback PostgreSQL.
+
+Skips, saying why, without ray (`pip install -e '.[ray]'`) or without a PostgreSQL server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from optuna.trial import TrialState
+
+from tests._sweeps import FAST_FAULTS, assert_nothing_running, load, mlflow_runs, running_trial_with_epoch, wait_for
+from tests.test_databases import server_url, with_password
+
+ray = pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[ray]'")
+
+SECRET = "s3cret-ray"
+
+
+def test_without_ray_the_engine_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from pet_sweep.errors import ConfigError
+    from pet_sweep.launch.ray import import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` finds where it is not installed
+    with pytest.raises(ConfigError, match=r"pip install 'pet-sweep\[ray\]'"):
+        import_ray()
+
+
+@pytest.mark.parametrize("args, message", [((0, 1, 0), "--workers must be >= 1, but got 0"),
+                                           ((2, 0, 0), "cpus_per_worker must be > 0, but got 0"),
+                                           ((2, 1, 1.5), "gpus_per_worker must be a fraction of one GPU or a whole")])
+def test_resources_are_checked(args: tuple[int, float, float], message: str) -> None:
+    from pet_sweep.errors import ConfigError
+    from pet_sweep.launch.ray import check_resources
+
+    with pytest.raises(ConfigError, match=message):
+        check_resources(*args)
+    check_resources(4, 0.5, 0.25)  # fractions pack small workers on one core or card
+
+
+def test_the_claim_lock_is_a_lease_a_killed_holder_loses() -> None:
+    import asyncio
+
+    from pet_sweep.launch.ray_worker import Coordinator
+
+    async def scenario() -> list[bool]:
+        lock = Coordinator(lease_s=0.3)
+        await lock.acquire("a")
+        seen = [lock._take("b")]                      # held: the other worker waits
+        seen.append(await lock.renew("a"))            # the holder renews while it holds it
+        await lock.release("b")                       # someone else's release changes nothing
+        seen.append(lock._take("b"))
+        await asyncio.sleep(0.4)                      # "a" was killed: no renewal for a lease
+        seen.append(lock._take("b"))
+        seen.append(await lock.renew("a"))            # too late: "b" holds it now
+        await lock.release("b")
+        await asyncio.wait_for(lock.acquire("c"), 1)  # free again
+        return seen
+
+    assert asyncio.run(scenario()) == [False, True, False, True, False]
+
+
+def test_the_claim_lock_travels_unheld() -> None:
+    import pickle
+
+    from pet_sweep.launch.ray_worker import RayClaimLock
+    from pet_sweep.sweep.budget import WorkerRole
+
+    lock = RayClaimLock("coordinator handle")
+    lock._token = "held here"
+    role = WorkerRole(claim_lock=lock)
+    copy = pickle.loads(pickle.dumps(role))
+    assert copy.claim_lock._token is None and copy.claim_lock.coordinator == "coordinator handle"
+    assert copy == role and WorkerRole.decode(role.encode()).claim_lock is None  # --worker uses the lock file
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Any:
+    """Two Ray nodes with one CPU each, this process their driver; shut down whatever happens."""
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(initialize_head=True, connect=False,
+                    head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": 0})
+    try:
+        nodes.add_node(num_cpus=1)
+        nodes.wait_for_nodes()
+        ray.init(address=nodes.address, log_to_driver=False)
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+
+
+class ArgvWatch:
+    """Samples every process's command line (Ray's daemons and workers included) until stopped."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.psutil, self.seen, self._stop = psutil, {}, threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            for proc in self.psutil.process_iter(["cmdline"]):
+                self.seen[proc.pid] = " ".join(proc.info["cmdline"] or [])
+
+    def stop(self) -> dict[int, str]:
+        self._stop.set()
+        self._thread.join()
+        return self.seen
+
+
+def ray_state_text() -> str:
+    """What Ray's dashboard and state API show of tasks, actors and jobs, in detail."""
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    return repr(list_tasks(detail=True, limit=10_000)) + repr(list_actors(detail=True)) + repr(list_jobs())
+
+
+def experiment(write_experiments: Callable[..., Path], n_trials: int) -> tuple[Any, str, str]:
+    from pet_sweep.config import load_experiment
+
+    storage = with_password(server_url("postgres"), SECRET)
+    name = f"r{uuid.uuid4().hex[:10]}"  # the server keeps other tests' studies
+    config = write_experiments(study_name=name, storage=storage, budget={"n_trials": n_trials}, faults=FAST_FAULTS)
+    return load_experiment(config), storage, name
+
+
+def check_the_stores(exp: Any, storage: str, name: str, n_trials: int) -> list[Any]:
+    """n_trials COMPLETE (retries aside), every one with its node; one parent run, a child per trial."""
+    from pet_sweep.launch.ray_worker import HOSTNAME_ATTR, NODE_ID_ATTR
+    from pet_sweep.sweep.budget import is_retry
+
+    trials = load(storage, name).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n_trials and len([t for t in trials if not is_retry(t)]) == n_trials, trials
+    assert all(t.user_attrs.get(NODE_ID_ATTR) and t.user_attrs.get(HOSTNAME_ATTR) for t in trials)
+    runs = [r for r in mlflow_runs(exp.tracking_uri, exp.tracking_experiment) if r.data.tags.get("pet_sweep.study") == name]
+    parents = [r for r in runs if r.data.tags["pet_sweep.role"] == "sweep"]
+    children = [r for r in runs if r.data.tags["pet_sweep.role"] == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", parents
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert len(children) == len(trials), (children, trials)
+    assert all(r.data.tags.get("ray.node_id") for r in children)
+    assert_nothing_running(storage, name, exp.tracking_uri, exp.tracking_experiment)
+    return trials
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_four_trials_on_two_nodes(cluster: Any, write_experiments: Callable[..., Path]) -> None:
+    from pet_sweep.launch.ray import run_on_ray
+    from pet_sweep.launch.ray_worker import NODE_ID_ATTR
+
+    exp, storage, name = experiment(write_experiments, 4)
+    lines: list[str] = []
+    watch = ArgvWatch()
+    try:
+        result = run_on_ray(exp, 2, echo=lines.append)
+    finally:
+        seen = watch.stop()
+    assert (result.ran, result.finished, result.stopped_by, result.left) == (4, 4, "budget", 0), lines
+    assert len(result.trials) == 4 and result.best is not None
+    trials = check_the_stores(exp, storage, name, 4)
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert {t.user_attrs[NODE_ID_ATTR] for t in trials} == nodes, "both nodes should have run trials"
+    assert {line.split("|")[0] for line in lines if "COMPLETE" in line} == {"w0", "w1"}, lines
+    assert [] == [line for line in lines if SECRET in line]
+    assert SECRET not in ray_state_text()
+    assert [] == [pid for pid, argv in seen.items() if SECRET in argv]
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_its_trial_retried(cluster: Any,
+                                                            write_experiments: Callable[..., Path]) -> None:
+    from pet_sweep.launch.ray import run_on_ray
+
+    exp, storage, name = experiment(write_experiments, 3)
+    lines: list[str] = []
+    done: dict[str, Any] = {}
+    driver = threading.Thread(target=lambda: done.update(result=run_on_ray(exp, 2, echo=lines.append)))
+    driver.start()
+    try:
+        victim = wait_for(lambda: running_trial_with_epoch(storage, name), 300, "a trial's first epoch")
+        os.kill(int(victim.user_attrs["worker"].rpartition(":")[2]), signal.SIGKILL)
+    finally:
+        driver.join(timeout=600)
+    result = done["result"]
+    assert (result.ran, result.stopped_by, result.left) == (3, "budget", 0), lines
+    trials = check_the_stores(exp, storage, name, 3)
+    assert [t.state for t in trials if t.number == victim.number] == [TrialState.FAIL]
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert [t.state for t in retries] == [TrialState.COMPLETE], lines
+    from ray.util.state import list_tasks
+
+    # Ray started the killed worker's task again (its second attempt)
+    attempts = [t.attempt_number for t in list_tasks(detail=True, limit=10_000) if t.name.startswith("pet-sweep-w")
+                and t.job_id == ray.get_runtime_context().get_job_id()]
+    assert max(attempts) >= 1, attempts
+    assert SECRET not in ray_state_text()
+
+
+DRIVER = """
+import sys
+from pet_sweep.config import load_experiment
+from pet_sweep.launch.ray import run_on_ray
+result = run_on_ray(load_experiment(sys.argv[1]), 2, address=sys.argv[2], echo=lambda line: print(line, flush=True))
+print("result", result.ran, result.finished, result.stopped_by, result.left, flush=True)
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_ctrl_c_on_the_driver_stops_every_worker_cleanly(cluster: Any, write_experiments: Callable[..., Path]) -> None:
+    import subprocess
+    import sys
+
+    from tests._sweeps import PROJECT
+
+    exp, storage, name = experiment(write_experiments, 3)
+    env = {**os.environ, "PYTHONPATH": f"{PROJECT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(exp.config_path), cluster.address], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: running_trial_with_epoch(storage, name), 300, "a trial's first epoch", driver)
+        driver.send_signal(signal.SIGINT)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, out
+    ran, finished, stopped_by, left = next(line for line in out.splitlines() if line.startswith("result ")).split()[1:]
+    assert stopped_by == "interrupt" and int(finished) < 3 and int(left) > 0, out
+    trials = load(storage, name).get_trials()
+    # the trial that had run an epoch: Ctrl-C failed it, as interrupted (its slot is given back to the resume)
+    assert "interrupted" in {t.user_attrs.get("reason") for t in trials if t.state == TrialState.FAIL}, out
+    assert_nothing_running(storage, name, exp.tracking_uri, exp.tracking_experiment)
+    parent = [r for r in mlflow_runs(exp.tracking_uri, exp.tracking_experiment)
+              if r.data.tags.get("pet_sweep.study") == name and r.data.tags["pet_sweep.role"] == "sweep"]
+    assert [r.info.status for r in parent] == ["KILLED"]
+    assert SECRET not in out
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_removed_node_is_replaced_by_the_other(cluster: Any, write_experiments: Callable[..., Path]) -> None:
+    from pet_sweep.launch.ray import run_on_ray
+    from pet_sweep.launch.ray_worker import NODE_ID_ATTR
+
+    exp, storage, name = experiment(write_experiments, 3)
+    node = next(iter(cluster.worker_nodes))
+
+    def training_there() -> Any:
+        trials = load(storage, name).get_trials(states=(TrialState.RUNNING,))
+        return next((t for t in trials if t.user_attrs.get("history") and t.user_attrs.get(NODE_ID_ATTR) == node.node_id),
+                    None)
+
+    lines: list[str] = []
+    done: dict[str, Any] = {}
+    driver = threading.Thread(target=lambda: done.update(result=run_on_ray(exp, 2, echo=lines.append)))
+    driver.start()
+    try:
+        wait_for(lambda: load_or_none(storage, name) and training_there(), 300, "a trial's first epoch on the node")
+        victim = training_there()
+        cluster.remove_node(node, allow_graceful=False)
+    finally:
+        driver.join(timeout=600)
+        cluster.add_node(num_cpus=1)  # the next test finds two nodes again
+    result = done["result"]
+    assert (result.ran, result.stopped_by, result.left) == (3, "budget", 0), lines
+    trials = check_the_stores(exp, storage, name, 3)
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert [t.state for t in retries] == [TrialState.COMPLETE], lines
+    assert retries[0].user_attrs[NODE_ID_ATTR] != node.node_id  # the node is gone: the other one ran it
+
+
+def load_or_none(storage: str, name: str) -> Any:
+    """The study once the driver has created it."""
+    try:
+        return load(storage, name)
+    except KeyError:
+        return None
