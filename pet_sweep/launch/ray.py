@@ -26,8 +26,8 @@ from pet_sweep.config import Experiment
 from pet_sweep.errors import ConfigError, PetSweepError
 from pet_sweep.sweep.budget import Budget, WorkerRole, cap_reached
 from pet_sweep.sweep.lifecycle import clean_leftovers, fail_and_retry
-from pet_sweep.sweep.loop import best_of, close_dead_runs, close_parent_run, open_parent_run
-from pet_sweep.sweep.records import WORKER_ATTR, StoppedBy, SweepResult, TrialOutcome
+from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run
+from pet_sweep.sweep.records import WORKER_ATTR, StoppedBy, SweepResult, TrialOutcome, best_of
 from pet_sweep.sweep.storage import StaleTrialHandler, open_study
 from pet_sweep.tracking import Tracker, check_server
 from pet_sweep.train.data import check_data
