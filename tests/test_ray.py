@@ -160,18 +160,24 @@ def check_the_stores(exp: Any, storage: str, name: str, n_trials: int) -> list[A
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_four_trials_on_two_nodes(cluster: Any, write_experiments: Callable[..., Path]) -> None:
-    from pet_sweep.launch.ray import run_on_ray
+    """Through the command line, as a user runs it: `pet-sweep run --workers 2 --ray ADDRESS`."""
+    from click.testing import CliRunner
+
+    from pet_sweep.cli import cli
     from pet_sweep.launch.ray_worker import NODE_ID_ATTR
 
     exp, storage, name = experiment(write_experiments, 4)
-    lines: list[str] = []
     watch = ArgvWatch()
     try:
-        result = run_on_ray(exp, 2, echo=lines.append)
+        done = CliRunner().invoke(cli, ["run", "--config", str(exp.config_path), "--workers", "2",
+                                        "--ray", cluster.address], catch_exceptions=False)
     finally:
         seen = watch.stop()
-    assert (result.ran, result.finished, result.stopped_by, result.left) == (4, 4, "budget", 0), lines
-    assert len(result.trials) == 4 and result.best is not None
+    assert done.exit_code == 0, done.output
+    lines = done.output.splitlines()
+    assert f"(+4 trials, 2 workers on Ray {cluster.address})" in done.output
+    assert any(line.startswith("best         trial") for line in lines), done.output
+    assert not any(line.startswith("budget ") for line in lines) and "resume" not in done.output  # all ran
     trials = check_the_stores(exp, storage, name, 4)
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert {t.user_attrs[NODE_ID_ATTR] for t in trials} == nodes, "both nodes should have run trials"
@@ -179,6 +185,19 @@ def test_four_trials_on_two_nodes(cluster: Any, write_experiments: Callable[...,
     assert [] == [line for line in lines if SECRET in line]
     assert SECRET not in ray_state_text()
     assert [] == [pid for pid, argv in seen.items() if SECRET in argv]
+
+
+def test_run_with_ray_but_without_it_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch,
+                                                           write_experiments: Callable[..., Path]) -> None:
+    import sys
+
+    from click.testing import CliRunner
+
+    from pet_sweep.cli import cli
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` finds where it is not installed
+    done = CliRunner().invoke(cli, ["run", "--config", str(write_experiments()), "--workers", "2", "--ray"])
+    assert done.exit_code == 2 and "pip install 'pet-sweep[ray]'" in done.output, done.output
 
 
 @pytest.mark.postgres

@@ -1,0 +1,85 @@
+"""Browsing a sweep: `pet-sweep ui` (MLflow) and `pet-sweep dashboard` (optuna-dashboard)."""
+
+from __future__ import annotations
+
+import click
+
+from pet_sweep.cli.common import CliError, config_option, fail_clearly, load, storage_option, tracking_option
+
+
+def _warn_host(host: str) -> None:
+    from pet_sweep.browse import host_warning
+
+    warning = host_warning(host)
+    if warning:
+        click.echo(warning, err=True)
+
+
+host_option = click.option("--host", default="127.0.0.1", show_default=True,
+                           help="Interface to bind; anything but loopback exposes the UI (no login).")
+
+
+@click.command()
+@click.argument("experiment", required=False)
+@config_option
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="Port to listen on.")
+@host_option
+@tracking_option
+@fail_clearly
+def ui(experiment: str | None, config_path: str, port: int, host: str, tracking_uri: str | None) -> None:
+    """Open the MLflow UI on EXPERIMENT's tracking store and print its page's URL.
+
+    The sweep is a parent run `sweep-<study>` with the trials `trial-<n>` nested
+    under it. With a remote tracking server (http[s]://), prints that server's
+    page for the experiment instead of starting anything. Ctrl-C stops the UI.
+
+    \b
+    Example:
+      pet-sweep ui digits --port 5001
+    """
+    from pet_sweep import browse
+
+    exp = load(config_path, experiment, tracking_uri=tracking_uri)
+    if browse.is_remote(exp.tracking_uri):
+        url, note = browse.remote_experiment_url(exp.tracking_uri, exp.tracking_experiment)
+        click.echo(f"MLflow experiment '{exp.tracking_experiment}' is on the tracking server")
+        click.echo(f"open {browse.redact_url(url)}")
+        if note:
+            click.echo(f"note: {note}", err=True)
+        return
+    _warn_host(host)
+    experiment_id = browse.mlflow_experiment_id(exp)
+    browse.open_ui(f"the MLflow UI on {browse.redact_url(exp.tracking_uri)}",
+                   browse.mlflow_command(exp.tracking_uri, host, port), host, port,
+                   ready_path="/health", page_path=browse.mlflow_experiment_url("", experiment_id), echo=click.echo)
+
+
+@click.command()
+@click.argument("experiment", required=False)
+@config_option
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
+@host_option
+@storage_option
+@fail_clearly
+def dashboard(experiment: str | None, config_path: str, port: int, host: str, storage: str | None) -> None:
+    """Open optuna-dashboard on EXPERIMENT's study storage and print the study's URL.
+
+    Needs the optional extra: pip install 'pet-sweep[dashboard]'. Ctrl-C stops it.
+
+    \b
+    Example:
+      pet-sweep dashboard digits
+    """
+    from pet_sweep import browse
+
+    exp = load(config_path, experiment, storage=storage)
+    browse.require_dashboard()
+    _warn_host(host)
+    state = browse.study_state(exp)
+    if not state.found:
+        raise CliError(f"no study {exp.study_name!r} in {state.storage}"
+                       + (f" ({state.note})" if state.note else "") + f"; run `pet-sweep run {exp.name}` first")
+    browse.open_ui(f"optuna-dashboard on {state.storage}",
+                   browse.dashboard_command(exp.storage_url, host, port), host, port,
+                   ready_path="/api/studies", page_path=f"/dashboard/studies/{state.study_id}", echo=click.echo)
+

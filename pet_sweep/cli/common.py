@@ -1,0 +1,69 @@
+"""What every command shares: the error turned into exit code 2, the common options,
+loading an experiment with the command line's overrides, SIGTERM as Ctrl-C."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable
+
+import click
+
+from pet_sweep.config import DEFAULT_CONFIG, Experiment, load_experiment
+from pet_sweep.errors import PetSweepError
+
+
+class CliError(click.ClickException):
+    """A user-facing error: message on stderr, exit code 2."""
+
+    exit_code = 2
+
+
+def fail_clearly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's errors into `CliError` (exit code 2, no traceback)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PetSweepError as err:
+            raise CliError(str(err)) from None
+
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*Consider using tensor.detach.*")
+
+
+config_option = click.option(
+    "--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+    type=click.Path(dir_okay=False), help="The experiments file.")
+# Every command reads the same stores: a machine set up with the two variables (see the
+# README's "Scale out") reports, exports and browses the shared study as it runs it.
+storage_option = click.option(
+    "--storage", envvar="PET_SWEEP_STORAGE",
+    help="Optuna storage URL (default: the experiment's `storage`; env PET_SWEEP_STORAGE).")
+tracking_option = click.option(
+    "--tracking-uri", envvar="PET_SWEEP_TRACKING_URI",
+    help="MLflow tracking URI (default: the experiment's `tracking.uri`; env PET_SWEEP_TRACKING_URI).")
+study_name_option = click.option("--study-name", help="Optuna study name (default: the experiment's name).")
+
+
+def load(config_path: str, experiment: str | None, **overrides: Any) -> Experiment:
+    return load_experiment(config_path, experiment).with_overrides(**overrides)
+
+
+def sigterm_is_interrupt() -> None:
+    """SIGTERM (a scheduler or `kill`) stops a sweep the way Ctrl-C does: the trial is closed first."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    # A shell script that starts `pet-sweep run ... &` leaves SIGINT ignored (POSIX, for
+    # background jobs), and the workers inherit that: the supervisor's forwarded Ctrl-C
+    # would then not stop them. Interrupts always stop a sweep.
+    signal.signal(signal.SIGINT, signal.default_int_handler)

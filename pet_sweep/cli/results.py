@@ -1,0 +1,191 @@
+"""After a sweep: `report`, `export`, `train` (replay on the held-out split), `list`, `fail-stale`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pet_sweep.cli.common import (
+    config_option,
+    fail_clearly,
+    load,
+    quiet_libraries,
+    storage_option,
+    study_name_option,
+    tracking_option,
+)
+
+
+@click.command()
+@click.argument("experiment", required=False)
+@config_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for report.html, report.md and figures/ (default: reports/<study> beside the config).")
+@storage_option
+@tracking_option
+@study_name_option
+@click.option("--no-mlflow-attach", is_flag=True, help="Do not attach the report to the sweep's MLflow run.")
+@fail_clearly
+def report(experiment: str | None, config_path: str, out_dir: str | None, storage: str | None,
+           tracking_uri: str | None, study_name: str | None, no_mlflow_attach: bool) -> None:
+    """Read the sweep of EXPERIMENT: verdicts, tables, intervals, figures; never trains.
+
+    Works on a finished or a still-running study. Writes a self-contained
+    report.html and report.md (with figures/) and attaches them to the sweep's
+    parent MLflow run.
+
+    \b
+    Example:
+      pet-sweep report digits --out reports/digits
+    """
+    exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
+    quiet_libraries()
+    from pet_sweep.report.read import load_report, write_report
+    from pet_sweep.report.render import summary_text
+
+    _clean_leftovers([exp])
+    bundle = load_report(exp)
+    out = Path(out_dir) if out_dir else exp.base_dir / "reports" / exp.study_name
+    written = write_report(bundle, out, attach=not no_mlflow_attach)
+    click.echo(summary_text(bundle.report))
+    click.echo(f"report       {written.out_dir / 'report.html'}  (+ report.md, {len(written.files) - 2} figures)"
+               + ("" if no_mlflow_attach else f"; attached to MLflow run {written.parent_run_id}"))
+
+
+@click.command()
+@click.argument("experiment", required=False)
+@config_option
+@click.option("-o", "--output", default="best.yaml", show_default=True, type=click.Path(dir_okay=False),
+              help="Where to write the standalone config.")
+@click.option("--trial", type=int, help="Export this trial number instead of the best completed one.")
+@storage_option
+@tracking_option
+@study_name_option
+@fail_clearly
+def export(experiment: str | None, config_path: str, output: str, trial: int | None, storage: str | None,
+           tracking_uri: str | None, study_name: str | None) -> None:
+    """Write the best (or --trial N) trial of EXPERIMENT as a standalone config for `pet-sweep train`.
+
+    \b
+    Example:
+      pet-sweep export digits -o best.yaml
+    """
+    exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
+    quiet_libraries()
+    from pet_sweep.replay import export_config, write_config
+
+    doc, number = export_config(exp, trial)
+    path = write_config(doc, Path(output))
+    click.echo(f"trial {number} of study {exp.study_name} -> {path}")
+    click.echo(f"next         pet-sweep train {output}   (add --export-model to keep the learner)")
+
+
+@click.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--export-model", is_flag=True, help="Save the trained learner (learn.export) as an MLflow artifact.")
+@click.option("--tracking-uri", envvar="PET_SWEEP_TRACKING_URI",
+              help="MLflow tracking URI (default: the one in CONFIG_FILE, the sweep's; env PET_SWEEP_TRACKING_URI); "
+                   "needed where export replaced its password with ***.")
+@click.option("--allow-split-change", is_flag=True,
+              help="Measure the test split even if it changed since the sweep (labelled 'not held out').")
+@fail_clearly
+def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_split_change: bool) -> None:
+    """Re-run the fine-tune of CONFIG_FILE (written by `pet-sweep export`) once, logged to MLflow.
+
+    Reports the validation error (and whether it reproduces the trial's, within
+    its 95 % interval) and the error on the held-out test split, if any. A test split
+    that differs from the sweep's (its fingerprint in CONFIG_FILE) is refused.
+
+    \b
+    Example:
+      pet-sweep train best.yaml --export-model
+    """
+    quiet_libraries()
+    from pet_sweep.replay import train as replay
+    from pet_sweep.report.stats import format_rate
+
+    outcome = replay(config_file, export_model=export_model, tracking_uri=tracking_uri,
+                     allow_split_change=allow_split_change, echo=lambda line: click.echo(line))
+    click.echo(f"valid error  {format_rate(outcome.valid_error, outcome.n_valid)}"
+               + ("" if outcome.reproduced is None else
+                  "  reproduces the trial (within its 95% interval)" if outcome.reproduced else
+                  "  does NOT reproduce the trial (outside its 95% interval)"))
+    # "never seen" only where the fingerprint check proved it (replay.check_test_split)
+    held = {True: "held out: never seen by any trial",
+            False: "not held out: the test split changed since the sweep",
+            None: "held out unverified: no split fingerprint in the config"}[outcome.held_out]
+    click.echo("test error   " + (f"{format_rate(outcome.test_error, outcome.n_test)}  ({held})"
+                                  if outcome.test_error is not None else "no held-out split (data.test_pct: 0)"))
+    click.echo(f"MLflow run   {outcome.run_id}" + (f"; model {outcome.model_artifact}" if outcome.model_artifact else ""))
+
+
+@click.command("list")
+@config_option
+@storage_option
+@fail_clearly
+def list_(config_path: str, storage: str | None) -> None:
+    """List the experiments of the file with their studies' state (the default marked *).
+
+    Counts trials complete / pruned / failed / running and shows the best error
+    rate; reads the storages without creating anything.
+
+    \b
+    Example:
+      pet-sweep list --config ~/pets/experiments.yaml
+    """
+    from pet_sweep.browse import format_states, list_studies
+
+    states, default = list_studies(config_path, storage)
+    for line in format_states(states, default):
+        click.echo(line.rstrip())
+    _clean_leftovers(load(config_path, state.experiment, storage=storage) for state in states if state.found)
+
+
+def _clean_leftovers(exps: Any) -> None:
+    """What a killed `pet-sweep run` left (its lock file, its MLflow parent run RUNNING): cleaned, in one line."""
+    from pet_sweep.sweep.lifecycle import clean_leftovers
+
+    cleaned = clean_leftovers(exps)
+    if cleaned:
+        click.echo(cleaned)
+
+
+@click.command("fail-stale")
+@click.argument("experiment", required=False)
+@config_option
+@click.option("--trial", "number", type=int, help="Fail this RUNNING trial, after a confirmation (the way to free "
+                                                  "a trial where there are no heartbeats: journal storage).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (scripts).")
+@storage_option
+@tracking_option
+@study_name_option
+@fail_clearly
+def fail_stale(experiment: str | None, config_path: str, number: int | None, yes: bool, storage: str | None,
+               tracking_uri: str | None, study_name: str | None) -> None:
+    """Fail the RUNNING trials of EXPERIMENT whose worker is gone: queue them again
+    (faults.max_retry) and close their MLflow runs.
+
+    A dead worker's trial holds its place under budget.max_trials until then. With
+    heartbeats (SQLite, PostgreSQL, MySQL storages) this fails the trials silent for
+    longer than faults.grace_period (Optuna's fail_stale_trials), as a running sweep
+    does. Without them (journal storage), name the trial.
+
+    \b
+    Example:
+      pet-sweep fail-stale digits
+      pet-sweep fail-stale digits --storage journal:///shared/optuna.log --trial 7 --yes
+    """
+    exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
+    quiet_libraries()
+    from pet_sweep.sweep.lifecycle import fail_stale as fail
+    from pet_sweep.sweep.storage import quiet_optuna
+
+    quiet_optuna()
+    # a "no" aborts (exit 1) with nothing changed
+    failed = fail(exp, number, confirm=lambda question: yes or click.confirm(question, default=False, abort=True),
+                  echo=lambda line: click.echo(line))
+    click.echo(f"failed       trial(s) {', '.join(map(str, failed))}" if failed else "failed       no trial")
+
+

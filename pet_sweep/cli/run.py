@@ -1,0 +1,221 @@
+"""`pet-sweep run` and the hidden `pet-sweep worker`: parse, one `launch.run` call, print its result."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from pet_sweep.cli.common import (
+    CliError,
+    config_option,
+    fail_clearly,
+    load,
+    quiet_libraries,
+    sigterm_is_interrupt,
+    storage_option,
+    tracking_option,
+)
+from pet_sweep.config import DEFAULT_CONFIG, Experiment
+from pet_sweep.tracking import redact_url
+
+if TYPE_CHECKING:
+    from pet_sweep.sweep.records import SweepResult
+
+
+@click.command()
+@click.argument("experiment", required=False)
+@config_option
+@click.option("--n-trials", type=int, help="Trials to add to the study in this run (default: budget.n_trials); "
+                                           "0 runs only the trials queued again (retries).")
+@click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
+@click.option("--storage", envvar="PET_SWEEP_STORAGE",
+              help="Optuna storage URL (default: the experiment's `storage`; env PET_SWEEP_STORAGE): "
+                   "sqlite:///file.db, postgresql://..., mysql+pymysql://..., journal:///shared/optuna.log.")
+@tracking_option
+@click.option("--study-name", help="Optuna study name (default: the experiment's name).")
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Worker processes sharing the study and the budget (one GPU each where there are GPUs).")
+@click.option("--gpus", help="GPUs for the workers, e.g. 0,1 (default: every visible GPU).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run the workers as Ray tasks: on the cluster at ADDRESS ('auto' from a node of it, "
+                   "ray://head:10001), or with no address on a Ray started here (pip install 'pet-sweep[ray]').")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1, show_default=True,
+              help="With --ray: CPUs Ray reserves for each worker.")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="With --ray: GPUs for each worker; a fraction (0.5) packs small trials on one card.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only failed trials and the final summary.")
+@click.option("--verbose", "-v", is_flag=True, help="Also print one line per epoch.")
+@fail_clearly
+def run(experiment: str | None, config_path: str, n_trials: int | None, timeout: float | None,
+        storage: str | None, tracking_uri: str | None, study_name: str | None, workers: int,
+        gpus: str | None, ray_address: str | None, cpus_per_worker: float, gpus_per_worker: float,
+        quiet: bool, verbose: bool) -> None:
+    """Run or resume the sweep of EXPERIMENT (default: the file's `default`).
+
+    Running the same command again resumes the same study and adds trials to it.
+    The same command on several machines, with a shared `--storage` database
+    (PostgreSQL, MySQL/MariaDB) or journal file, joins one study; or, from one
+    machine, `--workers N --ray ADDRESS` places the workers on a Ray cluster.
+    In a terminal a status line shows the trials done, the running trial and its
+    epoch, the best error rate so far, and the time elapsed and left.
+    """
+    if quiet and verbose:
+        raise CliError("--quiet and --verbose exclude each other; choose one")
+    if ray_address is not None and gpus:
+        raise CliError("--gpus chooses GPUs for local workers; with --ray use --gpus-per-worker (Ray places them)")
+    exp = load(config_path, experiment, n_trials=n_trials, timeout=timeout, storage=storage,
+               tracking_uri=tracking_uri, study_name=study_name)
+    quiet_libraries()
+    from pet_sweep import launch  # heavy: optuna, SQLAlchemy, the training stack on demand
+    from pet_sweep.progress import Progress  # heavy: optuna (trial records)
+    from pet_sweep.sweep.storage import quiet_optuna  # heavy: optuna
+
+    quiet_optuna()
+    sigterm_is_interrupt()
+    if not quiet:
+        _print_banner(exp, workers, ray_address)
+    progress = Progress(exp.config.budget.n_trials, level="quiet" if quiet else "verbose" if verbose else "normal",
+                        timeout=exp.config.budget.timeout, stream=click.get_text_stream("stdout"),
+                        err=click.get_text_stream("stderr"))
+    ray = None if ray_address is None else launch.RayOptions(
+        None if ray_address == "local" else ray_address, cpus_per_worker, gpus_per_worker)
+    result = launch.run(exp, workers=workers, gpus=gpus, ray=ray, progress=progress, echo=click.echo,
+                        warn=lambda line: click.echo(line, err=True))
+    _print_result(exp, result, _Hints(click.get_current_context(), exp), quiet)
+
+
+def _trials(n: int) -> str:
+    return f"{n} trial" if n == 1 else f"{n} trials"
+
+
+def _print_banner(exp: Experiment, workers: int, ray_address: str | None) -> None:
+    """Where the sweep goes: the experiment, the study and what this run adds, the two stores."""
+    budget = exp.config.budget
+    click.echo(f"experiment   {exp.name}  ({exp.config_path})")
+    click.echo(f"study        {exp.study_name}  (+{_trials(budget.n_trials)}"
+               + (f", timeout {budget.timeout:g}s" if budget.timeout else "")
+               + (f", {workers} workers" if workers > 1 or ray_address else "")
+               + ("" if ray_address is None else f" on Ray {'started here' if ray_address == 'local' else ray_address}")
+               + ")")
+    click.echo(f"storage      {redact_url(exp.storage_url)}{_created(exp.storage_url)}")
+    click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'"
+               f"{_created(exp.tracking_uri)}")
+
+
+def _created(url: str) -> str:
+    """A store file that does not exist yet is created (its folder too): a mistyped path shows here."""
+    from pet_sweep.sweep.storage import missing_store_file  # heavy: optuna
+
+    new = missing_store_file(url)
+    return "" if new is None else f"  (new file{'' if new.parent.is_dir() else ' and folder'})"
+
+
+class _Hints:
+    """The commands `run` suggests at its end. They repeat the options given on its command line
+    (not those from the environment: a machine set up with them has them), passwords redacted."""
+
+    def __init__(self, ctx: click.Context, exp: Experiment) -> None:
+        self.ctx, self.exp = ctx, exp
+        self.workers: int = ctx.params["workers"]
+
+    def flags(self, *names: str) -> list[str]:
+        params, source = self.ctx.params, self.ctx.get_parameter_source
+        out = ["--config", params["config_path"]] if params["config_path"] != DEFAULT_CONFIG else []
+        for name in names:
+            value = params[name]
+            if value is not None and source(name) != click.core.ParameterSource.ENVIRONMENT:
+                shown = f"{value:g}" if isinstance(value, float) else redact_url(str(value))
+                out += ["--" + name.replace("_", "-"), shown]
+        return out
+
+    def next_commands(self) -> str:
+        """`report` and `ui` on the same study: the same stores and study name as this run."""
+        stores = self.flags("storage", "tracking_uri", "study_name")
+        return (" ".join(["pet-sweep report", self.exp.name, *stores]) + "   |   "
+                + " ".join(["pet-sweep ui", self.exp.name, *self.flags("tracking_uri")]))
+
+    def resume(self, left: int) -> str:
+        """`left`: the trials the budget has left (SweepResult.left); queued retries run free, so 0 runs only them."""
+        again = ["pet-sweep run", self.exp.name,
+                 *self.flags("storage", "tracking_uri", "study_name", "timeout", "gpus")]
+        if self.workers > 1:
+            again += ["--workers", str(self.workers)]
+        ray = self.ctx.params["ray_address"]
+        if ray is not None:
+            again += ["--ray"] + ([] if ray == "local" else [ray])
+            again += [f"--{name.replace('_', '-')}={self.ctx.params[name]:g}" for name in ("cpus_per_worker", "gpus_per_worker")
+                      if self.ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        return " ".join([*again, "--n-trials", str(left)])
+
+
+def _print_result(exp: Experiment, result: SweepResult, hints: _Hints, quiet: bool) -> None:
+    """The end of `run`: the best trial, why fewer trials ran than asked, how to go on.
+    Exit code 130 after Ctrl-C or SIGTERM, 1 when the workers stopped early."""
+    n_trials = exp.config.budget.n_trials
+    if result.stopped_by == "interrupt":
+        lead = "" if hints.workers > 1 else "\n"  # one process: below the ^C and the status line
+        click.echo(f"{lead}interrupted after {result.finished} of {_trials(n_trials)}; "
+                   f"resume with: {hints.resume(result.left)}", err=True)
+        sys.exit(130)
+    _print_best(result.best, hints, quiet)
+    if result.stopped_by == "workers":
+        click.echo(f"the workers stopped early; resume with: {hints.resume(result.left)}", err=True)
+        sys.exit(1)
+    if result.stopped_by == "cap" and result.ran < n_trials:
+        _print_capped(exp.config.budget.max_trials, result.ran, n_trials)
+    elif result.stopped_by == "timeout":
+        _print_timeout(exp.config.budget.timeout, result.ran, n_trials, hints.resume(result.left))
+
+
+def _print_capped(max_trials: int | None, ran: int, n_trials: int) -> None:
+    """The study's cap, not this run's trial budget, ended the run."""
+    click.echo(f"budget       the study's cap is reached (budget.max_trials {max_trials}, counting trials finished or "
+               f"running anywhere): {ran} of {_trials(n_trials)} ran here; raise budget.max_trials to go on")
+
+
+def _print_timeout(timeout: float | None, ran: int, n_trials: int, command: str) -> None:
+    """The time budget, not the trial budget, ended the run: say so, and how to add more."""
+    click.echo(f"budget       time budget reached (budget.timeout {timeout:g}s): {ran} of {_trials(n_trials)} ran;"
+               f" add more with: {command} (--timeout SECONDS for a longer run)")
+
+
+def _print_best(best: tuple[float, int] | None, hints: _Hints, quiet: bool) -> None:
+    if best is None:
+        click.echo("no trial completed")
+        return
+    click.echo(f"best         trial {best[1]}: error_rate {best[0]:.4f}")
+    if not quiet:
+        click.echo(f"next         {hints.next_commands()}")
+
+
+@click.command(hidden=True)
+@click.argument("role")
+@click.argument("experiment")
+@config_option
+@click.option("--n-trials", type=int)
+@click.option("--timeout", type=float)
+@storage_option
+@tracking_option
+@click.option("--study-name")
+@fail_clearly
+def worker(role: str, experiment: str, config_path: str, n_trials: int | None, timeout: float | None,
+           storage: str | None, tracking_uri: str | None, study_name: str | None) -> None:
+    """One of the workers `pet-sweep run --workers N` starts; ROLE is its place among them.
+
+    It repeats the supervisor's settings (the URLs come in the environment); the
+    supervisor prints the banner, the result and the hints. Exit code 130 after Ctrl-C.
+    """
+    exp = load(config_path, experiment, n_trials=n_trials, timeout=timeout, storage=storage,
+               tracking_uri=tracking_uri, study_name=study_name)
+    quiet_libraries()
+    from pet_sweep.launch.local import work  # heavy: optuna, the training stack
+    from pet_sweep.sweep.storage import quiet_optuna  # heavy: optuna
+
+    quiet_optuna()
+    sigterm_is_interrupt()
+    if work(exp, role, echo=click.echo).stopped_by == "interrupt":
+        sys.exit(130)
+
+
