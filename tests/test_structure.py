@@ -22,7 +22,7 @@ EXCEPTION_MARK = "# size:"  # on the line above a def (or in a module's first li
 # (optuna too: `pet-sweep --help` must not wait for it). A pet_sweep module that imports one of
 # them at its top is heavy as well.
 HEAVY = ("torch", "torchvision", "fastai", "fastcore", "mlflow", "matplotlib", "sqlalchemy", "pandas", "numpy",
-         "optuna", "optuna_dashboard", "PIL", "sklearn", "scipy", "psutil", "playwright")
+         "optuna", "optuna_dashboard", "PIL", "sklearn", "scipy", "psutil", "playwright", "ray", "timm")
 
 
 def modules() -> dict[str, Path]:

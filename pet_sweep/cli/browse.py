@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import click
 
+from pet_sweep import browse
 from pet_sweep.cli.common import CliError, config_option, fail_clearly, load, storage_option, tracking_option
 
 
 def _warn_host(host: str) -> None:
-    from pet_sweep.browse import host_warning
-
-    warning = host_warning(host)
+    warning = browse.host_warning(host)
     if warning:
         click.echo(warning, err=True)
 
@@ -37,8 +36,6 @@ def ui(experiment: str | None, config_path: str, port: int, host: str, tracking_
     Example:
       pet-sweep ui digits --port 5001
     """
-    from pet_sweep import browse
-
     exp = load(config_path, experiment, tracking_uri=tracking_uri)
     if browse.is_remote(exp.tracking_uri):
         url, note = browse.remote_experiment_url(exp.tracking_uri, exp.tracking_experiment)
@@ -70,8 +67,6 @@ def dashboard(experiment: str | None, config_path: str, port: int, host: str, st
     Example:
       pet-sweep dashboard digits
     """
-    from pet_sweep import browse
-
     exp = load(config_path, experiment, storage=storage)
     browse.require_dashboard()
     _warn_host(host)

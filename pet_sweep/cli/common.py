@@ -4,6 +4,7 @@ loading an experiment with the command line's overrides, SIGTERM as Ctrl-C."""
 from __future__ import annotations
 
 import functools
+import signal
 import warnings
 from typing import Any, Callable
 
@@ -57,8 +58,6 @@ def load(config_path: str, experiment: str | None, **overrides: Any) -> Experime
 
 def sigterm_is_interrupt() -> None:
     """SIGTERM (a scheduler or `kill`) stops a sweep the way Ctrl-C does: the trial is closed first."""
-    import signal
-
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 

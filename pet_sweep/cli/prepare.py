@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from pet_sweep.cli.common import config_option, fail_clearly, load, quiet_libraries, tracking_option
+from pet_sweep.tracking import redact_url
 
 
 @click.command("lr-find")
@@ -34,8 +35,7 @@ def lr_find(experiment: str | None, config_path: str, archs: tuple[str, ...], ou
     """
     exp = load(config_path, experiment, tracking_uri=tracking_uri)
     quiet_libraries()
-    from pet_sweep.tracking import redact_url
-    from pet_sweep.train.lrfind import find_for_experiment
+    from pet_sweep.train.lrfind import find_for_experiment  # heavy: torch, fastai
 
     click.echo(f"experiment   {exp.name}  ({exp.config_path})")
     click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'")
@@ -66,8 +66,7 @@ def pretrain(experiment: str | None, config_path: str, archs: tuple[str, ...], t
     """
     exp = load(config_path, experiment, tracking_uri=tracking_uri)
     quiet_libraries()
-    from pet_sweep.tracking import redact_url
-    from pet_sweep.train.pretrain import pretrain as pretrain_bodies
+    from pet_sweep.train.pretrain import pretrain as pretrain_bodies  # heavy: torch, fastai, optuna
 
     click.echo(f"experiment   {exp.name}  ({exp.config_path})")
     click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'")

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from pet_sweep.browse import format_states, list_studies
 from pet_sweep.cli.common import (
     config_option,
     fail_clearly,
@@ -42,7 +43,7 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
     """
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     quiet_libraries()
-    from pet_sweep.report.read import load_report, write_report
+    from pet_sweep.report.read import load_report, write_report  # heavy: optuna, matplotlib, mlflow
     from pet_sweep.report.render import summary_text
 
     _clean_leftovers([exp])
@@ -74,7 +75,7 @@ def export(experiment: str | None, config_path: str, output: str, trial: int | N
     """
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     quiet_libraries()
-    from pet_sweep.replay import export_config, write_config
+    from pet_sweep.replay import export_config, write_config  # heavy: optuna
 
     doc, number = export_config(exp, trial)
     path = write_config(doc, Path(output))
@@ -103,7 +104,7 @@ def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_
       pet-sweep train best.yaml --export-model
     """
     quiet_libraries()
-    from pet_sweep.replay import train as replay
+    from pet_sweep.replay import train as replay  # heavy: optuna; the training stack on demand
     from pet_sweep.report.stats import format_rate
 
     outcome = replay(config_file, export_model=export_model, tracking_uri=tracking_uri,
@@ -135,8 +136,6 @@ def list_(config_path: str, storage: str | None) -> None:
     Example:
       pet-sweep list --config ~/pets/experiments.yaml
     """
-    from pet_sweep.browse import format_states, list_studies
-
     states, default = list_studies(config_path, storage)
     for line in format_states(states, default):
         click.echo(line.rstrip())
@@ -145,7 +144,7 @@ def list_(config_path: str, storage: str | None) -> None:
 
 def _clean_leftovers(exps: Any) -> None:
     """What a killed `pet-sweep run` left (its lock file, its MLflow parent run RUNNING): cleaned, in one line."""
-    from pet_sweep.sweep.lifecycle import clean_leftovers
+    from pet_sweep.sweep.lifecycle import clean_leftovers  # heavy: optuna
 
     cleaned = clean_leftovers(exps)
     if cleaned:
@@ -179,7 +178,7 @@ def fail_stale(experiment: str | None, config_path: str, number: int | None, yes
     """
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     quiet_libraries()
-    from pet_sweep.sweep.lifecycle import fail_stale as fail
+    from pet_sweep.sweep.lifecycle import fail_stale as fail  # heavy: optuna
     from pet_sweep.sweep.storage import quiet_optuna
 
     quiet_optuna()

@@ -175,7 +175,7 @@ def optuna_figures(study: Any, importance_params: Sequence[str] = ()) -> tuple[d
     The importances only over `importance_params` (the report's ranked ones), and none without them:
     too few trials, or nothing active varies (the report says which).
     """
-    import optuna
+    import optuna  # heavy: optuna's figures only when the report draws them
     from optuna.visualization import matplotlib as ovm
 
     figures: dict[str, Figure] = {}

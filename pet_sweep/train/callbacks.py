@@ -50,6 +50,10 @@ class EpochHistory(Callback):
         # lr_max of each parameter group per phase: what `slice(lo, hi)` became
         self.group_lrs: dict[str, list[float]] = {}
 
+    def start_phase(self, phase: str) -> None:
+        """The next epochs belong to `phase` ("unfrozen" after `learn.unfreeze()`)."""
+        self.phase = phase
+
     def before_fit(self) -> None:
         # fit_one_cycle hands its per-group lr_max to a ParamScheduler; the schedule
         # peaks at lr_max (pct_start is on this grid for fastai's defaults).

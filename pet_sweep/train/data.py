@@ -45,7 +45,7 @@ def digits_folder(root: Path | None = None) -> Path:
     target = (root or cache_dir()) / "digits"
     if target.is_dir() and len(list(target.glob("*.png"))) == 1797:
         return target
-    from PIL import Image
+    from PIL import Image  # heavy: the data set is written once, then read from disk
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -148,7 +148,7 @@ def image_files(folder: Path) -> list[Path]:
 
 def find_bad_images(paths: list[Path]) -> list[Path]:
     """Files that PIL cannot open and decode."""
-    from PIL import Image
+    from PIL import Image  # heavy: only a folder's check needs it
 
     bad = []
     for path in paths:
@@ -268,7 +268,7 @@ class ImageCache:
     def __call__(self, path: Path) -> Any:
         image = self._images.get(path)
         if image is None:
-            from fastai.vision.core import PILImage
+            from fastai.vision.core import PILImage  # heavy: this module is imported for its split alone
 
             image = self._images[path] = PILImage.create(path)
             image.load()
@@ -295,6 +295,7 @@ class DataBundle:
 
 def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = None) -> DataBundle:
     """Build the experiment's DataLoaders (train + valid); the test split is kept aside."""
+    # heavy: fastai, imported here so `report` can read a split's fingerprint without it
     from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
     from fastai.data.transforms import IndexSplitter, IntToFloatTensor
     from fastai.vision.augment import Resize, aug_transforms

@@ -65,11 +65,11 @@ def resolve_arch(name: str, weights: str | None = None) -> Any:
     file: pretrained weights with no hub.
     """
     if name.startswith("xresnet"):
-        from fastai.vision.models import xresnet
+        from fastai.vision.models import xresnet  # heavy: only the family asked for
 
         arch = getattr(xresnet, name)
     elif name in ARCHITECTURES:
-        import torchvision.models
+        import torchvision.models  # heavy: only the family asked for
 
         arch = getattr(torchvision.models, name)
     else:
@@ -183,7 +183,7 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
             if params.freeze_epochs > 0:
                 learn.freeze()
                 learn.fit_one_cycle(params.freeze_epochs, params.base_lr)
-            history.phase = "unfrozen"
+            history.start_phase("unfrozen")
             learn.unfreeze()
             learn.fit_one_cycle(params.epochs, lr_max=slice(params.lr_lo, params.lr_hi))
         return FineTuneResult(
