@@ -89,7 +89,7 @@ class WorkerRole:
     threads: int | None = None        # torch threads of this worker (CPU cores split)
     # what serialises the claims of the invocation's workers: None, the lock file (one
     # machine); a lock that spans machines where the workers do (launch.ray). Not encoded:
-    # a worker started by `--worker` uses the lock file.
+    # a worker started by `pet-sweep worker` (local supervisor) uses the lock file.
     claim_lock: ClaimLock | None = field(default=None, compare=False, repr=False)
 
     def encode(self) -> str:
