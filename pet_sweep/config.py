@@ -158,6 +158,23 @@ class FaultsConfig(Strict):
         return self
 
 
+class LaunchConfig(Strict):
+    """Who runs the workers of `pet-sweep run --workers N`: processes on this machine
+    (`local`), or Ray tasks on a cluster (`ray`; the same as `--ray ADDRESS`)."""
+
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None          # ray: the cluster ("auto" from a node of it); none: a Ray started here
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)  # a fraction packs several workers on one GPU
+
+    @model_validator(mode="after")
+    def _check(self) -> "LaunchConfig":
+        ray_only = sorted(self.model_fields_set & {"address", "cpus_per_worker", "gpus_per_worker"})
+        if self.engine == "local" and ray_only:
+            raise ValueError(f"{', '.join(ray_only)}: settings of engine 'ray', but the engine is 'local'")
+        return self
+
+
 class TrackingConfig(Strict):
     uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None
@@ -177,6 +194,7 @@ class ExperimentConfig(Strict):
     study_name: str | None = None
     tracking: TrackingConfig = TrackingConfig()
     faults: FaultsConfig = FaultsConfig()
+    launch: LaunchConfig = LaunchConfig()
     seed: int = 0
     lr_find: bool = False
     pretrain: PretrainConfig = PretrainConfig()

@@ -270,3 +270,15 @@ def test_overrides_are_validated_by_the_file_models(write_experiments) -> None:
     assert pruned.with_overrides(storage="sqlite:////tmp/o.db").config.pruner == pruned.config.pruner
     err = _error(write_experiments(budget={"n_trials": 0}))  # 0 is for the command line, not the file
     assert err.key == "budget.n_trials" and "greater than or equal to 1, but got 0" in str(err)
+
+
+def test_launch_names_the_engine_and_refuses_ray_settings_for_local_workers(write_experiments) -> None:
+    exp = load_experiment(write_experiments(launch={"engine": "ray", "address": "auto", "gpus_per_worker": 0.5,
+                                                    "cpus_per_worker": 2}))
+    launch = exp.config.launch
+    assert (launch.engine, launch.address, launch.gpus_per_worker, launch.cpus_per_worker) == ("ray", "auto", 0.5, 2)
+    assert load_experiment(write_experiments()).config.launch.engine == "local"
+    err = _error(write_experiments(launch={"address": "auto"}))
+    assert "launch" in str(err) and "address: settings of engine 'ray', but the engine is 'local'" in str(err)
+    err = _error(write_experiments(launch={"engine": "slurm"}))
+    assert "launch.engine" in str(err) and "slurm" in str(err)

@@ -198,6 +198,11 @@ def test_run_with_ray_but_without_it_says_how_to_install_it(monkeypatch: pytest.
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` finds where it is not installed
     done = CliRunner().invoke(cli, ["run", "--config", str(write_experiments()), "--workers", "2", "--ray"])
     assert done.exit_code == 2 and "pip install 'pet-sweep[ray]'" in done.output, done.output
+    # `launch: {engine: ray}` in the experiments file asks for Ray as `--ray` does
+    config = write_experiments(launch={"engine": "ray", "address": "auto"})
+    done = CliRunner().invoke(cli, ["run", "--config", str(config), "--workers", "2"])
+    assert done.exit_code == 2 and "pip install 'pet-sweep[ray]'" in done.output, done.output
+    assert "2 workers on Ray auto" in done.output
 
 
 @pytest.mark.postgres

@@ -41,16 +41,17 @@ if TYPE_CHECKING:
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Run the workers as Ray tasks: on the cluster at ADDRESS ('auto' from a node of it, "
                    "ray://head:10001), or with no address on a Ray started here (pip install 'pet-sweep[ray]').")
-@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1, show_default=True,
-              help="With --ray: CPUs Ray reserves for each worker.")
-@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0, show_default=True,
-              help="With --ray: GPUs for each worker; a fraction (0.5) packs small trials on one card.")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True),
+              help="With Ray: CPUs Ray reserves for each worker (default: launch.cpus_per_worker, 1).")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0),
+              help="With Ray: GPUs for each worker; a fraction (0.5) packs small trials on one card "
+                   "(default: launch.gpus_per_worker, 0).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failed trials and the final summary.")
 @click.option("--verbose", "-v", is_flag=True, help="Also print one line per epoch.")
 @fail_clearly
 def run(experiment: str | None, config_path: str, n_trials: int | None, timeout: float | None,
         storage: str | None, tracking_uri: str | None, study_name: str | None, workers: int,
-        gpus: str | None, ray_address: str | None, cpus_per_worker: float, gpus_per_worker: float,
+        gpus: str | None, ray_address: str | None, cpus_per_worker: float | None, gpus_per_worker: float | None,
         quiet: bool, verbose: bool) -> None:
     """Run or resume the sweep of EXPERIMENT (default: the file's `default`).
 
@@ -63,10 +64,12 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
     """
     if quiet and verbose:
         raise CliError("--quiet and --verbose exclude each other; choose one")
-    if ray_address is not None and gpus:
-        raise CliError("--gpus chooses GPUs for local workers; with --ray use --gpus-per-worker (Ray places them)")
     exp = load(config_path, experiment, n_trials=n_trials, timeout=timeout, storage=storage,
                tracking_uri=tracking_uri, study_name=study_name)
+    if ray_address is None and exp.config.launch.engine == "ray":  # `launch: {engine: ray}` in the file
+        ray_address = exp.config.launch.address or "local"
+    if ray_address is not None and gpus:
+        raise CliError("--gpus chooses GPUs for local workers; with Ray use --gpus-per-worker (Ray places them)")
     quiet_libraries()
     from pet_sweep import launch  # heavy: optuna, SQLAlchemy, the training stack on demand
     from pet_sweep.progress import Progress  # heavy: optuna (trial records)
@@ -79,8 +82,11 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
     progress = Progress(exp.config.budget.n_trials, level="quiet" if quiet else "verbose" if verbose else "normal",
                         timeout=exp.config.budget.timeout, stream=click.get_text_stream("stdout"),
                         err=click.get_text_stream("stderr"))
+    settings = exp.config.launch
     ray = None if ray_address is None else launch.RayOptions(
-        None if ray_address == "local" else ray_address, cpus_per_worker, gpus_per_worker)
+        None if ray_address == "local" else ray_address,
+        settings.cpus_per_worker if cpus_per_worker is None else cpus_per_worker,
+        settings.gpus_per_worker if gpus_per_worker is None else gpus_per_worker)
     result = launch.run(exp, workers=workers, gpus=gpus, ray=ray, progress=progress, echo=click.echo,
                         warn=lambda line: click.echo(line, err=True))
     _print_result(exp, result, _Hints(click.get_current_context(), exp), quiet)
@@ -146,7 +152,7 @@ class _Hints:
         if ray is not None:
             again += ["--ray"] + ([] if ray == "local" else [ray])
             again += [f"--{name.replace('_', '-')}={self.ctx.params[name]:g}" for name in ("cpus_per_worker", "gpus_per_worker")
-                      if self.ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+                      if self.ctx.params[name] is not None]
         return " ".join([*again, "--n-trials", str(left)])
 
 
