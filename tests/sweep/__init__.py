@@ -1,0 +1,1 @@
+"""Tests of pet_sweep.sweep."""
