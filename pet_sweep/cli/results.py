@@ -50,7 +50,7 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
     bundle = load_report(exp)
     out = Path(out_dir) if out_dir else exp.base_dir / "reports" / exp.study_name
     written = write_report(bundle, out, attach=not no_mlflow_attach)
-    click.echo(summary_text(bundle.report))
+    click.echo(summary_text(written.report))
     click.echo(f"report       {written.out_dir / 'report.html'}  (+ report.md, {len(written.files) - 2} figures)"
                + ("" if no_mlflow_attach else f"; attached to MLflow run {written.parent_run_id}"))
 

@@ -8,11 +8,12 @@ attached to the sweep's parent MLflow run, and only then moved into ``--out``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,6 @@ class ReportBundle:
     report: StudyReport
     study: Any
     tracking: Tracking
-    notes: list[str] = field(default_factory=list)
 
 
 def load_report(exp: Experiment) -> ReportBundle:
@@ -174,15 +174,17 @@ class Written:
     out_dir: Path
     files: list[Path]
     parent_run_id: str
+    report: StudyReport  # as written: with the notes of the Optuna figures
 
 
-def render(bundle: ReportBundle, folder: Path) -> list[Path]:
-    """Figures (PNG), report.html (figures embedded) and report.md into `folder`."""
+def render(bundle: ReportBundle, folder: Path) -> tuple[list[Path], StudyReport]:
+    """Figures (PNG), report.html (figures embedded) and report.md into `folder`; the files,
+    and the report as written (its notes say which Optuna figures could not be drawn)."""
     from pet_sweep.report.figures import optuna_figures, png_bytes, report_figures  # heavy: matplotlib
 
     figures = report_figures(bundle.report)
     extra, notes = optuna_figures(bundle.study, list(bundle.report.importances))
-    bundle.report.notes.extend(notes)
+    report = dataclasses.replace(bundle.report, notes=[*bundle.report.notes, *notes])
     pngs = {name: png_bytes(fig) for name, fig in {**figures, **extra}.items()}
     (folder / "figures").mkdir(parents=True, exist_ok=True)
     paths = []
@@ -191,10 +193,10 @@ def render(bundle: ReportBundle, folder: Path) -> list[Path]:
         path.write_bytes(png)
         paths.append(path)
     md = folder / "report.md"
-    md.write_text(markdown(bundle.report, {n: f"figures/{n}.png" for n in pngs}), encoding="utf-8")
+    md.write_text(markdown(report, {n: f"figures/{n}.png" for n in pngs}), encoding="utf-8")
     page = folder / "report.html"
-    page.write_text(html(bundle.report, pngs), encoding="utf-8")
-    return [page, md, *paths]
+    page.write_text(html(report, pngs), encoding="utf-8")
+    return [page, md, *paths], report
 
 
 def write_report(bundle: ReportBundle, out_dir: Path, *, attach: bool = True) -> Written:
@@ -203,7 +205,7 @@ def write_report(bundle: ReportBundle, out_dir: Path, *, attach: bool = True) ->
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        files = render(bundle, tmp)
+        files, report = render(bundle, tmp)
         if attach:
             bundle.tracking.attach(tmp, "report")
         final = []
@@ -214,4 +216,4 @@ def write_report(bundle: ReportBundle, out_dir: Path, *, attach: bool = True) ->
             final.append(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Written(out_dir, final, bundle.tracking.parent_run_id)
+    return Written(out_dir, final, bundle.tracking.parent_run_id, report)
