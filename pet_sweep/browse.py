@@ -311,17 +311,18 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
 
 
 def open_ui(title: str, command: Command, host: str, port: int, *, ready_path: str, page_path: str,
-            echo: Callable[[str], None]) -> int:
+            echo: Callable[[str], None], ready_lines: Sequence[str] = ()) -> int:
     """Start a UI server on `host`:`port`, print the page to open, run until Ctrl-C."""
     check_port_free(host, port)
     base = f"http://{url_host(host)}:{port}"
     echo(f"starting {title}")
     cmd, env = command
-    return serve(cmd, env=env, ready_url=base + ready_path, open_url=base + page_path, echo=echo)
+    return serve(cmd, env=env, ready_url=base + ready_path, open_url=base + page_path, echo=echo,
+                 ready_lines=[line.replace("BASE", base) for line in ready_lines])
 
 
 def serve(cmd: list[str], *, env: dict[str, str] | None = None, ready_url: str, open_url: str,
-          echo: Callable[[str], None], startup_timeout: float = 120.0) -> int:
+          echo: Callable[[str], None], startup_timeout: float = 120.0, ready_lines: Sequence[str] = ()) -> int:
     """Run a UI server until Ctrl-C (or SIGTERM); print `open_url` once it answers.
 
     The server's own start-up and request messages go to a log file, so the URL to
@@ -344,6 +345,8 @@ def serve(cmd: list[str], *, env: dict[str, str] | None = None, ready_url: str, 
     try:
         wait_until_up(ready_url, proc, startup_timeout, log, env.values())
         echo(f"open {open_url}")
+        for line in ready_lines:  # what to do with it, once it answers
+            echo(line)
         echo(f"(Ctrl-C stops the server; its messages go to {log})")
         code = proc.wait()
         if code:

@@ -167,6 +167,7 @@ class ReplayOutcome:
     model_artifact: str | None
     seconds: float
     held_out: bool | None        # SplitCheck.held_out: the test error is held out only when True
+    registered: int | None = None  # the Model Registry version `--register NAME` created
 
 
 @dataclass(frozen=True)
@@ -249,12 +250,14 @@ def _start_run(tracker: Tracker, cfg: ReplayConfig, params: TrialParams, data: A
 
 
 def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | None = None,
-          allow_split_change: bool = False, echo: Callable[[str], None] = print) -> ReplayOutcome:
+          allow_split_change: bool = False, register: str | None = None,
+          echo: Callable[[str], None] = print) -> ReplayOutcome:
     """Re-run an exported fine-tune once, logged to MLflow; report validation and test error.
 
     `tracking_uri` logs it to another MLflow store than the one the config names
     (the sweep's), e.g. on the machine that takes the config to production.
     A test split that differs from the sweep's is refused unless `allow_split_change`.
+    `register`: log the learner as a pyfunc model and register it as a new version of that name.
     """
     from pet_sweep.train import recipe  # heavy: torch and fastai
     from pet_sweep.train.data import build_data
@@ -282,6 +285,7 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
                                   listeners=[tracker.epoch_logger(run_id)], keep_learner=True)
         measured = _measure(result, data, cfg.source)
         measured["duration_s"] = time.perf_counter() - started
+        version = _register(register, result.learner, exp.tracking_uri, run_id, data, cfg, measured, split)
         model_artifact = _finish(tracker, run_id, result.learner, measured, Path(path).expanduser().resolve(), cfg,
                                  export_model=export_model)
     except BaseException as err:
@@ -292,7 +296,21 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
             recipe.release(result.learner)
     return ReplayOutcome(run_id, result.error_rate, int(measured["n_valid"]), measured.get(TEST_METRIC),
                          len(data.splits.test), measured.get("reproduced"), model_artifact,
-                         time.perf_counter() - started, split.held_out)
+                         time.perf_counter() - started, split.held_out, version)
+
+
+def _register(name: str | None, learner: Any, tracking_uri: str, run_id: str, data: Any, cfg: ReplayConfig,
+              measured: dict[str, Any], split: SplitCheck) -> int | None:
+    """`--register NAME`: the learner as a new version of NAME, tagged with what it is and how good."""
+    if not name:
+        return None
+    from pet_sweep import serve  # heavy: mlflow, pandas
+
+    example = next(iter(data.splits.test or data.splits.valid)).read_bytes()  # an image no trial trained on
+    tags = {"pet_sweep.config": cfg.name, "params": " ".join(f"{k}={v}" for k, v in cfg.params.items()),
+            "arch": str(cfg.params.get("arch")), "held_out": split.tag, "source_run": run_id,
+            **{k: f"{v:.6g}" for k, v in measured.items() if isinstance(v, float)}}
+    return serve.register(learner, name, tracking_uri=tracking_uri, run_id=run_id, example=example, tags=tags)
 
 
 def _measure(result: Any, data: Any, source: ReplaySource | None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Browsing a sweep: `pet-sweep ui` (MLflow) and `pet-sweep dashboard` (optuna-dashboard)."""
+"""Browsing a sweep and serving its winner: `pet-sweep ui` (MLflow), `pet-sweep dashboard`
+(optuna-dashboard), `pet-sweep serve` (a registered model behind `mlflow models serve`)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,33 @@ def dashboard(experiment: str | None, config_path: str, port: int, host: str, st
                    browse.dashboard_command(exp.storage_url, host, port), host, port,
                    ready_path="/api/studies", page_path=f"/dashboard/studies/{state.study_id}", echo=click.echo)
 
+
+
+@click.command()
+@click.argument("name")
+@click.option("--version", "version", default="latest", show_default=True,
+              help="The registered version to serve (a number, or latest).")
+@config_option
+@click.option("--port", type=click.IntRange(1, 65535), default=5001, show_default=True, help="Port to listen on.")
+@host_option
+@tracking_option
+@fail_clearly
+def serve(name: str, version: str, config_path: str, port: int, host: str, tracking_uri: str | None) -> None:
+    """Serve the registered model NAME (`pet-sweep train best.yaml --register NAME`) over HTTP.
+
+    Runs `mlflow models serve` with this environment's packages, on 127.0.0.1 unless
+    --host says otherwise, and prints a request to paste: one image, base64-encoded.
+    The registry is the one of the default experiment's tracking store (or --tracking-uri).
+
+    \b
+    Example:
+      pet-sweep serve digits-best --port 5001
+    """
+    from pet_sweep import serve as serving  # heavy: mlflow, pandas
+
+    uri = tracking_uri or load(config_path, None).tracking_uri
+    _warn_host(host)
+    command = serving.serve_command(name, version, host, port, uri)
+    browse.open_ui(f"model {name} version {version} from {browse.redact_url(uri)}", command, host, port,
+                   ready_path="/ping", page_path="/invocations", echo=click.echo,
+                   ready_lines=[serving.curl_line("BASE")])

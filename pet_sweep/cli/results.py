@@ -91,8 +91,11 @@ def export(experiment: str | None, config_path: str, output: str, trial: int | N
                    "needed where export replaced its password with ***.")
 @click.option("--allow-split-change", is_flag=True,
               help="Measure the test split even if it changed since the sweep (labelled 'not held out').")
+@click.option("--register", metavar="NAME",
+              help="Also log the learner as an MLflow pyfunc model and register it as a new version of NAME.")
 @fail_clearly
-def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_split_change: bool) -> None:
+def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_split_change: bool,
+          register: str | None) -> None:
     """Re-run the fine-tune of CONFIG_FILE (written by `pet-sweep export`) once, logged to MLflow.
 
     Reports the validation error (and whether it reproduces the trial's, within
@@ -102,13 +105,14 @@ def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_
     \b
     Example:
       pet-sweep train best.yaml --export-model
+      pet-sweep train best.yaml --register digits-best   # then: pet-sweep serve digits-best
     """
     quiet_libraries()
     from pet_sweep.replay import train as replay  # heavy: optuna; the training stack on demand
     from pet_sweep.report.stats import format_rate
 
     outcome = replay(config_file, export_model=export_model, tracking_uri=tracking_uri,
-                     allow_split_change=allow_split_change, echo=lambda line: click.echo(line))
+                     allow_split_change=allow_split_change, register=register, echo=lambda line: click.echo(line))
     click.echo(f"valid error  {format_rate(outcome.valid_error, outcome.n_valid)}"
                + ("" if outcome.reproduced is None else
                   "  reproduces the trial (within its 95% interval)" if outcome.reproduced else
@@ -120,6 +124,9 @@ def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_
     click.echo("test error   " + (f"{format_rate(outcome.test_error, outcome.n_test)}  ({held})"
                                   if outcome.test_error is not None else "no held-out split (data.test_pct: 0)"))
     click.echo(f"MLflow run   {outcome.run_id}" + (f"; model {outcome.model_artifact}" if outcome.model_artifact else ""))
+    if outcome.registered is not None:
+        click.echo(f"registered   {register} version {outcome.registered}: pet-sweep serve {register} "
+                   f"--version {outcome.registered}")
 
 
 @click.command("list")

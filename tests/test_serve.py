@@ -1,0 +1,100 @@
+"""From the best config to a served model: `train --register NAME`, the pyfunc model it
+registers, and `pet-sweep serve NAME` (a real `mlflow models serve`) answering a request."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pet_sweep.cli import cli
+from tests._sweeps import closed_port as free_port  # a port nothing listens on, for the server
+
+NAME = "tiny-best"
+
+
+@pytest.fixture(scope="module")
+def registered(finished_study: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The finished study's best trial, exported, re-trained and registered as NAME version 1."""
+    best = tmp_path_factory.mktemp("serve") / "best.yaml"
+    runner = CliRunner()
+    done = runner.invoke(cli, ["export", "--config", str(finished_study), "-o", str(best)], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    done = runner.invoke(cli, ["train", str(best), "--register", NAME], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    assert f"registered   {NAME} version 1: pet-sweep serve {NAME} --version 1" in done.output
+    from pet_sweep.config import load_experiment
+
+    return best, load_experiment(finished_study).tracking_uri
+
+
+def held_out_digits(best: Path, n: int = 10) -> list[Path]:
+    from pet_sweep.replay import load_replay
+    from pet_sweep.train.data import build_data
+
+    _, exp = load_replay(best)
+    return list(build_data(exp).splits.test[:n])
+
+
+@pytest.mark.slow
+def test_the_registered_model_predicts_as_learn_predict(registered: tuple[Path, str]) -> None:
+    import mlflow
+    import pandas as pd
+    from fastai.vision.core import PILImage
+    from mlflow import MlflowClient
+
+    best, uri = registered
+    mlflow.set_tracking_uri(uri)
+    version = MlflowClient().get_model_version(NAME, "1")
+    tags = version.tags
+    assert tags["held_out"] == "true" and float(tags["test_error_rate"]) >= 0 and "arch=" in tags["params"]
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    assert [c.name for c in model.metadata.signature.inputs.inputs] == ["image", "path"]
+    digits = held_out_digits(best)
+    out = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in digits]}))
+    learn = model.unwrap_python_model().learn
+    for digit, (_, row) in zip(digits, out.iterrows()):
+        label, index, probs = learn.predict(PILImage.create(digit))
+        assert row["label"] == str(label) and row["probability"] == pytest.approx(float(probs[index]), abs=1e-6)
+    by_path = model.predict(pd.DataFrame({"path": [str(digits[0])]}))  # a file on the serving machine
+    assert by_path.iloc[0]["label"] == out.iloc[0]["label"]
+
+
+@pytest.mark.slow
+def test_serve_answers_the_printed_request(registered: tuple[Path, str], tmp_path: Path) -> None:
+    best, uri = registered
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pet_sweep", "serve", NAME, "--version", "1", "--port", str(port),
+                             "--tracking-uri", uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not any(line.startswith("curl ") for line in lines) and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line.rstrip("\n"))
+        curl = next((line for line in lines if line.startswith("curl ")), None)
+        assert curl is not None, "\n".join(lines)
+        assert f"http://127.0.0.1:{port}/invocations" in curl and "dataframe_split" in curl
+        digit = held_out_digits(best, 1)[0]
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(digit.read_bytes()).decode()]]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        [row] = answer["predictions"]
+        assert re.fullmatch(r"\d", row["label"]) and 0 < row["probability"] <= 1, answer
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)  # the server and the workers it started
+            proc.wait(30)
