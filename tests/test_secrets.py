@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from pet_sweep import browse
 from pet_sweep.cli import cli
 from tests._sweeps import FAST_DATA, closed_port, pet_sweep
-from tests.sweep.test_databases import server_url, with_password
+from tests.test_databases import server_url, with_password
 
 SECRET = "s3cret"
 

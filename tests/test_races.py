@@ -43,7 +43,7 @@ from tests._sweeps import (
     running_trial_with_epoch,
     wait_for,
 )
-from tests.sweep.test_databases import server_url
+from tests.test_databases import server_url
 
 STORES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 LONG_TRIALS = {**RANDOM_SPACE, "epochs": 3}  # long enough to be killed after its first epoch

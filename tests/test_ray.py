@@ -17,7 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests._sweeps import FAST_FAULTS, assert_nothing_running, load, mlflow_runs, running_trial_with_epoch, wait_for
-from tests.sweep.test_databases import server_url, with_password
+from tests.test_databases import server_url, with_password
 
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[ray]'")
 

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from tests.conftest import TINY_SPACE, tiny_experiment
 from pet_sweep.cli import cli
 
-NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "analysis.ipynb"
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "analysis.ipynb"
 
 
 def invoke(*args: str) -> Any:
