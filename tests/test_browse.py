@@ -43,9 +43,11 @@ def recorded_serve(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
 
     def fake_serve(cmd: list[str], *, env: dict[str, str], ready_url: str, open_url: str,
-                   echo: Callable[[str], None], startup_timeout: float = 0) -> int:
+                   echo: Callable[[str], None], startup_timeout: float = 0, ready_lines: Any = ()) -> int:
         calls.append({"cmd": cmd, "env": env, "ready_url": ready_url, "open_url": open_url})
         echo(f"open {open_url}")
+        for line in ready_lines:
+            echo(line)
         return 0
 
     monkeypatch.setattr(browse, "serve", fake_serve)
