@@ -25,7 +25,6 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from pet_sweep.errors import ConfigError
-from pet_sweep.tracking import redact_url
 
 IMAGE, PATH = "image", "path"
 SIGNATURE = ModelSignature(
@@ -92,8 +91,3 @@ def curl_line(base: str) -> str:
     return (f"curl -s {base}/invocations -H 'Content-Type: application/json' -d "
             f"\"{{\\\"dataframe_split\\\": {{\\\"columns\\\": [\\\"{IMAGE}\\\"], "
             f"\\\"data\\\": [[\\\"$(base64 -w0 IMAGE.png)\\\"]]}}}}\"")
-
-
-def describe(name: str, version: int, tracking_uri: str) -> str:
-    return f"registered   {name} version {version} (models:/{name}/{version} in {redact_url(tracking_uri)})"
-
