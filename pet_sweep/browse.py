@@ -209,11 +209,11 @@ def study_state(exp: Experiment, storages: dict[str, Any] | None = None) -> Stud
         return StudyState(**base, found=False, note=f"cannot read: {redact_url_in(message, url)}")
     counts = {state: sum(t.state == state for t in trials)
               for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    best = min(done, key=lambda t: t.value) if done else None
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values]  # values[0]: the error rate
+    best = min(done, key=lambda t: (t.values[0], t.number)) if done else None
     return StudyState(**base, found=True, complete=counts[TrialState.COMPLETE], pruned=counts[TrialState.PRUNED],
                       failed=counts[TrialState.FAIL], running=counts[TrialState.RUNNING],
-                      best_value=None if best is None else float(best.value),
+                      best_value=None if best is None else float(best.values[0]),
                       best_trial=None if best is None else best.number, study_id=study_id)
 
 

@@ -102,7 +102,10 @@ class BudgetConfig(Strict):
 
 
 class SamplerConfig(Strict):
-    name: Literal["tpe", "random"] = "tpe"
+    """`tpe` handles one objective or several; `nsga2` (Optuna's NSGAIISampler) is for
+    several objectives (`objectives:` with more than one name)."""
+
+    name: Literal["tpe", "random", "nsga2"] = "tpe"
     seed: int | None = 0
     n_startup_trials: int = Field(10, ge=0)
 
@@ -180,6 +183,11 @@ class TrackingConfig(Strict):
     experiment: str | None = None
 
 
+# What a trial can be judged on: its error rate, and the costs every completed trial
+# records (`sweep.records.COST_ATTRS`). All are minimised.
+OBJECTIVES = ("error_rate", "train_seconds", "predict_ms", "predict_ms_batch", "params_m", "peak_memory_mb")
+
+
 class ExperimentConfig(Strict):
     """One named experiment of experiments.yaml."""
 
@@ -188,6 +196,8 @@ class ExperimentConfig(Strict):
     model: ModelConfig = ModelConfig()
     sweep: Union[str, dict[str, Any]]
     budget: BudgetConfig = BudgetConfig()
+    # more than one name makes an Optuna multi-objective study (`directions`), which Optuna does not prune
+    objectives: list[Literal[OBJECTIVES]] = Field(["error_rate"], min_length=1)  # type: ignore[valid-type]
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
     storage: str = "sqlite:///optuna.db"
@@ -198,6 +208,21 @@ class ExperimentConfig(Strict):
     seed: int = 0
     lr_find: bool = False
     pretrain: PretrainConfig = PretrainConfig()
+
+    @field_validator("objectives")
+    @classmethod
+    def _error_rate_first(cls, objectives: list[str]) -> list[str]:
+        if objectives[0] != "error_rate" or len(set(objectives)) != len(objectives):
+            raise ValueError(f"objectives must start with error_rate and name each cost once, "
+                             f"but got {objectives}")
+        return objectives
+
+    @model_validator(mode="after")
+    def _nsga2_needs_objectives(self) -> "ExperimentConfig":
+        if self.sampler.name == "nsga2" and len(self.objectives) < 2:
+            raise ValueError("sampler nsga2 is for several objectives, but `objectives` names only error_rate; "
+                             "add a cost (e.g. objectives: [error_rate, predict_ms]) or use tpe")
+        return self
 
 
 class ExperimentsFile(Strict):

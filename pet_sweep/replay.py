@@ -27,7 +27,7 @@ from pet_sweep.report.read import HELD_OUT_TAG, N_TEST_METRIC, REPLAY_OF_TAG, RE
     VALID_METRIC, open_existing_study
 from pet_sweep.params import TrialParams, lr_text, params_from_dict
 from pet_sweep.space import Strict
-from pet_sweep.sweep.records import BATCH_ATTR, PARAMS_ATTR, SPLIT_ATTR, TARGETS_ATTR, trial_config
+from pet_sweep.sweep.records import BATCH_ATTR, PARAMS_ATTR, SPLIT_ATTR, TARGETS_ATTR, error_of, trial_config
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, check_server, redact_url, redact_url_in, \
     require_password
 from pet_sweep.train.data import SplitFingerprint
@@ -86,11 +86,11 @@ def load_replay(path: str | Path) -> tuple[ReplayConfig, Experiment]:
 
 def _pick_trial(study: Any, number: int | None) -> Any:
     trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
+    done = [t for t in trials if t.state.name == "COMPLETE" and error_of(t) is not None]
     if number is None:
         if not done:
             raise StudyError(f"study {study.study_name!r} has no completed trial to export yet")
-        return min(done, key=lambda t: (t.value, t.number))
+        return min(done, key=lambda t: (error_of(t), t.number))
     chosen = next((t for t in trials if t.number == number), None)
     listed = ", ".join(str(t.number) for t in done) or "none"
     if chosen is None:
@@ -121,7 +121,7 @@ def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, 
         data["path"] = str(exp.data_path())  # the exported file may live anywhere
     n_valid = len(attrs.get(TARGETS_ATTR, ())) or None
     source = ReplaySource(experiment=exp.name, study=exp.study_name, trial=chosen.number,
-                          storage=redact_url(exp.storage_url), validation_error=float(chosen.value), n_valid=n_valid,
+                          storage=redact_url(exp.storage_url), validation_error=error_of(chosen), n_valid=n_valid,
                           mlflow_run_id=attrs.get(RUN_ID_ATTR),
                           mlflow_parent_run_id=study.user_attrs.get(PARENT_RUN_ATTR),
                           split=study.user_attrs.get(SPLIT_ATTR))

@@ -55,14 +55,15 @@ def trial_records(study: Any, batch_size: int | None = None) -> list[TrialRecord
     """
     # heavy: sweep.records imports optuna; the study is open by now anyway
     from pet_sweep.sweep.records import BATCH_ATTR, HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, \
-        REASON_ATTR, TARGETS_ATTR
+        REASON_ATTR, TARGETS_ATTR, error_of
 
     records = []
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
         seconds = ((t.datetime_complete - t.datetime_start).total_seconds()
                    if t.datetime_complete and t.datetime_start else 0.0)
-        value = t.value if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value) else None
+        error = error_of(t) if t.state.name == "COMPLETE" else None
+        value = error if error is not None and math.isfinite(error) else None
         records.append(TrialRecord(
             number=t.number, state=t.state.name, params=attrs.get(PARAMS_ATTR) or dict(t.params),
             history=tuple(attrs.get(HISTORY_ATTR, ())), value=value,

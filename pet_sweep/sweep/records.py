@@ -14,7 +14,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from pet_sweep.config import Experiment
+from pet_sweep.config import OBJECTIVES, Experiment
 from pet_sweep.params import TrialParams, lr_text
 from pet_sweep.tracking import redact_url
 
@@ -28,7 +28,12 @@ REASON_ATTR = "reason"            # why a trial was pruned or failed
 WORKER_ATTR = "worker"            # host:pid of the process that ran the trial
 BATCH_ATTR = "batch_size"         # set on a trial re-queued after an out-of-memory: the halved batch size
 OOM_RETRY_OF = "oom_retry_of"     # set on that re-queued trial: the number of the trial that ran out of memory
-INVOCATION_ATTR = "pet_sweep_invocation"  # the invocation (one `pet-sweep run`) whose budget the trial used
+INVOCATION_ATTR = "pet_sweep_invocation"
+# What a completed trial cost, one user attr each (also MLflow metrics of its run): seconds of
+# fine-tuning, milliseconds to predict one image at batch size 1 and at the training batch
+# size, parameters in millions, and the peak memory it took (CUDA max allocated on a GPU,
+# peak resident-set growth on a CPU). The same names are `objectives:` choices.
+COST_ATTRS = OBJECTIVES[1:]  # the invocation (one `pet-sweep run`) whose budget the trial used
 
 # Study user attributes.
 SPLIT_ATTR = "split"              # the data split's fingerprint, recorded when the sweep starts
@@ -105,11 +110,17 @@ class TrialOutcome:
     batch_size: int | None = None    # set where an out-of-memory retry changed it
 
 
+def error_of(trial: FrozenTrial) -> float | None:
+    """A finished trial's error rate: its value, or its first value in a multi-objective
+    study (`objectives:` starts with error_rate); None before it completes."""
+    return float(trial.values[0]) if trial.values else None
+
+
 def describe_trial(trial: FrozenTrial) -> TrialOutcome:
     seconds = ((trial.datetime_complete - trial.datetime_start).total_seconds()
                if trial.datetime_complete and trial.datetime_start else 0.0)
     params = trial.user_attrs.get(PARAMS_ATTR) or dict(trial.params)
-    value = trial.value if trial.state == TrialState.COMPLETE else (
+    value = error_of(trial) if trial.state == TrialState.COMPLETE else (
         trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
     return TrialOutcome(trial.number, trial.state.name, value, params, seconds,
                         str(trial.user_attrs.get(REASON_ATTR, "")), retried_trial_number(trial),
@@ -118,11 +129,11 @@ def describe_trial(trial: FrozenTrial) -> TrialOutcome:
 
 def best_of(study: optuna.Study) -> tuple[float, int] | None:
     """(error rate, trial number) of the study's best completed trial; None before one completes."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if error_of(t) is not None]
     if not done:
         return None
-    top = min(done, key=lambda t: t.value)
-    return float(top.value), top.number
+    top = min(done, key=lambda t: (error_of(t), t.number))
+    return error_of(top), top.number
 
 
 def format_trial(outcome: TrialOutcome, best: tuple[float, int] | None) -> str:

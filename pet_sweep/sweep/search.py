@@ -62,6 +62,8 @@ def make_sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
     cfg = exp.config.sampler
     if cfg.name == "random":
         return TrialSeededSampler(lambda seed: optuna.samplers.RandomSampler(seed=seed), cfg.seed)
+    if cfg.name == "nsga2":
+        return TrialSeededSampler(lambda seed: optuna.samplers.NSGAIISampler(seed=seed), cfg.seed)
     return TrialSeededSampler(lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials),
                               cfg.seed)
 
