@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import click
 
 from pet_sweep import browse
@@ -15,15 +17,18 @@ def _warn_host(host: str) -> None:
         click.echo(warning, err=True)
 
 
-host_option = click.option("--host", default="127.0.0.1", show_default=True,
-                           help="Interface to bind; anything but loopback exposes the UI (no login).")
+def server_options(port: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """--config, --port (default `port`) and --host, the options of every command that starts a server."""
+    host = click.option("--host", default="127.0.0.1", show_default=True,
+                        help="Interface to bind; anything but loopback exposes it (no login).")
+    listen = click.option("--port", type=click.IntRange(1, 65535), default=port, show_default=True,
+                          help="Port to listen on.")
+    return lambda command: config_option(listen(host(command)))
 
 
 @click.command()
 @click.argument("experiment", required=False)
-@config_option
-@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="Port to listen on.")
-@host_option
+@server_options(port=5000)
 @tracking_option
 @fail_clearly
 def ui(experiment: str | None, config_path: str, port: int, host: str, tracking_uri: str | None) -> None:
@@ -54,9 +59,7 @@ def ui(experiment: str | None, config_path: str, port: int, host: str, tracking_
 
 @click.command()
 @click.argument("experiment", required=False)
-@config_option
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
-@host_option
+@server_options(port=8080)
 @storage_option
 @fail_clearly
 def dashboard(experiment: str | None, config_path: str, port: int, host: str, storage: str | None) -> None:
@@ -80,14 +83,11 @@ def dashboard(experiment: str | None, config_path: str, port: int, host: str, st
                    ready_path="/api/studies", page_path=f"/dashboard/studies/{state.study_id}", echo=click.echo)
 
 
-
 @click.command()
 @click.argument("name")
 @click.option("--version", "version", default="latest", show_default=True,
               help="The registered version to serve (a number, or latest).")
-@config_option
-@click.option("--port", type=click.IntRange(1, 65535), default=5001, show_default=True, help="Port to listen on.")
-@host_option
+@server_options(port=5001)
 @tracking_option
 @fail_clearly
 def serve(name: str, version: str, config_path: str, port: int, host: str, tracking_uri: str | None) -> None:
