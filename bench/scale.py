@@ -39,12 +39,13 @@ from bench.common import ROOT, header, temp_dir, write_experiment
 
 CONFIG = {"arch": "resnet18", "base_lr": 1e-2, "lr_hi": 1e-2, "lr_mult": 10.0, "freeze_epochs": 1, "epochs": 1}
 
-# the Ray engine's run, in a fresh interpreter as the local engine's is
+# the Ray engine's run, in a fresh interpreter as the local engine's is, on a Ray of its own
+# ("local": not one already running on this machine, which `--ray` with no address would join)
 RAY_RUN = """
 import sys
 from pet_sweep.config import load_experiment
 from pet_sweep.launch.ray import run_on_ray
-result = run_on_ray(load_experiment(sys.argv[1]), int(sys.argv[2]), echo=lambda line: None)
+result = run_on_ray(load_experiment(sys.argv[1]), int(sys.argv[2]), address="local", echo=lambda line: None)
 sys.exit(0 if result.finished == result.ran else 1)
 """
 
@@ -135,7 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     counts = [int(w) for w in args.workers.split(",")]
     engines = args.engines.split(",")
     print(header(f"bench.scale: {args.trials} trials, workers {counts}, engines {engines}"), flush=True)
-    runs = {(e, w): timed_run(e, w, args.trials, args.limit, args.img_size) for w in counts for e in engines}
+    runs = {}
+    for workers in counts:
+        for engine in engines:  # each run said as it ends: a failure later keeps the figures so far
+            runs[engine, workers] = run = timed_run(engine, workers, args.trials, args.limit, args.img_size)
+            print(f"# {engine} x{workers}: {run.seconds:.1f} s, start-up {run.startup:.1f} s, "
+                  f"peak {run.peak_mb:.0f} MB, load average {os.getloadavg()[0]:.1f}", flush=True)
     print(f"{'engine':<7}{'workers':>8}{'seconds':>9}{'start-up':>10}{'peak MB':>9}{'trials/h':>10}"
           f"{'speed-up':>10}{'overhead/trial':>16}")
     one_process = runs.get(("local", 1))
