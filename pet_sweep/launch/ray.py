@@ -27,7 +27,6 @@ from optuna.trial import TrialState
 
 from pet_sweep.config import Experiment
 from pet_sweep.errors import ConfigError, PetSweepError
-from pet_sweep.launch.storage_proxy import storage_proxy
 from pet_sweep.progress import Progress
 from pet_sweep.sweep.budget import Budget, WorkerRole, cap_reached
 from pet_sweep.sweep.lifecycle import clean_leftovers, fail_and_retry
@@ -116,6 +115,8 @@ def _workers_view(ray: Any, exp: Experiment, proxy: bool, echo: Callable[[str], 
     if not proxy:
         yield exp
         return
+    from pet_sweep.launch.storage_proxy import storage_proxy  # heavy: grpc, only with --storage-proxy
+
     host = ray.util.get_node_ip_address()  # the address the other nodes reach this one at
     with storage_proxy(exp, host) as seen:
         echo(f"proxy        Optuna's gRPC storage proxy for the workers at {seen.storage_url[len(GRPC_PREFIX):]}")

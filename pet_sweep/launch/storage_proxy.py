@@ -20,6 +20,11 @@ import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
+import grpc  # optional: comes with ray[default] (the `ray` extra), as this module is only used with Ray
+import optuna
+from optuna.storages._grpc.auto_generated.api_pb2_grpc import add_StorageServiceServicer_to_server
+from optuna.storages._grpc.servicer import OptunaStorageProxyService
+
 from pet_sweep.config import JOURNAL_PREFIX, Experiment
 from pet_sweep.errors import ConfigError
 from pet_sweep.sweep.storage import GRPC_PREFIX, make_storage
@@ -46,14 +51,9 @@ def storage_proxy(exp: Experiment, host: str) -> Iterator[Experiment]:
         kind = "a journal file" if exp.storage_url.startswith(JOURNAL_PREFIX) else "another proxy"
         raise ConfigError(f"--storage-proxy serves a database (PostgreSQL, MySQL/MariaDB, SQLite), "
                           f"but the experiment's storage is {kind}")
-    # heavy: grpc, optuna. The proxy's server, as optuna.storages.run_grpc_proxy_server builds it
-    # (_grpc.server.make_server); that function blocks until the process ends and discards the
-    # port, so the server is built here, to learn the free port it took and to stop it.
-    import grpc
-    import optuna
-    from optuna.storages._grpc.auto_generated.api_pb2_grpc import add_StorageServiceServicer_to_server
-    from optuna.storages._grpc.servicer import OptunaStorageProxyService
-
+    # The proxy's server, as optuna.storages.run_grpc_proxy_server builds it (_grpc.server.make_server);
+    # that function blocks until the process ends and discards the port, so the server is built
+    # here, to learn the free port it took and to stop it.
     # get_storage: the RDB storage behind Optuna's in-process cache, as its docs advise for the proxy
     storage = optuna.storages.get_storage(make_storage(exp.storage_url, exp.config.faults))
     pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="pet-sweep-storage-proxy")
