@@ -76,6 +76,10 @@ def run_on_ray(exp: Experiment, n_workers: int, *, address: str | None = None, c
 
     ray = import_ray()
     check_resources(n_workers, cpus_per_worker, gpus_per_worker)
+    if storage_proxy:
+        from pet_sweep.launch.storage_proxy import check_proxied  # heavy: grpc, only with --storage-proxy
+
+        check_proxied(exp)
     check_server(exp.tracking_uri)  # an MLflow server that is down: said in seconds
     check_data(exp)  # a data error stops everything before any study or run exists
     joined = not ray.is_initialized()

@@ -36,6 +36,14 @@ def grpc_url(host: str, port: int) -> str:
     return f"{GRPC_PREFIX}[{host}]:{port}" if ":" in host else f"{GRPC_PREFIX}{host}:{port}"
 
 
+def check_proxied(exp: Experiment) -> None:
+    """Refuse a storage the proxy cannot serve, before any study or run exists."""
+    if exp.storage_url.startswith((JOURNAL_PREFIX, GRPC_PREFIX)):
+        kind = "a journal file" if exp.storage_url.startswith(JOURNAL_PREFIX) else "another proxy"
+        raise ConfigError(f"--storage-proxy serves a database (PostgreSQL, MySQL/MariaDB, SQLite), "
+                          f"but the experiment's storage is {kind}")
+
+
 @contextlib.contextmanager
 def storage_proxy(exp: Experiment, host: str) -> Iterator[Experiment]:
     """Serve `exp`'s storage on `host` (a free port) while the block runs; yields the
@@ -47,10 +55,7 @@ def storage_proxy(exp: Experiment, host: str) -> Iterator[Experiment]:
     can read and write every study in the database, so it listens on that one address,
     not on every interface (0.0.0.0), and only while the sweep runs.
     """
-    if exp.storage_url.startswith((JOURNAL_PREFIX, GRPC_PREFIX)):
-        kind = "a journal file" if exp.storage_url.startswith(JOURNAL_PREFIX) else "another proxy"
-        raise ConfigError(f"--storage-proxy serves a database (PostgreSQL, MySQL/MariaDB, SQLite), "
-                          f"but the experiment's storage is {kind}")
+    check_proxied(exp)
     # The proxy's server, as optuna.storages.run_grpc_proxy_server builds it (_grpc.server.make_server);
     # that function blocks until the process ends and discards the port, so the server is built
     # here, to learn the free port it took and to stop it.
