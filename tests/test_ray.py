@@ -207,14 +207,18 @@ def test_run_with_ray_but_without_it_says_how_to_install_it(monkeypatch: pytest.
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_a_killed_worker_is_restarted_and_its_trial_retried(cluster: Any,
-                                                            write_experiments: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("proxy", [False, True], ids=["database", "storage-proxy"])
+def test_a_killed_worker_is_restarted_and_its_trial_retried(cluster: Any, write_experiments: Callable[..., Path],
+                                                            proxy: bool) -> None:
+    """On the database Optuna's heartbeats fail the dead worker's trial; through the storage
+    proxy (no heartbeats) the worker's task that Ray started again fails it."""
     from pet_sweep.launch.ray import run_on_ray
 
     exp, storage, name = experiment(write_experiments, 3)
     lines: list[str] = []
     done: dict[str, Any] = {}
-    driver = threading.Thread(target=lambda: done.update(result=run_on_ray(exp, 2, echo=lines.append)))
+    driver = threading.Thread(target=lambda: done.update(result=run_on_ray(exp, 2, storage_proxy=proxy,
+                                                                           echo=lines.append)))
     driver.start()
     try:
         victim = wait_for(lambda: running_trial_with_epoch(storage, name), 300, "a trial's first epoch")
@@ -315,3 +319,125 @@ def load_or_none(storage: str, name: str) -> Any:
         return load(storage, name)
     except KeyError:
         return None
+
+
+def test_the_launch_settings_come_from_the_command_line_over_the_file(write_experiments: Callable[..., Path]) -> None:
+    from pet_sweep.config import load_experiment
+    from pet_sweep.errors import ConfigError
+    from pet_sweep.launch import HERE, RayOptions
+
+    local = load_experiment(write_experiments())
+    assert RayOptions.resolve(local) is None
+    assert RayOptions.resolve(local, HERE) == RayOptions(None, 1, 0)
+    assert RayOptions.resolve(local, "auto", 2, 0.5, storage_proxy=True) == RayOptions("auto", 2, 0.5, True)
+    on_ray = load_experiment(write_experiments(launch={"engine": "ray", "address": "auto", "cpus_per_worker": 4,
+                                                       "gpus_per_worker": 1}))
+    assert RayOptions.resolve(on_ray) == RayOptions("auto", 4, 1)
+    assert RayOptions.resolve(on_ray, "ray://head:10001", None, 0.25) == RayOptions("ray://head:10001", 4, 0.25)
+    assert RayOptions.resolve(on_ray).shown == "auto" and RayOptions.resolve(local, HERE).shown == HERE
+    with pytest.raises(ConfigError, match="--gpus chooses GPUs for local workers"):
+        RayOptions.resolve(on_ray, gpus="0,1")
+    with pytest.raises(ConfigError, match="--storage-proxy serves the workers of the Ray engine"):
+        RayOptions.resolve(local, storage_proxy=True)
+
+
+def test_the_driver_shows_the_workers_lines_as_a_local_run_at_each_level() -> None:
+    import io
+
+    from pet_sweep.launch.ray import Relay
+    from pet_sweep.progress import Progress
+    from pet_sweep.sweep.records import EpochRecord, TrialOutcome
+
+    record = EpochRecord(epoch=0, phase="frozen", train_loss=1.0, valid_loss=1.0, error_rate=0.5, seconds=1.0)
+    ok = TrialOutcome(number=0, state="COMPLETE", value=0.5, params={}, seconds=1.0)
+    failed = TrialOutcome(number=1, state="FAIL", value=None, params={}, seconds=1.0)
+    events = [("trial_started", 0, 0, {"arch": "a"}), ("epoch_done", 0, 0, record), ("line", 0, "trial 0 COMPLETE"),
+              ("trial_finished", 0, ok, (0.5, 0)), ("line", 1, "trial 1 FAIL"), ("trial_finished", 1, failed, (0.5, 0))]
+    shown = {}
+    for level in ("quiet", "normal", "verbose"):
+        out, err = io.StringIO(), io.StringIO()
+        progress = Progress(2, level=level, stream=out, err=err, live=False)
+        Relay(progress.echo, progress.err.write, progress)(events)
+        progress.close()
+        shown[level] = (out.getvalue().splitlines(), err.getvalue().splitlines())
+    assert shown["quiet"][0] == [] and [line.split()[:3] for line in shown["quiet"][1]] == [["trial", "1", "FAIL"]]
+    normal = shown["normal"][0]
+    assert [line for line in normal if "|" in line] == ["w0| trial 0 COMPLETE", "w1| trial 1 FAIL"]
+    assert any(line.startswith("trial   0 started") for line in normal) and not any(" epoch " in line for line in normal)
+    assert any(line.startswith("trial   0 epoch 1/") for line in shown["verbose"][0])
+
+
+def test_the_storage_proxy_serves_the_study_while_the_block_runs(write_experiments: Callable[..., Path],
+                                                                 tmp_path: Path) -> None:
+    import socket
+
+    import optuna
+
+    from pet_sweep.config import load_experiment
+    from pet_sweep.errors import ConfigError
+    from pet_sweep.launch.storage_proxy import storage_proxy
+    from pet_sweep.sweep.storage import open_study
+
+    exp = load_experiment(write_experiments())
+    with storage_proxy(exp, "127.0.0.1") as seen:
+        host, port = seen.storage_url.removeprefix("grpc://").split(":")
+        assert host == "127.0.0.1" and seen.study_name == exp.study_name
+        study = open_study(seen)  # as a worker opens it
+        study.tell(study.ask(), 0.25)
+    assert [t.value for t in optuna.load_study(study_name=exp.study_name, storage=exp.storage_url).get_trials()] == [0.25]
+    with pytest.raises(ConnectionRefusedError):  # stopped with the block
+        socket.create_connection((host, int(port)), timeout=5)
+    journal = load_experiment(write_experiments(storage=f"journal:///{tmp_path}/optuna.log"))
+    with pytest.raises(ConfigError, match="--storage-proxy serves a database .* but the experiment's storage is a journal"):
+        with storage_proxy(journal, "127.0.0.1"):
+            pass
+
+
+class DatabaseClients:
+    """Samples which processes hold a TCP connection to the database server's port, until stopped."""
+
+    def __init__(self, port: int) -> None:
+        import psutil
+
+        self.psutil, self.port, self.pids, self._stop = psutil, port, set(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.3):
+            self.pids |= {c.pid for c in self.psutil.net_connections(kind="tcp")
+                          if c.raddr and c.raddr.port == self.port and c.pid}
+
+    def stop(self) -> set[int]:
+        self._stop.set()
+        self._thread.join()
+        return self.pids
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_through_the_storage_proxy_no_worker_connects_to_the_database(cluster: Any,
+                                                                      write_experiments: Callable[..., Path]) -> None:
+    """`--storage-proxy --quiet`: 4 trials, and of them the driver prints only the result."""
+    import re
+
+    import sqlalchemy
+    from click.testing import CliRunner
+
+    from pet_sweep.cli import cli
+
+    exp, storage, name = experiment(write_experiments, 4)
+    clients = DatabaseClients(sqlalchemy.engine.make_url(storage).port or 5432)
+    try:
+        done = CliRunner().invoke(cli, ["run", "--config", str(exp.config_path), "--workers", "2", "--ray",
+                                        cluster.address, "--storage-proxy", "--quiet"], catch_exceptions=False)
+    finally:
+        connected = clients.stop()
+    assert done.exit_code == 0, done.output
+    lines = done.output.splitlines()
+    assert [line for line in lines if line.startswith("best         trial")], done.output
+    assert [line for line in lines if re.match(r"w\d\|", line) or " COMPLETE " in line] == [], done.output
+    trials = check_the_stores(exp, storage, name, 4)
+    workers = {int(t.user_attrs["worker"].rpartition(":")[2]) for t in trials}
+    assert os.getpid() in connected, connected  # the driver (this process) holds the database's connections
+    assert workers and not workers & connected, (workers, connected)

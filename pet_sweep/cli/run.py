@@ -46,13 +46,16 @@ if TYPE_CHECKING:
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0),
               help="With Ray: GPUs for each worker; a fraction (0.5) packs small trials on one card "
                    "(default: launch.gpus_per_worker, 0).")
+@click.option("--storage-proxy", is_flag=True,
+              help="With Ray: the workers reach the study through Optuna's gRPC storage proxy, run by this "
+                   "command, instead of the database (its connections stay few; the workers never see its URL).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failed trials and the final summary.")
 @click.option("--verbose", "-v", is_flag=True, help="Also print one line per epoch.")
 @fail_clearly
 def run(experiment: str | None, config_path: str, n_trials: int | None, timeout: float | None,
         storage: str | None, tracking_uri: str | None, study_name: str | None, workers: int,
         gpus: str | None, ray_address: str | None, cpus_per_worker: float | None, gpus_per_worker: float | None,
-        quiet: bool, verbose: bool) -> None:
+        storage_proxy: bool, quiet: bool, verbose: bool) -> None:
     """Run or resume the sweep of EXPERIMENT (default: the file's `default`).
 
     Running the same command again resumes the same study and adds trials to it.
@@ -66,27 +69,20 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         raise CliError("--quiet and --verbose exclude each other; choose one")
     exp = load(config_path, experiment, n_trials=n_trials, timeout=timeout, storage=storage,
                tracking_uri=tracking_uri, study_name=study_name)
-    if ray_address is None and exp.config.launch.engine == "ray":  # `launch: {engine: ray}` in the file
-        ray_address = exp.config.launch.address or "local"
-    if ray_address is not None and gpus:
-        raise CliError("--gpus chooses GPUs for local workers; with Ray use --gpus-per-worker (Ray places them)")
     quiet_libraries()
     from pet_sweep import launch  # heavy: optuna, SQLAlchemy, the training stack on demand
     from pet_sweep.progress import Progress  # heavy: optuna (trial records)
     from pet_sweep.sweep.storage import quiet_optuna  # heavy: optuna
 
+    ray = launch.RayOptions.resolve(exp, ray_address, cpus_per_worker, gpus_per_worker, gpus=gpus,
+                                    storage_proxy=storage_proxy)  # the options given over `launch:`
     quiet_optuna()
     sigterm_is_interrupt()
     if not quiet:
-        _print_banner(exp, workers, ray_address)
+        _print_banner(exp, workers, None if ray is None else ray.shown)
     progress = Progress(exp.config.budget.n_trials, level="quiet" if quiet else "verbose" if verbose else "normal",
                         timeout=exp.config.budget.timeout, stream=click.get_text_stream("stdout"),
                         err=click.get_text_stream("stderr"))
-    settings = exp.config.launch
-    ray = None if ray_address is None else launch.RayOptions(
-        None if ray_address == "local" else ray_address,
-        settings.cpus_per_worker if cpus_per_worker is None else cpus_per_worker,
-        settings.gpus_per_worker if gpus_per_worker is None else gpus_per_worker)
     result = launch.run(exp, workers=workers, gpus=gpus, ray=ray, progress=progress, echo=click.echo,
                         warn=lambda line: click.echo(line, err=True))
     _print_result(exp, result, _Hints(click.get_current_context(), exp), quiet)
@@ -153,6 +149,7 @@ class _Hints:
             again += ["--ray"] + ([] if ray == "local" else [ray])
             again += [f"--{name.replace('_', '-')}={self.ctx.params[name]:g}" for name in ("cpus_per_worker", "gpus_per_worker")
                       if self.ctx.params[name] is not None]
+            again += ["--storage-proxy"] if self.ctx.params["storage_proxy"] else []
         return " ".join([*again, "--n-trials", str(left)])
 
 

@@ -4,8 +4,10 @@ The driver (this process) does what the local supervisor does, with Ray in place
 subprocesses: it creates the study and owns the MLflow parent run, starts N Ray tasks
 that each run one worker's sweep loop with the resources it asked for (Ray places them
 on nodes with free CPUs or GPUs and sets ``CUDA_VISIBLE_DEVICES``; fractional GPUs pack
-small trials on one card), prints their lines prefixed by worker, cancels them on
-Ctrl-C, and closes the parent run at the end.
+small trials on one card), shows their lines and trial events as a local run shows its
+own (the status line, `--quiet` / `--verbose`; each line prefixed by worker), cancels
+them on Ctrl-C, and closes the parent run at the end. With `storage_proxy` it also runs
+Optuna's gRPC storage proxy for the workers (`launch.storage_proxy`).
 
 Ray restarts a task whose process or node died (`max_retries`); the trial it was
 running is failed after the grace period and retried by Optuna's heartbeat callback,
@@ -16,19 +18,21 @@ Ray dashboard or state API shows.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.trial import TrialState
 
 from pet_sweep.config import Experiment
 from pet_sweep.errors import ConfigError, PetSweepError
+from pet_sweep.progress import Progress
 from pet_sweep.sweep.budget import Budget, WorkerRole, cap_reached
 from pet_sweep.sweep.lifecycle import clean_leftovers, fail_and_retry
 from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run
 from pet_sweep.sweep.records import WORKER_ATTR, StoppedBy, SweepResult, TrialOutcome, best_of
-from pet_sweep.sweep.storage import StaleTrialHandler, open_study
+from pet_sweep.sweep.storage import GRPC_PREFIX, StaleTrialHandler, open_study
 from pet_sweep.tracking import Tracker, check_server
 from pet_sweep.train.data import check_data
 
@@ -55,18 +59,27 @@ def check_resources(n_workers: int, cpus_per_worker: float, gpus_per_worker: flo
 
 
 def run_on_ray(exp: Experiment, n_workers: int, *, address: str | None = None, cpus_per_worker: float = 1,
-               gpus_per_worker: float = 0, max_retries: int = 3,
-               echo: Callable[[str], None] = print) -> SweepResult:
+               gpus_per_worker: float = 0, max_retries: int = 3, storage_proxy: bool = False,
+               echo: Callable[[str], None] = print, warn: Callable[[str], None] | None = None,
+               progress: Progress | None = None) -> SweepResult:
     """Run `exp`'s sweep in `n_workers` Ray tasks sharing one budget.
 
     `address`: the cluster's (``auto`` from a node of it, ``ray://head:10001``); None
     joins the Ray this process is connected to, or the one RAY_ADDRESS names, else
     starts a local Ray for this run. `max_retries`: how many times Ray starts a worker
-    again whose process or node died.
+    again whose process or node died. `storage_proxy`: the workers reach the study
+    through Optuna's gRPC proxy, served by this process on its Ray node address.
+    `echo` gets the driver's notes and the workers' lines (`w0| ...`); `progress`, when
+    given, the workers' trial events too (the caller closes it); `warn` (default `echo`)
+    a line per worker that ended with an error.
     """
 
     ray = import_ray()
     check_resources(n_workers, cpus_per_worker, gpus_per_worker)
+    if storage_proxy:
+        from pet_sweep.launch.storage_proxy import check_proxied  # heavy: grpc, only with --storage-proxy
+
+        check_proxied(exp)
     check_server(exp.tracking_uri)  # an MLflow server that is down: said in seconds
     check_data(exp)  # a data error stops everything before any study or run exists
     joined = not ray.is_initialized()
@@ -76,17 +89,48 @@ def run_on_ray(exp: Experiment, n_workers: int, *, address: str | None = None, c
         except (ConnectionError, ValueError, RuntimeError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConfigError(f"cannot connect to the Ray cluster at {address}: {first}") from None
+    relay = Relay(echo, warn or echo, progress)
     try:
-        return _drive(ray, exp, n_workers, (cpus_per_worker, gpus_per_worker, max_retries), echo)
+        return _drive(ray, exp, n_workers, (cpus_per_worker, gpus_per_worker, max_retries), storage_proxy, relay)
     finally:
         if joined:
             ray.shutdown()
 
 
-def _drive(ray: Any, exp: Experiment, n_workers: int, resources: tuple[float, float, int],
-           echo: Callable[[str], None]) -> SweepResult:
-    """The supervisor's part, as launch.local does it: study and parent run, workers, the end."""
+class Relay:
+    """Where the workers' lines and trial events go on the driver: each line, prefixed by
+    its worker (`w0| `), to `echo`; the events to the progress display, when there is one
+    (the status line; the lines `--quiet` and `--verbose` show or hide)."""
 
+    def __init__(self, echo: Callable[[str], None], warn: Callable[[str], None], progress: Progress | None) -> None:
+        self.echo, self.warn, self.progress = echo, warn, progress
+
+    def __call__(self, events: list[tuple[Any, ...]]) -> None:
+        for kind, index, *args in events:
+            if kind == "line":
+                self.echo(f"w{index}| {args[0]}")
+            elif self.progress is not None:  # trial_started, epoch_done, trial_finished
+                getattr(self.progress, kind)(*args)
+
+
+@contextlib.contextmanager
+def _workers_view(ray: Any, exp: Experiment, proxy: bool, echo: Callable[[str], None]) -> Iterator[Experiment]:
+    """The experiment as the workers get it: as is, or with the storage proxy (run meanwhile) as its storage."""
+    if not proxy:
+        yield exp
+        return
+    from pet_sweep.launch.storage_proxy import storage_proxy  # heavy: grpc, only with --storage-proxy
+
+    host = ray.util.get_node_ip_address()  # the address the other nodes reach this one at
+    with storage_proxy(exp, host) as seen:
+        echo(f"proxy        Optuna's gRPC storage proxy for the workers at {seen.storage_url[len(GRPC_PREFIX):]}")
+        yield seen
+
+
+def _drive(ray: Any, exp: Experiment, n_workers: int, resources: tuple[float, float, int], proxy: bool,
+           relay: Relay) -> SweepResult:
+    """The supervisor's part, as launch.local does it: study and parent run, workers, the end."""
+    echo = relay.echo
     study = open_study(exp)  # the driver creates the study and the parent run: no worker races for them
     cleaned = clean_leftovers([exp])
     if cleaned:
@@ -95,7 +139,8 @@ def _drive(ray: Any, exp: Experiment, n_workers: int, resources: tuple[float, fl
     parent = open_parent_run(exp, study, tracker)
     status = "FAILED"
     try:
-        ended = _run_workers(ray, exp, n_workers, parent, *resources, echo)
+        with _workers_view(ray, exp, proxy, echo) as seen:
+            ended = _run_workers(ray, seen, n_workers, parent, *resources, relay)
         orphans = _fail_orphans(study, exp.config.faults.max_retry, ended.processes)
         if orphans:
             echo(f"retry        trial(s) {', '.join(map(str, orphans))} of dead workers: "
@@ -144,7 +189,7 @@ class Ended:
 
 
 def _run_workers(ray: Any, exp: Experiment, n_workers: int, parent: str, cpus: float, gpus: float,
-                 max_retries: int, echo: Callable[[str], None]) -> Ended:
+                 max_retries: int, relay: Relay) -> Ended:
     """Start the tasks, relay their lines until they end; Ctrl-C cancels them."""
     # optional: ray (and the worker side, which imports it)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -163,8 +208,8 @@ def _run_workers(ray: Any, exp: Experiment, n_workers: int, parent: str, cpus: f
             .remote(exp_box, role, coordinator) for role in roles]
     where = f"{gpus:g} GPU" if gpus else f"{cpus:g} CPU, {threads} thread(s)"
     nodes = sum(1 for node in ray.nodes() if node["Alive"])
-    echo(f"ray          {n_workers} worker(s) of {where} each, on {nodes} node(s)")
-    interrupted = _wait(ray, refs, coordinator, call, echo)
+    relay.echo(f"ray          {n_workers} worker(s) of {where} each, on {nodes} node(s)")
+    interrupted = _wait(ray, refs, coordinator, call, relay)
     results: list[SweepResult] = []
     errors: list[BaseException] = []
     for index, ref in enumerate(refs):
@@ -176,13 +221,13 @@ def _run_workers(ray: Any, exp: Experiment, n_workers: int, parent: str, cpus: f
             cause = getattr(err, "cause", None)
             errors.append(cause if isinstance(cause, BaseException) else err)
             first = str(errors[-1]).splitlines()[0] if str(errors[-1]) else type(errors[-1]).__name__
-            echo(f"warning      worker {index} failed: {first}")
+            relay.warn(f"warning      worker {index} failed: {first}")
     started, _ = call(coordinator.roll)
     return Ended(roles[0], results, errors, interrupted, set(started))
 
 
-def _wait(ray: Any, refs: list[Any], coordinator: Any, call: Callable[..., Any], echo: Callable[[str], None]) -> bool:
-    """Relay the workers' lines until every task ended; True if Ctrl-C stopped them.
+def _wait(ray: Any, refs: list[Any], coordinator: Any, call: Callable[..., Any], relay: Relay) -> bool:
+    """Relay the workers' lines and events until every task ended; True if Ctrl-C stopped them.
 
     Ctrl-C asks every worker to stop (its trial ends FAIL "interrupted", its loop returns);
     a worker still running `CLEANUP_S` later is cancelled outright.
@@ -191,8 +236,7 @@ def _wait(ray: Any, refs: list[Any], coordinator: Any, call: Callable[..., Any],
     while pending:
         try:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            for line in call(coordinator.drain):
-                echo(line)
+            relay(call(coordinator.drain))
             if deadline is not None and time.monotonic() > deadline:
                 for ref in pending:
                     ray.cancel(ref, force=True)
@@ -201,8 +245,7 @@ def _wait(ray: Any, refs: list[Any], coordinator: Any, call: Callable[..., Any],
             if deadline is None:  # a second Ctrl-C is not forwarded: it would cut the workers' cleanup short
                 deadline = time.monotonic() + CLEANUP_S
                 call(coordinator.stop)
-    for line in call(coordinator.drain):
-        echo(line)
+    relay(call(coordinator.drain))
     return deadline is not None
 
 

@@ -2,8 +2,9 @@
 
 Each invocation has one `Coordinator` (a small Ray actor beside the driver). It is
 the claim lock that spans machines (a lease, renewed while held, so a holder killed
-with the lock frees it after `LEASE_S`), it carries the workers' lines to the driver,
-and it keeps who ran a worker (host:pid, as the trials' `worker` attr says).
+with the lock frees it after `LEASE_S`), it carries the workers' lines and trial events
+to the driver (`Events`), and it keeps who ran a worker (host:pid, as the trials'
+`worker` attr says), so a worker Ray started again knows the process it replaces.
 
 Nothing secret travels in a task's arguments: the Experiment (with the storage and
 tracking URLs) comes from the object store, handed over as a reference.
@@ -22,10 +23,14 @@ from typing import Any
 
 import ray
 
+import optuna
+from optuna.trial import TrialState
+
 from pet_sweep.sweep.budget import WorkerRole, this_process
+from pet_sweep.sweep.lifecycle import fail_and_retry
 from pet_sweep.sweep.loop import run_sweep
-from pet_sweep.sweep.records import EpochRecord, SweepResult, TrialOutcome
-from pet_sweep.sweep.storage import make_storage, quiet_optuna
+from pet_sweep.sweep.records import WORKER_ATTR, EpochRecord, SweepResult, TrialOutcome
+from pet_sweep.sweep.storage import StaleTrialHandler, has_heartbeats, make_storage, quiet_optuna
 from pet_sweep.tracking import RUN_ID_ATTR, Tracker
 
 LEASE_S = 20.0  # a claim whose holder stopped renewing for this long is free again (holder killed)
@@ -56,7 +61,7 @@ class Coordinator:
         self.lease_s = lease_s
         self.holder: str | None = None
         self.expires = 0.0
-        self.lines: list[str] = []
+        self.events: list[tuple[Any, ...]] = []  # (kind, worker index, *args): see `Events`
         self.processes: dict[str, int] = {}  # host:pid -> worker index
         self.finished: set[str] = set()
         self.stopping = False  # Ctrl-C on the driver: every worker stops its trial and its loop
@@ -88,15 +93,19 @@ class Coordinator:
         if self.holder == token:
             self.holder = None
 
-    async def say(self, line: str) -> None:
-        self.lines.append(line)
+    async def say(self, event: tuple[Any, ...]) -> None:
+        self.events.append(event)
 
-    async def drain(self) -> list[str]:
-        lines, self.lines = self.lines, []
-        return lines
+    async def drain(self) -> list[tuple[Any, ...]]:
+        events, self.events = self.events, []
+        return events
 
-    async def started(self, process: str, index: int) -> None:
+    async def started(self, process: str, index: int) -> list[str]:
+        """Record a worker's process; returns the earlier processes of the same worker (Ray
+        starts a task again only when its process or node died)."""
+        before = [p for p, i in self.processes.items() if i == index and p != process]
         self.processes[process] = index
+        return before
 
     async def ended(self, process: str) -> None:
         self.finished.add(process)
@@ -199,8 +208,48 @@ class Interrupter:
         self.check()
 
 
+class Events:
+    """This worker's lines and trial events, sent to the driver through the coordinator as
+    (kind, worker index, *args); the driver shows them as a local run shows its own
+    (`launch.ray.Relay`): `line`, and the progress hooks `trial_started`, `epoch_done`,
+    `trial_finished`."""
+
+    def __init__(self, coordinator: Any, index: int) -> None:
+        self.coordinator, self.index = coordinator, index
+
+    def _send(self, kind: str, *args: Any) -> None:
+        self.coordinator.say.remote((kind, self.index, *args))
+
+    def echo(self, text: str) -> None:
+        for line in text.splitlines() or [""]:
+            self._send("line", line)
+
+    def trial_started(self, number: int, params: dict[str, Any]) -> None:
+        self._send("trial_started", number, params)
+
+    def epoch_done(self, number: int, record: EpochRecord) -> None:
+        self._send("epoch_done", number, record)
+
+    def trial_finished(self, outcome: TrialOutcome, best: tuple[float, int] | None) -> None:
+        self._send("trial_finished", outcome, best)
+
+
+def take_over(exp: Any, dead: list[str], echo: Any) -> list[int]:
+    """Fail the trials that this worker's dead earlier processes left RUNNING and queue their
+    retry, as Optuna's heartbeat callback does where there are heartbeats (the storage
+    proxy has none). Returns their numbers."""
+    if not dead or has_heartbeats(exp.storage_url):  # heartbeats: the stale trial is failed after the grace period
+        return []
+    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
+    handler = StaleTrialHandler(exp.config.faults.max_retry, "its worker died; Ray started the worker again",
+                                tracker=lambda: tracker, echo=echo)
+    study = optuna.load_study(study_name=exp.study_name, storage=make_storage(exp.storage_url, exp.config.faults))
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get(WORKER_ATTR) in dead and fail_and_retry(study, t.number, handler)]
+
+
 def run_worker(exp_box: list[Any], role: WorkerRole, coordinator: Any) -> SweepResult:
-    """One worker of the invocation (a Ray task): the sweep loop, its lines sent to the driver.
+    """One worker of the invocation (a Ray task): the sweep loop, its lines and events sent to the driver.
 
     `exp_box` holds the Experiment's object reference; in a list, so that Ray hands the
     reference over instead of the value, and the task's arguments show no URL.
@@ -210,16 +259,12 @@ def run_worker(exp_box: list[Any], role: WorkerRole, coordinator: Any) -> SweepR
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     exp = ray.get(exp_box[0])
     me = this_process()
-    call(coordinator.started, me, role.index)
-
-    def echo(text: str) -> None:
-        for line in text.splitlines() or [""]:
-            coordinator.say.remote(f"w{role.index}| {line}")
-
+    events = Events(coordinator, role.index)
+    take_over(exp, call(coordinator.started, me, role.index), events.echo)
     interrupter = Interrupter(coordinator)
     try:
-        return run_sweep(exp, echo=echo, epoch_listeners=(interrupter.epoch_done,),
-                         trial_listeners=(NodeRecorder(exp), interrupter), role=role)
+        return run_sweep(exp, echo=events.echo, epoch_listeners=(events.epoch_done, interrupter.epoch_done),
+                         trial_listeners=(NodeRecorder(exp), events, interrupter), role=role)
     finally:
         interrupter.done.set()
         call(coordinator.ended, me)

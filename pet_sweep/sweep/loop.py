@@ -18,7 +18,7 @@ import optuna
 from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from pet_sweep.config import JOURNAL_PREFIX, Experiment
+from pet_sweep.config import Experiment
 from pet_sweep.errors import TrialFailed
 from pet_sweep.space import Anchors
 from pet_sweep.sweep.budget import Budget, Claim, WorkerRole, this_process
@@ -36,7 +36,7 @@ from pet_sweep.sweep.records import (
     describe_trial,
     format_trial,
 )
-from pet_sweep.sweep.storage import StaleTrialHandler, check_split, open_study
+from pet_sweep.sweep.storage import StaleTrialHandler, check_split, has_heartbeats, open_study
 from pet_sweep.tracking import Tracker, check_server
 from pet_sweep.train.data import build_data
 from pet_sweep.train.pretrain import Checkpoint, checkpoints_for
@@ -56,7 +56,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     owns_parent = role.parent_run_id is None
     parent = _open_parent_run(exp, study, tracker, echo) if owns_parent else role.parent_run_id
     budget = Budget(role, exp.config.budget.n_trials, exp.config.budget.max_trials,
-                    heartbeats=not exp.storage_url.startswith(JOURNAL_PREFIX))  # make_storage: RDB has them
+                    heartbeats=has_heartbeats(exp.storage_url))
     trial_ended = TrialEnded(tracker, parent, echo, trial_listeners)
     started = time.monotonic()  # budget.timeout counts the LR finder and pretraining too
     status = "FAILED"

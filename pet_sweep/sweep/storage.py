@@ -58,6 +58,12 @@ class StaleTrialHandler:
 
 # the project's extras that bring a database driver, by URL scheme
 DRIVER_EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
+GRPC_PREFIX = "grpc://"  # Optuna's gRPC storage proxy (launch.storage_proxy): grpc://HOST:PORT
+
+
+def has_heartbeats(url: str) -> bool:
+    """Do the trials of this storage send heartbeats (RDB storages), so a dead worker's trial is failed?"""
+    return not url.startswith((JOURNAL_PREFIX, GRPC_PREFIX))
 
 
 def make_storage(url: str, faults: FaultsConfig | None = None,
@@ -67,10 +73,16 @@ def make_storage(url: str, faults: FaultsConfig | None = None,
     RDB URLs (sqlite, postgresql, mysql+pymysql) get heartbeats: a killed worker's
     trial is failed after the grace period and retried. ``journal:///path/optuna.log``
     is Optuna's journal file storage for a shared file system with no database
-    server; it has no heartbeats, so a killed worker's trial stays RUNNING.
+    server; it has no heartbeats, so a killed worker's trial stays RUNNING. ``grpc://HOST:PORT``
+    is Optuna's gRPC storage proxy (the Ray engine's `--storage-proxy`); no heartbeats either.
     """
     faults = faults or FaultsConfig()
     try:
+        if url.startswith(GRPC_PREFIX):
+            host, _, port = url[len(GRPC_PREFIX):].rpartition(":")
+            proxy = optuna.storages.GrpcStorageProxy(host=host.strip("[]"), port=int(port))
+            proxy.wait_server_ready(timeout=30)
+            return proxy
         if url.startswith(JOURNAL_PREFIX):
             path = Path(url[len(JOURNAL_PREFIX):])
             path.parent.mkdir(parents=True, exist_ok=True)
