@@ -241,3 +241,36 @@ def test_pick_cheapest_on_a_study_without_costs_is_refused(tmp_path: Path) -> No
     result = invoke("export", "--config", path, "-o", tmp_path / "best.yaml")
     source = yaml.safe_load((tmp_path / "best.yaml").read_text())["source"]
     assert result.exit_code == 0 and source["picked_by"] == "best" and "costs" not in source
+
+
+# -- bench.front --------------------------------------------------------------------
+
+
+def test_bench_front_summary_says_how_much_cheaper_and_whether_within_noise(tmp_path: Path) -> None:
+    from bench.front import summary
+    from pet_sweep.config import load_experiment
+
+    path, _ = make_study(tmp_path, ["error_rate", "predict_ms"], [
+        (range(2), "xresnet34", cost(8.0, 20.0)), (range(4), "xresnet18", cost(2.0, 5.0))])
+    lines = summary(load_experiment(path, "tiny"))
+    assert lines[0] == "objectives error_rate, predict_ms (2 directions); 2 completed trials"
+    assert lines[2] == "0 | xresnet34 | 1 | 0.0200 (2/100) [0.0055, 0.0700] | 8 | 20"
+    assert lines[-1].startswith("recommended trial 1 (xresnet18, 1 epochs) vs lowest-error trial 0 (xresnet34, 1 "
+                                "epochs): predict_ms 2 vs 8 (4.00x cheaper); train_seconds 5 vs 20 (4.00x cheaper); "
+                                "within noise (exact McNemar p=0.5")
+
+
+def test_bench_front_runs_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import front
+
+    monkeypatch.setattr(front, "temp_dir", lambda prefix: tmp_path / prefix)
+    front.main(["--n-trials", "2", "--limit", "100", "--img-size", "16", "--epochs", "1", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"^# \d{4}-\d\d-\d\d \d\d:\d\d UTC, commit \S+, \d+ cores", out, re.M)
+    assert re.search(r"^objectives error_rate.*; 2 completed trials$", out, re.M), out
+    rows = [line for line in out.splitlines() if re.match(r"\d \| xresnet(18|34) \| 1 \| ", line)]
+    assert len(rows) == 2, out
+    # with costs recorded, the comparison; on a branch without them, said so
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(("recommended", "lowest error: trial")), last
