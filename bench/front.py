@@ -65,7 +65,10 @@ def _ratio(best: Any, pick: Any, name: str) -> str:
     a, b = best.costs.get(name), pick.costs.get(name)
     if a is None or b is None:
         return f"{name}: not recorded"
-    return f"{name} {b:.3g} vs {a:.3g} ({a / b:.2f}x cheaper)" if b > 0 else f"{name} {b:.3g} vs {a:.3g}"
+    if b <= 0 or a <= 0:
+        return f"{name} {b:.3g} vs {a:.3g}"
+    return f"{name} {b:.3g} vs {a:.3g} ({a / b:.2f}x cheaper)" if a >= b else \
+        f"{name} {b:.3g} vs {a:.3g} ({b / a:.2f}x dearer)"
 
 
 def summary(exp: Any) -> list[str]:

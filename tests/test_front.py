@@ -274,3 +274,27 @@ def test_bench_front_runs_end_to_end(capsys: pytest.CaptureFixture[str], tmp_pat
     # with costs recorded, the comparison; on a branch without them, said so
     last = out.strip().splitlines()[-1]
     assert last.startswith(("recommended", "lowest error: trial")), last
+
+
+def test_a_cheaper_trial_that_never_learned_is_not_recommended() -> None:
+    import dataclasses
+
+    def costly(r: analysis.TrialRecord, predict_ms: float) -> analysis.TrialRecord:
+        return dataclasses.replace(r, costs=cost(predict_ms))
+
+    # both near chance on 10 classes (85 and 88 of 100 wrong): within noise of each other, and
+    # no better than guessing (diverged); the cheap one is left out, the best is the reference
+    best = costly(record(0, "xresnet34", [0.9, 0.85]), 8.0)
+    cheap = costly(record(1, "xresnet18", [0.9, 0.88]), 1.0)
+    rep = analysis.build_report([best, cheap], experiment="e", study_name="s", n_classes=10)
+    assert rep.analyses[1].verdict == "diverged" and rep.comparisons[0].verdict == "within noise"
+    rec = rep.recommendation
+    assert rec.pick == 0 and rec.comparisons == ()
+    assert rec.text == ("the lowest-error trial 0 is the cheapest that learned by predict_ms (the default cost of a "
+                        "single-objective study): 8 ms/image; ship it (1 cheaper trial that diverged or never "
+                        "learned left out)")
+    # the same trial, when it learned, is the recommendation
+    learned = costly(record(1, "xresnet18", [0.3, 0.12]), 1.0)
+    good = costly(record(0, "xresnet34", [0.3, 0.10]), 8.0)
+    rep = analysis.build_report([good, learned], experiment="e", study_name="s", n_classes=10)
+    assert rep.recommendation.pick == 1

@@ -200,23 +200,35 @@ def comparisons_for(best: TrialRecord, done: Sequence[TrialRecord]) -> list[Comp
     return holm_corrected(rival_comparisons(best, done))
 
 
-def compare_and_recommend(best: TrialRecord, done: Sequence[TrialRecord],
-                          objectives: Sequence[str]) -> tuple[list[Comparison], Recommendation | None]:
+def compare_and_recommend(best: TrialRecord, done: Sequence[TrialRecord], objectives: Sequence[str],
+                          analyses: Mapping[int, TrialAnalysis]) -> tuple[list[Comparison], Recommendation | None]:
     """The rival comparisons and the recommendation (`front.recommend`), their comparisons
-    Holm-corrected together; no recommendation where no trial recorded a cost."""
+    Holm-corrected together; no recommendation where no trial recorded a cost. A trial that
+    diverged or never learned (no better than chance) is never recommended."""
     rivals = rival_comparisons(best, done)
     if not has_costs(done):
         return holm_corrected(rivals), None
     cost, why = cost_name(objectives)
-    corrected = holm_corrected([*rivals, *cheaper_comparisons(best, done, cost)])
-    return corrected[:len(rivals)], recommend(best, done, cost, why, corrected[len(rivals):])
+    learned = [r for r in done if r is best or getattr(analyses.get(r.number), "verdict", "") != DIVERGED]
+    cheaper = cheaper_comparisons(best, learned, cost)
+    left_out = len(cheaper_comparisons(best, done, cost)) - len(cheaper)
+    corrected = holm_corrected([*rivals, *cheaper])
+    return corrected[:len(rivals)], recommend(best, done, cost, why, corrected[len(rivals):], left_out)
+
+
+def analyse_all(records: Sequence[TrialRecord], n_valid: int | None,
+                n_classes: int | None) -> dict[int, TrialAnalysis]:
+    """The verdict of every trial with a history, but those still running (their curve is not a verdict yet)."""
+    return {r.number: analyse_history(r.history, n_valid=n_valid, n_classes=n_classes)
+            for r in records if r.history and r.state not in UNFINISHED}
 
 
 def recommendation_for(records: Sequence[TrialRecord], objectives: Sequence[str], *, experiment: str,
-                       study_name: str) -> Recommendation | None:
+                       study_name: str, n_classes: int | None = None) -> Recommendation | None:
     """The report's recommendation alone (what `export --pick cheapest` takes)."""
     done = completed(records, experiment=experiment, study_name=study_name)
-    return compare_and_recommend(lowest_error(done), done, objectives)[1]
+    best = lowest_error(done)
+    return compare_and_recommend(best, done, objectives, analyse_all(records, _n_items(best), n_classes))[1]
 
 
 def lowest_error(done: Sequence[TrialRecord]) -> TrialRecord:
@@ -333,12 +345,9 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
         importances, importance_note = {}, too_few
     best = lowest_error(done)
     n_valid = _n_items(best)  # every trial is judged on the same validation items
-    analyses = {}
-    for r in records:
-        if r.history and r.state not in UNFINISHED:  # a running trial's curve is not a verdict yet
-            analyses[r.number] = analyse_history(r.history, n_valid=n_valid, n_classes=n_classes)
+    analyses = analyse_all(records, n_valid, n_classes)
     frame = trials_frame(records, analyses, n_valid)
-    comparisons, recommendation = compare_and_recommend(best, done, objectives)
+    comparisons, recommendation = compare_and_recommend(best, done, objectives, analyses)
     counts = {k: int(v) for k, v in frame["state"].value_counts().items()}
     # verdicts of the trials that ran their course: a pruned trial was cut short on purpose, so
     # "still improving" or an epoch count read off its curve says nothing about its config

@@ -11,7 +11,7 @@ test does not put beyond noise. Pure: plain records in, text and tables out.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import pandas as pd
@@ -87,10 +87,20 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else math.inf
 
 
-def recommend(best: Any, done: Sequence[Any], cost: str, why_cost: str,
-              comparisons: Sequence[Comparison]) -> Recommendation:
+def recommend(best: Any, done: Sequence[Any], cost: str, why_cost: str, comparisons: Sequence[Comparison],
+              left_out: int = 0) -> Recommendation:
     """Choose among `comparisons` (from `cheaper_comparisons`, Holm-corrected): the cheapest
-    trial whose verdict is "within noise" ("cannot tell", from totals only, is not enough)."""
+    trial whose verdict is "within noise" ("cannot tell", from totals only, is not enough).
+    `left_out`: cheaper trials not compared because they diverged or never learned."""
+    rec = _recommend(best, done, cost, why_cost, comparisons, left_out)
+    if not left_out:
+        return rec
+    return replace(rec, text=f"{rec.text} ({plural(left_out, 'cheaper trial')} that diverged or never learned "
+                             "left out)")
+
+
+def _recommend(best: Any, done: Sequence[Any], cost: str, why_cost: str, comparisons: Sequence[Comparison],
+               left_out: int) -> Recommendation:
     by_number = {r.number: r for r in done}
     mine = cost_of(best, cost)
     unit = UNITS.get(cost, "")
@@ -100,8 +110,9 @@ def recommend(best: Any, done: Sequence[Any], cost: str, why_cost: str,
                               f"no {cost} recorded for the lowest-error trial {best.number} (a trial from before "
                               "costs were measured): cannot name a cheaper one")
     if not comparisons:
+        which = "the cheapest that learned" if left_out else "also the cheapest"
         return Recommendation(cost, why_cost, best.number, best.number,
-                              f"the lowest-error trial {best.number} is also the cheapest by {named}: "
+                              f"the lowest-error trial {best.number} is {which} by {named}: "
                               f"{mine:.3g} {unit}; ship it", (), 1.0)
     close = [c for c in comparisons if c.verdict == "within noise"]
     if not close:

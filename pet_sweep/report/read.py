@@ -104,8 +104,14 @@ def trial_records(study: Any, batch_size: int | None = None,
 def recommendation_of(exp: Experiment, study: Any) -> Recommendation | None:
     """The report's recommendation for the study (`analysis.recommendation_for`); None: no costs recorded."""
     objectives = objectives_of(study, exp)
-    return recommendation_for(trial_records(study, exp.config.model.batch_size, objectives), objectives,
-                              experiment=exp.name, study_name=exp.study_name)
+    records = trial_records(study, exp.config.model.batch_size, objectives)
+    return recommendation_for(records, objectives, experiment=exp.name, study_name=exp.study_name,
+                              n_classes=n_classes(records))
+
+
+def n_classes(records: Sequence[TrialRecord]) -> int | None:
+    """How many classes the validation items hold (the chance level of the error rate)."""
+    return len(set(next((r.targets for r in records if r.targets), ()))) or None
 
 
 def active_params(study: Any) -> tuple[list[str], dict[str, int]]:
@@ -201,10 +207,9 @@ def load_report(exp: Experiment) -> ReportBundle:
     completed(records, experiment=exp.name, study_name=exp.study_name)
     tracking = open_tracking(exp, study)
     importances, note = param_importances(study)
-    targets = next((r.targets for r in records if r.targets), ())
     report = build_report(records, experiment=exp.name, study_name=exp.study_name, importances=importances,
                           heldout=read_heldout(tracking, exp.study_name), bounds=space_bounds(exp),
-                          n_classes=len(set(targets)) or None, test_split=exp.config.data.test_pct > 0,
+                          n_classes=n_classes(records), test_split=exp.config.data.test_pct > 0,
                           importance_note=note, always_inert=always_inert(exp.space), objectives=objectives)
     return ReportBundle(report, study, tracking)
 
