@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pet_sweep.errors import StudyError
-from pet_sweep.report.front import NO_PRUNING, SHOWN_COSTS, Recommendation, cheaper_comparisons, compare_records, \
+from pet_sweep.report.front import CHEAPER, NO_PRUNING, SHOWN_COSTS, Recommendation, cheaper_comparisons, compare_records, \
     cost_name, has_costs, pareto_front, recommend
 from pet_sweep.report.stats import Comparison, errors_of, holm_corrected, plural, wilson
 from pet_sweep.report.verdicts import DIVERGED, OVERCONFIDENT, OVERFITTING, STILL_IMPROVING, UNDERFIT, VERDICTS, \
@@ -257,7 +257,7 @@ def tie_advice(best: int, rivals: Sequence[int], frame: pd.DataFrame) -> str:
     names = ", ".join(f"trial {n} ({costs[n][1]})" for n in rivals)
     head = f"the best trial ({costs[best][1]}) is within noise of {names}"
     # a tenth cheaper at least: wall times of equal configs differ by a few per cent
-    cheaper = sorted((n for n in rivals if costs[n][0] < 0.9 * costs[best][0]), key=lambda n: costs[n][0])
+    cheaper = sorted((n for n in rivals if costs[n][0] < CHEAPER * costs[best][0]), key=lambda n: costs[n][0])
     if cheaper:
         return (f"{head}: prefer the cheaper trial {cheaper[0]} (pet-sweep export --trial {cheaper[0]}), "
                 "or validate on more items before choosing")
