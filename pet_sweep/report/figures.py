@@ -280,8 +280,10 @@ def pareto_front(study: Any, report: StudyReport) -> Figure:
         for number, marker, label in marks:
             r = report.records[number]
             ax.plot([r.values[1]], [r.value], marker, ms=13, mfc="none", mec="black", mew=1.5, label=label)
+        if xs and min(xs) > 0 and max(xs) > 10 * min(xs):  # a cost spread over decades: each one readable
+            ax.set_xscale("log")
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
-        ax.set_xlabel(f"{cost} ({UNITS.get(cost, 'lower is cheaper')})")
+        ax.set_xlabel(f"{cost} ({UNITS.get(cost, 'lower is cheaper')}{', log scale' if ax.get_xscale() == 'log' else ''})")
         ax.set_ylabel("validation error rate (bars: 95% interval)")
         ax.set_title(f"{report.study_name}: error rate against {cost} (labels: trial numbers)")
         ax.legend(fontsize=8, loc="best")
