@@ -24,7 +24,7 @@ from pet_sweep.config import DataConfig, Experiment, ExperimentConfig, ModelConf
 from pet_sweep.errors import ConfigError, DataError, StudyError
 from pet_sweep.report.stats import errors_of, format_rate, wilson
 from pet_sweep.report.read import HELD_OUT_TAG, N_TEST_METRIC, REPLAY_OF_TAG, REPLAY_ROLE, TEST_METRIC, \
-    VALID_METRIC, open_existing_study
+    VALID_METRIC, objectives_of, open_existing_study, recommendation_of, trial_costs
 from pet_sweep.params import TrialParams, lr_text, params_from_dict
 from pet_sweep.space import Strict
 from pet_sweep.sweep.records import BATCH_ATTR, PARAMS_ATTR, SPLIT_ATTR, TARGETS_ATTR, error_of, trial_config
@@ -50,6 +50,8 @@ class ReplaySource(Strict):
     mlflow_run_id: str | None = None
     mlflow_parent_run_id: str | None = None
     split: SplitFingerprint | None = None    # the study's split; absent from exports made before it was recorded
+    picked_by: Literal["best", "cheapest", "trial"] | None = None  # export's rule (--pick); absent: older exports
+    costs: dict[str, float] | None = None    # what the trial cost (COST_ATTRS), as measured; absent: not recorded
 
 
 class ReplayConfig(Strict):
@@ -84,12 +86,26 @@ def load_replay(path: str | Path) -> tuple[ReplayConfig, Experiment]:
 # -- export --------------------------------------------------------------------
 
 
+Pick = Literal["best", "cheapest"] | int  # export's rule: the lowest error, the recommendation, a trial number
+
+
+def _cheapest(exp: Experiment, study: Any) -> int:
+    """The report's recommendation (`report.read.recommendation_of`): the cheapest trial within noise of the best."""
+    rec = recommendation_of(exp, study)
+    if rec is None:
+        raise StudyError(f"study {study.study_name!r} recorded no costs (its trials predate cost measurement), so "
+                         "no trial can be called the cheapest: use --pick best or --pick trial N")
+    if rec.pick is None:
+        raise StudyError(f"--pick cheapest: {rec.text}; use --pick best or --pick trial N")
+    return rec.pick
+
+
 def _pick_trial(study: Any, number: int | None) -> Any:
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state.name == "COMPLETE" and error_of(t) is not None]
+    if not done and number is None:
+        raise StudyError(f"study {study.study_name!r} has no completed trial to export yet")
     if number is None:
-        if not done:
-            raise StudyError(f"study {study.study_name!r} has no completed trial to export yet")
         return min(done, key=lambda t: (error_of(t), t.number))
     chosen = next((t for t in trials if t.number == number), None)
     listed = ", ".join(str(t.number) for t in done) or "none"
@@ -102,10 +118,14 @@ def _pick_trial(study: Any, number: int | None) -> Any:
     return chosen
 
 
-def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, Any], int]:
-    """The standalone config of the best (or the given) completed trial, as a mapping."""
+def export_config(exp: Experiment, pick: Pick | None = None) -> tuple[dict[str, Any], int]:
+    """The standalone config of the trial `pick` names, as a mapping: "best" (or None) the
+    lowest error, "cheapest" the report's recommendation, a number that trial."""
     study = open_existing_study(exp)
-    chosen = _pick_trial(study, trial)
+    if pick == "cheapest":
+        chosen = _pick_trial(study, _cheapest(exp, study))
+    else:
+        chosen = _pick_trial(study, pick if isinstance(pick, int) else None)
     attrs = chosen.user_attrs
     if PARAMS_ATTR not in attrs:
         raise StudyError(f"trial {chosen.number} has no recorded parameters ({PARAMS_ATTR!r} user attribute); "
@@ -124,7 +144,10 @@ def export_config(exp: Experiment, trial: int | None = None) -> tuple[dict[str, 
                           storage=redact_url(exp.storage_url), validation_error=error_of(chosen), n_valid=n_valid,
                           mlflow_run_id=attrs.get(RUN_ID_ATTR),
                           mlflow_parent_run_id=study.user_attrs.get(PARENT_RUN_ATTR),
-                          split=study.user_attrs.get(SPLIT_ATTR))
+                          split=study.user_attrs.get(SPLIT_ATTR),
+                          picked_by="trial" if isinstance(pick, int) else pick or "best",
+                          costs={k: v for k, v in trial_costs(chosen, objectives_of(study, exp)).items()
+                                 if v is not None} or None)
     doc = {"format": FORMAT, "name": f"{exp.name}-trial-{chosen.number}",
            "source": source.model_dump(exclude_none=True), "data": data, "model": base["model"],
            "params": base["params"], "seed": base["seed"],
@@ -139,8 +162,11 @@ def write_config(doc: dict[str, Any], path: Path) -> Path:
     path = path.expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     source = doc.get("source", {})
+    picked = {"best": "the lowest validation error", "cheapest": "the cheapest within noise of the lowest error",
+              "trial": "named by number"}.get(source.get("picked_by"), "")
     header = (f"# pet-sweep: trial {source.get('trial')} of study {source.get('study')!r}, validation error "
-              f"{format_rate(source.get('validation_error'), source.get('n_valid'))}\n"
+              f"{format_rate(source.get('validation_error'), source.get('n_valid'))}"
+              + (f"; picked: {picked}" if picked else "") + "\n"
               f"# Re-run exactly this fine-tune once: pet-sweep train {path.name} [--export-model]\n")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:

@@ -55,31 +55,79 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
                + ("" if no_mlflow_attach else f"; attached to MLflow run {written.parent_run_id}"))
 
 
+PICKS = "best, cheapest or trial N"
+
+
+class PickOption(click.Option):
+    """`--pick best | cheapest | trial N`: after `trial`, the next word is its number
+    (click options take a fixed number of values, so the option's parser takes it)."""
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:  # click's own option parser (click 8: `_long_opt`); a test pins it
+            option = parser._long_opt.get(name)
+            if option is None:
+                continue
+            store = option.process
+
+            def process(value: Any, state: Any, store: Any = store) -> None:
+                if value == "trial" and state.rargs and not state.rargs[0].startswith("-"):
+                    value = f"trial {state.rargs.pop(0)}"
+                store(value, state)
+
+            option.process = process
+
+
+def parse_pick(value: str | None, trial: int | None) -> str | int | None:
+    """`--pick` as export_config takes it ("best", "cheapest" or a trial number); `--trial N` is `--pick trial N`."""
+    if value is None:
+        return trial
+    if trial is not None:
+        raise click.UsageError("give --pick or --trial, not both (--trial N is --pick trial N)")
+    word, _, number = value.strip().partition(" ")
+    if word in ("best", "cheapest") and not number:
+        return word
+    if word == "trial" and number.strip().isdigit():
+        return int(number)
+    hint = "`trial` needs the trial's number: --pick trial 7" if word == "trial" else f"expected {PICKS}"
+    raise click.BadParameter(f"{value!r}: {hint}", param_hint="'--pick'")
+
+
 @click.command()
 @click.argument("experiment", required=False)
 @config_option
 @click.option("-o", "--output", default="best.yaml", show_default=True, type=click.Path(dir_okay=False),
               help="Where to write the standalone config.")
-@click.option("--trial", type=int, help="Export this trial number instead of the best completed one.")
+@click.option("--pick", cls=PickOption, metavar="best|cheapest|trial N",
+              help="Which trial: the lowest error (best, the default), the cheapest trial within noise of it "
+                   "(cheapest: the report's recommendation), or trial N.")
+@click.option("--trial", type=int, help="Export this trial number (the same as --pick trial N).")
 @storage_option
 @tracking_option
 @study_name_option
 @fail_clearly
-def export(experiment: str | None, config_path: str, output: str, trial: int | None, storage: str | None,
-           tracking_uri: str | None, study_name: str | None) -> None:
-    """Write the best (or --trial N) trial of EXPERIMENT as a standalone config for `pet-sweep train`.
+def export(experiment: str | None, config_path: str, output: str, pick: str | None, trial: int | None,
+           storage: str | None, tracking_uri: str | None, study_name: str | None) -> None:
+    """Write one trial of EXPERIMENT (the best, the cheapest within noise of it, or trial N)
+    as a standalone config for `pet-sweep train`; best.yaml records which rule picked it and
+    what the trial cost.
 
     \b
     Example:
       pet-sweep export digits -o best.yaml
+      pet-sweep export digits --pick cheapest -o cheap.yaml
+      pet-sweep export digits --pick trial 7
     """
+    chosen = parse_pick(pick, trial)
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     quiet_libraries()
     from pet_sweep.replay import export_config, write_config  # heavy: optuna
 
-    doc, number = export_config(exp, trial)
+    doc, number = export_config(exp, chosen)
     path = write_config(doc, Path(output))
-    click.echo(f"trial {number} of study {exp.study_name} -> {path}")
+    source = doc["source"]
+    costs = ", ".join(f"{k} {v:.3g}" for k, v in (source.get("costs") or {}).items()) or "no costs recorded"
+    click.echo(f"trial {number} of study {exp.study_name} -> {path}  (picked: {source['picked_by']}; {costs})")
     click.echo(f"next         pet-sweep train {output}   (add --export-model to keep the learner)")
 
 

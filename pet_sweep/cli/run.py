@@ -104,6 +104,11 @@ def _print_banner(exp: Experiment, workers: int, ray_address: str | None) -> Non
     click.echo(f"storage      {redact_url(exp.storage_url)}{_created(exp.storage_url)}")
     click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'"
                f"{_created(exp.tracking_uri)}")
+    from pet_sweep.sweep.records import multi_objective_note  # heavy: optuna
+
+    note = multi_objective_note(exp.config.objectives, exp.config.pruner.name)
+    if note:
+        click.echo(f"objectives   {note}")
 
 
 def _created(url: str) -> str:

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from pet_sweep.errors import StudyError
-from pet_sweep.report.stats import Comparison, compare_predictions, compare_rates, errors_of, holm_corrected, \
-    plural, wilson
+from pet_sweep.report.front import CHEAPER, NO_PRUNING, SHOWN_COSTS, Recommendation, cheaper_comparisons, compare_records, \
+    cost_name, has_costs, pareto_front, recommend
+from pet_sweep.report.stats import Comparison, errors_of, holm_corrected, plural, wilson
 from pet_sweep.report.verdicts import DIVERGED, OVERCONFIDENT, OVERFITTING, STILL_IMPROVING, UNDERFIT, VERDICTS, \
     TrialAnalysis, analyse_history
 from pet_sweep.params import inert_params
@@ -49,6 +50,8 @@ class TrialRecord:
     seconds: float = 0.0
     run_id: str | None = None
     batch_size: int | None = None           # what it ran with (an out-of-memory retry halves it)
+    costs: Mapping[str, float | None] = field(default_factory=dict)  # COST_ATTRS; None: not recorded
+    values: tuple[float, ...] = ()          # every objective's value (error rate first)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,13 @@ class StudyReport:
     test_split: bool = True                 # the experiment holds items out of every trial (data.test_pct > 0)
     importance_note: str = ""               # why there is no ranking, or what it leaves out
     n_candidates: int = 0                   # completed trials the best was selected from
+    objectives: tuple[str, ...] = ("error_rate",)  # several: a multi-objective study
+    recommendation: Recommendation | None = None   # None: no trial recorded a cost
+    front: tuple[int, ...] = ()             # trials on the Pareto front (multi-objective studies)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     @property
     def best_analysis(self) -> TrialAnalysis | None:
@@ -125,6 +135,7 @@ def trials_frame(records: Sequence[TrialRecord], analyses: Mapping[int, TrialAna
             # the recipe's `epochs`: unfrozen epochs, like the "epochs" column (epochs_run counts both phases)
             "rec_unfrozen_epochs": a.recommended_epochs if a and r.state == "COMPLETE" else None,
             "seconds": r.seconds, "precision": r.precision, "reason": r.reason, "batch_size": r.batch_size,
+            **{name: r.costs.get(name) for name in SHOWN_COSTS},
         })
     return pd.DataFrame(rows)
 
@@ -168,8 +179,9 @@ def study_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def comparisons_for(best: TrialRecord, done: Sequence[TrialRecord]) -> list[Comparison]:
-    """The best trial against the runner-up and against the best trial of each other architecture."""
+def rival_comparisons(best: TrialRecord, done: Sequence[TrialRecord]) -> list[Comparison]:
+    """The best trial against the runner-up and against the best trial of each other architecture
+    (uncorrected)."""
     ranked = sorted((r for r in done if r.number != best.number), key=lambda r: (r.value, r.number))
     rivals: list[tuple[str, TrialRecord]] = []
     if ranked:
@@ -180,16 +192,47 @@ def comparisons_for(best: TrialRecord, done: Sequence[TrialRecord]) -> list[Comp
         if arch not in seen:
             seen.add(arch)
             rivals.append((f"best {arch}", r))
-    out = []
-    for label, other in rivals:
-        if best.preds and other.preds and best.targets and best.targets == other.targets \
-                and len(best.preds) == len(other.preds) == len(best.targets):
-            out.append(compare_predictions(label, (best.number, best.preds), (other.number, other.preds),
-                                           best.targets))
-        elif _n_items(best):
-            out.append(compare_rates(label, (best.number, float(best.value)), (other.number, float(other.value)),
-                                     len(best.targets)))
-    return holm_corrected(out)
+    return [c for c in (compare_records(label, best, other) for label, other in rivals) if c is not None]
+
+
+def comparisons_for(best: TrialRecord, done: Sequence[TrialRecord]) -> list[Comparison]:
+    """The rival comparisons, Holm-corrected among themselves (a study without costs)."""
+    return holm_corrected(rival_comparisons(best, done))
+
+
+def compare_and_recommend(best: TrialRecord, done: Sequence[TrialRecord], objectives: Sequence[str],
+                          analyses: Mapping[int, TrialAnalysis]) -> tuple[list[Comparison], Recommendation | None]:
+    """The rival comparisons and the recommendation (`front.recommend`), their comparisons
+    Holm-corrected together; no recommendation where no trial recorded a cost. A trial that
+    diverged or never learned (no better than chance) is never recommended."""
+    rivals = rival_comparisons(best, done)
+    if not has_costs(done):
+        return holm_corrected(rivals), None
+    cost, why = cost_name(objectives)
+    learned = [r for r in done if r is best or getattr(analyses.get(r.number), "verdict", "") != DIVERGED]
+    cheaper = cheaper_comparisons(best, learned, cost)
+    left_out = len(cheaper_comparisons(best, done, cost)) - len(cheaper)
+    corrected = holm_corrected([*rivals, *cheaper])
+    return corrected[:len(rivals)], recommend(best, done, cost, why, corrected[len(rivals):], left_out)
+
+
+def analyse_all(records: Sequence[TrialRecord], n_valid: int | None,
+                n_classes: int | None) -> dict[int, TrialAnalysis]:
+    """The verdict of every trial with a history, but those still running (their curve is not a verdict yet)."""
+    return {r.number: analyse_history(r.history, n_valid=n_valid, n_classes=n_classes)
+            for r in records if r.history and r.state not in UNFINISHED}
+
+
+def recommendation_for(records: Sequence[TrialRecord], objectives: Sequence[str], *, experiment: str,
+                       study_name: str, n_classes: int | None = None) -> Recommendation | None:
+    """The report's recommendation alone (what `export --pick cheapest` takes)."""
+    done = completed(records, experiment=experiment, study_name=study_name)
+    best = lowest_error(done)
+    return compare_and_recommend(best, done, objectives, analyse_all(records, _n_items(best), n_classes))[1]
+
+
+def lowest_error(done: Sequence[TrialRecord]) -> TrialRecord:
+    return min(done, key=lambda r: (r.value, r.number))
 
 
 def trial_cost(row: Mapping[str, Any], by_time: bool = True) -> tuple[float, str]:
@@ -214,7 +257,7 @@ def tie_advice(best: int, rivals: Sequence[int], frame: pd.DataFrame) -> str:
     names = ", ".join(f"trial {n} ({costs[n][1]})" for n in rivals)
     head = f"the best trial ({costs[best][1]}) is within noise of {names}"
     # a tenth cheaper at least: wall times of equal configs differ by a few per cent
-    cheaper = sorted((n for n in rivals if costs[n][0] < 0.9 * costs[best][0]), key=lambda n: costs[n][0])
+    cheaper = sorted((n for n in rivals if costs[n][0] < CHEAPER * costs[best][0]), key=lambda n: costs[n][0])
     if cheaper:
         return (f"{head}: prefer the cheaper trial {cheaper[0]} (pet-sweep export --trial {cheaper[0]}), "
                 "or validate on more items before choosing")
@@ -226,8 +269,9 @@ def tie_advice(best: int, rivals: Sequence[int], frame: pd.DataFrame) -> str:
 def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, comparisons: Sequence[Comparison],
                verdict_counts: Mapping[str, int], frame: pd.DataFrame,
                bounds: Mapping[str, tuple[float, float]], heldout: HeldOut | None,
-               test_split: bool = True) -> list[str]:
-    """What to try next, in plain words, most important first."""
+               test_split: bool = True, recommendation: Recommendation | None = None) -> list[str]:
+    """What to try next, in plain words, most important first. With measured costs the
+    recommendation names the cheaper trial to ship, instead of the tie advice by wall time."""
     steps = []
     p = report_best.params
     if analysis is not None:
@@ -252,7 +296,11 @@ def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, compari
         elif pos <= 0.05 and low > PARAMS.get(name, (None, -math.inf))[1]:  # 0 frozen epochs cannot go lower
             steps.append(f"best {name}={value:.3g} is at the bottom of its range [{low:.3g}, {high:.3g}]: widen it")
     close = [c for c in comparisons if c.verdict == "within noise"]
-    if close:
+    if recommendation is not None and recommendation.pick is not None:
+        if recommendation.pick != report_best.number:
+            steps.append(f"ship the cheaper trial {recommendation.pick}, within noise of the best and "
+                         f"{recommendation.ratio:.2f}x cheaper by {recommendation.cost}: pet-sweep export --pick cheapest")
+    elif close:
         # the runner-up can also be the best of another architecture: name each trial once
         steps.append(tie_advice(report_best.number, list(dict.fromkeys(c.other_trial for c in close)), frame))
     div = frame[frame["verdict"] == DIVERGED]  # pruned ones too: a diverging trial is pruned at once
@@ -283,25 +331,23 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
                  importances: Mapping[str, float] | None = None, heldout: Sequence[HeldOut] = (),
                  bounds: Mapping[str, tuple[float, float]] | None = None,
                  n_classes: int | None = None, test_split: bool = True, importance_note: str = "",
-                 always_inert: Sequence[str] = ()) -> StudyReport:
+                 always_inert: Sequence[str] = (), objectives: Sequence[str] = ("error_rate",)) -> StudyReport:
     """Analyse every trial with a history and compare the best with its rivals.
 
     `importances` from fewer than MIN_IMPORTANCE_TRIALS completed trials are dropped
     (`importance_note` says why); `always_inert`: parameters the space gives that no
-    trial can use (`space.always_inert`).
+    trial can use (`space.always_inert`); `objectives`: the study's, error_rate first (several:
+    a multi-objective study, with a Pareto front).
     """
     done = completed(records, experiment=experiment, study_name=study_name)
     too_few = too_few_for_importances(len(done))
     if too_few:
         importances, importance_note = {}, too_few
-    best = min(done, key=lambda r: (r.value, r.number))
+    best = lowest_error(done)
     n_valid = _n_items(best)  # every trial is judged on the same validation items
-    analyses = {}
-    for r in records:
-        if r.history and r.state not in UNFINISHED:  # a running trial's curve is not a verdict yet
-            analyses[r.number] = analyse_history(r.history, n_valid=n_valid, n_classes=n_classes)
+    analyses = analyse_all(records, n_valid, n_classes)
     frame = trials_frame(records, analyses, n_valid)
-    comparisons = comparisons_for(best, done)
+    comparisons, recommendation = compare_and_recommend(best, done, objectives, analyses)
     counts = {k: int(v) for k, v in frame["state"].value_counts().items()}
     # verdicts of the trials that ran their course: a pruned trial was cut short on purpose, so
     # "still improving" or an epoch count read off its curve says nothing about its config
@@ -310,18 +356,24 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
     mine = [h for h in heldout if h.trial == best.number]
     held = mine[-1] if mine else (heldout[-1] if heldout else None)
     steps = next_steps(best, analyses.get(best.number), comparisons, verdict_counts, frame, bounds or {}, held,
-                       test_split)
+                       test_split, recommendation)
     notes = []
     if counts.get("RUNNING"):
         notes.append(f"the study is still running ({plural(counts['RUNNING'], 'trial')} in progress); "
                      "this report is a snapshot")
     notes += [f"{name} does nothing in this space: freeze_epochs is 0 in every trial, so there is no frozen phase; "
               f"it is not sampled, and can be dropped from the space" for name in always_inert]
+    if len(objectives) > 1:
+        notes.append(f"{len(objectives)} objectives ({', '.join(objectives)}): {NO_PRUNING}; the best trial is "
+                     "the lowest error_rate, the front is over all objectives")
     return StudyReport(experiment=experiment, study_name=study_name, trials=frame, analyses=analyses, best=best,
                        n_valid=_n_items(best), comparisons=comparisons, tables=study_tables(frame),
                        importances=dict(importances or {}), heldout=held, next_steps=steps, counts=counts,
                        verdict_counts=verdict_counts, records={r.number: r for r in records}, notes=notes,
-                       test_split=test_split, n_candidates=len(done), importance_note=importance_note)
+                       test_split=test_split, n_candidates=len(done), importance_note=importance_note,
+                       objectives=tuple(objectives), recommendation=recommendation,
+                       front=tuple(r.number for r in pareto_front(done, len(objectives)))
+                       if len(objectives) > 1 else ())
 
 
 def too_few_for_importances(n_complete: int) -> str:

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator, PercentFormatter
 
 from pet_sweep.report.analysis import StudyReport
+from pet_sweep.report.front import UNITS
 from pet_sweep.report.verdicts import VERDICTS, epoch_numbers, value_of
 
 EPOCH_AXIS = "epoch (frozen + unfrozen, from 0 as in MLflow)"
@@ -178,12 +179,16 @@ def optuna_figures(study: Any, importance_params: Sequence[str] = ()) -> tuple[d
     import optuna  # heavy: optuna's figures only when the report draws them
     from optuna.visualization import matplotlib as ovm
 
+    from pet_sweep.sweep.records import error_of
+
     figures: dict[str, Figure] = {}
     notes: list[str] = []
+    target = error_of if len(study.directions) > 1 else None  # several objectives: plot the error rate
     makers = {"param_importances": lambda: ovm.plot_param_importances(
                   study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target_name="error rate",
-                  params=list(importance_params)),
-              "parallel_coordinate": lambda: ovm.plot_parallel_coordinate(study, target_name="error rate")}
+                  params=list(importance_params), target=target),
+              "parallel_coordinate": lambda: ovm.plot_parallel_coordinate(study, target_name="error rate",
+                                                                          target=target)}
     if not importance_params:
         del makers["param_importances"]
     titles = {"param_importances": "Which settings matter: fANOVA importance for the error rate",
@@ -237,6 +242,55 @@ def report_figures(report: StudyReport) -> dict[str, Figure]:
     """The report's own figures, by name (see `render.FIGURE_CAPTIONS`)."""
     return {"loss_curves": loss_curves(report), "error_curves": error_curves(report),
             "error_vs_gap": error_vs_gap(report)}
+
+
+def pareto_front(study: Any, report: StudyReport) -> Figure:
+    """Optuna's Pareto-front plot of error rate against the study's first cost (its second
+    objective), each trial's error with its Wilson 95 % interval as an error bar, the
+    lowest-error and the recommended trials marked."""
+    import matplotlib.pyplot as plt  # heavy: pyplot, for Optuna's figure and its style
+    import optuna
+    from optuna.visualization.matplotlib import plot_pareto_front
+
+    from pet_sweep.sweep.records import error_of
+
+    cost = report.objectives[1]
+    with plt.rc_context(), warnings.catch_warnings():  # Optuna sets the ggplot style for everyone: not past here
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = plot_pareto_front(study, target_names=[cost, "error rate"],
+                               targets=lambda t: (float(t.values[1]), error_of(t)))
+        frame = report.trials.set_index("number")
+        points = [(n, r.values[1], frame.loc[n]) for n, r in report.records.items()
+                  if r.state == "COMPLETE" and len(r.values) == len(report.objectives) and r.value is not None]
+        xs = [x for _, x, _ in points]
+        ys = [row["error_rate"] for _, _, row in points]
+        low = [max(0.0, row["error_rate"] - row["ci_low"]) for _, _, row in points]
+        high = [max(0.0, row["ci_high"] - row["error_rate"]) for _, _, row in points]
+        ax.errorbar(xs, ys, yerr=[low, high], fmt="none", ecolor="#555", elinewidth=1, capsize=3, zorder=1,
+                    label="95% interval (Wilson)")
+        for number, x, row in points:
+            ax.annotate(str(number), (x, row["error_rate"]), textcoords="offset points", xytext=(9, 6), fontsize=8)
+        names = {"Trial": "dominated trial", "Best Trial": "on the Pareto front (all objectives)"}
+        for collection in ax.collections:  # Optuna's own legend labels, in the report's words
+            collection.set_label(names.get(collection.get_label(), collection.get_label()))
+        marks = [(report.best.number, "s", "lowest error")]
+        rec = report.recommendation
+        if rec is not None and rec.pick is not None and rec.pick != report.best.number:
+            marks.append((rec.pick, "D", f"recommended (cheapest within noise, by {rec.cost})"))
+        for number, marker, label in marks:
+            r = report.records[number]
+            ax.plot([r.values[1]], [r.value], marker, ms=13, mfc="none", mec="black", mew=1.5, label=label)
+        if xs and min(xs) > 0 and max(xs) > 10 * min(xs):  # a cost spread over decades: each one readable
+            ax.set_xscale("log")
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+        ax.set_xlabel(f"{cost} ({UNITS.get(cost, 'lower is cheaper')}{', log scale' if ax.get_xscale() == 'log' else ''})")
+        ax.set_ylabel("validation error rate (bars: 95% interval)")
+        ax.set_title(f"{report.study_name}: error rate against {cost} (labels: trial numbers)")
+        ax.legend(fontsize=8, loc="best")
+        fig = ax.figure
+        fig.set_size_inches(9, 5.5)
+        fig.tight_layout()
+    return fig
 
 
 def png_bytes(fig: Figure) -> bytes:

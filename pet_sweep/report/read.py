@@ -15,12 +15,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pet_sweep.config import Experiment
 from pet_sweep.errors import StudyError
 from pet_sweep.report.analysis import HeldOut, StudyReport, TrialRecord, build_report, completed, \
-    too_few_for_importances
+    recommendation_for, too_few_for_importances
+from pet_sweep.report.front import Recommendation
 from pet_sweep.report.render import html, markdown
 from pet_sweep.params import inert_params
 from pet_sweep.space import Range, always_inert
@@ -48,10 +49,36 @@ def open_existing_study(exp: Experiment) -> Any:
     return open_study(exp, create=False)
 
 
-def trial_records(study: Any, batch_size: int | None = None) -> list[TrialRecord]:
+def objectives_of(study: Any, exp: Experiment) -> tuple[str, ...]:
+    """The names of the study's objectives, error_rate first: those Optuna recorded
+    (`set_metric_names`), else the experiment's `objectives` where they are as many as the
+    study's directions, else numbered."""
+    n = len(study.directions)
+    for names in (study.metric_names, exp.config.objectives):
+        if names and len(names) == n:
+            return tuple(str(name) for name in names)
+    return ("error_rate", *(f"objective {i}" for i in range(1, n)))
+
+
+def trial_costs(trial: Any, objectives: Sequence[str]) -> dict[str, float | None]:
+    """What a trial cost (`COST_ATTRS` user attrs), each None where it was not recorded; a
+    multi-objective trial's values fill in the costs that are objectives."""
+    from pet_sweep.sweep.records import COST_ATTRS  # heavy: imports optuna
+
+    costs = {name: trial.user_attrs.get(name) for name in COST_ATTRS}
+    if len(objectives) > 1 and trial.values and len(trial.values) == len(objectives):
+        for name, value in zip(objectives[1:], trial.values[1:]):
+            if costs.get(name) is None:
+                costs[name] = float(value)
+    return {k: float(v) if isinstance(v, (int, float)) else None for k, v in costs.items()}
+
+
+def trial_records(study: Any, batch_size: int | None = None,
+                  objectives: Sequence[str] = ("error_rate",)) -> list[TrialRecord]:
     """Every trial of the study as a plain `TrialRecord` (running ones with their history so far).
 
     `batch_size`: the experiment's; a trial re-queued after an out-of-memory ran at its own.
+    `objectives`: the study's names (`objectives_of`).
     """
     # heavy: sweep.records imports optuna; the study is open by now anyway
     from pet_sweep.sweep.records import BATCH_ATTR, HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, \
@@ -69,8 +96,22 @@ def trial_records(study: Any, batch_size: int | None = None) -> list[TrialRecord
             history=tuple(attrs.get(HISTORY_ATTR, ())), value=value,
             preds=tuple(attrs.get(PREDS_ATTR, ())), targets=tuple(attrs.get(TARGETS_ATTR, ())),
             precision=str(attrs.get(PRECISION_ATTR, "")), reason=str(attrs.get(REASON_ATTR, "")),
-            seconds=seconds, run_id=attrs.get(RUN_ID_ATTR), batch_size=attrs.get(BATCH_ATTR, batch_size)))
+            seconds=seconds, run_id=attrs.get(RUN_ID_ATTR), batch_size=attrs.get(BATCH_ATTR, batch_size),
+            costs=trial_costs(t, objectives), values=tuple(float(v) for v in t.values or ())))
     return records
+
+
+def recommendation_of(exp: Experiment, study: Any) -> Recommendation | None:
+    """The report's recommendation for the study (`analysis.recommendation_for`); None: no costs recorded."""
+    objectives = objectives_of(study, exp)
+    records = trial_records(study, exp.config.model.batch_size, objectives)
+    return recommendation_for(records, objectives, experiment=exp.name, study_name=exp.study_name,
+                              n_classes=n_classes(records))
+
+
+def n_classes(records: Sequence[TrialRecord]) -> int | None:
+    """How many classes the validation items hold (the chance level of the error rate)."""
+    return len(set(next((r.targets for r in records if r.targets), ()))) or None
 
 
 def active_params(study: Any) -> tuple[list[str], dict[str, int]]:
@@ -92,6 +133,8 @@ def param_importances(study: Any) -> tuple[dict[str, float], str]:
     or a note saying why there are none; the note also names the parameters left out."""
     import optuna  # heavy: optuna (its fANOVA evaluator)
 
+    from pet_sweep.sweep.records import error_of
+
     n_done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     too_few = too_few_for_importances(n_done)
     if too_few:  # not worth the forest
@@ -103,7 +146,8 @@ def param_importances(study: Any) -> tuple[dict[str, float], str]:
         return {}, "not ranked: no parameter acted in every completed trial" + (f"; {left_out}" if left_out else "")
     try:
         return optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=params), left_out
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=params,
+            target=error_of if len(study.directions) > 1 else None), left_out
     except (ValueError, RuntimeError) as err:  # nothing varies
         return {}, f"not ranked: {err}"
 
@@ -157,16 +201,16 @@ class ReportBundle:
 def load_report(exp: Experiment) -> ReportBundle:
     """Read the study and the MLflow store and analyse them; writes nothing."""
     study = open_existing_study(exp)
-    records = trial_records(study, exp.config.model.batch_size)
+    objectives = objectives_of(study, exp)
+    records = trial_records(study, exp.config.model.batch_size, objectives)
     # checked before MLflow: the clearer message for a study that has just started
     completed(records, experiment=exp.name, study_name=exp.study_name)
     tracking = open_tracking(exp, study)
     importances, note = param_importances(study)
-    targets = next((r.targets for r in records if r.targets), ())
     report = build_report(records, experiment=exp.name, study_name=exp.study_name, importances=importances,
                           heldout=read_heldout(tracking, exp.study_name), bounds=space_bounds(exp),
-                          n_classes=len(set(targets)) or None, test_split=exp.config.data.test_pct > 0,
-                          importance_note=note, always_inert=always_inert(exp.space))
+                          n_classes=n_classes(records), test_split=exp.config.data.test_pct > 0,
+                          importance_note=note, always_inert=always_inert(exp.space), objectives=objectives)
     return ReportBundle(report, study, tracking)
 
 
@@ -181,9 +225,11 @@ class Written:
 def render(bundle: ReportBundle, folder: Path) -> tuple[list[Path], StudyReport]:
     """Figures (PNG), report.html (figures embedded) and report.md into `folder`; the files,
     and the report as written (its notes say which Optuna figures could not be drawn)."""
-    from pet_sweep.report.figures import optuna_figures, png_bytes, report_figures  # heavy: matplotlib
+    from pet_sweep.report.figures import optuna_figures, pareto_front, png_bytes, report_figures  # heavy: matplotlib
 
     figures = report_figures(bundle.report)
+    if bundle.report.multi_objective:
+        figures["pareto_front"] = pareto_front(bundle.study, bundle.report)
     extra, notes = optuna_figures(bundle.study, list(bundle.report.importances))
     report = dataclasses.replace(bundle.report, notes=[*bundle.report.notes, *notes])
     pngs = {name: png_bytes(fig) for name, fig in {**figures, **extra}.items()}

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from pet_sweep.report.analysis import StudyReport
+from pet_sweep.report.front import COSTS_LEGEND, SHOWN_COSTS, front_table
 from pet_sweep.report.stats import format_rate, plural
 from pet_sweep.report.verdicts import ADVICE
 from pet_sweep.params import lr_text
@@ -54,6 +55,8 @@ def summary_lines(report: StudyReport) -> list[tuple[str, str]]:
         lines.append(("reading", f"{a.verdict}: {a.reason}; best at epoch {a.best_epoch} (last: epoch {a.last_epoch})"))
     for c in report.comparisons:
         lines.append((f"vs {c.label}", f"trial {c.other_trial}: {c.text()}"))
+    if report.recommendation is not None:
+        lines.append(("recommend", report.recommendation.text))
     lines.append(("held-out", heldout_text(report)))
     n_complete = report.counts.get("COMPLETE", 0)
     lines.append(("verdicts", (", ".join(f"{k} {v}" for k, v in report.verdict_counts.items()) or "-")
@@ -101,7 +104,25 @@ def ranked(report: StudyReport) -> pd.DataFrame:
     columns = list(RANK_COLUMNS)
     if batch_sizes_vary(report):
         columns.insert(columns.index("epochs") + 1, "batch_size")
-    return frame[columns].reset_index(drop=True)
+    return frame[columns + cost_columns(report)].reset_index(drop=True)
+
+
+def cost_columns(report: StudyReport) -> list[str]:
+    """The costs some trial recorded (none in a study from before costs were measured)."""
+    return [c for c in SHOWN_COSTS if c in report.trials and report.trials[c].notna().any()]
+
+
+def trials_legend(report: StudyReport) -> str:
+    return TRIALS_LEGEND + (f"; {COSTS_LEGEND}" if cost_columns(report) else "")
+
+
+def front_section(report: StudyReport) -> tuple[str, pd.DataFrame | None]:
+    """What the "Error against cost" section says, and the table of the Pareto front (multi-objective only)."""
+    if not report.multi_objective:
+        return "", None
+    text = (f"Pareto front over {', '.join(report.objectives)}: {plural(len(report.front), 'trial')} that no other "
+            "trial beats on every objective, cheapest first.")
+    return text, front_table([report.records[n] for n in report.front], report.objectives, report.n_valid)
 
 
 def _cell(value: Any, column: str) -> str:
@@ -135,6 +156,7 @@ FIGURE_CAPTIONS: dict[str, str] = {
     "error_vs_gap": "Final error rate against the generalisation gap, coloured by verdict",
     "param_importances": "Which settings matter (Optuna parameter importances, fANOVA)",
     "parallel_coordinate": "Every completed trial's settings and error rate (Optuna parallel coordinates)",
+    "pareto_front": "Error rate against cost: the Pareto front (Optuna), each error with its 95% interval",
 }
 
 
@@ -145,7 +167,12 @@ def _verdict_section(report: StudyReport) -> list[tuple[str, str]]:
 def markdown(report: StudyReport, figures: Mapping[str, str]) -> str:
     """The Markdown summary; `figures` maps a figure name to its relative path."""
     out = [f"# pet-sweep report: {report.study_name}", "", "```", summary_text(report), "```", "",
-           "## Trials, best first", "", markdown_table(ranked(report)), "", f"*{TRIALS_LEGEND}*", ""]
+           "## Trials, best first", "", markdown_table(ranked(report)), "", f"*{trials_legend(report)}*", ""]
+    text, front = front_section(report)
+    if report.recommendation is not None or front is not None:
+        out += ["## Error against cost", ""]
+        out += [f"Recommendation: {report.recommendation.text}", ""] if report.recommendation else []
+        out += [text, "", markdown_table(front), ""] if front is not None else []
     out += ["## Verdicts", ""] + [f"- **{v}** ({report.verdict_counts[v]}): {text}" for v, text in
                                   _verdict_section(report)] + [""]
     for name, table in report.tables.items():
@@ -175,8 +202,13 @@ def html(report: StudyReport, figures: Mapping[str, bytes]) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>pet-sweep report: {esc(report.study_name)}"
              f"</title><style>{_CSS}</style></head><body>",
              f"<h1>pet-sweep report: {esc(report.study_name)}</h1>", f"<pre>{esc(summary)}</pre>",
-             "<h2>Trials, best first</h2>", _html_table(ranked(report)), f"<p><i>{esc(TRIALS_LEGEND)}</i></p>",
-             "<h2>Verdicts</h2><ul>"]
+             "<h2>Trials, best first</h2>", _html_table(ranked(report)), f"<p><i>{esc(trials_legend(report))}</i></p>"]
+    text, front = front_section(report)
+    if report.recommendation is not None or front is not None:
+        parts.append("<h2>Error against cost</h2>")
+        parts += [f"<p>Recommendation: {esc(report.recommendation.text)}</p>"] if report.recommendation else []
+        parts += [f"<p>{esc(text)}</p>", _html_table(front)] if front is not None else []
+    parts.append("<h2>Verdicts</h2><ul>")
     parts += [f"<li><b>{esc(v)}</b> ({report.verdict_counts[v]}): {esc(t)}</li>" for v, t in _verdict_section(report)]
     parts.append("</ul>")
     for name, table in report.tables.items():

@@ -149,7 +149,10 @@ class Comparison:
         return f"{which}p={high:.3g}" if low == high else f"{which}p={low:.3g}–{high:.3g}"
 
     def text(self) -> str:
-        gap = f"{self.best_error:.2%} vs {self.other_error:.2%}"
+        return f"{self.best_error:.2%} vs {self.other_error:.2%}: {self.verdict} ({self.how()})"
+
+    def how(self) -> str:
+        """The test and its p-values, in words."""
         raw = self._p("", *self.p_range)
         if self.adjusted is not None:
             raw += f", Holm-adjusted {self._p('', *self.adjusted)}"
@@ -158,7 +161,7 @@ class Comparison:
                    f"{self.only_best_wrong} vs {self.only_other_wrong} items only one of them gets wrong")
         else:
             how = f"no shared predictions; exact McNemar over every pairing the totals allow: {raw} on {self.n_items} items"
-        return f"{gap}: {self.verdict} ({how})"
+        return how
 
 
 def compare_predictions(label: str, best: tuple[int, Sequence[int]], other: tuple[int, Sequence[int]],

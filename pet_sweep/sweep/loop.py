@@ -57,7 +57,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     parent = _open_parent_run(exp, study, tracker, echo) if owns_parent else role.parent_run_id
     budget = Budget(role, exp.config.budget.n_trials, exp.config.budget.max_trials,
                     heartbeats=has_heartbeats(exp.storage_url))
-    trial_ended = TrialEnded(tracker, parent, echo, trial_listeners)
+    trial_ended = TrialEnded(tracker, parent, echo, trial_listeners, tuple(exp.config.objectives))
     started = time.monotonic()  # budget.timeout counts the LR finder and pretraining too
     status = "FAILED"
     stopped_by: StoppedBy = "budget"
@@ -172,12 +172,13 @@ class TrialEnded:
     the parent run's counts and best up to date."""
 
     def __init__(self, tracker: Tracker, parent_run_id: str, echo: Callable[[str], None],
-                 listeners: tuple[TrialListener, ...]) -> None:
+                 listeners: tuple[TrialListener, ...], objectives: tuple[str, ...] = ("error_rate",)) -> None:
         self.tracker, self.parent_run_id, self.echo, self.listeners = tracker, parent_run_id, echo, listeners
+        self.objectives = objectives  # the study's: their costs show on each trial's line
         self.seen: list[TrialOutcome] = []  # the trials this process saw end
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        done = describe_trial(trial)
+        done = describe_trial(trial, self.objectives)
         self.seen.append(done)
         best = best_of(study)
         self.echo(format_trial(done, best))

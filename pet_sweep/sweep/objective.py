@@ -1,5 +1,6 @@
 """One trial: suggest its parameters, run the chapter-5 recipe under a child MLflow
-run, report each epoch to Optuna (pruning) and return the error rate."""
+run, report each epoch to Optuna (pruning) and return the error rate, or in a
+multi-objective study (`objectives:`) the error rate and the costs it names."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pet_sweep.params import TrialParams
 from pet_sweep.space import Anchors, anchor_params, suggest
 from pet_sweep.sweep.records import (
     BATCH_ATTR,
+    COST_SECONDS_ATTR,
     HISTORY_ATTR,
     INTERRUPTED,
     OOM_RETRY_OF,
@@ -29,6 +31,7 @@ from pet_sweep.sweep.records import (
     REASON_ATTR,
     TARGETS_ATTR,
     EpochRecord,
+    ObjectiveValues,
     TrialOutcome,
     trial_config,
 )
@@ -107,8 +110,10 @@ class Objective:
                                                     path=dls.path, device=dls.device)
         return self._loaders[batch_size]
 
-    def __call__(self, trial: optuna.Trial, on_start: Callable[[optuna.Trial], None] | None = None) -> float:
-        """Run the trial; return its error rate, or raise TrialPruned or TrialFailed.
+    def __call__(self, trial: optuna.Trial,
+                 on_start: Callable[[optuna.Trial], None] | None = None) -> ObjectiveValues:
+        """Run the trial; return its error rate (with the costs `objectives:` names after it, in a
+        multi-objective study), or raise TrialPruned or TrialFailed.
 
         `on_start` is called first, once the trial exists (the sweep loop takes its budget slot there).
         """
@@ -150,10 +155,21 @@ class Objective:
             raise TrialFailed(oom_reason)
         trial.set_user_attr(PREDS_ATTR, result.valid_preds)
         trial.set_user_attr(TARGETS_ATTR, result.valid_targets)
+        for name, cost in result.costs.items():
+            trial.set_user_attr(name, cost)
+        trial.set_user_attr(COST_SECONDS_ATTR, result.cost_seconds)
         self._close(run, "COMPLETE", metrics={"final_error_rate": result.error_rate,
                                               "best_error_rate": min(r.error_rate for r in result.history),
-                                              "duration_s": time.perf_counter() - started})
-        return result.error_rate
+                                              "duration_s": time.perf_counter() - started, **result.costs,
+                                              COST_SECONDS_ATTR: result.cost_seconds})
+        return self._values(result.error_rate, result.costs)
+
+    def _values(self, error_rate: float, costs: Mapping[str, float]) -> ObjectiveValues:
+        """What Optuna is told: the error rate alone, or with the costs `objectives:` names after it."""
+        objectives = self.exp.config.objectives
+        if len(objectives) == 1:
+            return error_rate
+        return (error_rate, *(costs[name] for name in objectives[1:]))
 
     def _start(self, trial: optuna.Trial) -> TrialRun:
         """Suggest the trial's parameters, record them on the trial and open its child MLflow run."""
@@ -185,12 +201,15 @@ class Objective:
         return TrialRun(trial, params, model, batch_size, dls, run_id)
 
     def _report(self, run: TrialRun, record: EpochRecord) -> None:
-        """An epoch ended: record it, tell the listeners, and let Optuna's pruner judge it."""
+        """An epoch ended: record it, tell the listeners, and let Optuna's pruner judge it
+        (not in a multi-objective study: Optuna neither takes its reports nor prunes it)."""
         trial = run.trial
         run.history.append(record)
         trial.set_user_attr(HISTORY_ATTR, [vars(r) for r in run.history])
         for listener in self.listeners:
             listener(trial.number, record)
+        if len(self.exp.config.objectives) > 1:
+            return
         trial.report(record.error_rate, step=record.epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {record.epoch} with error_rate {record.error_rate:.4f}")

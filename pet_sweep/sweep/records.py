@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence, Union
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -28,12 +28,17 @@ REASON_ATTR = "reason"            # why a trial was pruned or failed
 WORKER_ATTR = "worker"            # host:pid of the process that ran the trial
 BATCH_ATTR = "batch_size"         # set on a trial re-queued after an out-of-memory: the halved batch size
 OOM_RETRY_OF = "oom_retry_of"     # set on that re-queued trial: the number of the trial that ran out of memory
-INVOCATION_ATTR = "pet_sweep_invocation"
+INVOCATION_ATTR = "pet_sweep_invocation"  # the invocation (one `pet-sweep run`) whose budget the trial used
 # What a completed trial cost, one user attr each (also MLflow metrics of its run): seconds of
 # fine-tuning, milliseconds to predict one image at batch size 1 and at the training batch
 # size, parameters in millions, and the peak memory it took (CUDA max allocated on a GPU,
 # peak resident-set growth on a CPU). The same names are `objectives:` choices.
-COST_ATTRS = OBJECTIVES[1:]  # the invocation (one `pet-sweep run`) whose budget the trial used
+COST_ATTRS = OBJECTIVES[1:]
+COST_SECONDS_ATTR = "cost_measure_seconds"  # what measuring those costs took (bench.overhead reads it)
+
+# What an objective returns to Optuna: the error rate, or in a multi-objective study the
+# error rate and then the costs `objectives:` names.
+ObjectiveValues = Union[float, tuple[float, ...]]
 
 # Study user attributes.
 SPLIT_ATTR = "split"              # the data split's fingerprint, recorded when the sweep starts
@@ -73,6 +78,7 @@ def sweep_settings(exp: Experiment) -> dict[str, Any]:
         "img_size": cfg.model.img_size, "batch_size": cfg.model.batch_size,
         "pretrained": cfg.model.pretrained, "precision_requested": cfg.model.precision,
         "channels_last": cfg.model.channels_last,
+        "objectives": ",".join(cfg.objectives),
         "sampler": cfg.sampler.name, "sampler_seed": cfg.sampler.seed, "pruner": cfg.pruner.name,
         "n_trials": cfg.budget.n_trials, "timeout": cfg.budget.timeout, "seed": cfg.seed,
         "sweep": cfg.sweep if isinstance(cfg.sweep, str) else "inline",
@@ -108,6 +114,7 @@ class TrialOutcome:
     retry_of: int | None = None  # the trial of a dead worker this one re-ran
     oom_retry_of: int | None = None  # the trial that ran out of memory at twice this one's batch size
     batch_size: int | None = None    # set where an out-of-memory retry changed it
+    costs: dict[str, float] = field(default_factory=dict)  # the costs its line shows (`describe_trial`)
 
 
 def error_of(trial: FrozenTrial) -> float | None:
@@ -116,15 +123,27 @@ def error_of(trial: FrozenTrial) -> float | None:
     return float(trial.values[0]) if trial.values else None
 
 
-def describe_trial(trial: FrozenTrial) -> TrialOutcome:
+def multi_objective_note(objectives: Sequence[str], pruner: str) -> str | None:
+    """What a multi-objective study means for pruning, in one line (None for a single objective)."""
+    if len(objectives) < 2:
+        return None
+    unused = "no pruner is set" if pruner == "none" else f"pruner {pruner} is not used"
+    return f"multi-objective ({', '.join(objectives)}): Optuna does not prune multi-objective trials; {unused}"
+
+
+def describe_trial(trial: FrozenTrial, objectives: Sequence[str] = ("error_rate",)) -> TrialOutcome:
+    """A finished trial's outcome. Its line shows the costs that are objectives of its study
+    (`objectives`), or predict_ms in a single-objective one."""
     seconds = ((trial.datetime_complete - trial.datetime_start).total_seconds()
                if trial.datetime_complete and trial.datetime_start else 0.0)
     params = trial.user_attrs.get(PARAMS_ATTR) or dict(trial.params)
     value = error_of(trial) if trial.state == TrialState.COMPLETE else (
         trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
+    shown = list(objectives[1:]) or ["predict_ms"]
+    costs = {name: float(trial.user_attrs[name]) for name in shown if name in trial.user_attrs}
     return TrialOutcome(trial.number, trial.state.name, value, params, seconds,
                         str(trial.user_attrs.get(REASON_ATTR, "")), retried_trial_number(trial),
-                        trial.user_attrs.get(OOM_RETRY_OF), trial.user_attrs.get(BATCH_ATTR))
+                        trial.user_attrs.get(OOM_RETRY_OF), trial.user_attrs.get(BATCH_ATTR), costs)
 
 
 def best_of(study: optuna.Study) -> tuple[float, int] | None:
@@ -140,7 +159,8 @@ def format_trial(outcome: TrialOutcome, best: tuple[float, int] | None) -> str:
     p = outcome.params
     shown = f"arch={p.get('arch')} {lr_text(p)} freeze_epochs={p.get('freeze_epochs')} epochs={p.get('epochs')}"
     value = f"error_rate={outcome.value:.4f}" if outcome.value is not None else "error_rate=-"
-    line = f"trial {outcome.number:>3} {outcome.state:<8} {value}  {shown}  ({outcome.seconds:.1f}s)"
+    costs = "".join(f" {name}={cost:.3g}" for name, cost in outcome.costs.items())
+    line = f"trial {outcome.number:>3} {outcome.state:<8} {value}{costs}  {shown}  ({outcome.seconds:.1f}s)"
     if best:
         line += f"  best={best[0]:.4f} (trial {best[1]})"
     if outcome.retry_of is not None:

@@ -151,13 +151,30 @@ def open_study(exp: Experiment, *, create: bool = True,
         except KeyError:
             raise StudyError(f"no study named {exp.study_name!r} in {redact_url(exp.storage_url)}; "
                              f"run `pet-sweep run {exp.name}` first") from None
+    objectives = list(exp.config.objectives)
+    # An existing study is loaded whatever its directions (Optuna checks nothing): compared below.
     study = optuna.create_study(study_name=exp.study_name, storage=storage, sampler=make_sampler(exp),
-                                pruner=make_pruner(exp), direction="minimize", load_if_exists=True)
+                                pruner=make_pruner(exp), directions=["minimize"] * len(objectives),
+                                load_if_exists=True)
+    if len(study.directions) != len(objectives):
+        raise other_objectives(exp, study)
     if "experiment" not in study.user_attrs:
         study.set_user_attr("experiment", exp.name)
         study.set_user_attr("metric", "error_rate")
-        study.set_metric_names(["error_rate"])  # optuna-dashboard and `optuna trials` name the value
+        study.set_metric_names(objectives)  # optuna-dashboard and `optuna trials` name the values
+    elif study.metric_names is not None and list(study.metric_names) != objectives:
+        raise other_objectives(exp, study)  # as many objectives, but other costs: their values would mix
     return study
+
+
+def other_objectives(exp: Experiment, study: optuna.Study) -> StudyError:
+    """The error of a study resumed with other `objectives:` than it was created with."""
+    names = study.metric_names or [f"{len(study.directions)} unnamed objective(s)"]
+    directions = ", ".join(d.name.lower() for d in study.directions)
+    return StudyError(f"{exp.config_path}: experiment '{exp.name}': study {exp.study_name!r} in "
+                      f"{redact_url(exp.storage_url)} was created with objectives [{', '.join(names)}] "
+                      f"(directions: {directions}), but `objectives` asks for [{', '.join(exp.config.objectives)}]; "
+                      "restore `objectives` or start a new study (--study-name)")
 
 
 def check_split(study: optuna.Study, exp: Experiment, fingerprint: SplitFingerprint,

@@ -31,6 +31,7 @@ from fastai.metrics import error_rate
 from fastai.torch_core import set_seed
 from fastai.vision.learner import model_meta, vision_learner
 
+from pet_sweep.train import costs
 from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence
 from pet_sweep.sweep.records import EpochListener, EpochRecord
 from pet_sweep.config import ModelConfig
@@ -51,6 +52,8 @@ class FineTuneResult:
     valid_targets: list[int] = field(default_factory=list)
     group_lrs: dict[str, list[float]] = field(default_factory=dict)
     learner: Any = None  # kept only when asked (for export)
+    costs: dict[str, float] = field(default_factory=dict)  # `costs.measure`, by records.COST_ATTRS name
+    cost_seconds: float = 0.0  # what measuring the costs took (inside `seconds`)
 
     @property
     def error_rate(self) -> float:
@@ -170,6 +173,8 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
     leaves the weights and random state as they were.
     """
     started = time.perf_counter()
+    peak = costs.PeakMemory(dls.device)
+    peak.start()  # the trial's peak memory: its learner, training and all
     reseed(dls, seed)
     workdir = tempfile.TemporaryDirectory(prefix="pet-sweep-")
     learn = create_learner(dls, params.arch, model, Path(workdir.name))
@@ -179,6 +184,7 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
             lr_find(learn, params)
         history = EpochHistory(listeners)
         learn.add_cbs([history, StopOnDivergence(history)])
+        fitting = time.perf_counter()
         with learn.no_bar(), learn.no_logging():
             if params.freeze_epochs > 0:
                 learn.freeze()
@@ -186,11 +192,16 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
             history.start_phase("unfrozen")
             learn.unfreeze()
             learn.fit_one_cycle(params.epochs, lr_max=slice(params.lr_lo, params.lr_hi))
+        measuring = time.perf_counter()
+        # measured here, while the learner exists (released below unless kept)
+        measured = costs.measure(learn, precision, model.channels_last, measuring - fitting, peak)
         return FineTuneResult(
             history=list(history.records), precision=precision, device=str(dls.device),
             seconds=time.perf_counter() - started, valid_preds=history.valid_preds,
-            valid_targets=history.valid_targets, group_lrs=history.group_lrs, learner=learn if keep_learner else None)
+            valid_targets=history.valid_targets, group_lrs=history.group_lrs, learner=learn if keep_learner else None,
+            costs=measured, cost_seconds=time.perf_counter() - measuring)
     finally:
+        peak.stop()  # again after a failure: ends the fallback sampler's thread
         if not keep_learner:
             release(learn)
         workdir.cleanup()

@@ -1,0 +1,74 @@
+"""Every completed trial measures what it cost (train_seconds, predict_ms, predict_ms_batch,
+params_m, peak_memory_mb): as Optuna user attrs and MLflow metrics of its run."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from pet_sweep.cli import cli
+from pet_sweep.config import load_experiment
+from pet_sweep.sweep.records import COST_ATTRS, COST_SECONDS_ATTR
+from pet_sweep.train.costs import PeakMemory
+from tests._sweeps import trial_runs
+
+ONE_EPOCH = {"arch": "resnet18", "base_lr": 1.0e-2, "lr_hi": 1.0e-2, "lr_mult": 10, "freeze_epochs": 0, "epochs": 1}
+
+
+def test_a_completed_trial_records_its_costs(write_experiments) -> None:
+    path = write_experiments(space=ONE_EPOCH, data={"limit": 150, "test_pct": 0.0}, budget={"n_trials": 1})
+    result = CliRunner().invoke(cli, ["run", "--config", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    exp = load_experiment(path)
+    (trial,) = optuna.load_study(study_name=exp.study_name, storage=exp.storage_url).trials
+    costs = {name: trial.user_attrs[name] for name in COST_ATTRS}
+    for name, cost in costs.items():
+        assert math.isfinite(cost) and cost > 0, (name, cost)
+    # the fit phases only: less than the trial, which also built the learner and measured
+    assert costs["train_seconds"] < trial.duration.total_seconds()
+    measuring = trial.user_attrs[COST_SECONDS_ATTR]
+    assert 0 < measuring < trial.duration.total_seconds()
+
+    from fastai.vision.learner import create_vision_model  # heavy: fastai
+    from torchvision.models import resnet18  # heavy: torchvision
+
+    model = create_vision_model(resnet18, n_out=10, pretrained=False)  # digits: 10 classes
+    assert costs["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6, rel=1e-9)
+
+    run = trial_runs(exp.tracking_uri, exp.tracking_experiment, exp.study_name)[0]
+    for name, cost in costs.items():
+        assert run.data.metrics[name] == pytest.approx(cost), name
+    assert run.data.metrics[COST_SECONDS_ATTR] == pytest.approx(measuring)
+    # the trial line shows its predict_ms
+    line = next(line for line in result.output.splitlines() if line.startswith("trial   0 COMPLETE"))
+    assert f"predict_ms={costs['predict_ms']:.3g}" in line, line
+
+
+def _allocate_and_free(megabytes: int, hold: float = 0.0) -> None:
+    block = np.ones(megabytes * 2**20 // 8)  # written, so resident
+    time.sleep(hold)
+    del block
+
+
+@pytest.mark.parametrize("method", ["default", "sampled"])
+def test_peak_memory_sees_a_freed_allocation(method: str) -> None:
+    peak = PeakMemory("cpu")
+    if method == "sampled":
+        pytest.importorskip("psutil")
+        peak.method = "sampled"  # the fallback where the kernel keeps no resettable high-water mark
+    else:
+        # Linux resets and reports the high-water mark; the fallback elsewhere
+        assert peak.method == ("vmhwm" if sys.platform.startswith("linux") else "sampled")
+    peak.start()
+    _allocate_and_free(200, hold=0.2 if method == "sampled" else 0.0)
+    grown = peak.stop()
+    assert grown >= 150, grown
+    # a window in which nothing is allocated grows by far less
+    peak.start()
+    assert peak.stop() < 50
