@@ -214,7 +214,8 @@ def test_export_pick_cheapest_best_and_trial(tmp_path: Path) -> None:
     from pet_sweep.replay import load_replay
 
     assert load_replay(out)[0].source.picked_by == "cheapest"  # `train` reads it back, strictly
-    for args, trial, rule in ((["--pick", "trial", "2"], 2, "trial"), (["--pick", "best"], 0, "best"),
+    for args, trial, rule in ((["--pick", "trial", "2"], 2, "trial"), (["--pick", "trial:2"], 2, "trial"),
+                              (["--pick", "best"], 0, "best"),
                               ([], 0, "best"), (["--trial", "2"], 2, "trial")):
         result = invoke("export", "--config", path, *args, "-o", out)
         assert result.exit_code == 0, (args, result.output)

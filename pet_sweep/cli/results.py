@@ -64,8 +64,10 @@ class PickOption(click.Option):
 
     def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
         super().add_to_parser(parser, ctx)
-        for name in self.opts:  # click's own option parser (click 8: `_long_opt`); a test pins it
-            option = parser._long_opt.get(name)
+        # click's own option parser (click 8: `_long_opt`; a test pins it). Where a click
+        # lacks it, `--pick trial:7` and `--trial 7` still work.
+        for name in self.opts:
+            option = getattr(parser, "_long_opt", {}).get(name)
             if option is None:
                 continue
             store = option.process
@@ -84,7 +86,7 @@ def parse_pick(value: str | None, trial: int | None) -> str | int | None:
         return trial
     if trial is not None:
         raise click.UsageError("give --pick or --trial, not both (--trial N is --pick trial N)")
-    word, _, number = value.strip().partition(" ")
+    word, _, number = value.strip().replace(":", " ", 1).partition(" ")
     if word in ("best", "cheapest") and not number:
         return word
     if word == "trial" and number.strip().isdigit():
