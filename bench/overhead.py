@@ -11,7 +11,13 @@ meets it (bench.profile shows where the orchestration's time goes). Both stores 
 exist (as on every run after the first); the one-time cost of creating a fresh MLflow +
 Optuna store is printed separately.
 
+Part of (a)'s orchestration is measuring each trial's costs (`train.costs`: predict_ms,
+params_m, ...), which runs inside `recipe.fine_tune` and so is counted as training by
+bench.profile; it is printed as its own line, from each trial's `cost_measure_seconds`.
+`--costs` measures only that, once, on one trial of xresnet18 and one of xresnet34.
+
     python -m bench.overhead [--reps 5] [--img-size 32]
+    python -m bench.overhead --costs [--img-size 32]
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ SPACE = {"arch": {"choices": ["resnet18", "xresnet18"]}, "base_lr": {"low": 1e-3
          "freeze_epochs": {"low": 0, "high": 1}, "epochs": {"low": 1, "high": 8}}
 
 
+COST_ARCHS = ("xresnet18", "xresnet34")  # `--costs`: a shallower and a deeper net, bench.overhead's CONFIGS[1] else
+
+
 def with_pet_sweep(path: Path, study_name: str) -> float:
     from pet_sweep.config import load_experiment
     from pet_sweep.sweep.loop import run_sweep
@@ -49,6 +58,47 @@ def with_pet_sweep(path: Path, study_name: str) -> float:
     started = time.perf_counter()
     run_sweep(exp, echo=lambda line: None)
     return time.perf_counter() - started
+
+
+def measurement_seconds(path: Path, study_names: list[str]) -> list[tuple[str, float, float]]:
+    """(arch, seconds spent measuring its costs, seconds of the whole trial) of each completed trial
+    of those studies; a study that is not there (a faked sweep) gives none."""
+    from optuna.trial import TrialState
+
+    from pet_sweep.config import load_experiment
+    from pet_sweep.errors import StudyError
+    from pet_sweep.sweep.records import COST_SECONDS_ATTR, PARAMS_ATTR
+    from pet_sweep.sweep.storage import open_study
+
+    rows = []
+    for name in study_names:
+        try:
+            study = open_study(load_experiment(path).with_overrides(study_name=name), create=False)
+        except StudyError:
+            continue
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if COST_SECONDS_ATTR in t.user_attrs and t.duration is not None:
+                rows.append((t.user_attrs[PARAMS_ATTR]["arch"], float(t.user_attrs[COST_SECONDS_ATTR]),
+                             t.duration.total_seconds()))
+    return rows
+
+
+def cost_measurement(folder: Path, experiment: dict[str, Any], epochs: int) -> None:
+    """`--costs`: one trial of each of COST_ARCHS; what measuring its costs took, and its share of the trial."""
+    from pet_sweep.config import load_experiment
+    from pet_sweep.sweep.loop import run_sweep
+    from pet_sweep.sweep.storage import open_study
+
+    space = {**SPACE, "arch": {"choices": list(COST_ARCHS)}}
+    path = write_experiment(folder, {**experiment, "budget": {"n_trials": len(COST_ARCHS)}}, space)  # no timeout
+    exp = load_experiment(path).with_overrides(study_name="costs")
+    study = open_study(exp)
+    for arch in COST_ARCHS:
+        study.enqueue_trial({**CONFIGS[1], "arch": arch, "epochs": epochs})
+    run_sweep(exp, echo=lambda line: None)
+    print("arch | measuring costs s | trial s | share of the trial")
+    for arch, measuring, trial in measurement_seconds(path, ["costs"]):
+        print(f"{arch} | {measuring:.2f} | {trial:.1f} | {100 * measuring / trial:.1f} %")
 
 
 def bare_fastai(img_size: int, batch_size: int, seed: int, dls: Any = None) -> float:
@@ -85,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (the target needs >= 5)")
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="smoke runs only: digits images of (a) and (c); (b) always reads all, so a/b then means nothing")
+    parser.add_argument("--costs", action="store_true", help="only time the cost measurement of one trial per "
+                                                             f"architecture ({', '.join(COST_ARCHS)})")
+    parser.add_argument("--epochs", type=int, default=CONFIGS[1]["epochs"], help="with --costs: epochs of each trial")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     from pet_sweep.sweep.storage import quiet_optuna
@@ -95,6 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     experiment = {**base, "model": {**base["model"], "img_size": args.img_size}, "pruner": {"name": "none"},
                   "data": {**base["data"], "limit": args.limit}}
     folder = temp_dir("overhead")
+    if args.costs:
+        print(header(f"overhead: measuring a trial's costs, digits {args.img_size}px ({args.limit or 'all'} images), "
+                     f"{args.epochs} epoch(s) a trial"))
+        cost_measurement(folder, experiment, args.epochs)
+        return
     path = write_experiment(folder, experiment, SPACE)
     from pet_sweep.config import load_experiment
     from pet_sweep.sweep.storage import open_study
@@ -121,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         for key, value in zip("abc", (a, b, c)):
             times[key].append(value)
         print(f"{rep} | {a:.1f} | {b:.1f} | {c:.1f} | {a / b:.3f} | {a / c:.3f}", flush=True)
+    measured = measurement_seconds(path, [f"overhead-{rep}" for rep in range(args.reps)])
+    if measured:
+        print(f"of (a): measuring each trial's costs took median {median([m for _, m, _ in measured]):.2f}s, "
+              f"{100 * median([m / t for _, m, t in measured]):.1f} % of a trial")
     a_b = median([a / b for a, b in zip(times["a"], times["b"])])
     a_c = median([a / c for a, c in zip(times["a"], times["c"])])
     print(f"median: pet-sweep {median(times['a']):.1f}s, bare {median(times['b']):.1f}s, "

@@ -72,3 +72,46 @@ def test_peak_memory_sees_a_freed_allocation(method: str) -> None:
     # a window in which nothing is allocated grows by far less
     peak.start()
     assert peak.stop() < 50
+
+
+def test_predict_ms_times_the_model_alone_at_batch_size_1_and_the_training_batch_size() -> None:
+    import torch
+
+    from pet_sweep.train import costs
+
+    class Recorder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(3 * 4 * 4, 2)
+            self.calls: list[tuple[int, bool, bool]] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls.append((len(x), self.training, torch.is_inference_mode_enabled()))
+            return self.linear(x.flatten(1))
+
+    class Loaders:  # what predict_ms reads of fastai's DataLoaders
+        train = type("Train", (), {"bs": 8})()
+        valid = [(torch.randn(8, 3, 4, 4), torch.zeros(8)) for _ in range(5)]
+
+    learn = type("Learn", (), {"model": Recorder(), "dls": Loaders()})()
+    single, batched = costs.predict_ms(learn, "fp32")
+    assert math.isfinite(single) and single > 0 and math.isfinite(batched) and batched > 0
+    sizes = [n for n, _, _ in learn.model.calls]
+    # one warm-up and PREDICT_ITEMS timed passes of one image; one warm-up and
+    # PREDICT_BATCHES x BATCH_REPEATS timed passes of a training-size batch
+    assert sizes == [1] * (1 + costs.PREDICT_ITEMS) + [8] * (1 + costs.PREDICT_BATCHES * costs.BATCH_REPEATS)
+    assert {(training, inference) for _, training, inference in learn.model.calls} == {(False, True)}
+    assert learn.model.training  # left in the mode it was in
+
+
+def test_a_small_validation_set_is_measured_whole() -> None:
+    import torch
+
+    from pet_sweep.train import costs
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    loaders = type("Loaders", (), {"train": type("Train", (), {"bs": 64})(),
+                                   "valid": [(torch.randn(5, 3, 2, 2), torch.zeros(5))]})()
+    single, batched = costs.predict_ms(type("Learn", (), {"model": model, "dls": loaders})(), "fp32")
+    assert single > 0 and batched > 0
+    assert costs.params_m(model) == (12 * 2 + 2) / 1e6

@@ -162,7 +162,7 @@ def test_run_verbose_and_quiet_off_a_terminal(write_experiments: Callable[..., P
     lines = verbose.stdout.splitlines()
     assert lines[0].startswith("experiment   tiny")
     assert re.match(r"study +tiny  \(\+1 trial[,)]", lines[1]), lines[1]  # not "+1 trials"
-    assert re.fullmatch(r"trial   0 started  arch=resnet18 freeze_epochs=1 epochs=1  \[0/1 done, elapsed \d+s\]", lines[4])
+    assert re.fullmatch(r"trial   0 started  arch=resnet18 freeze_epochs=1 epochs=1  \[0/1 done, elapsed (\d+m)?\d+s\]", lines[4])
     assert [line.split()[3] for line in lines if re.match(r"trial +0 epoch ", line)] == ["1/2", "2/2"]
     assert any(line.startswith("trial   0 COMPLETE") for line in lines)
     assert lines[-2].startswith("best         trial 0: error_rate ")

@@ -23,13 +23,14 @@ from typing import Any, Callable
 
 import torch
 
-# Kept small so that measuring costs little next to a trial (bench.overhead times it): 16
-# images each predicted alone give a median that moves by a few percent between runs, and
-# 2 batches at the training batch size, each predicted 3 times, give 6 timed passes. A
-# validation set smaller than that is used whole.
+# Kept small so that measuring costs little next to a trial (`python -m bench.overhead --costs`
+# times it): 16 images each predicted alone (the median of 16 passes is little moved by one
+# pass that another process slowed), and 2 batches at the training batch size give 2 timed passes (their median is their
+# mean), after one warm-up batch: 17 + 3 x batch_size images predicted in all. A validation
+# set smaller than that is used whole.
 PREDICT_ITEMS = 16
 PREDICT_BATCHES = 2
-BATCH_REPEATS = 3
+BATCH_REPEATS = 1
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
