@@ -166,7 +166,8 @@ def error_vs_gap(report: StudyReport) -> Figure:
     ax.set_ylabel("error rate at the last epoch (bars: 95% interval)")
     ax.set_title(f"{report.study_name}: error rate vs generalisation gap (labels: trial numbers)")
     ax.grid(alpha=0.3)
-    ax.legend(title="verdict", fontsize=8, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # none where no trial has a loss curve
+        ax.legend(title="verdict", fontsize=8, loc="best")
     return fig
 
 
