@@ -43,12 +43,15 @@ claims. Verdict: `holds` when the Holm-adjusted p < 0.05 and the claimed arm err
 `reversed` when the other arm does, `within noise` otherwise.
 
     python -m bench.chapter5 [--seeds 0 1 2]
+    python -m bench.chapter5 --seeds 1 --save s1.json   # one seed a process (or a machine), then:
+    python -m bench.chapter5 --combine s0.json s1.json s2.json   # the table over all their seeds
     python -m bench.chapter5 --seeds 0 --img-size 16 --limit 300 --pretrain-epochs 1 --epochs 1 --num-it 30   # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -106,9 +109,9 @@ def arm_params(epochs: int, finder: dict[str, float]) -> dict[str, tuple[dict[st
         "scratch": ({**base, **unfrozen}, False),
         "one-lr-from-start": ({**base, **unfrozen, "lr_lo": top}, True),
         "one-lr-unfrozen": ({**base, "lr_lo": top}, True),
-        "deeper": ({**base, "arch": DEEPER}, True),
         "finder": (found, True),
         "finder-x10": ({**found, **{k: found[k] * HIGHER for k in ("base_lr", "lr_lo", "lr_hi")}}, True),
+        "deeper": ({**base, "arch": DEEPER}, True),  # last: its body is the slowest to pretrain
     }
 
 
@@ -204,6 +207,32 @@ def run_seed(seed: int, exp: Any, data: Any, bodies: Bodies, folder: Path, args:
     return targets
 
 
+def save(path: Path, arms: dict[str, Arm], targets: dict[int, list[int]], n_test: int) -> None:
+    """Every arm's held-out predictions per seed, for `--combine`."""
+    doc = {"n_test": n_test, "targets": targets,
+           "arms": {name: {"preds": a.preds, "seconds": a.seconds, "params": a.params} for name, a in arms.items()}}
+    path.write_text(json.dumps(doc))
+
+
+def combine(paths: list[Path]) -> tuple[dict[str, Arm], dict[int, list[int]], int]:
+    """The arms and targets of several `--save` files (each seed once, the same held-out items)."""
+    arms: dict[str, Arm] = {}
+    targets: dict[int, list[int]] = {}
+    sizes = set()
+    for path in paths:
+        doc = json.loads(path.read_text())
+        sizes.add(doc["n_test"])
+        for seed, seen in doc["targets"].items():
+            if int(seed) in targets or (targets and seen != next(iter(targets.values()))):
+                raise SystemExit(f"{path}: seed {seed} is given twice, or its held-out items differ from the others'")
+            targets[int(seed)] = seen
+        for name, saved in doc["arms"].items():
+            arm = arms.setdefault(name, Arm())
+            for key in ("preds", "seconds", "params"):
+                getattr(arm, key).update({int(k): v for k, v in saved[key].items()})
+    return arms, targets, sizes.pop()
+
+
 def verdict(comparison: Any) -> str:
     """holds / within noise / reversed, from the Holm-adjusted McNemar p and the direction."""
     if comparison.verdict != "beyond noise":
@@ -262,24 +291,11 @@ class Bodies:
         return starting_model(self.exp.config.model, self.found, arch)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tune seeds (>= 3 to judge)")
-    parser.add_argument("--epochs", type=int, default=BASELINE["epochs"], help="the baseline's unfrozen epochs")
-    parser.add_argument("--limit", type=int, help="smoke runs: digits images per experiment (default: all)")
-    parser.add_argument("--img-size", type=int, help="smoke runs: image size (default: the experiments')")
-    parser.add_argument("--pretrain-epochs", type=int, help="smoke runs: digits-source's pretrain epochs")
-    parser.add_argument("--num-it", type=int, help="smoke runs: LR finder steps (default: fastai's 100)")
-    args = parser.parse_args(argv)
-    import torch  # heavy: only to pin the threads
-
+def measure(args: argparse.Namespace) -> tuple[dict[str, Arm], dict[int, list[int]], int]:
+    """Every arm with every seed on the (shipped or shrunk) target task."""
     from pet_sweep.config import load_experiment
     from pet_sweep.train.data import build_data
 
-    torch.set_num_threads(2)
-    shrunk = args.limit or args.img_size or args.pretrain_epochs or args.num_it or args.epochs != BASELINE["epochs"]
-    print(header(f"chapter 5's claims on {TARGET}, seeds {' '.join(map(str, args.seeds))}"
-                 + (" (SHRUNK for a smoke run: not the shipped task)" if shrunk else "")))
     folder = temp_dir("chapter5")
     exp = load_experiment(experiments_for(folder, args), TARGET)
     data, bodies = build_data(exp), Bodies(exp)
@@ -288,12 +304,37 @@ def main(argv: list[str] | None = None) -> None:
     print("seed | arm | held-out error [95% CI] | seconds | params", flush=True)
     arms: dict[str, Arm] = {}
     targets = {seed: run_seed(seed, exp, data, bodies, folder, args, arms) for seed in args.seeds}
-    comparisons = judge(arms, targets, args.seeds)
-    print(f"# pooled over {len(args.seeds)} seeds x {len(data.splits.test)} held-out items; exact McNemar, "
-          f"Holm-Bonferroni across {len(CLAIMS)} claims")
+    if args.save:
+        save(args.save, arms, targets, len(data.splits.test))
+    return arms, targets, len(data.splits.test)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tune seeds (>= 3 to judge)")
+    parser.add_argument("--epochs", type=int, default=BASELINE["epochs"], help="the baseline's unfrozen epochs")
+    parser.add_argument("--limit", type=int, help="smoke runs: digits images per experiment (default: all)")
+    parser.add_argument("--img-size", type=int, help="smoke runs: image size (default: the experiments')")
+    parser.add_argument("--pretrain-epochs", type=int, help="smoke runs: digits-source's pretrain epochs")
+    parser.add_argument("--num-it", type=int, help="smoke runs: LR finder steps (default: fastai's 100)")
+    parser.add_argument("--save", type=Path, help="also write the arms' held-out predictions to this JSON file")
+    parser.add_argument("--combine", type=Path, nargs="+", help="judge the predictions of these --save files")
+    args = parser.parse_args(argv)
+    import torch  # heavy: only to pin the threads
+
+    torch.set_num_threads(2)
+    shrunk = args.limit or args.img_size or args.pretrain_epochs or args.num_it or args.epochs != BASELINE["epochs"]
+    what = f"files {' '.join(map(str, args.combine))}" if args.combine else f"seeds {' '.join(map(str, args.seeds))}"
+    print(header(f"chapter 5's claims on {TARGET}, {what}"
+                 + (" (SHRUNK for a smoke run: not the shipped task)" if shrunk else "")))
+    arms, targets, n_test = combine(args.combine) if args.combine else measure(args)
+    seeds = sorted(targets)
+    comparisons = judge(arms, targets, seeds)
+    print(f"# pooled over {len(seeds)} seeds ({' '.join(map(str, seeds))}) x {n_test} held-out items; exact "
+          f"McNemar, Holm-Bonferroni across {len(CLAIMS)} claims")
     print("\n".join(table(comparisons)))
-    if len(args.seeds) < 3:
-        print(f"# {len(args.seeds)} seed(s): fewer than the 3 the claims are judged on")
+    if len(seeds) < 3:
+        print(f"# {len(seeds)} seed(s): fewer than the 3 the claims are judged on")
     print(f"# {FASTBOOK}")
 
 

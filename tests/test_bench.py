@@ -135,18 +135,21 @@ def test_rates_keep_significant_digits_on_a_slow_machine() -> None:
 def test_chapter5_script_judges_five_claims_on_the_held_out_items(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import chapter5
+    from pet_sweep.replay import load_replay
 
     monkeypatch.setattr(chapter5, "temp_dir", lambda prefix: tmp_path / prefix)
+    saved = tmp_path / "seed0.json"
     chapter5.main(["--seeds", "0", "--img-size", "16", "--limit", "200", "--pretrain-epochs", "1", "--epochs", "1",
-                    "--num-it", "30"])
+                   "--num-it", "30", "--save", str(saved)])
     out = capsys.readouterr().out
     n_test = int(re.search(r"# \d+ training, \d+ validation, (\d+) held-out items", out).group(1))
     arms = [line.split(" | ") for line in out.splitlines() if line.startswith("0 | ")]
-    assert [row[1] for row in arms] == ["baseline", "scratch", "one-lr-from-start", "one-lr-unfrozen", "deeper",
-                                        "finder", "finder-x10"]
+    assert [row[1] for row in arms] == ["baseline", "scratch", "one-lr-from-start", "one-lr-unfrozen", "finder",
+                                        "finder-x10", "deeper"]
     for row in arms:  # each arm: a config `pet-sweep train` reads, judged on every held-out item
         assert re.fullmatch(rf"\d\.\d{{4}} \(\d+/{n_test}\) \[\d\.\d{{4}}, \d\.\d{{4}}\]", row[2]), row
-        assert (tmp_path / "chapter5" / f"{row[1]}-seed0.yaml").is_file()
+        cfg, _ = load_replay(tmp_path / "chapter5" / f"{row[1]}-seed0.yaml")
+        assert (cfg.model.weights is None) == (row[1] == "scratch"), row  # only scratch lacks the pretrained body
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 5
     for row in rows:
@@ -154,6 +157,10 @@ def test_chapter5_script_judges_five_claims_on_the_held_out_items(
         assert 0 <= p <= adjusted <= 1  # Holm never lowers a p-value
         assert row[6].rstrip(" |") in ("holds", "within noise", "reversed")
     assert "fewer than the 3 the claims are judged on" in out
+    chapter5.main(["--combine", str(saved)])  # the saved predictions give the same table
+    again = capsys.readouterr().out
+    assert [line for line in again.splitlines() if line.startswith("| ")] == [
+        line for line in out.splitlines() if line.startswith("| ")]
 
 
 def test_chapter5_verdict_needs_the_corrected_p_and_reads_the_direction() -> None:
