@@ -8,6 +8,7 @@ through pet-sweep's own DataLoaders and recipe. Its figures mean nothing here.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,50 @@ def test_rates_keep_significant_digits_on_a_slow_machine() -> None:
 
     # a busy 2-core CPU measured 0.4 images/s: printed as "0" it read as nothing measured
     assert [significant(v) for v in (0.4, 0.004123, 1.0, 12.345, 1234.4)] == ["0.4", "0.00412", "1", "12.3", "1234"]
+
+
+def test_chapter5_script_judges_five_claims_on_the_held_out_items(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import chapter5
+    from pet_sweep.replay import load_replay
+
+    monkeypatch.setattr(chapter5, "temp_dir", lambda prefix: tmp_path / prefix)
+    saved = tmp_path / "seed0.json"
+    chapter5.main(["--seeds", "0", "--img-size", "16", "--limit", "200", "--pretrain-epochs", "1", "--epochs", "1",
+                   "--num-it", "30", "--save", str(saved)])
+    out = capsys.readouterr().out
+    n_test = int(re.search(r"# \d+ training, \d+ validation, (\d+) held-out items", out).group(1))
+    arms = [line.split(" | ") for line in out.splitlines() if line.startswith("0 | ")]
+    assert [row[1] for row in arms] == ["baseline", "scratch", "one-lr-from-start", "one-lr-unfrozen", "finder",
+                                        "finder-x10", "deeper"]
+    for row in arms:  # each arm: a config `pet-sweep train` reads, judged on every held-out item
+        assert re.fullmatch(rf"\d\.\d{{4}} \(\d+/{n_test}\) \[\d\.\d{{4}}, \d\.\d{{4}}\]", row[2]), row
+        cfg, _ = load_replay(tmp_path / "chapter5" / f"{row[1]}-seed0.yaml")
+        assert (cfg.model.weights is None) == (row[1] == "scratch"), row  # only scratch lacks the pretrained body
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 5
+    for row in rows:
+        p, adjusted = float(row[4]), float(row[5])
+        assert 0 <= p <= adjusted <= 1  # Holm never lowers a p-value
+        assert row[6].rstrip(" |") in ("holds", "within noise", "reversed")
+    assert "fewer than the 3 the claims are judged on" in out
+    chapter5.main(["--combine", str(saved)])  # the saved predictions give the same table
+    again = capsys.readouterr().out
+    assert [line for line in again.splitlines() if line.startswith("| ")] == [
+        line for line in out.splitlines() if line.startswith("| ")]
+
+
+def test_chapter5_verdict_needs_the_corrected_p_and_reads_the_direction() -> None:
+    from bench.chapter5 import verdict
+    from pet_sweep.report.stats import compare_predictions, holm_corrected
+
+    targets = [0] * 100
+    right, wrong_30 = [0] * 100, [1] * 30 + [0] * 70
+    better, worse, close = (compare_predictions("c", (0, a), (i, b), targets)
+                            for i, (a, b) in enumerate([(right, wrong_30), (wrong_30, right),
+                                                        (right, [1] * 3 + [0] * 97)], start=1))
+    assert [verdict(c) for c in holm_corrected([better, worse, close])] == ["holds", "reversed", "within noise"]
+    # 6 vs 0 discordant items: p = 0.031 alone, but not below 0.05 once Holm counts five claims
+    six = compare_predictions("c", (0, right), (1, [1] * 6 + [0] * 94), targets)
+    assert verdict(holm_corrected([six])[0]) == "holds"
+    assert verdict(holm_corrected([six] + [replace(six, other_trial=i) for i in range(2, 6)])[0]) == "within noise"
