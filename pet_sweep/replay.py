@@ -294,6 +294,10 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
     require_password(exp.tracking_uri, "PET_SWEEP_TRACKING_URI (or pass --tracking-uri)",
                      file=str(exp.config_path), key="tracking.uri")
     check_server(exp.tracking_uri)  # a server that is down: said before the training, not after
+    if register:
+        from pet_sweep import serve  # heavy: mlflow, pandas
+
+        serve.check_registry(exp.tracking_uri)  # a store with no registry: said before the training too
     params = params_from_dict(cfg.params)
     data = build_data(exp)
     split = check_test_split(cfg.source, data.fingerprint, allow_change=allow_split_change,

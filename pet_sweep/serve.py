@@ -21,10 +21,13 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
 from pet_sweep.errors import ConfigError
+from pet_sweep.tracking import redact_url, redact_url_in
 
 IMAGE, PATH = "image", "path"
 SIGNATURE = ModelSignature(
@@ -46,15 +49,37 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         from fastai.vision.core import PILImage  # heavy: fastai
 
         rows = []
-        for _, row in model_input.iterrows():
+        for number, (_, row) in enumerate(model_input.iterrows()):
             image = row.get(IMAGE)
             source = image if isinstance(image, (bytes, bytearray)) else row.get(PATH)
             if not isinstance(source, (bytes, bytearray, str)):
-                raise ValueError(f"each row needs `{IMAGE}` (the image file's bytes) or `{PATH}` (a file path)")
-            label, index, probs = self.learn.predict(PILImage.create(bytes(source) if not isinstance(source, str)
-                                                                     else Path(source)))
+                raise bad_input(f"row {number}: each row needs `{IMAGE}` (the image file's bytes) "
+                                f"or `{PATH}` (a file path)")
+            try:
+                picture = PILImage.create(bytes(source) if not isinstance(source, str) else Path(source))
+            except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+                what = f"`{PATH}` {source!r}" if isinstance(source, str) else f"`{IMAGE}` ({len(source)} bytes)"
+                raise bad_input(f"row {number}: {what} is not an image PIL can read: {err}") from None
+            label, index, probs = self.learn.predict(picture)
             rows.append({"label": str(label), "probability": float(probs[index])})
         return pd.DataFrame(rows, columns=["label", "probability"])
+
+
+def bad_input(message: str) -> MlflowException:
+    """A request the model cannot answer: MLflow's scoring server returns it as HTTP 400 with this message."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def check_registry(tracking_uri: str) -> None:
+    """Refuse `--register` before any training where the store has no Model Registry that answers."""
+    mlflow.set_tracking_uri(tracking_uri)
+    where = mlflow.get_registry_uri()  # the tracking store's, unless MLFLOW_REGISTRY_URI names another
+    try:
+        mlflow.search_registered_models(max_results=1)
+    except Exception as err:  # an unknown scheme, a server without the registry's endpoints, ...
+        reason = redact_url_in((str(err).splitlines() or [type(err).__name__])[0][:300], where)
+        raise ConfigError(f"--register: the Model Registry at {redact_url(where)} cannot be used ({reason}); "
+                          f"nothing was trained or registered") from None
 
 
 def register(learner: Any, name: str, *, tracking_uri: str, run_id: str, example: bytes,

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -87,6 +88,14 @@ def test_serve_answers_the_printed_request(registered: tuple[Path, str], tmp_pat
         curl = next((line for line in lines if line.startswith("curl ")), None)
         assert curl is not None, "\n".join(lines)
         assert f"http://127.0.0.1:{port}/invocations" in curl and "dataframe_split" in curl
+        # not an image: a 400 that says so, and the server keeps answering
+        junk = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not a png").decode()]]}}
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                                          json.dumps(junk).encode(),
+                                                          {"Content-Type": "application/json"}), timeout=60)
+        assert refused.value.code == 400
+        assert "row 0: `image` (9 bytes) is not an image PIL can read" in refused.value.read().decode()
         digit = held_out_digits(best, 1)[0]
         body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(digit.read_bytes()).decode()]]}}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
@@ -98,3 +107,23 @@ def test_serve_answers_the_printed_request(registered: tuple[Path, str], tmp_pat
         if proc.poll() is None:
             os.killpg(proc.pid, 15)  # the server and the workers it started
             proc.wait(30)
+
+
+def test_register_on_a_store_without_a_registry_stops_before_training(
+        finished_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from pet_sweep.config import load_experiment
+
+    best = tmp_path / "best.yaml"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["export", "--config", str(finished_study), "-o", str(best)]).exit_code == 0
+    mlflow.set_tracking_uri(load_experiment(finished_study).tracking_uri)
+    before = len(mlflow.search_runs(search_all_experiments=True))
+    # a registry MLflow has no store for (as a tracking server without the registry's endpoints)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "ftp://user:hunter2@registry.invalid/models")
+    done = runner.invoke(cli, ["train", str(best), "--register", "nowhere"])
+    assert done.exit_code == 2, done.output
+    assert "--register: the Model Registry at ftp://user:***@registry.invalid/models cannot be used" in done.output
+    assert "nothing was trained or registered" in done.output and "hunter2" not in done.output
+    assert len(mlflow.search_runs(search_all_experiments=True)) == before  # no replay run was started
