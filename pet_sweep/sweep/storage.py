@@ -161,7 +161,9 @@ def open_study(exp: Experiment, *, create: bool = True,
     if "experiment" not in study.user_attrs:
         study.set_user_attr("experiment", exp.name)
         study.set_user_attr("metric", "error_rate")
-        study.set_metric_names(objectives)  # optuna-dashboard and `optuna trials` name the values
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and relied on here
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(objectives)  # optuna-dashboard and `optuna trials` name the values
     elif study.metric_names is not None and list(study.metric_names) != objectives:
         raise other_objectives(exp, study)  # as many objectives, but other costs: their values would mix
     return study
