@@ -209,9 +209,10 @@ def compare_and_recommend(best: TrialRecord, done: Sequence[TrialRecord], object
     if not has_costs(done):
         return holm_corrected(rivals), None
     cost, why = cost_name(objectives)
-    learned = [r for r in done if r is best or getattr(analyses.get(r.number), "verdict", "") != DIVERGED]
-    cheaper = cheaper_comparisons(best, learned, cost)
-    left_out = len(cheaper_comparisons(best, done, cost)) - len(cheaper)
+    diverged = {r.number for r in done if r is not best and getattr(analyses.get(r.number), "verdict", "") == DIVERGED}
+    compared = cheaper_comparisons(best, done, cost)
+    cheaper = [c for c in compared if c.other_trial not in diverged]
+    left_out = len(compared) - len(cheaper)
     corrected = holm_corrected([*rivals, *cheaper])
     return corrected[:len(rivals)], recommend(best, done, cost, why, corrected[len(rivals):], left_out)
 
