@@ -27,7 +27,7 @@ from pet_sweep.sweep.budget import Budget, WorkerRole, cap_reached
 from pet_sweep.sweep.lifecycle import clean_leftovers, fail_orphans
 from pet_sweep.sweep.loop import run_sweep
 from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run
-from pet_sweep.sweep.records import StoppedBy, SweepResult, best_of
+from pet_sweep.sweep.records import StoppedBy, SweepResult, best_of, worker_line
 from pet_sweep.sweep.storage import open_study
 from pet_sweep.tracking import Tracker, check_server
 from pet_sweep.train.data import check_data
@@ -115,17 +115,17 @@ def start_workers(exp: Experiment, roles: list[WorkerRole], envs: list[dict[str,
         # forwards it once to every worker (a second one would cut their cleanup short).
         proc = subprocess.Popen(worker_command(exp, role), env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
-        pump = threading.Thread(target=_pump, args=(proc, f"w{role.index}", echo), daemon=True)
+        pump = threading.Thread(target=_pump, args=(proc, role.index, echo), daemon=True)
         pump.start()
         procs.append(proc)
         pumps.append(pump)
     return procs, pumps
 
 
-def _pump(proc: subprocess.Popen, prefix: str, echo: Echo) -> None:
+def _pump(proc: subprocess.Popen, index: int, echo: Echo) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
-        echo(f"{prefix}| {line.rstrip()}")
+        echo(worker_line(index, line.rstrip()))
 
 
 def wait_workers(procs: list[subprocess.Popen]) -> tuple[list[WorkerExit], bool]:

@@ -31,7 +31,7 @@ from pet_sweep.progress import Progress
 from pet_sweep.sweep.budget import Budget, WorkerRole, cap_reached
 from pet_sweep.sweep.lifecycle import clean_leftovers, fail_and_retry
 from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run
-from pet_sweep.sweep.records import WORKER_ATTR, StoppedBy, SweepResult, TrialOutcome, best_of
+from pet_sweep.sweep.records import WORKER_ATTR, StoppedBy, SweepResult, TrialOutcome, best_of, worker_line
 from pet_sweep.sweep.storage import GRPC_PREFIX, StaleTrialHandler, open_study
 from pet_sweep.tracking import Tracker, check_server
 from pet_sweep.train.data import check_data
@@ -108,7 +108,7 @@ class Relay:
     def __call__(self, events: list[tuple[Any, ...]]) -> None:
         for kind, index, *args in events:
             if kind == "line":
-                self.echo(f"w{index}| {args[0]}")
+                self.echo(worker_line(index, args[0]))
             elif self.progress is not None:  # trial_started, epoch_done, trial_finished
                 getattr(self.progress, kind)(*args)
 

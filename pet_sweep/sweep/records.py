@@ -155,6 +155,11 @@ def best_of(study: optuna.Study) -> tuple[float, int] | None:
     return error_of(top), top.number
 
 
+def worker_line(index: int, line: str) -> str:
+    """A worker's line as the local supervisor and the Ray driver show it, prefixed by the worker."""
+    return f"w{index}| {line}"
+
+
 def format_trial(outcome: TrialOutcome, best: tuple[float, int] | None) -> str:
     p = outcome.params
     shown = f"arch={p.get('arch')} {lr_text(p)} freeze_epochs={p.get('freeze_epochs')} epochs={p.get('epochs')}"
