@@ -25,6 +25,40 @@ def test_digits_written_once_with_label_names(tmp_path: Path) -> None:
     assert Image.open(files[0]).size == (8, 8)
 
 
+def _count_digits(root: str) -> int:
+    return len(list(digits_folder(Path(root)).glob("*.png")))
+
+
+def test_digits_written_by_several_processes_at_once(tmp_path: Path) -> None:
+    """Workers or benchmarks started together on a fresh machine all write the data set: each
+    sees the whole of it (a process once read 355 files while another replaced the folder)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        counts = pool.map(_count_digits, [str(tmp_path)] * 4)
+    assert counts == [1797] * 4
+    assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # no temporary folder left
+
+
+def test_digits_a_complete_folder_is_kept_and_an_incomplete_one_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pet_sweep.train import data
+
+    folder = digits_folder(tmp_path)
+    inode = folder.stat().st_ino
+    # another process renamed its folder into place while this one was writing its own
+    checks = iter([False])
+    real = data._complete_digits
+    monkeypatch.setattr(data, "_complete_digits", lambda f: next(checks, None) or real(f))
+    assert digits_folder(tmp_path) == folder and folder.stat().st_ino == inode  # kept: a reader may be in it
+    assert [p.name for p in tmp_path.iterdir()] == ["digits"]
+
+    for extra in sorted(folder.glob("*.png"))[3:]:  # a folder pet-sweep did not write whole
+        extra.unlink()
+    assert len(list(digits_folder(tmp_path).glob("*.png"))) == 1797
+    assert [p.name for p in tmp_path.iterdir()] == ["digits"]
+
+
 def test_split_is_seeded_disjoint_and_order_free() -> None:
     items = [Path(f"{i % 10}_{i}.png") for i in range(1000)]
     a = split_items(items, 0.2, 0.1, seed=7)

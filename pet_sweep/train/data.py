@@ -39,11 +39,13 @@ def cache_dir() -> Path:
 def digits_folder(root: Path | None = None) -> Path:
     """scikit-learn's 1,797 8x8 digits as ``<label>_<n>.png`` files, written once.
 
-    Written into a temporary folder and renamed into place, so a crash never
-    leaves a half-written data set behind.
+    Written into a temporary folder and renamed into place, so a crash never leaves a
+    half-written data set behind. Several processes may write it at once (workers, or
+    benchmarks started together on a fresh machine): the first rename wins, and a complete
+    folder is never removed, since another process may be reading it.
     """
     target = (root or cache_dir()) / "digits"
-    if target.is_dir() and len(list(target.glob("*.png"))) == 1797:
+    if _complete_digits(target):
         return target
     from PIL import Image  # heavy: the data set is written once, then read from disk
     from sklearn.datasets import load_digits
@@ -54,10 +56,22 @@ def digits_folder(root: Path | None = None) -> Path:
     for n, (image, label) in enumerate(zip(digits.images, digits.target)):
         pixels = np.clip(image * (255.0 / 16.0), 0, 255).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(tmp / f"{label}_{n}.png")
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    try:
+        os.rename(tmp, target)  # atomic; refused when a folder with files is already there
+    except OSError:
+        if _complete_digits(target):  # another process got there first: use its folder
+            shutil.rmtree(tmp)
+            return target
+        # an incomplete folder (not one pet-sweep renamed into place): set it aside, then rename
+        stale = tmp.with_name(tmp.name + "-stale")  # unique, as mkdtemp's name is
+        os.rename(target, stale)
+        os.rename(tmp, target)
+        shutil.rmtree(stale)
     return target
+
+
+def _complete_digits(folder: Path) -> bool:
+    return folder.is_dir() and len(list(folder.glob("*.png"))) == 1797
 
 
 @dataclass(frozen=True)
