@@ -56,6 +56,27 @@ def test_run_prints_where_things_go_and_one_line_per_trial(swept) -> None:
     assert "%|" not in out and "epoch     train_loss" not in out  # no fastai bars or tables
 
 
+def test_the_time_budget_starts_after_pretraining(write_experiments, monkeypatch) -> None:
+    """A first run that pretrains its bodies (or runs the LR finder) for longer than
+    budget.timeout still runs a trial: the clock counts trials only."""
+    import time
+
+    from pet_sweep.sweep import loop
+
+    def slow_checkpoints(exp, echo):
+        time.sleep(3)  # a pretraining longer than the whole time budget
+        return {}
+
+    monkeypatch.setattr(loop, "checkpoints_for", slow_checkpoints)
+    path = write_experiments(budget={"n_trials": 50, "timeout": 2})
+    result = _invoke("run", "--config", str(path))
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="tiny", storage=load_experiment(path).storage_url)
+    ran = len(study.get_trials())
+    assert 1 <= ran < 50  # counted from the start, the budget was spent before the first trial
+    assert f"time budget reached (budget.timeout 2s): {ran} of 50 trials ran" in result.output
+
+
 def test_optuna_storage_holds_trials_with_history(swept) -> None:
     _, exp, _ = swept
     study = optuna.load_study(study_name="tiny", storage=exp.storage_url)
@@ -307,3 +328,17 @@ def test_opening_a_missing_study_creates_no_store(write_experiments, tmp_path: P
         with pytest.raises(StudyError, match="no Optuna storage at .*run `pet-sweep run tiny` first"):
             open_study(exp.with_overrides(storage=url), create=False)
     assert not (tmp_path / "stores").exists() and not (tmp_path / "journal").exists()
+
+
+def test_opening_a_storage_prints_no_experimental_warning(tmp_path: Path) -> None:
+    """Heartbeats and their retry callback are experimental in Optuna; every command that
+    opens a study (report, export, list...) would print two warnings without the filter."""
+    import warnings
+
+    from pet_sweep.config import FaultsConfig
+    from pet_sweep.sweep.storage import StaleTrialHandler, make_storage
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_storage(f"sqlite:///{tmp_path / 'optuna.db'}", FaultsConfig(), StaleTrialHandler(1))
+    assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]

@@ -58,13 +58,16 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     budget = Budget(role, exp.config.budget.n_trials, exp.config.budget.max_trials,
                     heartbeats=has_heartbeats(exp.storage_url))
     trial_ended = TrialEnded(tracker, parent, echo, trial_listeners, tuple(exp.config.objectives))
-    started = time.monotonic()  # budget.timeout counts the LR finder and pretraining too
     status = "FAILED"
     stopped_by: StoppedBy = "budget"
     if owns_parent:
         role.own_lock()  # removed in `finally`; left behind only by a kill -9 (clean_leftovers)
     try:
         checkpoints, anchors = _starting_points(exp, data, study, tracker, parent, budget, echo)
+        # budget.timeout counts the trials only: a first run that pretrains its bodies or runs
+        # the LR finder (minutes, cached or stored for later runs) still gets its full time
+        # for trials, rather than possibly none
+        started = time.monotonic()
         objective = Objective(exp, data, tracker, parent, epoch_listeners, trial_listeners,
                               anchors=anchors, checkpoints=checkpoints)
         freeze_long_lived_objects()
@@ -130,8 +133,10 @@ def _run_trials(exp: Experiment, study: optuna.Study, objective: Objective, budg
     """Run one trial at a time, each in a slot claimed from the budget, or wait while another
     worker's trial runs, until the budget, the study's cap or budget.timeout ends it (returned)."""
     timeout, faults = exp.config.budget.timeout, exp.config.faults
-    waiting = False
-    while timeout is None or time.monotonic() - started < timeout:
+    waiting, first = False, True
+    # as Optuna's own `timeout`, checked between trials: the first one always starts
+    while first or timeout is None or time.monotonic() - started < timeout:
+        first = False
         with budget.claim() as claim:
             step = budget.next_step(study)
             if step == "stop":

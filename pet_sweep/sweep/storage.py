@@ -4,11 +4,12 @@ the check that a resumed study still sees the split it started with."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
@@ -20,6 +21,15 @@ from pet_sweep.sweep.records import SPLIT_ATTR, STALE_REASON, retry_history
 from pet_sweep.sweep.search import make_pruner, make_sampler
 from pet_sweep.tracking import RUN_ID_ATTR, Tracker, redact_url, redact_url_in, sqlite_path
 from pet_sweep.train.data import SplitFingerprint
+
+
+@contextlib.contextmanager
+def experimental_relied_on() -> Iterator[None]:
+    """Optuna features marked experimental that pet-sweep relies on: no warning per use
+    (a command that opens a study would otherwise print them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 class StaleTrialHandler:
@@ -35,7 +45,8 @@ class StaleTrialHandler:
     def __init__(self, max_retry: int, reason: str = STALE_REASON, *,
                  tracker: Callable[[], Tracker] | None = None,
                  echo: Callable[[str], None] = lambda line: None) -> None:
-        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        with experimental_relied_on():  # experimental since Optuna 2.8
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
         self.max_retry, self.reason = max_retry, reason
         self.tracker, self.echo = tracker, echo
         self.closed_runs: list[str] = []  # the MLflow runs it closed
@@ -108,9 +119,10 @@ def _rdb_storage(url: str, faults: FaultsConfig, on_stale: StaleTrialHandler,
     import sqlalchemy.exc  # heavy: sqlalchemy
 
     def open_rdb() -> optuna.storages.RDBStorage:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=faults.heartbeat_interval, grace_period=faults.grace_period,
-            heartbeat_stale_trial_callback=on_stale, engine_kwargs=engine_kwargs)
+        with experimental_relied_on():  # heartbeats
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=faults.heartbeat_interval, grace_period=faults.grace_period,
+                heartbeat_stale_trial_callback=on_stale, engine_kwargs=engine_kwargs)
 
     for delay in (1, 2):
         try:
@@ -161,8 +173,7 @@ def open_study(exp: Experiment, *, create: bool = True,
     if "experiment" not in study.user_attrs:
         study.set_user_attr("experiment", exp.name)
         study.set_user_attr("metric", "error_rate")
-        with warnings.catch_warnings():  # experimental since Optuna 3.2, and relied on here
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with experimental_relied_on():  # experimental since Optuna 3.2
             study.set_metric_names(objectives)  # optuna-dashboard and `optuna trials` name the values
     elif study.metric_names is not None and list(study.metric_names) != objectives:
         raise other_objectives(exp, study)  # as many objectives, but other costs: their values would mix
