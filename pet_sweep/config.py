@@ -186,6 +186,8 @@ class TrackingConfig(Strict):
 # What a trial can be judged on: its error rate, and the costs every completed trial
 # records (`sweep.records.COST_ATTRS`). All are minimised.
 OBJECTIVES = ("error_rate", "train_seconds", "predict_ms", "predict_ms_batch", "params_m", "peak_memory_mb")
+# Why a study with more than one objective is not pruned: said by `run` and by the report
+NO_MO_PRUNING = "Optuna does not prune multi-objective trials"
 
 
 class ExperimentConfig(Strict):

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from pet_sweep.config import NO_MO_PRUNING
 from pet_sweep.report.stats import Comparison, compare_predictions, compare_rates, format_rate, plural
 
 DEFAULT_COST = "predict_ms"  # what "cheapest" means in a single-objective study
@@ -29,8 +30,8 @@ UNITS = {"train_seconds": "s", "predict_ms": "ms/image", "predict_ms_batch": "ms
 COSTS_LEGEND = ("train_seconds: seconds of fine-tuning; predict_ms: milliseconds to predict one image at batch "
                 "size 1; params_m: parameters in millions; peak_memory_mb: peak memory (CUDA max allocated on a GPU, "
                 "resident-set growth on a CPU)")
-NO_PRUNING = ("Optuna does not prune multi-objective trials (Trial.report and Trial.should_prune support one "
-              "objective only), so every trial of this study ran all its epochs")
+NO_PRUNING = (f"{NO_MO_PRUNING} (Trial.report and Trial.should_prune support one objective only), so every "
+              "trial of this study ran all its epochs")
 
 
 def cost_name(objectives: Sequence[str]) -> tuple[str, str]:
@@ -121,9 +122,9 @@ def _recommend(best: Any, done: Sequence[Any], cost: str, why_cost: str, compari
     close = [c for c in comparisons if c.verdict == "within noise"]
     if not close:
         return Recommendation(cost, why_cost, best.number, best.number,
-                              f"none of the {plural(len(comparisons), 'trial')} cheaper by {named} (by a tenth at "
-                              f"least) is within noise "
-                              f"of the lowest-error trial {best.number} after Holm's correction: ship it",
+                              f"none of the {plural(len(comparisons), 'trial')} a tenth or more cheaper by {named} "
+                              f"is within noise of the lowest-error trial {best.number} after Holm's correction: "
+                              "ship it",
                               tuple(comparisons), 1.0)
     chosen = close[0]  # cheapest first
     pick = by_number[chosen.other_trial]

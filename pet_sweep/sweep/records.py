@@ -14,7 +14,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from pet_sweep.config import OBJECTIVES, Experiment
+from pet_sweep.config import NO_MO_PRUNING, OBJECTIVES, Experiment
 from pet_sweep.params import TrialParams, lr_text
 from pet_sweep.tracking import redact_url
 
@@ -128,7 +128,7 @@ def multi_objective_note(objectives: Sequence[str], pruner: str) -> str | None:
     if len(objectives) < 2:
         return None
     unused = "no pruner is set" if pruner == "none" else f"pruner {pruner} is not used"
-    return f"multi-objective ({', '.join(objectives)}): Optuna does not prune multi-objective trials; {unused}"
+    return f"multi-objective ({', '.join(objectives)}): {NO_MO_PRUNING}; {unused}"
 
 
 def describe_trial(trial: FrozenTrial, objectives: Sequence[str] = ("error_rate",)) -> TrialOutcome:
