@@ -16,6 +16,8 @@ pooled 95 % interval. The winner is the pruner that meets it with the largest sa
 
     python -m bench.pruning [--seeds 0 1 2] [--pruners median percentile hyperband wilcoxon schedule]
     python -m bench.pruning --seeds 0 --n-trials 2 --img-size 16 --limit 200 --space tiny.yaml   # smoke run
+    python -m bench.pruning --seeds 1 --threads 1 --save s1.json   # one seed a process, then:
+    python -m bench.pruning --combine s0.json s1.json s2.json      # the verdicts over all their seeds
 
 An entry of --pruners may override the shipped settings, e.g. `schedule,min_fraction=0.0`.
 """
@@ -23,8 +25,9 @@ An entry of --pruners may override the shipped settings, e.g. `schedule,min_frac
 from __future__ import annotations
 
 import argparse
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,22 +129,14 @@ def winner(verdicts: dict[str, dict[str, Any]]) -> str | None:
                default=None)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pruners", nargs="+", default=PRUNERS, help="each is compared with no pruning")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler and training seeds")
-    base = default_digits()
-    parser.add_argument("--n-trials", type=int, default=base["budget"]["n_trials"])
-    parser.add_argument("--img-size", type=int, default=base["model"]["img_size"])
-    parser.add_argument("--limit", type=int, default=None, help="digits images used (default: all 1,797)")
-    parser.add_argument("--space", type=Path, help="a sweep file instead of sweeps/digits.yaml (smoke runs)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+def measure(args: argparse.Namespace) -> tuple[list[Sweep], dict[str, list[Sweep]]]:
+    """Every seed's unpruned sweep and one sweep per pruner, a row printed as each ends."""
+    torch.set_num_threads(args.threads)
     space = yaml.safe_load(args.space.read_text()) if args.space else digits_space()
-    shipped = {k: v for k, v in base["pruner"].items() if k != "name"}
+    shipped = {k: v for k, v in default_digits()["pruner"].items() if k != "name"}
     variants = {spec: pruner_settings(spec, shipped) for spec in args.pruners}
     print(header(f"pruning: digits ({args.limit or 'all'} images), {args.n_trials} trials per sweep, "
-                 f"{args.img_size}px, seeds {' '.join(map(str, args.seeds))}, "
+                 f"{args.img_size}px, seeds {' '.join(map(str, args.seeds))}, {args.threads} thread(s), "
                  f"space {args.space or 'sweeps/digits.yaml'}"))
     for spec, pruner in variants.items():
         print(f"# {spec}: {pruner}")
@@ -158,9 +153,58 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{seed} | {spec} | {result.epochs} | {saving:.0%} | {len(result.pruned_at)} {result.pruned_at} | "
                   f"{result.best_trial} | {wilson_text(result.valid_errors, result.n_valid)} | "
                   f"{wilson_text(result.test_errors, result.n_test)} | {result.seconds:.0f}", flush=True)
+    return reference, runs
+
+
+def save(path: Path, seeds: list[int], reference: list[Sweep], runs: dict[str, list[Sweep]]) -> None:
+    """The sweeps of these seeds, for `--combine`."""
+    doc = {"seeds": seeds, "none": [asdict(s) for s in reference],
+           "pruners": {spec: [asdict(s) for s in sweeps] for spec, sweeps in runs.items()}}
+    path.write_text(json.dumps(doc))
+
+
+def combine(paths: list[Path]) -> tuple[list[int], list[Sweep], dict[str, list[Sweep]]]:
+    """The sweeps of several `--save` files: each seed once, the same pruners in each."""
+    seeds: list[int] = []
+    reference: list[Sweep] = []
+    runs: dict[str, list[Sweep]] = {}
+    for path in paths:
+        doc = json.loads(path.read_text())
+        if set(seeds) & set(doc["seeds"]):
+            raise SystemExit(f"{path}: seeds {sorted(set(seeds) & set(doc['seeds']))} are already in an earlier file")
+        if runs and set(doc["pruners"]) != set(runs):
+            raise SystemExit(f"{path}: pruners {sorted(doc['pruners'])}, but the earlier files have {sorted(runs)}")
+        seeds += doc["seeds"]
+        reference += [Sweep(**s) for s in doc["none"]]
+        for spec, sweeps in doc["pruners"].items():
+            runs.setdefault(spec, []).extend(Sweep(**s) for s in sweeps)
+    return seeds, reference, runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pruners", nargs="+", default=PRUNERS, help="each is compared with no pruning")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler and training seeds")
+    base = default_digits()
+    parser.add_argument("--n-trials", type=int, default=base["budget"]["n_trials"])
+    parser.add_argument("--img-size", type=int, default=base["model"]["img_size"])
+    parser.add_argument("--limit", type=int, default=None, help="digits images used (default: all 1,797)")
+    parser.add_argument("--space", type=Path, help="a sweep file instead of sweeps/digits.yaml (smoke runs)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 for one seed a process)")
+    parser.add_argument("--save", type=Path, help="also write the sweeps' results to this JSON file")
+    parser.add_argument("--combine", type=Path, nargs="+", help="judge the results of these --save files")
+    args = parser.parse_args(argv)
+    if args.combine:
+        seeds, reference, runs = combine(args.combine)
+        print(f"# pruning: combined {' '.join(map(str, args.combine))}: seeds {' '.join(map(str, seeds))}")
+    else:
+        seeds = args.seeds
+        reference, runs = measure(args)
+        if args.save:
+            save(args.save, seeds, reference, runs)
     verdicts = judge(runs, reference)
     ref = wilson_text(sum(r.test_errors for r in reference), sum(r.n_test for r in reference))
-    print(f"none: held-out error of the best trials, pooled over {len(args.seeds)} seeds: {ref}")
+    print(f"none: held-out error of the best trials, pooled over {len(seeds)} seeds: {ref}")
     for name, v in verdicts.items():
         print(f"{name}: median saving {v['saving']:.0%} (target >= {TARGET_SAVING:.0%}); held-out error pooled "
               f"{wilson_text(v['errors'], v['n'])}, {'inside' if v['inside'] else 'OUTSIDE'} the unpruned "

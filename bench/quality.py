@@ -1,5 +1,5 @@
-"""Sweep quality on the embedded data: the default digits sweep, exactly as README command 1
-runs it, once per split seed; its best trial exported and replayed with `pet-sweep train`
+"""Sweep quality on the embedded data: the `digits` sweep (from scratch), exactly as
+`pet-sweep run digits` runs it, once per split seed; its best trial exported and replayed with `pet-sweep train`
 on the held-out test split; a scikit-learn SVC on the same splits for comparison.
 
 Targets (2 CPU cores): each sweep <= 10 min; best validation error <= 0.8 %, median over the

@@ -55,7 +55,8 @@ def test_pruning_script_judges_each_pruner_on_epochs_and_replayed_held_out_error
     monkeypatch.setattr(pruning, "temp_dir", lambda prefix: tmp_path / prefix)
     (tmp_path / "tiny.yaml").write_text(TINY_SPACE)
     pruning.main(["--seeds", "0", "--n-trials", "2", "--img-size", "16", "--limit", "100",
-                  "--space", str(tmp_path / "tiny.yaml"), "--pruners", "median", "schedule,min_fraction=0.5"])
+                  "--space", str(tmp_path / "tiny.yaml"), "--pruners", "median", "schedule,min_fraction=0.5",
+                  "--threads", "1", "--save", str(tmp_path / "s0.json")])
     out = capsys.readouterr().out
     assert re.search(r"^# \d{4}-\d\d-\d\d \d\d:\d\d UTC, commit \S+, \d+ cores .*torch CPU kernels", out, re.M)
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("0 | ")]
@@ -65,6 +66,14 @@ def test_pruning_script_judges_each_pruner_on_epochs_and_replayed_held_out_error
         assert re.fullmatch(r"\d\.\d{4} \(\d+/10\) \[\d\.\d{4}, \d\.\d{4}\]", row[7]), row  # 10 held-out items
     assert "median: median saving 0% (target >= 40%)" in out and "target not met" in out
     assert out.strip().endswith("winner: none (no pruner met the target)")
+    # --combine judges the saved sweeps again, without training: the same verdicts
+    verdicts = out[out.index("none: held-out error"):]
+    pruning.main(["--combine", str(tmp_path / "s0.json")])
+    combined = capsys.readouterr().out
+    assert combined.startswith(f"# pruning: combined {tmp_path / 's0.json'}: seeds 0\n")
+    assert combined.endswith(verdicts)
+    with pytest.raises(SystemExit, match=r"s0.json: seeds \[0\] are already in an earlier file"):
+        pruning.main(["--combine", str(tmp_path / "s0.json"), str(tmp_path / "s0.json")])
 
 
 def test_pruning_winner_needs_the_saving_and_the_held_out_error() -> None:

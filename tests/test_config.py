@@ -14,11 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_experiments_all_load() -> None:
-    for name in ("digits", "pets", "my-images"):
+    for name in ("digits", "digits-anchored", "digits-source", "digits-transfer", "pets", "my-images"):
         exp = load_experiment(ROOT / "experiments.yaml", name)
         assert exp.name == name and exp.study_name == name
     default = load_experiment(ROOT / "experiments.yaml")
-    assert default.name == "digits"
+    # the README's first command: chapter 5's transfer learning, offline
+    assert default.name == "digits-transfer" and default.config.model.pretrained_on == "digits-source"
     assert default.config.data.test_pct > 0  # the report's final check needs a held-out split
     pets = load_experiment(ROOT / "experiments.yaml", "pets")
     assert pets.config.model.precision == "fp16" and pets.config.model.img_size == 224
