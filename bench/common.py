@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -57,13 +58,17 @@ def hand_written_dls(img_size: int, batch_size: int) -> Any:
     return block.dataloaders(items, bs=batch_size, num_workers=0)
 
 
-def write_experiment(folder: Path, experiment: dict[str, Any], space: dict[str, Any], name: str = "bench") -> Path:
-    """An experiments.yaml with one experiment whose stores live in `folder`."""
+def write_experiment(folder: Path, experiment: dict[str, Any], space: dict[str, Any], name: str = "bench",
+                     others: dict[str, dict[str, Any]] | None = None) -> Path:
+    """An experiments.yaml with one experiment whose stores live in `folder`; `others` are shipped
+    experiments it names (`model.pretrained_on`), written as shipped beside a copy of sweeps/."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "space.yaml").write_text(yaml.safe_dump(space))
+    if others and not (folder / "sweeps").exists():
+        shutil.copytree(ROOT / "sweeps", folder / "sweeps")
     doc = {"default": name, "experiments": {name: {
         "sweep": "space.yaml", "storage": "sqlite:///optuna.db",
-        "tracking": {"uri": "sqlite:///mlflow.db"}, **experiment}}}
+        "tracking": {"uri": "sqlite:///mlflow.db"}, **experiment}, **(others or {})}}
     path = folder / "experiments.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -75,8 +80,20 @@ def digits_space() -> dict[str, Any]:
 
 def default_digits() -> dict[str, Any]:
     """The shipped `digits` experiment, minus its stores and sweep file."""
-    exp = yaml.safe_load((ROOT / "experiments.yaml").read_text())["experiments"]["digits"]
-    return {k: v for k, v in exp.items() if k not in ("sweep", "storage", "tracking")}
+    return shipped_experiment("digits")[0]
+
+
+def shipped_experiment(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+    """A shipped experiment minus its stores and sweep file; its search space; and the shipped
+    experiments it names (the source of `model.pretrained_on`), for `write_experiment(others=)`."""
+    shipped = yaml.safe_load((ROOT / "experiments.yaml").read_text())["experiments"]
+    if name not in shipped:
+        raise SystemExit(f"{ROOT / 'experiments.yaml'}: no experiment {name!r} (known: {', '.join(shipped)})")
+    exp = shipped[name]
+    source = (exp.get("model") or {}).get("pretrained_on")
+    space = yaml.safe_load((ROOT / exp["sweep"]).read_text())
+    return ({k: v for k, v in exp.items() if k not in ("sweep", "storage", "tracking")}, space,
+            {source: shipped[source]} if source else {})
 
 
 def temp_dir(prefix: str) -> Path:

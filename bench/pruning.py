@@ -2,8 +2,9 @@
 
 For each seed, one sweep without pruning and one per pruner (Optuna's median, percentile,
 hyperband and wilcoxon, pet-sweep's schedule), all with the same budget, sampler seed and
-training seed, on the shipped digits experiment (its space, image size, data and pruner
-settings; no time budget, so that every sweep runs the same number of trials). A pruner
+training seed, on a shipped experiment (`--experiment`, default digits: its space, image
+size, data and pruner settings; no time budget, so that every sweep runs the same number of
+trials; digits-transfer's trials fine-tune the digits-source bodies from pet-sweep's cache). A pruner
 is judged on two things:
 
 - epochs saved: 1 - epochs trained / epochs of the unpruned sweep of the same seed;
@@ -18,6 +19,7 @@ pooled 95 % interval. The winner is the pruner that meets it with the largest sa
     python -m bench.pruning --seeds 0 --n-trials 2 --img-size 16 --limit 200 --space tiny.yaml   # smoke run
     python -m bench.pruning --seeds 1 --threads 1 --save s1.json   # one seed a process, then:
     python -m bench.pruning --combine s0.json s1.json s2.json      # the verdicts over all their seeds
+    python -m bench.pruning --experiment digits-transfer            # the transfer default's space and pruner
 
 An entry of --pruners may override the shipped settings, e.g. `schedule,min_fraction=0.0`.
 """
@@ -34,8 +36,8 @@ from typing import Any
 import torch
 import yaml
 
-from bench.common import (default_digits, digits_space, epochs_trained, header, median, replay_best, temp_dir,
-                          wilson_text, write_experiment)
+from bench.common import (epochs_trained, header, median, replay_best, shipped_experiment, temp_dir, wilson_text,
+                          write_experiment)
 
 PRUNERS = ["median", "percentile", "hyperband", "wilcoxon", "schedule"]
 TARGET_SAVING = 0.40
@@ -80,14 +82,14 @@ def sweep(pruner: dict[str, Any], seed: int, args: argparse.Namespace, space: di
     from pet_sweep.sweep.storage import open_study, quiet_optuna
 
     quiet_optuna()
-    base = default_digits()
+    base, _, others = shipped_experiment(args.experiment)
     experiment = {**base, "model": {**base["model"], "img_size": args.img_size},
                   "data": {**base["data"], "limit": args.limit},
                   "budget": {"n_trials": args.n_trials}, "sampler": {**base["sampler"], "seed": seed},
                   "pruner": pruner, "seed": seed,
                   "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": f"pruning-{label}-{seed}"}}
     folder = root / f"{label}-{seed}"
-    exp = load_experiment(write_experiment(folder, experiment, space))
+    exp = load_experiment(write_experiment(folder, experiment, space, others=others))
     started = time.perf_counter()
     run_sweep(exp, echo=lambda line: None)
     seconds = time.perf_counter() - started
@@ -132,12 +134,13 @@ def winner(verdicts: dict[str, dict[str, Any]]) -> str | None:
 def measure(args: argparse.Namespace) -> tuple[list[Sweep], dict[str, list[Sweep]]]:
     """Every seed's unpruned sweep and one sweep per pruner, a row printed as each ends."""
     torch.set_num_threads(args.threads)
-    space = yaml.safe_load(args.space.read_text()) if args.space else digits_space()
-    shipped = {k: v for k, v in default_digits()["pruner"].items() if k != "name"}
+    base, shipped_space, _ = shipped_experiment(args.experiment)
+    space = yaml.safe_load(args.space.read_text()) if args.space else shipped_space
+    shipped = {k: v for k, v in base["pruner"].items() if k != "name"}
     variants = {spec: pruner_settings(spec, shipped) for spec in args.pruners}
-    print(header(f"pruning: digits ({args.limit or 'all'} images), {args.n_trials} trials per sweep, "
+    print(header(f"pruning: {args.experiment} ({args.limit or 'all'} images), {args.n_trials} trials per sweep, "
                  f"{args.img_size}px, seeds {' '.join(map(str, args.seeds))}, {args.threads} thread(s), "
-                 f"space {args.space or 'sweeps/digits.yaml'}"))
+                 f"space {args.space or 'as shipped'}"))
     for spec, pruner in variants.items():
         print(f"# {spec}: {pruner}")
     print("seed | pruner | epochs | saving | pruned (epochs trained) | best trial | best valid err [95% CI] | "
@@ -185,15 +188,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pruners", nargs="+", default=PRUNERS, help="each is compared with no pruning")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler and training seeds")
-    base = default_digits()
-    parser.add_argument("--n-trials", type=int, default=base["budget"]["n_trials"])
-    parser.add_argument("--img-size", type=int, default=base["model"]["img_size"])
-    parser.add_argument("--limit", type=int, default=None, help="digits images used (default: all 1,797)")
-    parser.add_argument("--space", type=Path, help="a sweep file instead of sweeps/digits.yaml (smoke runs)")
+    parser.add_argument("--experiment", default="digits", help="a shipped experiment (default: digits)")
+    parser.add_argument("--n-trials", type=int, help="default: the experiment's budget.n_trials")
+    parser.add_argument("--img-size", type=int, help="default: the experiment's model.img_size")
+    parser.add_argument("--limit", type=int, default=None, help="digits images used (default: the experiment's)")
+    parser.add_argument("--space", type=Path, help="a sweep file instead of the experiment's (smoke runs)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 for one seed a process)")
     parser.add_argument("--save", type=Path, help="also write the sweeps' results to this JSON file")
     parser.add_argument("--combine", type=Path, nargs="+", help="judge the results of these --save files")
     args = parser.parse_args(argv)
+    base = shipped_experiment(args.experiment)[0]
+    args.n_trials = args.n_trials or base["budget"]["n_trials"]
+    args.img_size = args.img_size or base["model"]["img_size"]
+    args.limit = args.limit or base["data"].get("limit")
     if args.combine:
         seeds, reference, runs = combine(args.combine)
         print(f"# pruning: combined {' '.join(map(str, args.combine))}: seeds {' '.join(map(str, seeds))}")

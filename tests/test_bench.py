@@ -76,6 +76,24 @@ def test_pruning_script_judges_each_pruner_on_epochs_and_replayed_held_out_error
         pruning.main(["--combine", str(tmp_path / "s0.json"), str(tmp_path / "s0.json")])
 
 
+def test_pruning_script_takes_a_shipped_experiment_with_its_source(tmp_path: Path) -> None:
+    """`bench.pruning --experiment digits-transfer`: each sweep's experiments file holds the
+    target's space and pruner as shipped, and the source its trials fine-tune from."""
+    from bench.common import shipped_experiment, write_experiment
+    from pet_sweep.config import load_experiment
+
+    base, space, others = shipped_experiment("digits-transfer")
+    assert base["pruner"]["name"] == "schedule" and set(space) >= {"arch", "freeze_epochs", "lr_mult"}
+    assert list(others) == ["digits-source"]
+    exp = load_experiment(write_experiment(tmp_path / "t", base, space, others=others))
+    assert exp.config.model.pretrained_on == "digits-source" and exp.config.data.per_class == 10
+    source = load_experiment(exp.config_path, "digits-source")
+    assert source.config.data.classes == ["0", "1", "2", "3", "4"]
+    assert shipped_experiment("digits")[2] == {}  # trained from scratch: nothing else written
+    with pytest.raises(SystemExit, match=r"experiments.yaml: no experiment 'digitz' \(known: digits, "):
+        shipped_experiment("digitz")
+
+
 def test_pruning_winner_needs_the_saving_and_the_held_out_error() -> None:
     from bench.pruning import Sweep, judge, winner
 
