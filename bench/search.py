@@ -66,10 +66,15 @@ def study_errors(exp: Any) -> list[float]:
     return [t.value if t.value is not None else 1.0 for t in open_study(exp, create=False).trials]
 
 
+# fastai's error_rate is 1 - accuracy in float32: two trials with the same number of mistakes
+# can differ in the 8th digit, so "as good as" allows that much
+SAME_ERROR = 1e-6
+
+
 def trials_to_reach(errors: list[float], target: float) -> int | None:
-    """How many trials until one is at least as good as `target`."""
+    """How many trials until one is at least as good as `target` (to within float32 rounding)."""
     for i, err in enumerate(errors, start=1):
-        if err <= target:
+        if err <= target + SAME_ERROR:
             return i
     return None
 
