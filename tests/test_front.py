@@ -282,6 +282,27 @@ def test_bench_front_runs_end_to_end(capsys: pytest.CaptureFixture[str], tmp_pat
     assert last.startswith(("recommended", "lowest error: trial")), last
 
 
+def test_of_trials_within_a_tenth_of_the_cheapest_the_lowest_error_is_recommended(tmp_path: Path) -> None:
+    # as bench.front found on digits: best 2 wrong at 12.6 ms; trial 1: 4 wrong at 5.47 ms;
+    # trial 2: 6 wrong at 5.26 ms (4 % cheaper than trial 1: noise); trial 3: 3 wrong at 6.26 ms
+    # (over a tenth dearer than trial 2). All three are within noise of the best.
+    _, study = make_study(tmp_path, ["error_rate"], [
+        (range(2), "xresnet34", cost(12.6)), (range(4), "xresnet18", cost(5.47)),
+        (range(6), "xresnet18", cost(5.26)), (range(3), "xresnet18", cost(6.26))])
+    rec = report_of(study, ["error_rate"]).recommendation
+    assert {c.other_trial: c.verdict for c in rec.comparisons} == {1: "within noise", 2: "within noise",
+                                                                   3: "within noise"}
+    assert rec.pick == 1 and rec.ratio == pytest.approx(12.6 / 5.47)
+    assert rec.text.startswith("trial 1 (xresnet18): 2.30x cheaper by predict_ms")
+    assert rec.text.endswith("(trial 2 is cheaper still, 5.26 ms/image, but by less than a tenth, and errs more: "
+                             "6.00% (95% CI 2.78%–12.48%, 6/100 wrong))")
+    # a tenth or more cheaper is a real saving: the cheapest is shipped, with no aside
+    _, study = make_study(tmp_path / "b", ["error_rate"], [
+        (range(2), "xresnet34", cost(12.6)), (range(4), "xresnet18", cost(5.47)), (range(6), "xresnet18", cost(4.9))])
+    rec = report_of(study, ["error_rate"]).recommendation
+    assert rec.pick == 2 and "cheaper still" not in rec.text
+
+
 def test_a_cheaper_trial_that_never_learned_is_not_recommended() -> None:
     import dataclasses
 

@@ -126,7 +126,7 @@ def _recommend(best: Any, done: Sequence[Any], cost: str, why_cost: str, compari
                               f"is within noise of the lowest-error trial {best.number} after Holm's correction: "
                               "ship it",
                               tuple(comparisons), 1.0)
-    chosen = close[0]  # cheapest first
+    chosen = _lowest_error_among_the_cheapest(close, by_number, cost)
     pick = by_number[chosen.other_trial]
     theirs = cost_of(pick, cost) or 0.0
     ratio = _ratio(mine, theirs)
@@ -135,7 +135,21 @@ def _recommend(best: Any, done: Sequence[Any], cost: str, why_cost: str, compari
             f"{theirs:.3g} against {mine:.3g} {unit} of the lowest-error trial {best.number} "
             f"({best.params.get('arch')}), and within noise of it: error {format_rate(pick.value, n)} against "
             f"{format_rate(best.value, n)} ({chosen.how()}). Ship it: pet-sweep export --pick cheapest")
+    if chosen is not close[0]:
+        cheapest = by_number[close[0].other_trial]
+        text += (f" (trial {cheapest.number} is cheaper still, {cost_of(cheapest, cost):.3g} {unit}, but by less "
+                 f"than a tenth, and errs more: {format_rate(cheapest.value, n)})")
     return Recommendation(cost, why_cost, best.number, pick.number, text, tuple(comparisons), ratio)
+
+
+def _lowest_error_among_the_cheapest(close: Sequence[Comparison], by_number: dict[int, Any],
+                                     cost: str) -> Comparison:
+    """Of the trials within noise of the best (`close`, cheapest first), the one to ship: the
+    cheapest, unless another costs less than a tenth more (`CHEAPER`: timing noise, not a cheaper
+    config) and errs less; then the lowest error among those."""
+    cheapest = cost_of(by_number[close[0].other_trial], cost) or 0.0
+    ties = [c for c in close if CHEAPER * (cost_of(by_number[c.other_trial], cost) or 0.0) <= cheapest]
+    return min(ties, key=lambda c: (by_number[c.other_trial].value, ties.index(c)))
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
