@@ -158,6 +158,20 @@ def test_the_resume_after_every_worker_is_killed_runs_what_the_budget_has_left(
     assert_nothing_running(exp.storage_url, name, exp.tracking_uri, exp.tracking_experiment)
 
 
+def test_is_retry_reads_optunas_retry_mark_without_an_experimental_warning() -> None:
+    import warnings
+
+    from optuna.trial import create_trial
+
+    # Optuna's heartbeat retry marks the new trial with the dead one's number (a system attr);
+    # reading it through Optuna's experimental API warned on every budget check of a worker
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", optuna.exceptions.ExperimentalWarning)
+        assert is_retry(create_trial(value=1.0, system_attrs={"failed_trial": 3}))
+        assert is_retry(create_trial(value=1.0, user_attrs={"oom_retry_of": 2}))
+        assert not is_retry(create_trial(value=1.0))
+
+
 def test_budget_left_gives_back_interrupted_slots_and_keeps_retried_ones() -> None:
     study = optuna.create_study()
     mine = {INVOCATION_ATTR: "inv"}

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Protocol
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from pet_sweep.sweep.records import INTERRUPTED, INVOCATION_ATTR, OOM_RETRY_OF
+from pet_sweep.sweep.records import INTERRUPTED, INVOCATION_ATTR, OOM_RETRY_OF, retried_trial_number
 
 
 def this_process() -> str:
@@ -132,8 +131,7 @@ def clean_stale_locks() -> list[str]:
 
 def is_retry(trial: FrozenTrial) -> bool:
     """A second go at a trial that already used a slot: its worker died, or it ran out of memory."""
-    return (RetryHeartbeatStaleTrialCallback.retried_trial_number(trial) is not None
-            or OOM_RETRY_OF in trial.user_attrs)
+    return retried_trial_number(trial) is not None or OOM_RETRY_OF in trial.user_attrs
 
 
 class Budget:

@@ -51,7 +51,7 @@ STALE_REASON = "its worker stopped sending heartbeats (killed or lost)"
 INTERRUPTED = "interrupted"       # Ctrl-C or SIGTERM stopped the trial (it is not retried)
 
 # The system attr Optuna's RetryHeartbeatStaleTrialCallback sets on a retry. Read it
-# through `retried_trial_number`; only `budget.is_retry` still names it.
+# through `retried_trial_number` (no ExperimentalWarning per call).
 RETRY_OF = "failed_trial"
 
 
