@@ -149,7 +149,7 @@ def _lowest_error_among_the_cheapest(close: Sequence[Comparison], by_number: dic
     config) and errs less; then the lowest error among those."""
     cheapest = cost_of(by_number[close[0].other_trial], cost) or 0.0
     ties = [c for c in close if CHEAPER * (cost_of(by_number[c.other_trial], cost) or 0.0) <= cheapest]
-    return min(ties, key=lambda c: (by_number[c.other_trial].value, ties.index(c)))
+    return min(ties, key=lambda c: by_number[c.other_trial].value)  # the first, so the cheaper, of equal errors
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:

@@ -6,9 +6,10 @@ export, list) can read a study without the training stack."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, Sequence, Union
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -55,17 +56,24 @@ INTERRUPTED = "interrupted"       # Ctrl-C or SIGTERM stopped the trial (it is n
 RETRY_OF = "failed_trial"
 
 
+@contextlib.contextmanager
+def experimental_relied_on() -> Iterator[None]:
+    """Optuna features marked experimental that pet-sweep relies on: no warning per use
+    (a command that opens a study would otherwise print them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def retried_trial_number(trial: FrozenTrial) -> int | None:
     """The trial of a dead worker that `trial` runs again (Optuna's heartbeat retry); None if not a retry."""
-    with warnings.catch_warnings():  # marked experimental since Optuna 2.8, and relied on here
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with experimental_relied_on():  # experimental since Optuna 2.8
         return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
 
 
 def retry_history(trial: FrozenTrial) -> list[int]:
     """The trials before `trial` in its series of retries, the original first (each one's worker died); [] if none."""
-    with warnings.catch_warnings():  # as in `retried_trial_number`
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with experimental_relied_on():
         return RetryHeartbeatStaleTrialCallback.retry_history(trial)
 
 

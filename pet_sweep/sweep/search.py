@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -11,6 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.config import Experiment
 from pet_sweep.sweep.pruners import SchedulePruner
+from pet_sweep.sweep.records import experimental_relied_on
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -81,7 +81,6 @@ def make_pruner(exp: Experiment) -> optuna.pruners.BasePruner:
     if cfg.name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor)
     if cfg.name == "wilcoxon":
-        with warnings.catch_warnings():  # chosen knowingly in the config: no ExperimentalWarning per study opened
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with experimental_relied_on():  # chosen knowingly in the config: no warning per study opened
             return optuna.pruners.WilcoxonPruner(p_threshold=cfg.p_threshold, n_startup_steps=cfg.n_warmup_steps)
     return optuna.pruners.NopPruner()

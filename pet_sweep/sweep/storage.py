@@ -4,12 +4,11 @@ the check that a resumed study still sees the split it started with."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
@@ -17,19 +16,10 @@ from optuna.trial import FrozenTrial
 
 from pet_sweep.config import JOURNAL_PREFIX, Experiment, FaultsConfig
 from pet_sweep.errors import DataError, StudyError
-from pet_sweep.sweep.records import SPLIT_ATTR, STALE_REASON, retry_history
+from pet_sweep.sweep.records import SPLIT_ATTR, STALE_REASON, experimental_relied_on, retry_history
 from pet_sweep.sweep.search import make_pruner, make_sampler
 from pet_sweep.tracking import RUN_ID_ATTR, Tracker, redact_url, redact_url_in, sqlite_path
 from pet_sweep.train.data import SplitFingerprint
-
-
-@contextlib.contextmanager
-def experimental_relied_on() -> Iterator[None]:
-    """Optuna features marked experimental that pet-sweep relies on: no warning per use
-    (a command that opens a study would otherwise print them)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
 
 
 class StaleTrialHandler:
