@@ -252,3 +252,11 @@ def test_peak_memory_as_an_objective_on_a_cpu_exits_2_naming_the_key(write_exper
     assert result.exit_code == 2, result.output
     assert "key 'objectives'" in result.output and "peak_memory_mb is measured on CUDA only" in result.output
     assert not (path.parent / "stores" / "optuna.db").exists()  # refused before any store
+
+
+def test_bench_cost_timing_times_the_default_sweeps_models() -> None:
+    from bench.cost_timing import keys_of
+
+    keys, n_out = keys_of("digits-transfer")
+    assert [k.arch for k in keys] == ["xresnet18", "xresnet34"] and n_out == 5
+    assert {(k.img_size, k.batch_size) for k in keys} == {(32, 16)}
