@@ -260,3 +260,25 @@ def test_bench_cost_timing_times_the_default_sweeps_models() -> None:
     keys, n_out = keys_of("digits-transfer")
     assert [k.arch for k in keys] == ["xresnet18", "xresnet34"] and n_out == 5
     assert {(k.img_size, k.batch_size) for k in keys} == {(32, 16)}
+
+
+def test_a_timing_that_fails_at_the_end_of_a_sweep_is_said_and_leaves_the_sweep_standing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pet_sweep import launch
+    from pet_sweep.sweep import storage
+    from pet_sweep.sweep.records import SweepResult
+    from pet_sweep.train import timing
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(storage, "open_study", lambda exp, create: None)
+    monkeypatch.setattr(timing, "time_study", out_of_memory)
+    lines: list[str] = []
+    done = SweepResult("s", "run", ran=1, finished=1, best=(0.1, 0), stopped_by="budget", left=0)
+    launch.time_costs_at_end(None, done, lines.append)  # type: ignore[arg-type]
+    assert lines == ["costs        not timed (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB): the "
+                     "report judges by the trials' one-shot timings; pet-sweep report --time-costs tries again"]
+    lines.clear()  # interrupted sweeps are not timed at all
+    launch.time_costs_at_end(None, dataclasses.replace(done, stopped_by="interrupt"), lines.append)  # type: ignore
+    assert lines == []

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pet_sweep.config import Experiment
-from pet_sweep.errors import ConfigError
+from pet_sweep.errors import ConfigError, PetSweepError
 from pet_sweep.launch import local
 from pet_sweep.launch.local import Echo, nothing_ran, to_stderr
 from pet_sweep.progress import Progress
@@ -108,3 +108,6 @@ def time_costs_at_end(exp: Experiment, result: SweepResult, echo: Echo) -> None:
         time_study(open_study(exp, create=False), exp, echo)
     except KeyboardInterrupt:
         echo("costs        not timed (interrupted): pet-sweep report --time-costs times them")
+    except (RuntimeError, OSError, PetSweepError) as err:  # out of memory, a model it cannot build: the trials stand
+        echo(f"costs        not timed ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}): "
+             "the report judges by the trials' one-shot timings; pet-sweep report --time-costs tries again")

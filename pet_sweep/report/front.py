@@ -6,7 +6,7 @@ recommendation compares each trial cheaper than the lowest-error one with it by 
 exact McNemar test the report already uses, Holm-corrected together with the report's
 other comparisons (`analysis.compare_and_recommend`), and names the cheapest one the
 test does not put beyond noise. "Cheaper" is asked of a `report.costs.CostBook`: trials that
-share an architecture and size (a `CostKey`) are one cost, and a timing is cheaper only where
+share a model (a `CostKey`: architecture, image size, precision, batch size, device) are one cost, and a timing is cheaper only where
 the side-by-side timing intervals are apart. Pure: plain records in, text and tables out.
 """
 
