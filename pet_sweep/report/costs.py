@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from pet_sweep.report.stats import plural
+
 TIMINGS_ATTR = "cost_timings"   # study user attr: the last timing session (`TimingSession.as_dict`)
 TIMED_COSTS = ("predict_ms", "predict_ms_batch")  # timed side by side; an interval each
 KEYED_COSTS = (*TIMED_COSTS, "params_m")          # properties of the key, not of the trial
@@ -160,7 +162,7 @@ class TimingSession:
                    float(doc.get("seconds", 0.0)), tuple(str(s) for s in doc.get("skipped", ())))
 
     def describe(self) -> str:
-        return (f"timed side by side {self.when} on {self.device} ({self.threads} threads): "
+        return (f"timed side by side {self.when} on {self.device} with {plural(self.threads, 'thread')}: "
                 f"{self.rounds} interleaved rounds, median [{CONFIDENCE:.0%} interval]")
 
 

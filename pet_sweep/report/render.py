@@ -139,7 +139,7 @@ def costs_section(report: StudyReport) -> tuple[str, pd.DataFrame | None]:
     how = (book.session.describe() if book.session is not None
            else "not timed side by side yet (pet-sweep report --time-costs times them)")
     text = ("A model's cost belongs to its architecture, image size, precision, batch size and device, not to a "
-            f"trial: the trials of one row are one cost. Timings {how}; the one-shot predict_ms each trial "
+            f"trial: the trials of one row are one cost. Timings: {how}; the one-shot predict_ms each trial "
             "measured while it ran is shown beside, for its spread.")
     return text, cost_table(done, book)
 
