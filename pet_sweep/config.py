@@ -181,6 +181,9 @@ class LaunchConfig(Strict):
 class TrackingConfig(Strict):
     uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None
+    # an http(s) server away this long (seconds) stops the sweep before its next trial; until
+    # then trials go on and their MLflow writes wait in a spool (README, "Faults: the MLflow server")
+    max_outage: float = Field(900, ge=0)
 
 
 # What a trial can be judged on: its error rate, and the costs every completed trial

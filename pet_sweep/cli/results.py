@@ -17,6 +17,8 @@ from pet_sweep.cli.common import (
     study_name_option,
     tracking_option,
 )
+from pet_sweep.tracking import redact_url, send_spooled
+from pet_sweep.tracking_spool import spool_dir
 
 
 @click.command()
@@ -253,4 +255,26 @@ def fail_stale(experiment: str | None, config_path: str, number: int | None, yes
                   echo=lambda line: click.echo(line))
     click.echo(f"failed       trial(s) {', '.join(map(str, failed))}" if failed else "failed       no trial")
 
+
+@click.command()
+@click.argument("experiment", required=False)
+@config_option
+@storage_option
+@tracking_option
+@fail_clearly
+def sync(experiment: str | None, config_path: str, storage: str | None, tracking_uri: str | None) -> None:
+    """Send to the MLflow server the runs a sweep of EXPERIMENT kept on disk while the server was away.
+
+    A sweep goes on while its tracking server is unreachable (up to tracking.max_outage)
+    and keeps its trials' metrics, params, tags and artifacts in a spool folder beside
+    the Optuna storage; it sends them itself when the server answers again, and so do
+    the next `run` and `report`. Exit code 1 if some stay (a sweep still writes them).
+    """
+    exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri)
+    folder = spool_dir(exp.storage_url, exp.tracking_uri)
+    sent, busy = send_spooled(exp.tracking_uri, folder)
+    click.echo(f"sent         {sent} write(s) kept in {folder} to {redact_url(exp.tracking_uri)}")
+    if busy:
+        click.echo(f"kept         {busy} spool file(s) a running sweep still writes: it sends them itself", err=True)
+        raise SystemExit(1)
 

@@ -26,10 +26,10 @@ from pet_sweep.errors import ConfigError
 from pet_sweep.sweep.budget import Budget, WorkerRole, cap_reached
 from pet_sweep.sweep.lifecycle import clean_leftovers, fail_orphans
 from pet_sweep.sweep.loop import run_sweep
-from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run
+from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run, tracker_when_needed
 from pet_sweep.sweep.records import StoppedBy, SweepResult, best_of, worker_line
 from pet_sweep.sweep.storage import open_study
-from pet_sweep.tracking import Tracker, check_server
+from pet_sweep.tracking import check_server
 from pet_sweep.train.data import check_data
 
 Echo = Callable[[str], None]
@@ -179,7 +179,7 @@ def supervise(exp: Experiment, n_workers: int, gpus: list[str] | None, *,
     cleaned = clean_leftovers([exp])
     if cleaned:
         echo(cleaned)
-    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
+    tracker = tracker_when_needed(exp)()  # its writes wait in the spool while an MLflow server is away
     parent = open_parent_run(exp, study, tracker)
     roles, envs = worker_roles(exp, n_workers, gpus, parent, echo)
     status = "FAILED"
@@ -197,6 +197,7 @@ def supervise(exp: Experiment, n_workers: int, gpus: list[str] | None, *,
         closed = close_dead_runs(study, tracker)
         close_parent_run(study, tracker, parent, status)
         roles[0].lock_path.unlink(missing_ok=True)
+        tracker.close()
     _say_what_went_wrong(exits, closed, [] if interrupted else orphans, echo, warn)
     used = budget.used(trials)
     timed_out = exp.config.budget.timeout is not None and time.monotonic() - started >= exp.config.budget.timeout

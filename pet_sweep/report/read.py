@@ -27,7 +27,8 @@ from pet_sweep.report.render import html, markdown
 from pet_sweep.params import inert_params
 from pet_sweep.space import Range, always_inert
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, SweepRuns, check_server, open_sweep_runs, redact_url, \
-    sqlite_path
+    send_spooled, sqlite_path
+from pet_sweep.tracking_spool import spool_dir
 
 REPLAY_ROLE = "replay"              # tag pet_sweep.role of a `pet-sweep train` run
 REPLAY_OF_TAG = "pet_sweep.replay_of"
@@ -179,6 +180,10 @@ def open_tracking(exp: Experiment, study: Any) -> Tracking:
     if not parent:
         raise StudyError(f"study {exp.study_name!r} has no MLflow parent run recorded; was it made by pet-sweep run?")
     check_server(exp.tracking_uri)  # a server that is down: said in seconds, not after minutes of retries
+    try:  # what a sweep kept while the server was away; a write it refuses leaves the report as it is
+        send_spooled(exp.tracking_uri, spool_dir(exp.storage_url, exp.tracking_uri))
+    except StudyError:
+        pass
     runs = open_sweep_runs(exp.tracking_uri, parent)
     if runs is None:
         raise StudyError(f"the MLflow store {redact_url(exp.tracking_uri)} lacks the sweep's runs "
@@ -222,6 +227,11 @@ def load_report(exp: Experiment) -> ReportBundle:
                           n_classes=n_classes(records), test_split=exp.config.data.test_pct > 0,
                           importance_note=note, always_inert=always_inert(exp.space), objectives=objectives,
                           cost_book=cost_book(exp, study, records))
+    incomplete = tracking.incomplete_trials(exp.study_name, {r.number: r.state for r in records})
+    if incomplete:
+        report.notes.append(f"the MLflow record of trial(s) {', '.join(map(str, incomplete))} is incomplete "
+                            f"(their runs missing or still open: `pet-sweep sync {exp.name}` sends what a sweep "
+                            "kept while the MLflow server was away); Optuna's record of them is whole")
     return ReportBundle(report, study, tracking)
 
 

@@ -19,7 +19,7 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.config import Experiment
-from pet_sweep.errors import TrialFailed
+from pet_sweep.errors import TrackingAway, TrialFailed
 from pet_sweep.space import Anchors
 from pet_sweep.sweep.budget import Budget, Claim, WorkerRole, this_process
 from pet_sweep.sweep.lifecycle import clean_leftovers
@@ -75,12 +75,15 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         status = "FINISHED"
     except KeyboardInterrupt:
         status, stopped_by = "KILLED", "interrupt"
+    except TrackingAway:  # between two trials: nothing runs, every trial is closed
+        status, stopped_by = "KILLED", "tracking"
     finally:
         gc.unfreeze()  # a library caller's later collections see everything again
         if owns_parent:
             close_dead_runs(study, tracker)
             close_parent_run(study, tracker, parent, status)
             role.lock_path.unlink(missing_ok=True)
+        tracker.close()  # says what waits in the spool while the MLflow server is away
     trials = study.get_trials(deepcopy=False)
     return SweepResult(exp.study_name, parent, ran=budget.used(trials), finished=budget.finished(trials),
                        best=best_of(study), stopped_by=stopped_by, left=budget.left(trials), trials=trial_ended.seen)
@@ -140,6 +143,7 @@ def _run_trials(exp: Experiment, study: optuna.Study, objective: Objective, budg
     # as Optuna's own `timeout`, checked between trials: the first one always starts
     while first or timeout is None or time.monotonic() - started < timeout:
         first = False
+        _check_tracking(objective.tracker, exp.config.tracking.max_outage)
         with budget.claim() as claim:
             step = budget.next_step(study)
             if step == "stop":
@@ -161,6 +165,12 @@ def _run_trials(exp: Experiment, study: optuna.Study, objective: Objective, budg
         fail_stale_trials(study)
     # the time limit ended it; it cut the run short only with slots left
     return "timeout" if budget.used(study.get_trials(deepcopy=False)) < exp.config.budget.n_trials else "budget"
+
+
+def _check_tracking(tracker: Tracker, max_outage: float) -> None:
+    """The MLflow server away past `max_outage` ends the sweep here, between trials, like a Ctrl-C."""
+    if tracker.down_for() > max_outage:
+        raise TrackingAway(f"the MLflow tracking server has been unreachable for {tracker.down_for():.0f}s")
 
 
 def _take_slot(trial: optuna.Trial, *, role: WorkerRole, claim: Claim) -> None:

@@ -220,6 +220,7 @@ class Objective:
         """End the trial's MLflow run in `state`, with its config and loss curve as artifacts."""
         if reason:
             run.trial.set_user_attr(REASON_ATTR, reason)
+        run.trial.set_user_attr(RUN_ID_ATTR, self.tracker.resolve(run.run_id))  # made while MLflow was away: sent since?
         with tempfile.TemporaryDirectory() as tmp:
             artifacts = self._artifacts(Path(tmp), run)
             self.tracker.finish_trial(run.run_id, state, metrics or {}, {"reason": reason} if reason else {}, artifacts)
