@@ -152,6 +152,10 @@ class FaultsConfig(Strict):
     grace_period: int = Field(120, ge=1)        # a trial silent this long is failed and retried
     max_retry: int = Field(3, ge=0)             # retries of a trial whose worker died
     oom_retries: int = Field(1, ge=0)           # re-queue an out-of-memory trial at half its batch size, this often
+    # epoch checkpoints (`train.checkpoint`): saved after every this many epochs (0: none), but not
+    # sooner than checkpoint_min_seconds after the last one (small trials: epochs of a second)
+    checkpoint_every: int = Field(1, ge=0)
+    checkpoint_min_seconds: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "FaultsConfig":
@@ -204,12 +208,24 @@ class ExperimentConfig(Strict):
     pruner: PrunerConfig = PrunerConfig()
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None
+    # where trials keep their latest epoch checkpoint: a folder every worker can read (a path or
+    # file:// URI, relative to this file); none: `checkpoints/` beside the Optuna storage file
+    checkpoints: str | None = None
     tracking: TrackingConfig = TrackingConfig()
     faults: FaultsConfig = FaultsConfig()
     launch: LaunchConfig = LaunchConfig()
     seed: int = 0
     lr_find: bool = False
     pretrain: PretrainConfig = PretrainConfig()
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _local_checkpoints(cls, uri: str | None) -> str | None:
+        scheme = uri.split("://", 1)[0] if uri and "://" in uri else None
+        if scheme not in (None, "file"):
+            raise ValueError(f"checkpoints must be a folder (a path or file:// URI) that every worker can read, "
+                             f"but got the scheme {scheme!r} of {uri!r}")
+        return uri
 
     @field_validator("objectives")
     @classmethod
@@ -256,6 +272,17 @@ class Experiment:
     @property
     def tracking_uri(self) -> str:
         return resolve_url(self.config.tracking.uri, self.base_dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The folder of the study's epoch checkpoints (`checkpoints:`, or beside the storage file)."""
+        if self.config.checkpoints:
+            return (self.base_dir / Path(self.config.checkpoints.removeprefix("file://")).expanduser()).resolve()
+        url = self.storage_url
+        store = Path(url[len(JOURNAL_PREFIX):]) if url.startswith(JOURNAL_PREFIX) else (
+            Path(url[len("sqlite:///"):].split("?", 1)[0]) if url.startswith("sqlite:///") and ":memory:" not in url
+            else None)
+        return (store.parent if store is not None else self.base_dir) / "checkpoints"
 
     @property
     def tracking_experiment(self) -> str:

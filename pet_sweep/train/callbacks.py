@@ -64,6 +64,10 @@ class EpochHistory(Callback):
 
     def before_epoch(self) -> None:
         self._started = time.perf_counter()
+        self._ran = False  # an epoch that `fit(start_epoch=N)` skips never trains (a resumed trial)
+
+    def before_train(self) -> None:
+        self._ran = True
 
     def before_validate(self) -> None:
         self._preds, self._targets = [], []
@@ -80,6 +84,8 @@ class EpochHistory(Callback):
         self._preds, self._targets = [], []
 
     def after_epoch(self) -> None:
+        if not getattr(self, "_ran", True):
+            return
         names = list(self.learn.recorder.metric_names[1:])  # drop "epoch"
         values = dict(zip(names, self.learn.recorder.values[-1]))
         record = EpochRecord(
