@@ -16,9 +16,10 @@ import optuna
 import yaml
 
 from pet_sweep.config import Experiment, ModelConfig
-from pet_sweep.errors import TrainingDiverged, TrialFailed
+from pet_sweep.errors import Preempted, TrainingDiverged, TrialFailed
 from pet_sweep.params import TrialParams
 from pet_sweep.space import Anchors, anchor_params, suggest
+from pet_sweep.sweep import resume
 from pet_sweep.sweep.records import (
     BATCH_ATTR,
     COST_SECONDS_ATTR,
@@ -99,6 +100,7 @@ class Objective:
         self.anchors = anchors or {}
         self.checkpoints = dict(checkpoints or {})
         self._loaders = {exp.config.model.batch_size: data.dls}  # batch size -> DataLoaders
+        self.preempted: list[int] = []  # trials SIGTERM stopped, to be queued to resume (`resume.queue_preempted`)
 
     def loaders(self, batch_size: int) -> Any:
         """The worker's DataLoaders at another batch size (an out-of-memory retry), made once."""
@@ -124,11 +126,23 @@ class Objective:
         run = self._start(trial)
         started = time.perf_counter()
         oom_reason: str | None = None
+        logger = self.tracker.epoch_logger(run.run_id)
+        checkpoints = resume.plan(self.exp, trial, run.params.freeze_epochs)
+        if checkpoints.resume is not None:  # a retry: its epochs so far come from the checkpoint, not trained again
+            resume.note_resumed(trial, checkpoints.resume, lambda r: (logger(r), self._report(run, r, judge=False)),
+                                lambda text: self.tracker.update_sweep(run.run_id, {}, {resume.RESUMED_TAG: text}))
+        preempted = False
         try:
             result = recipe.fine_tune(
                 run.dls, run.params, run.model, seed=self.exp.config.seed,
-                listeners=[self.tracker.epoch_logger(run.run_id), functools.partial(self._report, run)],
-                lr_find=lrfind.trial_finder(self.tracker, run.run_id) if self.exp.config.lr_find else None)
+                listeners=[logger, functools.partial(self._report, run)], checkpoint=checkpoints,
+                lr_find=lrfind.trial_finder(self.tracker, run.run_id)
+                if self.exp.config.lr_find and checkpoints.resume is None else None)
+        except Preempted:  # SIGTERM: the checkpoint stays, and the sweep loop queues the trial to resume from it
+            preempted = True
+            self.preempted.append(trial.number)
+            self._close(run, "FAIL", resume.preempted_reason(trial.user_attrs.get(resume.CHECKPOINT_EPOCHS_ATTR)))
+            raise
         except optuna.TrialPruned as err:
             self._close(run, "PRUNED", message_of(err))
             raise
@@ -148,6 +162,9 @@ class Objective:
         except BaseException as err:  # bugs: close the run, then let them stop the sweep
             self._close(run, "FAIL", f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
             raise
+        finally:
+            if not preempted:  # ended for good (an out-of-memory retry is a new trial at another batch size)
+                resume.discard(self.exp, checkpoints)
         if oom_reason is not None:  # after the `except`: there, its traceback still holds the trial's tensors
             release_cuda_memory()
             oom_reason += self._requeue_smaller(trial, run.batch_size)
@@ -200,9 +217,10 @@ class Objective:
             listener.trial_started(trial.number, params.as_dict())
         return TrialRun(trial, params, model, batch_size, dls, run_id)
 
-    def _report(self, run: TrialRun, record: EpochRecord) -> None:
+    def _report(self, run: TrialRun, record: EpochRecord, judge: bool = True) -> None:
         """An epoch ended: record it, tell the listeners, and let Optuna's pruner judge it
-        (not in a multi-objective study: Optuna neither takes its reports nor prunes it)."""
+        (not in a multi-objective study: Optuna neither takes its reports nor prunes it).
+        `judge=False`: an epoch a resumed trial restored (the attempt before it was judged on it)."""
         trial = run.trial
         run.history.append(record)
         trial.set_user_attr(HISTORY_ATTR, [vars(r) for r in run.history])
@@ -211,7 +229,7 @@ class Objective:
         if len(self.exp.config.objectives) > 1:
             return
         trial.report(record.error_rate, step=record.epoch)
-        if trial.should_prune():
+        if judge and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {record.epoch} with error_rate {record.error_rate:.4f}")
 
     def _close(self, run: TrialRun, state: str, reason: str = "", metrics: dict[str, float] | None = None) -> None:

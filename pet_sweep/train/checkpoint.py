@@ -58,8 +58,10 @@ class CheckpointPlan:
     trial: int = -1                   # its number
     every: int = 1                    # after every this many epochs
     min_seconds: float = 0.0          # but not sooner than this after the last save
+    max_share: float = 1.0            # nor while the last save took more than this share of the time since
     resume: ResumePoint | None = None
     on_saved: Callable[[int, float], None] | None = None  # (epochs saved, seconds the save took)
+    on_epoch: Callable[[list[list[float]]], None] | None = None  # after each epoch trained: `epoch_lrs` so far
 
 
 def next_epoch(epochs_done: int, freeze_epochs: int) -> tuple[str, int]:
@@ -157,7 +159,9 @@ class EpochCheckpoints(Callback):
         self.total_epochs = total_epochs
         self.epoch_lrs: list[list[float]] = []
         self._first_lr: float | None = None
+        self._trained = False  # the epoch now ending trained (`fit(start_epoch=N)` skips the first N)
         self._saved_epochs, self._saved_at = 0, time.monotonic()
+        self._cost = 0.0  # what the last save took
         self._pending = plan.resume  # loaded at the fit of its phase
         self._rng: dict[str, Any] | None = None  # set once the state is loaded, restored at the next epoch
         if plan.resume is not None:
@@ -194,19 +198,25 @@ class EpochCheckpoints(Callback):
             self._first_lr = float(self.learn.opt.hypers[-1]["lr"])
 
     def after_train(self) -> None:
+        self._trained = True
         self.epoch_lrs.append([self._first_lr if self._first_lr is not None else float("nan"),
                                float(self.learn.opt.hypers[-1]["lr"])])
 
     def after_epoch(self) -> None:
         done = len(self.history.records)
+        trained, self._trained = self._trained, False
+        if trained and self.plan.on_epoch is not None:
+            self.plan.on_epoch([list(v) for v in self.epoch_lrs])
         if self.plan.path is None or done == self._saved_epochs or done >= self.total_epochs:
             return  # no checkpoints; a skipped epoch; or the trial's last epoch (it completes now)
         if self.plan.every == 0 or done - self._saved_epochs < self.plan.every:
             return
-        if time.monotonic() - self._saved_at < self.plan.min_seconds:
+        since = time.monotonic() - self._saved_at
+        if since < self.plan.min_seconds or self._cost > self.plan.max_share * since:
             return
         started = time.perf_counter()
         save(self.plan.path, self.plan.trial, self.learn, self.history, self.divergence, self.epoch_lrs)
+        self._cost = time.perf_counter() - started
         self._saved_epochs, self._saved_at = done, time.monotonic()
         if self.plan.on_saved is not None:
-            self.plan.on_saved(done, time.perf_counter() - started)
+            self.plan.on_saved(done, self._cost)
