@@ -153,11 +153,12 @@ class FaultsConfig(Strict):
     max_retry: int = Field(3, ge=0)             # retries of a trial whose worker died
     oom_retries: int = Field(1, ge=0)           # re-queue an out-of-memory trial at half its batch size, this often
     # epoch checkpoints (`train.checkpoint`): saved after every this many epochs (0: none), but not
-    # sooner than checkpoint_min_seconds after the last one, nor while the last save took more than
-    # checkpoint_max_share of the training since (small trials: a 45 MB resnet18 with its Adam
-    # state takes 0.1-0.4 s to write, a quarter of a digits epoch; docs/benchmarks.md)
+    # sooner than checkpoint_min_seconds after the trial's start or its last save (less training is
+    # cheaper to run again than to save: a resnet18 with its Adam state is a 134 MiB file, 0.1-0.4 s
+    # to write, a quarter of a digits epoch), nor while the last save took more than
+    # checkpoint_max_share of the training since (docs/benchmarks.md)
     checkpoint_every: int = Field(1, ge=0)
-    checkpoint_min_seconds: float = Field(0.0, ge=0)
+    checkpoint_min_seconds: float = Field(30.0, ge=0)
     checkpoint_max_share: float = Field(0.05, gt=0, le=1)
 
     @model_validator(mode="after")

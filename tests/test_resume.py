@@ -26,7 +26,7 @@ from tests.test_databases import server_url
 FOUR_EPOCHS = {"arch": "resnet18", "base_lr": 1.0e-2, "lr_hi": 1.0e-2, "lr_mult": 10, "freeze_epochs": 1, "epochs": 3}
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the same float sums in every process
 ONE_TRIAL = {"n_trials": 1, "max_trials": 1}  # the resume runs the retry, then stops
-FAULTS = {**FAST_FAULTS, "checkpoint_max_share": 1}  # a checkpoint after every epoch, however short
+FAULTS = {**FAST_FAULTS, "checkpoint_min_seconds": 0, "checkpoint_max_share": 1}  # after every epoch, however short
 
 
 def _config(write_experiments: Callable[..., Path], name: str, storage: str | None = None) -> Path:
