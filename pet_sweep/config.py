@@ -152,11 +152,7 @@ class FaultsConfig(Strict):
     grace_period: int = Field(120, ge=1)        # a trial silent this long is failed and retried
     max_retry: int = Field(3, ge=0)             # retries of a trial whose worker died
     oom_retries: int = Field(1, ge=0)           # re-queue an out-of-memory trial at half its batch size, this often
-    # epoch checkpoints (`train.checkpoint`): saved after every this many epochs (0: none), but not
-    # sooner than checkpoint_min_seconds after the trial's start or its last save (less training is
-    # cheaper to run again than to save: a resnet18 with its Adam state is a 134 MiB file, 0.1-0.4 s
-    # to write, a quarter of a digits epoch), nor while the last save took more than
-    # checkpoint_max_share of the training since (docs/benchmarks.md)
+    # epoch checkpoints (`train.checkpoint`) every N epochs (0: none), as min_seconds and max_share allow (README)
     checkpoint_every: int = Field(1, ge=0)
     checkpoint_min_seconds: float = Field(30.0, ge=0)
     checkpoint_max_share: float = Field(0.05, gt=0, le=1)
@@ -212,8 +208,7 @@ class ExperimentConfig(Strict):
     pruner: PrunerConfig = PrunerConfig()
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None
-    # where trials keep their latest epoch checkpoint: a folder every worker can read (a path or
-    # file:// URI, relative to this file); none: `checkpoints/` beside the Optuna storage file
+    # a folder every worker reads (path or file:// URI; default beside the storage: `resume.checkpoint_dir`)
     checkpoints: str | None = None
     tracking: TrackingConfig = TrackingConfig()
     faults: FaultsConfig = FaultsConfig()
@@ -225,10 +220,8 @@ class ExperimentConfig(Strict):
     @field_validator("checkpoints")
     @classmethod
     def _local_checkpoints(cls, uri: str | None) -> str | None:
-        scheme = uri.split("://", 1)[0] if uri and "://" in uri else None
-        if scheme not in (None, "file"):
-            raise ValueError(f"checkpoints must be a folder (a path or file:// URI) that every worker can read, "
-                             f"but got the scheme {scheme!r} of {uri!r}")
+        if uri and "://" in uri and not uri.startswith("file://"):
+            raise ValueError(f"checkpoints must be a folder (path or file:// URI) every worker reads, but got {uri!r}")
         return uri
 
     @field_validator("objectives")
@@ -276,17 +269,6 @@ class Experiment:
     @property
     def tracking_uri(self) -> str:
         return resolve_url(self.config.tracking.uri, self.base_dir)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        """The folder of the study's epoch checkpoints (`checkpoints:`, or beside the storage file)."""
-        if self.config.checkpoints:
-            return (self.base_dir / Path(self.config.checkpoints.removeprefix("file://")).expanduser()).resolve()
-        url = self.storage_url
-        store = Path(url[len(JOURNAL_PREFIX):]) if url.startswith(JOURNAL_PREFIX) else (
-            Path(url[len("sqlite:///"):].split("?", 1)[0]) if url.startswith("sqlite:///") and ":memory:" not in url
-            else None)
-        return (store.parent if store is not None else self.base_dir) / "checkpoints"
 
     @property
     def tracking_experiment(self) -> str:

@@ -75,14 +75,16 @@ def test_checkpoints_every_n_epochs(write_experiments: Callable[..., Path], tmp_
 
 def test_checkpoints_go_beside_the_storage_file_or_where_the_experiment_says(
         write_experiments: Callable[..., Path], tmp_path: Path) -> None:
+    from pet_sweep.sweep.resume import checkpoint_dir
+
     exp = load_experiment(write_experiments())
-    assert exp.checkpoint_dir == tmp_path / "stores" / "checkpoints"  # beside stores/optuna.db
+    assert checkpoint_dir(exp) == tmp_path / "stores" / "checkpoints"  # beside stores/optuna.db
     exp = load_experiment(write_experiments(checkpoints="file://shared/ckpt"))
-    assert exp.checkpoint_dir == (tmp_path / "shared" / "ckpt").resolve()
+    assert checkpoint_dir(exp) == (tmp_path / "shared" / "ckpt").resolve()
 
 
 def test_a_checkpoint_uri_no_worker_can_write_to_is_refused(write_experiments: Callable[..., Path]) -> None:
     from pet_sweep.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"checkpoints.*'s3'.*s3://bucket/ckpt"):
+    with pytest.raises(ConfigError, match=r"checkpoints must be a folder.*s3://bucket/ckpt"):
         load_experiment(write_experiments(checkpoints="s3://bucket/ckpt"))

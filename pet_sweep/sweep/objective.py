@@ -126,23 +126,13 @@ class Objective:
         run = self._start(trial)
         started = time.perf_counter()
         oom_reason: str | None = None
-        logger = self.tracker.epoch_logger(run.run_id)
-        checkpoints = resume.plan(self.exp, trial, run.params.freeze_epochs)
-        if checkpoints.resume is not None:  # a retry: its epochs so far come from the checkpoint, not trained again
-            resume.note_resumed(trial, checkpoints.resume, lambda r: (logger(r), self._report(run, r, judge=False)),
-                                lambda text: self.tracker.update_sweep(run.run_id, {}, {resume.RESUMED_TAG: text}))
-        preempted = False
+        checkpoints, logger = self._checkpoints(run)
         try:
             result = recipe.fine_tune(
                 run.dls, run.params, run.model, seed=self.exp.config.seed,
                 listeners=[logger, functools.partial(self._report, run)], checkpoint=checkpoints,
                 lr_find=lrfind.trial_finder(self.tracker, run.run_id)
                 if self.exp.config.lr_find and checkpoints.resume is None else None)
-        except Preempted:  # SIGTERM: the checkpoint stays, and the sweep loop queues the trial to resume from it
-            preempted = True
-            self.preempted.append(trial.number)
-            self._close(run, "FAIL", resume.preempted_reason(trial.user_attrs.get(resume.CHECKPOINT_EPOCHS_ATTR)))
-            raise
         except optuna.TrialPruned as err:
             self._close(run, "PRUNED", message_of(err))
             raise
@@ -156,14 +146,14 @@ class Objective:
             # a deeper architecture or larger batch than the GPU holds: this trial fails,
             # the sweep goes on (recipe.fine_tune has already released the learner)
             oom_reason = f"out of memory: {message_of(err).splitlines()[0][:200] or 'CUDA'}"
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL, MLflow agrees
-            self._close(run, "FAIL", INTERRUPTED)
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL, MLflow agrees
+            self._interrupted(run, err)
             raise
         except BaseException as err:  # bugs: close the run, then let them stop the sweep
             self._close(run, "FAIL", f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
             raise
         finally:
-            if not preempted:  # ended for good (an out-of-memory retry is a new trial at another batch size)
+            if trial.number not in self.preempted:  # ended for good (an out-of-memory retry is a new trial at another batch size)
                 resume.discard(self.exp, checkpoints)
         if oom_reason is not None:  # after the `except`: there, its traceback still holds the trial's tensors
             release_cuda_memory()
@@ -180,6 +170,25 @@ class Objective:
                                               "duration_s": time.perf_counter() - started, **result.costs,
                                               COST_SECONDS_ATTR: result.cost_seconds})
         return self._values(result.error_rate, result.costs)
+
+    def _checkpoints(self, run: TrialRun) -> tuple[Any, Callable[[EpochRecord], None]]:
+        """The trial's checkpoint plan (`resume.plan`) and its MLflow epoch logger. A retry's epochs so far
+        come from the checkpoint it goes on from, not trained again: its history, MLflow curve, Optuna's values."""
+        logger = self.tracker.epoch_logger(run.run_id)
+        checkpoints = resume.plan(self.exp, run.trial, run.params.freeze_epochs)
+        if checkpoints.resume is not None:
+            resume.note_resumed(run.trial, checkpoints.resume, lambda r: (logger(r), self._report(run, r, judge=False)),
+                                lambda text: self.tracker.update_sweep(run.run_id, {}, {resume.RESUMED_TAG: text}))
+        return checkpoints, logger
+
+    def _interrupted(self, run: TrialRun, err: KeyboardInterrupt) -> None:
+        """Ctrl-C stopped the trial; or SIGTERM (`Preempted`): its checkpoint stays, and the sweep
+        loop queues it to resume from there (`resume.queue_preempted`)."""
+        if not isinstance(err, Preempted):
+            self._close(run, "FAIL", INTERRUPTED)
+            return
+        self.preempted.append(run.trial.number)
+        self._close(run, "FAIL", resume.preempted_reason(run.trial.user_attrs.get(resume.CHECKPOINT_EPOCHS_ATTR)))
 
     def _values(self, error_rate: float, costs: Mapping[str, float]) -> ObjectiveValues:
         """What Optuna is told: the error rate alone, or with the costs `objectives:` names after it."""

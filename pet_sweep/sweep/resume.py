@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Callable
 import optuna
 from optuna.trial import TrialState
 
-from pet_sweep.config import Experiment
+from pet_sweep.config import JOURNAL_PREFIX, Experiment
+from pet_sweep.sweep.lifecycle import fail_and_retry
 from pet_sweep.sweep.records import EpochRecord, retry_history
+from pet_sweep.sweep.storage import StaleTrialHandler
+from pet_sweep.tracking import sqlite_path
 
 if TYPE_CHECKING:  # heavy: torch, fastai
     from pet_sweep.train.checkpoint import CheckpointPlan, ResumePoint
@@ -37,10 +40,21 @@ def preempted_reason(epochs: int | None) -> str:
     return f"preempted (SIGTERM), resumable {where}"
 
 
+def checkpoint_dir(exp: Experiment) -> Path:
+    """The folder of the experiment's epoch checkpoints: `checkpoints:` (relative to the experiments
+    file), or `checkpoints/` beside the sqlite or journal storage file (beside the experiments file
+    for a database server)."""
+    if exp.config.checkpoints:
+        return (exp.base_dir / Path(exp.config.checkpoints.removeprefix("file://")).expanduser()).resolve()
+    url = exp.storage_url
+    store = Path(url[len(JOURNAL_PREFIX):]) if url.startswith(JOURNAL_PREFIX) else sqlite_path(url)
+    return (store.parent if store is not None else exp.base_dir) / "checkpoints"
+
+
 def checkpoint_path(exp: Experiment, number: int) -> Path:
     """Trial `number`'s checkpoint file: one per trial, in a folder per study."""
     study = re.sub(r"[^A-Za-z0-9._-]", "_", exp.study_name)
-    return exp.checkpoint_dir / study / f"trial-{number}.pt"
+    return checkpoint_dir(exp) / study / f"trial-{number}.pt"
 
 
 def resume_point(exp: Experiment, trial: optuna.Trial, freeze_epochs: int) -> ResumePoint | None:
@@ -96,9 +110,6 @@ def queue_preempted(study: optuna.Study, numbers: list[int], exp: Experiment, tr
                     echo: Callable[[str], None]) -> list[int]:
     """Queue the retry of each trial SIGTERM stopped (Optuna has failed them): it resumes from
     its checkpoint, in this study's next run or in any worker still running it."""
-    from pet_sweep.sweep.lifecycle import fail_and_retry
-    from pet_sweep.sweep.storage import StaleTrialHandler
-
     queued = []
     for number in numbers:
         trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)

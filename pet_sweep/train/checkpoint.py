@@ -125,7 +125,12 @@ def save(path: Path, trial: int, learn: Any, history: EpochHistory, divergence: 
                     "scaler": scaler.state_dict() if scaler is not None else {}})
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    torch.save(state, partial)
+    with open(partial, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        # on disk before it counts: a checkpoint still in the page cache is lost with its node, and
+        # the flush is the save's real cost (unflushed, it stalls the next SQLite commit instead)
+        os.fsync(file.fileno())
     os.replace(partial, path)  # atomic: a reader sees the old checkpoint or the new one, whole
 
 
@@ -165,8 +170,7 @@ class EpochCheckpoints(Callback):
         self._pending = plan.resume  # loaded at the fit of its phase
         self._rng: dict[str, Any] | None = None  # set once the state is loaded, restored at the next epoch
         if plan.resume is not None:
-            history.records = list(plan.resume.history)
-            history.group_lrs = {**plan.resume.group_lrs}
+            history.restore(plan.resume.history, plan.resume.group_lrs)
             self.epoch_lrs = [list(v) for v in plan.resume.epoch_lrs]
             self._saved_epochs = plan.resume.epochs
 
@@ -184,7 +188,7 @@ class EpochCheckpoints(Callback):
         scaler = getattr(self.learn, "scaler", None)
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
-        self.divergence.start, self.divergence.batches = state["meta"]["divergence"]
+        self.divergence.restore(*state["meta"]["divergence"])
         self._rng = state["rng"]
 
     def before_epoch(self) -> None:  # only epochs that train: SkipToEpoch raised before this for the others
