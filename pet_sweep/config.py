@@ -152,6 +152,10 @@ class FaultsConfig(Strict):
     grace_period: int = Field(120, ge=1)        # a trial silent this long is failed and retried
     max_retry: int = Field(3, ge=0)             # retries of a trial whose worker died
     oom_retries: int = Field(1, ge=0)           # re-queue an out-of-memory trial at half its batch size, this often
+    # epoch checkpoints (`train.checkpoint`) every N epochs (0: none), as min_seconds and max_share allow (README)
+    checkpoint_every: int = Field(1, ge=0)
+    checkpoint_min_seconds: float = Field(30.0, ge=0)
+    checkpoint_max_share: float = Field(0.05, gt=0, le=1)
 
     @model_validator(mode="after")
     def _check(self) -> "FaultsConfig":
@@ -207,12 +211,21 @@ class ExperimentConfig(Strict):
     pruner: PrunerConfig = PrunerConfig()
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None
+    # a folder every worker reads (path or file:// URI; default beside the storage: `resume.checkpoint_dir`)
+    checkpoints: str | None = None
     tracking: TrackingConfig = TrackingConfig()
     faults: FaultsConfig = FaultsConfig()
     launch: LaunchConfig = LaunchConfig()
     seed: int = 0
     lr_find: bool = False
     pretrain: PretrainConfig = PretrainConfig()
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _local_checkpoints(cls, uri: str | None) -> str | None:
+        if uri and "://" in uri and not uri.startswith("file://"):
+            raise ValueError(f"checkpoints must be a folder (path or file:// URI) every worker reads, but got {uri!r}")
+        return uri
 
     @field_validator("objectives")
     @classmethod

@@ -66,3 +66,8 @@ def validation_reason(error: Mapping[str, Any], valid_keys: Sequence[str] = (), 
 
 class TrackingAway(StudyError):
     """The MLflow tracking server stayed unreachable past `tracking.max_outage`: the sweep stops."""
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM (a spot machine reclaimed, a scheduler): stop like Ctrl-C, but leave the trial to be
+    resumed from its checkpoint (`sweep.resume`). A KeyboardInterrupt, so every stop path stays one."""

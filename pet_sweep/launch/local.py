@@ -129,7 +129,8 @@ def _pump(proc: subprocess.Popen, index: int, echo: Echo) -> None:
 
 
 def wait_workers(procs: list[subprocess.Popen]) -> tuple[list[WorkerExit], bool]:
-    """Wait for every worker; on SIGINT/SIGTERM forward SIGINT to them once and keep waiting."""
+    """Wait for every worker; on SIGINT/SIGTERM forward that signal to them once and keep waiting
+    (SIGTERM: the workers leave their trials to resume from their checkpoints)."""
     interrupted = threading.Event()
 
     def forward(signum: int, frame: Any) -> None:
@@ -139,7 +140,7 @@ def wait_workers(procs: list[subprocess.Popen]) -> tuple[list[WorkerExit], bool]
         for proc in procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGINT)
+                    proc.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

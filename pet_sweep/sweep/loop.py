@@ -19,11 +19,12 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.config import Experiment
-from pet_sweep.errors import TrackingAway, TrialFailed
+from pet_sweep.errors import Preempted, TrackingAway, TrialFailed
 from pet_sweep.space import Anchors
 from pet_sweep.sweep.budget import Budget, Claim, WorkerRole, this_process
 from pet_sweep.sweep.lifecycle import clean_leftovers
 from pet_sweep.sweep.objective import Objective, TrialListener
+from pet_sweep.sweep.resume import queue_preempted
 from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run, tracker_when_needed
 from pet_sweep.sweep.records import (
     INVOCATION_ATTR,
@@ -60,6 +61,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     trial_ended = TrialEnded(tracker, parent, echo, trial_listeners, tuple(exp.config.objectives))
     status = "FAILED"
     stopped_by: StoppedBy = "budget"
+    objective: Objective | None = None
     if owns_parent:
         role.own_lock()  # removed in `finally`; left behind only by a kill -9 (clean_leftovers)
     try:
@@ -73,8 +75,10 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         freeze_long_lived_objects()
         stopped_by = _run_trials(exp, study, objective, budget, trial_ended, started, echo)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         status, stopped_by = "KILLED", "interrupt"
+        if isinstance(err, Preempted) and objective is not None:  # SIGTERM: its trial resumes from its checkpoint
+            queue_preempted(study, objective.preempted, exp, lambda: tracker, echo)
     except TrackingAway:  # between two trials: nothing runs, every trial is closed
         status, stopped_by = "KILLED", "tracking"
     finally:
