@@ -28,9 +28,13 @@ from pet_sweep.cli.common import (
 @tracking_option
 @study_name_option
 @click.option("--no-mlflow-attach", is_flag=True, help="Do not attach the report to the sweep's MLflow run.")
+@click.option("--time-costs", is_flag=True,
+              help="First time every model of the study side by side on this machine (interleaved repeats, "
+                   "median with its 95% interval; FLOPs and parameters beside) and store that in the study; "
+                   "`run` does it at the end of a sweep. It loads torch and takes seconds per model.")
 @fail_clearly
 def report(experiment: str | None, config_path: str, out_dir: str | None, storage: str | None,
-           tracking_uri: str | None, study_name: str | None, no_mlflow_attach: bool) -> None:
+           tracking_uri: str | None, study_name: str | None, no_mlflow_attach: bool, time_costs: bool) -> None:
     """Read the sweep of EXPERIMENT: verdicts, tables, intervals, figures; never trains.
 
     Works on a finished or a still-running study. Writes a self-contained
@@ -47,6 +51,11 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
     from pet_sweep.report.render import summary_text
 
     _clean_leftovers([exp])
+    if time_costs:
+        from pet_sweep.report.read import open_existing_study
+        from pet_sweep.train.timing import time_study  # heavy: torch, fastai (this option only)
+
+        time_study(open_existing_study(exp), exp, click.echo)
     bundle = load_report(exp)
     out = Path(out_dir) if out_dir else exp.base_dir / "reports" / exp.study_name
     written = write_report(bundle, out, attach=not no_mlflow_attach)

@@ -21,6 +21,7 @@ from pet_sweep.config import Experiment
 from pet_sweep.errors import StudyError
 from pet_sweep.report.analysis import HeldOut, StudyReport, TrialRecord, build_report, completed, \
     recommendation_for, too_few_for_importances
+from pet_sweep.report.costs import CostBook, key_of, session_of
 from pet_sweep.report.front import Recommendation
 from pet_sweep.report.render import html, markdown
 from pet_sweep.params import inert_params
@@ -81,7 +82,7 @@ def trial_records(study: Any, batch_size: int | None = None,
     `objectives`: the study's names (`objectives_of`).
     """
     # heavy: sweep.records imports optuna; the study is open by now anyway
-    from pet_sweep.sweep.records import BATCH_ATTR, HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, \
+    from pet_sweep.sweep.records import BATCH_ATTR, DEVICE_ATTR, HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, \
         REASON_ATTR, TARGETS_ATTR, error_of
 
     records = []
@@ -97,8 +98,17 @@ def trial_records(study: Any, batch_size: int | None = None,
             preds=tuple(attrs.get(PREDS_ATTR, ())), targets=tuple(attrs.get(TARGETS_ATTR, ())),
             precision=str(attrs.get(PRECISION_ATTR, "")), reason=str(attrs.get(REASON_ATTR, "")),
             seconds=seconds, run_id=attrs.get(RUN_ID_ATTR), batch_size=attrs.get(BATCH_ATTR, batch_size),
-            costs=trial_costs(t, objectives), values=tuple(float(v) for v in t.values or ())))
+            costs=trial_costs(t, objectives), values=tuple(float(v) for v in t.values or ()),
+            device=str(attrs.get(DEVICE_ATTR, ""))))
     return records
+
+
+def cost_book(exp: Experiment, study: Any, records: Sequence[TrialRecord]) -> CostBook:
+    """The completed trials' cost keys (`report.costs.CostKey`) and the study's last timing session."""
+    model = exp.config.model
+    keys = {r.number: key_of(r, model.img_size, model.channels_last, model.batch_size)
+            for r in records if r.state == "COMPLETE"}
+    return CostBook(keys, session_of(study.user_attrs))
 
 
 def recommendation_of(exp: Experiment, study: Any) -> Recommendation | None:
@@ -106,7 +116,7 @@ def recommendation_of(exp: Experiment, study: Any) -> Recommendation | None:
     objectives = objectives_of(study, exp)
     records = trial_records(study, exp.config.model.batch_size, objectives)
     return recommendation_for(records, objectives, experiment=exp.name, study_name=exp.study_name,
-                              n_classes=n_classes(records))
+                              n_classes=n_classes(records), book=cost_book(exp, study, records))
 
 
 def n_classes(records: Sequence[TrialRecord]) -> int | None:
@@ -210,7 +220,8 @@ def load_report(exp: Experiment) -> ReportBundle:
     report = build_report(records, experiment=exp.name, study_name=exp.study_name, importances=importances,
                           heldout=read_heldout(tracking, exp.study_name), bounds=space_bounds(exp),
                           n_classes=n_classes(records), test_split=exp.config.data.test_pct > 0,
-                          importance_note=note, always_inert=always_inert(exp.space), objectives=objectives)
+                          importance_note=note, always_inert=always_inert(exp.space), objectives=objectives,
+                          cost_book=cost_book(exp, study, records))
     return ReportBundle(report, study, tracking)
 
 

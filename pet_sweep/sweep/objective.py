@@ -22,6 +22,7 @@ from pet_sweep.space import Anchors, anchor_params, suggest
 from pet_sweep.sweep.records import (
     BATCH_ATTR,
     COST_SECONDS_ATTR,
+    DEVICE_ATTR,
     HISTORY_ATTR,
     INTERRUPTED,
     OOM_RETRY_OF,
@@ -182,6 +183,7 @@ class Objective:
         precision = precision_for(model.precision, dls.device)
         trial.set_user_attr(PARAMS_ATTR, params.as_dict())
         trial.set_user_attr(PRECISION_ATTR, precision)
+        trial.set_user_attr(DEVICE_ATTR, str(dls.device))
         checkpoint = self.checkpoints.get(params.arch)
         model = starting_model(model, self.checkpoints, params.arch)
         if checkpoint is not None:

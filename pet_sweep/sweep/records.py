@@ -27,6 +27,7 @@ PREDS_ATTR = "valid_preds"        # predicted class per validation item (last ep
 TARGETS_ATTR = "valid_targets"
 REASON_ATTR = "reason"            # why a trial was pruned or failed
 WORKER_ATTR = "worker"            # host:pid of the process that ran the trial
+DEVICE_ATTR = "device"            # the device the trial ran on ("cpu", "cuda:0"): part of its cost key
 BATCH_ATTR = "batch_size"         # set on a trial re-queued after an out-of-memory: the halved batch size
 OOM_RETRY_OF = "oom_retry_of"     # set on that re-queued trial: the number of the trial that ran out of memory
 INVOCATION_ATTR = "pet_sweep_invocation"  # the invocation (one `pet-sweep run`) whose budget the trial used
