@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from pydantic_core import PydanticCustomError
 
 from pet_sweep.errors import ConfigError
-from pet_sweep.selection import SelectionConfig
+from pet_sweep.selection import SelectionConfig, check_selection
 from pet_sweep.space import SearchSpace, Strict, parse_space
 from pet_sweep.yaml_files import read_model, read_yaml
 
@@ -342,16 +342,8 @@ def load_experiments_file(path: str | Path = DEFAULT_CONFIG) -> tuple[Experiment
                           f"{', '.join(parsed.experiments)}", file=str(path), key="default")
     for name, cfg in parsed.experiments.items():
         _check_source(name, cfg.model.pretrained_on, parsed.experiments, path)
-        _check_selection(name, cfg, path)
+        check_selection(cfg.selection, cfg.budget.n_trials, file=str(path), experiment=name)
     return parsed, path
-
-
-def _check_selection(name: str, cfg: ExperimentConfig, path: Path) -> None:
-    """`selection.confirm_top` configs confirmed at most: no more than the trials of the budget."""
-    top, n_trials = cfg.selection.confirm_top, cfg.budget.n_trials
-    if top > n_trials:
-        raise ConfigError(f"confirm_top must be <= budget.n_trials, but got {top} > {n_trials}",
-                          file=str(path), experiment=name, key="selection.confirm_top")
 
 
 def _where_to_look(path: Path) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import Field
 
+from pet_sweep.errors import ConfigError
 from pet_sweep.params import TrialParams
 from pet_sweep.space import Anchored, Choice, Range, SearchSpace, Strict
 
@@ -63,6 +64,21 @@ class SelectionConfig(Strict):
         reserved = min(self.reserved(), n_trials)
         return (f"{'; '.join(parts)}: up to {reserved} of the {_trials(n_trials)}, "
                 f"at least {n_trials - reserved} left to search")
+
+
+def check_selection(sel: SelectionConfig, n_trials: int, *, file: str, experiment: str) -> None:
+    """`confirm_top` configs confirmed at most: no more than the trials of the budget. The settings are
+    validated, but the sweep loop does not run repeats or the baseline yet: any other value than the
+    default is refused, rather than accepted as a setting that silently does nothing."""
+    if sel.confirm_top > n_trials:
+        raise ConfigError(f"confirm_top must be <= budget.n_trials, but got {sel.confirm_top} > {n_trials}",
+                          file=file, experiment=experiment, key="selection.confirm_top")
+    for key, value, default in (("seeds", sel.seeds, 1), ("confirm_top", sel.confirm_top, 0),
+                                ("baseline", sel.baseline, False)):
+        if value != default:
+            raise ConfigError(f"selection.{key} is not acted on by the sweep yet (repeats on seeds and the "
+                              f"fine_tune baseline are in progress): leave it at {default!r}, but got {value!r}",
+                              file=file, experiment=experiment, key=f"selection.{key}")
 
 
 def _trials(n: int) -> str:

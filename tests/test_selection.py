@@ -73,3 +73,12 @@ def test_selection_compares_the_winner_with_the_baseline_over_seeds_and_items():
     labels = [label for label, _ in sel.lines()]
     assert labels[0] == "worth it?" and "baseline" in labels
     assert compare_configs("x", sel.best, summarise(_runs())[1]).n_items == 4  # config 2: seed 0 only
+
+
+@pytest.mark.parametrize("selection, key", [({"seeds": 2}, "selection.seeds"),
+                                            ({"baseline": True}, "selection.baseline")])
+def test_selection_not_yet_acted_on_is_refused(write_experiments, selection, key):
+    path = write_experiments(selection=selection)
+    result = CliRunner().invoke(cli, ["run", "--config", str(path)])
+    assert result.exit_code == 2
+    assert key in result.output and "not acted on" in result.output
