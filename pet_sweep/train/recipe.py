@@ -166,8 +166,9 @@ def reseed(dls: Any, seed: int) -> None:
 
 def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
               listeners: Sequence[EpochListener] = (), keep_learner: bool = False,
-              lr_find: Callable[[Any, TrialParams], None] | None = None) -> FineTuneResult:
-    """Run the chapter-5 recipe once. Listeners see every epoch (global numbering).
+              lr_find: Callable[[Any, TrialParams], None] | None = None, cbs: Sequence[Any] = ()) -> FineTuneResult:
+    """Run the chapter-5 recipe once. Listeners see every epoch (global numbering); `cbs`
+    (a caller's fastai callbacks) join the Learner for both phases.
 
     `lr_find` (`lrfind.trial_finder`) runs on the fresh learner before training; it
     leaves the weights and random state as they were.
@@ -183,7 +184,7 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
         if lr_find is not None:  # before the history callbacks: the finder's mock epochs are not epochs
             lr_find(learn, params)
         history = EpochHistory(listeners)
-        learn.add_cbs([history, StopOnDivergence(history)])
+        learn.add_cbs([history, StopOnDivergence(history), *cbs])
         fitting = time.perf_counter()
         with learn.no_bar(), learn.no_logging():
             if params.freeze_epochs > 0:
