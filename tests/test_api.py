@@ -53,7 +53,7 @@ def test_workers_receive_the_experiment_built_in_python_not_a_path(tmp_path: Pat
     assert back == exp and back.config.budget.n_trials == 5 and isinstance(callbacks[0], EpochCounter)
     assert worker_command(exp, WorkerRole("abc", 0, 2, "run1", 1))[3:] == ["worker", WorkerRole(
         "abc", 0, 2, "run1", 1).encode(), "tiny"]  # no --config: the experiment is in $EXPERIMENT_ENV
-    assert EXPERIMENT_ENV == "PET_SWEEP_EXPERIMENT"
+    assert EXPERIMENT_ENV == "PET_SWEEP_WORKER_EXPERIMENT"
     with pytest.raises(ConfigError, match="must pickle"):
         pack_experiment(exp, (lambda number, record: None,))
 

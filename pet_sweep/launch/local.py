@@ -47,7 +47,7 @@ def nothing_ran(exp: Experiment) -> SweepResult:
     return SweepResult(exp.study_name, "", ran=0, finished=0, best=None, stopped_by="interrupt", left=n_trials)
 
 
-EXPERIMENT_ENV = "PET_SWEEP_EXPERIMENT"  # the supervisor's validated Experiment (and callbacks), pickled
+EXPERIMENT_ENV = "PET_SWEEP_WORKER_EXPERIMENT"  # the supervisor's validated Experiment (and callbacks), pickled
 
 
 def pack_experiment(exp: Experiment, callbacks: tuple[Any, ...] = ()) -> str:
