@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import pet_sweep.report  # noqa: E402  a callable package: pet_sweep.report(exp) (see report/__init__.py)
+import pet_sweep.report  # noqa: E402, F401  a callable package: pet_sweep.report(exp) (see report/__init__.py)
 from pet_sweep.api import export, run  # noqa: E402
 from pet_sweep.config import Experiment  # noqa: E402
 

@@ -15,7 +15,6 @@ from pet_sweep.cli.common import (
     load,
     quiet_libraries,
     sigterm_is_interrupt,
-    storage_option,
     tracking_option,
 )
 from pet_sweep.config import DEFAULT_CONFIG, Experiment
