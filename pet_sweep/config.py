@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pet_sweep.errors import ConfigError
+from pet_sweep.selection import SelectionConfig
 from pet_sweep.settings import (  # noqa: F401  (re-exported: the sections are part of the config)
     COMMAND_LINE, BudgetConfig, DataConfig, FaultsConfig, LaunchConfig, ModelConfig, PretrainConfig,
     PrunerConfig, SamplerConfig, TrackingConfig,
@@ -43,12 +44,22 @@ class ExperimentConfig(Strict):
     pruner: PrunerConfig = PrunerConfig()
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None
+    # a folder every worker reads (path or file:// URI; default beside the storage: `resume.checkpoint_dir`)
+    checkpoints: str | None = None
     tracking: TrackingConfig = TrackingConfig()
     faults: FaultsConfig = FaultsConfig()
     launch: LaunchConfig = LaunchConfig()
     seed: int = 0
     lr_find: bool = False
     pretrain: PretrainConfig = PretrainConfig()
+    selection: SelectionConfig = SelectionConfig()  # repeats on seeds, the fine_tune baseline (pet_sweep.selection)
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _local_checkpoints(cls, uri: str | None) -> str | None:
+        if uri and "://" in uri and not uri.startswith("file://"):
+            raise ValueError(f"checkpoints must be a folder (path or file:// URI) every worker reads, but got {uri!r}")
+        return uri
 
     @field_validator("objectives")
     @classmethod
@@ -198,7 +209,16 @@ def load_experiments_file(path: str | Path = DEFAULT_CONFIG) -> tuple[Experiment
                           f"{', '.join(parsed.experiments)}", file=str(path), key="default")
     for name, cfg in parsed.experiments.items():
         _check_source(name, cfg.model.pretrained_on, parsed.experiments, path)
+        _check_selection(name, cfg, path)
     return parsed, path
+
+
+def _check_selection(name: str, cfg: ExperimentConfig, path: Path) -> None:
+    """`selection.confirm_top` configs confirmed at most: no more than the trials of the budget."""
+    top, n_trials = cfg.selection.confirm_top, cfg.budget.n_trials
+    if top > n_trials:
+        raise ConfigError(f"confirm_top must be <= budget.n_trials, but got {top} > {n_trials}",
+                          file=str(path), experiment=name, key="selection.confirm_top")
 
 
 def _where_to_look(path: Path) -> str:

@@ -12,6 +12,7 @@ from pet_sweep.space import Strict
 
 COMMAND_LINE = "command_line"  # validation context of `with_overrides`: the options' own rules apply
 
+
 class DataConfig(Strict):
     """Where the images come from and how they are split."""
 
@@ -142,6 +143,10 @@ class FaultsConfig(Strict):
     grace_period: int = Field(120, ge=1)        # a trial silent this long is failed and retried
     max_retry: int = Field(3, ge=0)             # retries of a trial whose worker died
     oom_retries: int = Field(1, ge=0)           # re-queue an out-of-memory trial at half its batch size, this often
+    # epoch checkpoints (`train.checkpoint`) every N epochs (0: none), as min_seconds and max_share allow (README)
+    checkpoint_every: int = Field(1, ge=0)
+    checkpoint_min_seconds: float = Field(30.0, ge=0)
+    checkpoint_max_share: float = Field(0.05, gt=0, le=1)
 
     @model_validator(mode="after")
     def _check(self) -> "FaultsConfig":
@@ -171,6 +176,9 @@ class LaunchConfig(Strict):
 class TrackingConfig(Strict):
     uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None
+    # an http(s) server away this long (seconds) stops the sweep before its next trial; until
+    # then trials go on and their MLflow writes wait in a spool (README, "Faults: the MLflow server")
+    max_outage: float = Field(900, ge=0)
 
 
 # What a trial can be judged on: its error rate, and the costs every completed trial
