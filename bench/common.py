@@ -74,6 +74,17 @@ def write_experiment(folder: Path, experiment: dict[str, Any], space: dict[str, 
     return path
 
 
+def experiment_in(folder: Path, experiment: dict[str, Any], space: dict[str, Any], name: str = "bench") -> Any:
+    """The experiment `write_experiment` would write, built in Python (`Experiment.from_dict`):
+    no YAML on disk; the stores live in `folder`."""
+    import pet_sweep
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return pet_sweep.Experiment.from_dict({"sweep": space, "storage": "sqlite:///optuna.db",
+                                           "tracking": {"uri": "sqlite:///mlflow.db"}, **experiment},
+                                          name, base_dir=folder)
+
+
 def digits_space() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "sweeps" / "digits.yaml").read_text())
 

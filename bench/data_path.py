@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bench.common import default_digits, digits_space, hand_written_dls, machine, median, temp_dir, write_experiment
+from bench.common import default_digits, digits_space, experiment_in, hand_written_dls, machine, median, temp_dir
 
 
 def seconds_per_batch(dls) -> float:  # noqa: ANN001 - fastai DataLoaders
@@ -29,12 +29,11 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from pet_sweep.config import load_experiment
     from pet_sweep.train.data import build_data
 
     base = default_digits()
     experiment = {**base, "model": {**base["model"], "img_size": args.img_size}}
-    exp = load_experiment(write_experiment(temp_dir("data-path"), experiment, digits_space()))
+    exp = experiment_in(temp_dir("data-path"), experiment, digits_space())
     ours = build_data(exp).dls
     theirs = hand_written_dls(args.img_size, exp.config.model.batch_size)
     same = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ours.valid, theirs.valid))

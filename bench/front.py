@@ -14,7 +14,6 @@ import argparse
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.common import default_digits, header, temp_dir, wilson_text, write_experiment

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import default_digits, header, temp_dir, write_experiment
+from bench.common import default_digits, experiment_in, header, temp_dir
 from bench.overhead import CONFIGS, SPACE
 
 
@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     from pet_sweep.train import recipe
-    from pet_sweep.config import load_experiment
     from pet_sweep.sweep.loop import run_sweep
     from pet_sweep.sweep.storage import open_study, quiet_optuna
     from pet_sweep.tracking import Tracker
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     base = default_digits()
     experiment = {**base, "model": {**base["model"], "img_size": args.img_size}, "pruner": {"name": "none"},
                   "data": {**base["data"], "limit": args.limit}, "budget": {"n_trials": len(CONFIGS)}}
-    exp = load_experiment(write_experiment(temp_dir("profile"), experiment, SPACE))
+    exp = experiment_in(temp_dir("profile"), experiment, SPACE)
     Tracker(exp.tracking_uri, exp.tracking_experiment)  # the stores exist, as on every run after the first
     study = open_study(exp)
     for params in CONFIGS:

@@ -25,18 +25,16 @@ from typing import Any
 
 import torch
 
-from bench.common import default_digits, digits_space, header, median, temp_dir, write_experiment
+from bench.common import default_digits, digits_space, experiment_in, header, median, temp_dir
 
 
 def experiment(sampler: str, seed: int, args: argparse.Namespace) -> Any:
-    from pet_sweep.config import load_experiment
-
     base = default_digits()
     settings = {**base, "model": {**base["model"], "img_size": args.img_size},
                 "data": {**base["data"], "limit": args.limit},
                 "budget": {"n_trials": args.n_trials}, "pruner": {"name": "none"},
                 "sampler": {"name": sampler, "seed": seed, "n_startup_trials": 4}}
-    return load_experiment(write_experiment(temp_dir(f"search-{sampler}-{seed}"), settings, digits_space()))
+    return experiment_in(temp_dir(f"search-{sampler}-{seed}"), settings, digits_space())
 
 
 def fastai_default_error(exp: Any, epochs: int) -> float:

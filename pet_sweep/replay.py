@@ -292,7 +292,7 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
     exp = exp.with_overrides(tracking_uri=tracking_uri)
     # export keeps no password: the real one comes from the environment or the option
     require_password(exp.tracking_uri, "PET_SWEEP_TRACKING_URI (or pass --tracking-uri)",
-                     file=str(exp.config_path), key="tracking.uri")
+                     file=exp.where, key="tracking.uri")
     check_server(exp.tracking_uri)  # a server that is down: said before the training, not after
     if register:
         from pet_sweep import serve  # heavy: mlflow, pandas
@@ -301,7 +301,7 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
     params = params_from_dict(cfg.params)
     data = build_data(exp)
     split = check_test_split(cfg.source, data.fingerprint, allow_change=allow_split_change,
-                             where=str(exp.config_path))
+                             where=exp.where)
     echo(f"split        {split.text}")
     tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
     precision = recipe.precision_for(cfg.model.precision, data.dls.device)

@@ -114,9 +114,16 @@ def read_model(path: str | Path, model: type[ModelT], shape: str, *,
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"must be {shape}", file=str(path))
+    return validate_model(raw, model, path, section=section), path
+
+
+def validate_model(raw: dict[str, Any], model: type[ModelT], file: str | Path, *,
+                   section: str | None = None) -> ModelT:
+    """Validate a mapping (read from `file`, or built in Python) as `model`; an error names
+    `file`, the experiment and the key, as for a YAML file."""
     try:
-        return model(**raw), path
+        return model(**raw)
     except ValidationError as err:
-        raise _config_error(err, path, model, section) from None
+        raise _config_error(err, Path(file), model, section) from None
     except TypeError as err:
-        raise ConfigError(str(err), file=str(path)) from None
+        raise ConfigError(str(err), file=str(file)) from None

@@ -108,8 +108,7 @@ def test_the_worker_is_a_hidden_command_whose_argv_carries_no_url(write_experime
                                             budget={"n_trials": 3, "timeout": 60}))
     role = WorkerRole("abc", 1, 2, "run1", 4)
     argv = worker_command(exp, role)
-    assert argv[1:6] == ["-m", "pet_sweep", "worker", role.encode(), "tiny"]
-    assert argv[-6:] == ["--n-trials", "3", "--study-name", "tiny", "--timeout", "60.0"]
+    assert argv[1:] == ["-m", "pet_sweep", "worker", role.encode(), "tiny"]  # the experiment is in the environment
     assert "s3cret" not in " ".join(argv)  # the URLs travel in the environment
 
 

@@ -69,26 +69,26 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
 PICKS = "best, cheapest or trial N"
 
 
-class PickOption(click.Option):
-    """`--pick best | cheapest | trial N`: after `trial`, the next word is its number
-    (click options take a fixed number of values, so the option's parser takes it)."""
+class PickCommand(click.Command):
+    """`export`: `--pick best | cheapest | trial N`. Click options take a fixed number of values,
+    so before click parses, `--pick trial N` is joined into the one value `trial:N`
+    (`Command.parse_args`, click's public hook; `--pick trial:N` and `--trial N` need nothing)."""
 
-    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
-        super().add_to_parser(parser, ctx)
-        # click's own option parser (click 8: `_long_opt`; a test pins it). Where a click
-        # lacks it, `--pick trial:7` and `--trial 7` still work.
-        for name in self.opts:
-            option = getattr(parser, "_long_opt", {}).get(name)
-            if option is None:
-                continue
-            store = option.process
-
-            def process(value: Any, state: Any, store: Any = store) -> None:
-                if value == "trial" and state.rargs and not state.rargs[0].startswith("-"):
-                    value = f"trial {state.rargs.pop(0)}"
-                store(value, state)
-
-            option.process = process
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        joined: list[str] = []
+        rest = list(args)
+        while rest:
+            arg = rest.pop(0)
+            if arg == "--":
+                joined += [arg, *rest]
+                break
+            if arg in ("--pick", "--pick=trial") and rest:
+                value = "trial" if arg == "--pick=trial" else rest.pop(0)
+                if value == "trial" and rest and not rest[0].startswith("-"):
+                    value = f"trial:{rest.pop(0)}"
+                arg = f"--pick={value}"
+            joined.append(arg)
+        return super().parse_args(ctx, joined)
 
 
 def parse_pick(value: str | None, trial: int | None) -> str | int | None:
@@ -106,12 +106,12 @@ def parse_pick(value: str | None, trial: int | None) -> str | int | None:
     raise click.BadParameter(f"{value!r}: {hint}", param_hint="'--pick'")
 
 
-@click.command()
+@click.command(cls=PickCommand)
 @click.argument("experiment", required=False)
 @config_option
 @click.option("-o", "--output", default="best.yaml", show_default=True, type=click.Path(dir_okay=False),
               help="Where to write the standalone config.")
-@click.option("--pick", cls=PickOption, metavar="best|cheapest|trial N",
+@click.option("--pick", metavar="best|cheapest|trial N",
               help="Which trial: the lowest error (best, the default), the cheapest trial within noise of it "
                    "(cheapest: the report's recommendation), or trial N.")
 @click.option("--trial", type=int, help="Export this trial number (the same as --pick trial N).")

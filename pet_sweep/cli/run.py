@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,6 @@ from pet_sweep.cli.common import (
     load,
     quiet_libraries,
     sigterm_is_interrupt,
-    storage_option,
     tracking_option,
 )
 from pet_sweep.config import DEFAULT_CONFIG, Experiment
@@ -214,29 +214,25 @@ def _print_best(best: tuple[float, int] | None, hints: _Hints, quiet: bool) -> N
 @click.command(hidden=True)
 @click.argument("role")
 @click.argument("experiment")
-@config_option
-@click.option("--n-trials", type=int)
-@click.option("--timeout", type=float)
-@storage_option
-@tracking_option
-@click.option("--study-name")
 @fail_clearly
-def worker(role: str, experiment: str, config_path: str, n_trials: int | None, timeout: float | None,
-           storage: str | None, tracking_uri: str | None, study_name: str | None) -> None:
+def worker(role: str, experiment: str) -> None:
     """One of the workers `pet-sweep run --workers N` starts; ROLE is its place among them.
 
-    It repeats the supervisor's settings (the URLs come in the environment); the
-    supervisor prints the banner, the result and the hints. Exit code 130 after Ctrl-C.
+    The supervisor's validated experiment (and callbacks) come in the environment
+    (EXPERIMENT is its name, for `ps`); the supervisor prints the banner, the result and
+    the hints. Exit code 130 after Ctrl-C.
     """
-    exp = load(config_path, experiment, n_trials=n_trials, timeout=timeout, storage=storage,
-               tracking_uri=tracking_uri, study_name=study_name)
     quiet_libraries()
-    from pet_sweep.launch.local import work  # heavy: optuna, the training stack
+    from pet_sweep.launch.local import EXPERIMENT_ENV, unpack_experiment, work  # heavy: optuna, the training stack
     from pet_sweep.sweep.storage import quiet_optuna  # heavy: optuna
 
+    if EXPERIMENT_ENV not in os.environ:
+        raise click.UsageError(f"the worker command is started by `pet-sweep run --workers N` ({EXPERIMENT_ENV} "
+                               "is not set)")
+    exp, callbacks = unpack_experiment(os.environ[EXPERIMENT_ENV])
     quiet_optuna()
     sigterm_is_interrupt()
-    stopped_by = work(exp, role, echo=click.echo).stopped_by
+    stopped_by = work(exp, role, echo=click.echo, callbacks=callbacks).stopped_by
     if stopped_by == "interrupt":
         sys.exit(130)
     if stopped_by == "tracking":  # the supervisor says so: the workers stopped early

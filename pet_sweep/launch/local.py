@@ -11,8 +11,10 @@ parent run when they are done, and says why the sweep stopped.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from pet_sweep.config import Experiment
 from pet_sweep.errors import ConfigError
 from pet_sweep.sweep.budget import Budget, WorkerRole, cap_reached
 from pet_sweep.sweep.lifecycle import clean_leftovers, fail_orphans
-from pet_sweep.sweep.loop import run_sweep
+from pet_sweep.sweep.loop import run_sweep, split_callbacks
 from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run, tracker_when_needed
 from pet_sweep.sweep.records import StoppedBy, SweepResult, best_of, worker_line
 from pet_sweep.sweep.storage import open_study
@@ -45,11 +47,32 @@ def nothing_ran(exp: Experiment) -> SweepResult:
     return SweepResult(exp.study_name, "", ran=0, finished=0, best=None, stopped_by="interrupt", left=n_trials)
 
 
-def work(exp: Experiment, role: str, echo: Echo = print) -> SweepResult:
+EXPERIMENT_ENV = "PET_SWEEP_WORKER_EXPERIMENT"  # the supervisor's validated Experiment (and callbacks), pickled
+
+
+def pack_experiment(exp: Experiment, callbacks: tuple[Any, ...] = ()) -> str:
+    """`exp` and the run's callbacks as the workers receive them, in the environment (not argv:
+    it holds the URLs): an experiment built or changed in Python reaches them as it is."""
+    try:
+        data = pickle.dumps((exp, tuple(callbacks)))
+    except (pickle.PicklingError, AttributeError, TypeError) as err:
+        raise ConfigError(f"with workers > 1 each worker process gets a copy of the callbacks, so they must "
+                          f"pickle (module-level classes and functions, no lambdas): {err}") from None
+    return base64.b64encode(data).decode("ascii")
+
+
+def unpack_experiment(text: str) -> tuple[Experiment, tuple[Any, ...]]:
+    """What `pack_experiment` wrote: the supervisor's experiment and callbacks."""
+    exp, callbacks = pickle.loads(base64.b64decode(text))  # written by our own supervisor (its environment)
+    return exp, callbacks
+
+
+def work(exp: Experiment, role: str, echo: Echo = print, callbacks: tuple[Any, ...] = ()) -> SweepResult:
     """One of a supervisor's workers (the hidden `pet-sweep worker` command): `role` as
     `WorkerRole.encode` wrote it. The supervisor prints the banner, the result and the hints."""
+    listeners, cbs = split_callbacks(callbacks)
     try:
-        return run_sweep(exp, echo=echo, role=WorkerRole.decode(role))
+        return run_sweep(exp, echo=echo, role=WorkerRole.decode(role), epoch_listeners=listeners, fastai_cbs=cbs)
     except KeyboardInterrupt:  # before the sweep started
         return nothing_ran(exp)
 
@@ -95,19 +118,16 @@ class WorkerExit:
 
 
 def worker_command(exp: Experiment, role: WorkerRole) -> list[str]:
-    """The hidden `pet-sweep worker` command line of one worker: this run's experiment, budget and
-    study name. No URLs: those travel in the environment (`start_workers`)."""
-    budget = exp.config.budget
-    timeout = ["--timeout", str(budget.timeout)] if budget.timeout else []
-    return [sys.executable, "-m", "pet_sweep", "worker", role.encode(), exp.name, "--config", str(exp.config_path),
-            "--n-trials", str(budget.n_trials), "--study-name", exp.study_name, *timeout]
+    """The hidden `pet-sweep worker` command line of one worker: its role and, for `ps`, the
+    experiment's name. The experiment itself travels in the environment (`start_workers`)."""
+    return [sys.executable, "-m", "pet_sweep", "worker", role.encode(), exp.name]
 
 
-def start_workers(exp: Experiment, roles: list[WorkerRole], envs: list[dict[str, str]], echo: Echo
-                  ) -> tuple[list[subprocess.Popen], list[threading.Thread]]:
+def start_workers(exp: Experiment, roles: list[WorkerRole], envs: list[dict[str, str]], echo: Echo,
+                  callbacks: tuple[Any, ...] = ()) -> tuple[list[subprocess.Popen], list[threading.Thread]]:
     """Start the worker processes; a thread per worker prints its lines with a prefix."""
-    # URLs travel in the environment, not argv, so no password shows in `ps`.
-    secrets = {"PET_SWEEP_STORAGE": exp.storage_url, "PET_SWEEP_TRACKING_URI": exp.tracking_uri}
+    # The experiment (with its URLs) travels in the environment, not argv, so no password shows in `ps`.
+    secrets = {EXPERIMENT_ENV: pack_experiment(exp, callbacks)}
     procs, pumps = [], []
     for role, env in zip(roles, envs):
         full_env = {**os.environ, **env, **secrets, "PYTHONUNBUFFERED": "1"}
@@ -165,13 +185,14 @@ def worker_roles(exp: Experiment, n_workers: int, gpus: list[str] | None, parent
 
 
 def supervise(exp: Experiment, n_workers: int, gpus: list[str] | None, *,
-              echo: Echo = print, warn: Echo = to_stderr) -> SweepResult:
+              echo: Echo = print, warn: Echo = to_stderr, callbacks: tuple[Any, ...] = ()) -> SweepResult:
     """Run `exp`'s sweep in `n_workers` worker processes sharing one budget.
 
     `echo` gets the workers' lines and the supervisor's notes; `warn` a line per
     worker that ended with an error.
     """
     started = time.monotonic()
+    pack_experiment(exp, callbacks)  # callbacks that cannot travel: refused before anything starts
     check_server(exp.tracking_uri)  # an MLflow server that is down: said in seconds
     check_data(exp)  # a data error stops everything before any study or run exists
     # The supervisor creates the study, the tables and the parent run, so the
@@ -186,7 +207,7 @@ def supervise(exp: Experiment, n_workers: int, gpus: list[str] | None, *,
     status = "FAILED"
     roles[0].own_lock()
     try:
-        procs, pumps = start_workers(exp, roles, envs, echo)
+        procs, pumps = start_workers(exp, roles, envs, echo, callbacks)
         exits, interrupted = wait_workers(procs)
         for pump in pumps:
             pump.join(timeout=5)

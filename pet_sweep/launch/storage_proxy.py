@@ -22,8 +22,12 @@ from typing import Iterator
 
 import grpc  # optional: comes with ray[default] (the `ray` extra), as this module is only used with Ray
 import optuna
-from optuna.storages._grpc.auto_generated.api_pb2_grpc import add_StorageServiceServicer_to_server
-from optuna.storages._grpc.servicer import OptunaStorageProxyService
+# Private, wrapped in `storage_proxy` alone and pinned by tests/test_ray.py (the proxy serves,
+# then stops): the public optuna.storages.run_grpc_proxy_server cannot serve here, as it blocks
+# in server.wait_for_termination() with no handle to stop the server, so in a thread it would
+# leave an unauthenticated port open for the driver's whole life (a notebook's).
+from optuna.storages._grpc.auto_generated.api_pb2_grpc import add_StorageServiceServicer_to_server  # private
+from optuna.storages._grpc.servicer import OptunaStorageProxyService  # private, see above
 
 from pet_sweep.config import JOURNAL_PREFIX, Experiment
 from pet_sweep.errors import ConfigError
@@ -56,9 +60,9 @@ def storage_proxy(exp: Experiment, host: str) -> Iterator[Experiment]:
     not on every interface (0.0.0.0), and only while the sweep runs.
     """
     check_proxied(exp)
-    # The proxy's server, as optuna.storages.run_grpc_proxy_server builds it (_grpc.server.make_server);
-    # that function blocks until the process ends and discards the port, so the server is built
-    # here, to learn the free port it took and to stop it.
+    # The proxy's server, as optuna.storages.run_grpc_proxy_server builds it (optuna's private
+    # server.make_server); that function blocks until the process ends and has no way to stop
+    # the server, so it is built here, to learn the free port it took and to stop it.
     # get_storage: the RDB storage behind Optuna's in-process cache, as its docs advise for the proxy
     storage = optuna.storages.get_storage(make_storage(exp.storage_url, exp.config.faults))
     pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="pet-sweep-storage-proxy")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import optuna
 from optuna.storages import fail_stale_trials
@@ -50,14 +50,26 @@ def fail_and_retry(study: optuna.Study, number: int, handler: StaleTrialHandler)
     return True
 
 
+def optuna_stale_trial_ids(storage: Any, study_id: int) -> list[int]:
+    """The ids of the study's RUNNING trials whose heartbeat is stale, by Optuna's own test.
+
+    A private use, wrapped here alone: `BaseHeartbeat._get_stale_trial_ids` is what Optuna's
+    `fail_stale_trials` calls, and Optuna has no public way to list stale trials without
+    failing them. tests/test_lifecycle.py pins it; an Optuna without it fails clearly here.
+    """
+    private = getattr(storage, "_get_stale_trial_ids", None)
+    if private is None:
+        raise RuntimeError(f"this Optuna ({optuna.__version__}) has no {type(storage).__name__}._get_stale_trial_ids, "
+                           "which pet-sweep uses to find trials with a stale heartbeat; install optuna 5.x")
+    return list(private(study_id))
+
+
 def stale_trial_numbers(study: optuna.Study) -> set[int] | None:
     """The RUNNING trials whose heartbeat is older than the grace period (None: no heartbeats here)."""
-    # Optuna's own test, as `fail_stale_trials` makes it; it has no public way to list the stale
-    # trials without failing them, nor to reach a study's storage
-    storage = study._storage
+    storage = study._storage  # Optuna has no public way to reach a study's storage
     if getattr(storage, "get_heartbeat_interval", lambda: None)() is None:  # journal: no heartbeats
         return None
-    ids = set(storage._get_stale_trial_ids(study._study_id))
+    ids = set(optuna_stale_trial_ids(storage, study._study_id))
     return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t._trial_id in ids}
 
 

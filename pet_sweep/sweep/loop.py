@@ -46,11 +46,12 @@ from pet_sweep.train.pretrain import Checkpoint, checkpoints_for
 def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
               epoch_listeners: tuple[Callable[[int, EpochRecord], None], ...] = (),
               trial_listeners: tuple[TrialListener, ...] = (),
-              role: WorkerRole | None = None) -> SweepResult:
+              role: WorkerRole | None = None, fastai_cbs: tuple[Any, ...] = ()) -> SweepResult:
     """Run (or resume) the experiment's study in this process: `budget.n_trials` more trials.
 
     With a `role` from a supervisor (`pet-sweep run --workers N`) this process is one
     of N workers sharing that budget, and the supervisor owns the MLflow parent run.
+    `fastai_cbs` (Callback instances or classes) join every trial's Learner.
     """
     role = role or WorkerRole()
     study, tracker, data = _open(exp, role, echo)
@@ -71,7 +72,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         # for trials, rather than possibly none
         started = time.monotonic()
         objective = Objective(exp, data, tracker, parent, epoch_listeners, trial_listeners,
-                              anchors=anchors, checkpoints=checkpoints)
+                              anchors=anchors, checkpoints=checkpoints, fastai_cbs=fastai_cbs)
         freeze_long_lived_objects()
         stopped_by = _run_trials(exp, study, objective, budget, trial_ended, started, echo)
         status = "FINISHED"
@@ -91,6 +92,22 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     trials = study.get_trials(deepcopy=False)
     return SweepResult(exp.study_name, parent, ran=budget.used(trials), finished=budget.finished(trials),
                        best=best_of(study), stopped_by=stopped_by, left=budget.left(trials), trials=trial_ended.seen)
+
+
+def split_callbacks(callbacks: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """`pet_sweep.run(callbacks=...)`: (epoch listeners, fastai callbacks). A fastai `Callback`
+    (instance or class) joins each trial's Learner; any other callable is an epoch listener,
+    called as `listener(trial_number, EpochRecord)`."""
+    from fastai.callback.core import Callback  # heavy: fastai
+
+    def is_fastai(cb: Any) -> bool:
+        return isinstance(cb, Callback) or (isinstance(cb, type) and issubclass(cb, Callback))
+
+    for cb in callbacks:
+        if not is_fastai(cb) and not callable(cb):
+            raise TypeError(f"callbacks must be fastai Callbacks or epoch listeners "
+                            f"(callable(trial_number, record)), but got {cb!r}")
+    return tuple(cb for cb in callbacks if not is_fastai(cb)), tuple(cb for cb in callbacks if is_fastai(cb))
 
 
 def _open(exp: Experiment, role: WorkerRole, echo: Callable[[str], None]) -> tuple[optuna.Study, Tracker, Any]:

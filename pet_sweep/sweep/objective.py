@@ -95,7 +95,8 @@ class Objective:
     def __init__(self, exp: Experiment, data: Any, tracker: Tracker, parent_run_id: str,
                  listeners: tuple[Callable[[int, EpochRecord], None], ...] = (),
                  trial_listeners: tuple[TrialListener, ...] = (), anchors: Anchors | None = None,
-                 checkpoints: Mapping[str, Checkpoint] | None = None) -> None:
+                 checkpoints: Mapping[str, Checkpoint] | None = None, fastai_cbs: tuple[Any, ...] = ()) -> None:
+        self.fastai_cbs = fastai_cbs
         self.exp, self.data, self.tracker, self.parent_run_id = exp, data, tracker, parent_run_id
         self.listeners, self.trial_listeners = listeners, trial_listeners
         self.anchors = anchors or {}
@@ -132,6 +133,7 @@ class Objective:
             result = recipe.fine_tune(
                 run.dls, run.params, run.model, seed=self.exp.config.seed,
                 listeners=[logger, functools.partial(self._report, run)], checkpoint=checkpoints,
+                cbs=self.fastai_cbs,
                 lr_find=lrfind.trial_finder(self.tracker, run.run_id)
                 if self.exp.config.lr_find and checkpoints.resume is None else None)
         except optuna.TrialPruned as err:

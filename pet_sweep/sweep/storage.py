@@ -174,7 +174,7 @@ def other_objectives(exp: Experiment, study: optuna.Study) -> StudyError:
     """The error of a study resumed with other `objectives:` than it was created with."""
     names = study.metric_names or [f"{len(study.directions)} unnamed objective(s)"]
     directions = ", ".join(d.name.lower() for d in study.directions)
-    return StudyError(f"{exp.config_path}: experiment '{exp.name}': study {exp.study_name!r} in "
+    return StudyError(f"{exp.where}: experiment '{exp.name}': study {exp.study_name!r} in "
                       f"{redact_url(exp.storage_url)} was created with objectives [{', '.join(names)}] "
                       f"(directions: {directions}), but `objectives` asks for [{', '.join(exp.config.objectives)}]; "
                       "restore `objectives` or start a new study (--study-name)")
@@ -198,7 +198,7 @@ def check_split(study: optuna.Study, exp: Experiment, fingerprint: SplitFingerpr
         return
     changes = SplitFingerprint.model_validate(recorded).changes(fingerprint)
     if changes:
-        raise DataError(f"{exp.config_path}: experiment '{exp.name}': study {exp.study_name!r} was run on another "
+        raise DataError(f"{exp.where}: experiment '{exp.name}': study {exp.study_name!r} was run on another "
                         f"split of the data ({'; '.join(changes)}), so new trials would be judged on other items; "
                         "restore the data (data.path, data.limit, data.split_seed, data.valid_pct, data.test_pct) "
                         "or start a new study (--study-name)")

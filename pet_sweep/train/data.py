@@ -191,7 +191,7 @@ def _source(data: DataConfig, exp: Experiment) -> tuple[Path, Callable[[Path], s
         folder = exp.data_path()
         pattern = data.pattern if data.label == "regex" else None
     if folder is None or not folder.is_dir():
-        raise DataError(f"{exp.config_path}: experiment '{exp.name}': key 'data.path': "
+        raise DataError(f"{exp.where}: experiment '{exp.name}': key 'data.path': "
                         f"folder not found: {folder}")
     items = image_files(folder)
     if pattern is None:
@@ -208,10 +208,10 @@ def _source(data: DataConfig, exp: Experiment) -> tuple[Path, Callable[[Path], s
 
         unmatched = [p for p in items if regex.search(p.name) is None]
         if unmatched:
-            raise DataError(f"{exp.config_path}: experiment '{exp.name}': key 'data.pattern': "
+            raise DataError(f"{exp.where}: experiment '{exp.name}': key 'data.pattern': "
                             f"{len(unmatched)} file(s) do not match {pattern!r}, first: {unmatched[0]}")
     if not items:
-        raise DataError(f"{exp.config_path}: experiment '{exp.name}': no images found in {folder}")
+        raise DataError(f"{exp.where}: experiment '{exp.name}': no images found in {folder}")
     return folder, label, select_classes(items, label, data, exp)
 
 
@@ -224,7 +224,7 @@ def select_classes(items: list[Path], label: Callable[[Path], str], data: DataCo
     unknown = [c for c in data.classes if c not in labels]
     if unknown:
         raise ConfigError(f"unknown label(s) {', '.join(map(repr, unknown))}; valid labels: {', '.join(labels)}",
-                          file=str(exp.config_path), experiment=exp.name, key="data.classes")
+                          file=exp.where, experiment=exp.name, key="data.classes")
     wanted = set(data.classes)
     return [p for p in items if label(p) in wanted]
 
@@ -269,7 +269,7 @@ def check_data(exp: Experiment) -> int:
     data = exp.config.data
     _, _, items = _source(data, exp)
     if data.source != "digits":
-        items = check_images(items, data, f"{exp.config_path}: experiment '{exp.name}'")
+        items = check_images(items, data, f"{exp.where}: experiment '{exp.name}'")
     return len(items)
 
 
@@ -321,12 +321,12 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
         items = sorted(items, key=lambda p: p.name)
         items = [items[i] for i in np.random.default_rng(data.split_seed).permutation(len(items))[:data.limit]]
     if data.source != "digits":
-        items = check_images(items, data, f"{exp.config_path}: experiment '{exp.name}'")
+        items = check_images(items, data, f"{exp.where}: experiment '{exp.name}'")
     splits = split_items(items, data.valid_pct, data.test_pct, data.split_seed)
     splits = trim_per_class(splits, label, data.per_class, data.split_seed)
     if len(splits.train) < model.batch_size:
         # fastai drops the last partial training batch: fewer items than a batch means no training at all
-        raise DataError(f"{exp.config_path}: experiment '{exp.name}': key 'model.batch_size': "
+        raise DataError(f"{exp.where}: experiment '{exp.name}': key 'model.batch_size': "
                         f"{model.batch_size} is larger than the training split ({len(splits.train)} items)")
     cache = data.cache if data.cache is not None else data.source == "digits"
     num_workers = data.num_workers if data.num_workers is not None else (0 if cache else min(8, os.cpu_count() or 1))
@@ -356,6 +356,6 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
     vocab = tuple(str(v) for v in dls.vocab)
     missing = sorted({label(p) for p in splits.valid} - set(vocab))
     if missing:
-        raise DataError(f"{exp.config_path}: experiment '{exp.name}': classes {missing} appear only in the "
+        raise DataError(f"{exp.where}: experiment '{exp.name}': classes {missing} appear only in the "
                         "validation split; use more data or a different split_seed")
     return DataBundle(dls=dls, splits=splits, vocab=vocab, label=label, fingerprint=split_fingerprint(splits, folder))

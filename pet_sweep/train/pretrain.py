@@ -136,7 +136,7 @@ def checkpoints_for(exp: Experiment, *, echo: Callable[[str], None] = print) -> 
     if model.weights is not None:
         path = Path(model.weights).expanduser()
         if not path.is_file():
-            raise ConfigError(f"checkpoint not found: {path}", file=str(exp.config_path), experiment=exp.name,
+            raise ConfigError(f"checkpoint not found: {path}", file=exp.where, experiment=exp.name,
                               key="model.weights")
         digest = file_sha256(path)
         return {arch: Checkpoint(arch, str(path), digest) for arch in exp.space.architectures}

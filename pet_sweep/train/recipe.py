@@ -168,8 +168,9 @@ def reseed(dls: Any, seed: int) -> None:
 def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
               listeners: Sequence[EpochListener] = (), keep_learner: bool = False,
               lr_find: Callable[[Any, TrialParams], None] | None = None,
-              checkpoint: CheckpointPlan | None = None) -> FineTuneResult:
-    """Run the chapter-5 recipe once. Listeners see every epoch (global numbering).
+              checkpoint: CheckpointPlan | None = None, cbs: Sequence[Any] = ()) -> FineTuneResult:
+    """Run the chapter-5 recipe once. Listeners see every epoch (global numbering); `cbs`
+    (a caller's fastai callbacks) join the Learner for both phases.
 
     `lr_find` (`lrfind.trial_finder`) runs on the fresh learner before training; it
     leaves the weights and random state as they were. `checkpoint` saves epoch
@@ -188,7 +189,7 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
             lr_find(learn, params)
         history = EpochHistory(listeners)
         divergence = StopOnDivergence(history)
-        learn.add_cbs([history, divergence])
+        learn.add_cbs([history, divergence, *cbs])
         resume = checkpoint.resume if checkpoint is not None else None
         phase, start = (resume.phase, resume.start) if resume is not None else ("frozen", 0)
         if checkpoint is not None:
