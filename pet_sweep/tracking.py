@@ -20,9 +20,10 @@ import os
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pet_sweep.errors import ConfigError, StudyError
@@ -282,10 +283,16 @@ class Tracker:
     def finish_trial(self, run_id: str, state: str, metrics: Mapping[str, float] = (),
                      tags: Mapping[str, str] = (), artifacts: Iterable[Path] = ()) -> None:
         """Final metrics, tags and artifacts, then close the run with the status of `state`."""
-        self.update_sweep(run_id, dict(metrics), {"optuna.state": state, **dict(tags)})
+        self.finish_run(run_id, RUN_STATUS.get(state, "FAILED"), metrics, {"optuna.state": state, **dict(tags)},
+                        artifacts)
+
+    def finish_run(self, run_id: str, status: str, metrics: Mapping[str, float] = (),
+                   tags: Mapping[str, str] = (), artifacts: Iterable[Path] = ()) -> None:
+        """Final metrics, tags and artifacts of any run, then close it with MLflow's `status`."""
+        self.update_sweep(run_id, dict(metrics), tags)
         for path in artifacts:
             self._client.log_artifact(run_id, str(path))
-        self._client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
+        self._client.set_terminated(run_id, status=status)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param  # heavy: mlflow
@@ -312,6 +319,70 @@ class Tracker:
             self._client.set_terminated(run.info.run_id, status=RUN_STATUS.get(state, "FAILED"))
             closed += 1
         return closed
+
+
+# -- the Model Registry (`train --register`, `serve`) --------------------------------------------
+
+
+_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # mlflow.environment_variables, read at each bar
+
+
+@contextmanager
+def no_artifact_bars() -> Iterator[None]:
+    """Within: no "Downloading artifacts" progress bars from MLflow (it draws one for each model
+    it loads or copies, a local folder too); the variable as it was, after."""
+    before = os.environ.get(_BARS)
+    os.environ[_BARS] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_BARS, None)
+        else:
+            os.environ[_BARS] = before
+
+
+def check_registry(tracking_uri: str) -> None:
+    """Refuse `--register` before any training where the store has no Model Registry that answers."""
+    from mlflow.environment_variables import MLFLOW_REGISTRY_URI  # heavy: mlflow
+
+    where = MLFLOW_REGISTRY_URI.get() or tracking_uri  # the tracking store's, unless the variable names another
+    try:
+        _client(tracking_uri).search_registered_models(max_results=1)
+    except Exception as err:  # an unknown scheme, a server without the registry's endpoints, ...
+        reason = redact_url_in((str(err).splitlines() or [type(err).__name__])[0][:300], where)
+        raise ConfigError(f"--register: the Model Registry at {redact_url(where)} cannot be used ({reason}); "
+                          f"nothing was trained or registered") from None
+
+
+def register_model(tracking_uri: str, run_id: str, folder: Path, name: str, tags: Mapping[str, str]) -> int:
+    """Upload a saved MLflow model (`folder`) as the artifacts ``model/`` of run `run_id` and
+    register them as a new version of `name` (created if new); the version's number."""
+    from mlflow.exceptions import MlflowException  # heavy: mlflow
+
+    client = _client(tracking_uri)
+    with no_artifact_bars():
+        client.log_artifacts(run_id, str(folder), "model")
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"
+    return int(client.create_model_version(name, source, run_id=run_id, tags=dict(tags)).version)
+
+
+def download_model_file(tracking_uri: str, name: str, version: str, file: str, folder: Path) -> Path | None:
+    """One file of a registered model version, downloaded into `folder`; None where it has none."""
+    from mlflow.artifacts import download_artifacts  # heavy: mlflow
+
+    quiet_mlflow()
+    try:
+        with no_artifact_bars():
+            return Path(download_artifacts(artifact_uri=f"models:/{name}/{version}/{file}", dst_path=str(folder),
+                                           tracking_uri=tracking_uri))
+    except Exception:  # no such file (a model registered before it was written), or no such version
+        return None
 
 
 # -- readers (`report`, `ui`): they never create a store, an experiment or a run ----------------
