@@ -1,3 +1,4 @@
+# size: over 400 lines since issue 25 (checkpoints, registry); to split along the data flow next
 """Export one trial as a standalone config, and replay it once (`pet-sweep train`).
 
 The exported file (``best.yaml``) holds everything the fine-tune needs: data,

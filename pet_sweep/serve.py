@@ -15,6 +15,8 @@ uploads and registers it.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import sys
 import tempfile
@@ -31,7 +33,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
 from pet_sweep.errors import ConfigError
-from pet_sweep.tracking import download_model_file, no_artifact_bars, register_model
+from pet_sweep.tracking import check_registry, download_model_file, no_artifact_bars, register_model
+from pet_sweep.train.data import cache_dir
+
+__all__ = ["ImageClassifier", "check_registry", "register", "sample_image", "serve_command", "curl_line"]
 
 IMAGE, PATH = "image", "path"
 SIGNATURE = ModelSignature(
@@ -120,13 +125,6 @@ def trusted_learner() -> Iterator[None]:
         yield
 
 
-def check_registry(tracking_uri: str) -> None:
-    """Refuse `--register` before any training where the store has no Model Registry that answers."""
-    from pet_sweep.tracking import check_registry as check  # the one door to MLflow
-
-    check(tracking_uri)
-
-
 def register(learner: Any, name: str, *, tracking_uri: str, run_id: str, example: bytes,
              tags: dict[str, str]) -> int:
     """Save `learner` as a pyfunc model, log it to the (still running) MLflow run `run_id` and
@@ -161,11 +159,6 @@ def sample_image(name: str, version: str, tracking_uri: str) -> Path | None:
     """The registered version's input example (an image of the held-out split, saved by
     `register`) as a file in pet-sweep's cache, for the request line to send; None where the
     version has none."""
-    import base64
-    import json
-
-    from pet_sweep.train.data import cache_dir
-
     folder = cache_dir() / "serve" / f"{name}-{version}"
     folder.mkdir(parents=True, exist_ok=True)
     found = download_model_file(tracking_uri, name, version, "serving_input_example.json", folder)

@@ -1,3 +1,4 @@
+# size: over 400 lines since issue 25 (checkpoints, registry); to split along the data flow next
 """MLflow at the edge: one experiment per pet-sweep experiment, one parent run per
 study (the sweep), one nested child run ``trial-<n>`` per Optuna trial.
 
@@ -376,11 +377,16 @@ def download_model_file(tracking_uri: str, name: str, version: str, file: str, f
     """One file of a registered model version, downloaded into `folder`; None where it has none."""
     from mlflow.artifacts import download_artifacts  # heavy: mlflow
 
-    quiet_mlflow()
+    client = _client(tracking_uri)
     try:
+        if version == "latest":
+            version = str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
+        # the version's own artifact URI: a models:/ URI would be resolved in the default registry, not this store's
+        source = client.get_model_version_download_uri(name, version).rstrip("/")
         with no_artifact_bars():
-            return Path(download_artifacts(artifact_uri=f"models:/{name}/{version}/{file}", dst_path=str(folder),
-                                           tracking_uri=tracking_uri))
+            found = Path(download_artifacts(artifact_uri=f"{source}/{file}", dst_path=str(folder),
+                                            tracking_uri=tracking_uri))
+        return found if found.is_file() else None
     except Exception:  # no such file (a model registered before it was written), or no such version
         return None
 

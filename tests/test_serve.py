@@ -115,9 +115,6 @@ def test_serve_answers_the_printed_request(registered: tuple[Path, str], tmp_pat
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
         [row] = answer["predictions"]
         assert re.fullmatch(r"\d", row["label"]) and 0 < row["probability"] <= 1, answer
-        # the line works as pasted: it sends the sample image `serve` saved
-        pasted = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120)
-        assert "predictions" in json.loads(pasted.stdout), (curl, pasted)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 15)  # the server and the workers it started
