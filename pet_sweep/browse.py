@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from pet_sweep.config import Experiment, load_experiment, load_experiments_file
 from pet_sweep.errors import PetSweepError, StudyError
+from pet_sweep.invocation import command
 from pet_sweep.tracking import artifact_root, experiment_id, open_http, redact_url, redact_url_in, sqlite_path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -72,11 +73,11 @@ def mlflow_experiment_id(exp: Experiment) -> str:
     """The MLflow experiment id of `exp` in its (local or database) tracking store."""
     db = sqlite_path(exp.tracking_uri)
     if db is not None and not db.exists():
-        raise StudyError(f"no MLflow store at {db}; run `pet-sweep run {exp.name}` first")
+        raise StudyError(f"no MLflow store at {db}; run `{command('run', exp.name)}` first")
     found = experiment_id(exp.tracking_uri, exp.tracking_experiment)
     if found is None:
         raise StudyError(f"no MLflow experiment {exp.tracking_experiment!r} in {redact_url(exp.tracking_uri)}; "
-                         f"run `pet-sweep run {exp.name}` first")
+                         f"run `{command('run', exp.name)}` first")
     return found
 
 
@@ -310,18 +311,20 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         proc.wait()
 
 
-def open_ui(title: str, command: Command, host: str, port: int, *, ready_path: str, page_path: str,
+def open_ui(title: str, command: Command, host: str, port: int, *, ready_path: str, page_path: str | None,
             echo: Callable[[str], None], ready_lines: Sequence[str] = ()) -> int:
-    """Start a UI server on `host`:`port`, print the page to open, run until Ctrl-C."""
+    """Start a UI server on `host`:`port`, print the page to open (none for a server with no
+    page: `ready_lines` say how to use it), run until Ctrl-C."""
     check_port_free(host, port)
     base = f"http://{url_host(host)}:{port}"
     echo(f"starting {title}")
     cmd, env = command
-    return serve(cmd, env=env, ready_url=base + ready_path, open_url=base + page_path, echo=echo,
+    return serve(cmd, env=env, ready_url=base + ready_path, open_url=None if page_path is None else base + page_path,
+                 echo=echo,
                  ready_lines=[line.replace("BASE", base) for line in ready_lines])
 
 
-def serve(cmd: list[str], *, env: dict[str, str] | None = None, ready_url: str, open_url: str,
+def serve(cmd: list[str], *, env: dict[str, str] | None = None, ready_url: str, open_url: str | None,
           echo: Callable[[str], None], startup_timeout: float = 120.0, ready_lines: Sequence[str] = ()) -> int:
     """Run a UI server until Ctrl-C (or SIGTERM); print `open_url` once it answers.
 
@@ -344,7 +347,8 @@ def serve(cmd: list[str], *, env: dict[str, str] | None = None, ready_url: str, 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         wait_until_up(ready_url, proc, startup_timeout, log, env.values())
-        echo(f"open {open_url}")
+        if open_url is not None:
+            echo(f"open {open_url}")
         for line in ready_lines:  # what to do with it, once it answers
             echo(line)
         echo(f"(Ctrl-C stops the server; its messages go to {log})")

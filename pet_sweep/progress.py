@@ -206,6 +206,11 @@ def _planned_epochs(params: dict[str, Any]) -> int | None:
         return None
 
 
+def shows_status_line(stream: TextIO) -> bool:
+    """Whether `Progress` on `stream` draws a status line (a terminal) rather than one line per event."""
+    return _isatty(stream)
+
+
 def _isatty(stream: TextIO) -> bool:
     try:
         return stream.isatty()

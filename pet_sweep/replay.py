@@ -1,3 +1,4 @@
+# size: over 400 lines since issue 25 (checkpoints, registry); to split along the data flow next
 """Export one trial as a standalone config, and replay it once (`pet-sweep train`).
 
 The exported file (``best.yaml``) holds everything the fine-tune needs: data,
@@ -30,11 +31,20 @@ from pet_sweep.space import Strict
 from pet_sweep.sweep.records import BATCH_ATTR, PARAMS_ATTR, SPLIT_ATTR, TARGETS_ATTR, error_of, trial_config
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, check_server, redact_url, redact_url_in, \
     require_password
-from pet_sweep.train.data import SplitFingerprint
-from pet_sweep.train.pretrain import CHECKPOINT_ATTR, Checkpoint
+from pet_sweep.train.data import SplitFingerprint, portable_path
+from pet_sweep.train.pretrain import CHECKPOINT_ATTR, Checkpoint, find_checkpoint
 from pet_sweep.yaml_files import read_model
 
 FORMAT = "pet-sweep/replay-1"
+KIND_TAG = "pet_sweep.kind"  # "replay" on a `train` run: what it is, beside the trials under the same sweep
+
+
+class CheckpointSource(Strict):
+    """The checkpoint the trial started from (`model.weights`): the file's content, and how it was made."""
+
+    sha256: str
+    pretrained_on: str | None = None  # the experiment `pet-sweep pretrain` trained it on
+    run_id: str | None = None         # that pretraining's MLflow run
 
 
 class ReplaySource(Strict):
@@ -52,6 +62,7 @@ class ReplaySource(Strict):
     split: SplitFingerprint | None = None    # the study's split; absent from exports made before it was recorded
     picked_by: Literal["best", "cheapest", "trial"] | None = None  # export's rule (--pick); absent: older exports
     costs: dict[str, float] | None = None    # what the trial cost (COST_ATTRS), as measured; absent: not recorded
+    checkpoint: CheckpointSource | None = None  # what `model.weights` holds; `train` finds it by its sha256
 
 
 class ReplayConfig(Strict):
@@ -70,6 +81,10 @@ class ReplayConfig(Strict):
 def load_replay(path: str | Path) -> tuple[ReplayConfig, Experiment]:
     """Read and validate an exported config; the Experiment is a one-trial, fixed-value experiment."""
     cfg, path = read_model(path, ReplayConfig, "a mapping written by `pet-sweep export`")
+    return cfg, _experiment(cfg, path)
+
+
+def _experiment(cfg: ReplayConfig, path: Path) -> Experiment:
     space = load_space(cfg.params, path.parent, file=str(path), experiment=cfg.name)
     if "lr_lo" not in cfg.params:
         raise ConfigError("an exported config gives `lr_lo` (the slice's low end), not `lr_mult`",
@@ -80,7 +95,19 @@ def load_replay(path: str | Path) -> tuple[ReplayConfig, Experiment]:
         description=f"replay of trial {source.trial} of study {source.study!r}" if source else "replay",
         data=cfg.data, model=cfg.model, sweep=dict(cfg.params), seed=cfg.seed, tracking=cfg.tracking,
         **({"storage": source.storage, "study_name": source.study} if source else {}))
-    return cfg, Experiment(name=cfg.name, config=exp_cfg, space=space, config_path=path)
+    return Experiment(name=cfg.name, config=exp_cfg, space=space, config_path=path)
+
+
+def with_local_weights(cfg: ReplayConfig, exp: Experiment, echo: Callable[[str], None]) -> Experiment:
+    """`exp` with `model.weights` the file on this machine (found by the recorded sha256 where
+    the named one is missing); a ConfigError saying what to do where neither is there."""
+    if cfg.model.weights is None:
+        return exp
+    known = cfg.source.checkpoint if cfg.source else None
+    found = find_checkpoint(cfg.model.weights, known and known.sha256, known and known.pretrained_on,
+                            file=str(exp.config_path), echo=echo)
+    local = cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": str(found)})})
+    return _experiment(local, exp.config_path)
 
 
 # -- export --------------------------------------------------------------------
@@ -131,9 +158,12 @@ def export_config(exp: Experiment, pick: Pick | None = None) -> tuple[dict[str, 
         raise StudyError(f"trial {chosen.number} has no recorded parameters ({PARAMS_ATTR!r} user attribute); "
                          "was it run by pet-sweep?")
     base = trial_config(exp, params_from_dict(attrs[PARAMS_ATTR]), attrs.get(BATCH_ATTR))
+    checkpoint = None
     if CHECKPOINT_ATTR in attrs:  # the file the trial started from: the replay needs no source experiment
-        base["model"] = Checkpoint(**attrs[CHECKPOINT_ATTR]).model(ModelConfig(**base["model"])).model_dump(
-            exclude_none=True)
+        found = Checkpoint(**attrs[CHECKPOINT_ATTR])
+        base["model"] = found.model(ModelConfig(**base["model"])).model_dump(exclude_none=True)
+        base["model"]["weights"] = portable_path(found.path)  # no home folder: it works from any machine's cache
+        checkpoint = CheckpointSource(sha256=found.sha256, pretrained_on=found.source, run_id=found.run_id)
     data = dict(base["data"])
     if not exp.config.data.augment and "flip" not in exp.config.data.model_fields_set:
         data.pop("flip", None)  # flip acts only with augment: a default that did nothing is no setting of the run
@@ -147,7 +177,7 @@ def export_config(exp: Experiment, pick: Pick | None = None) -> tuple[dict[str, 
                           split=study.user_attrs.get(SPLIT_ATTR),
                           picked_by="trial" if isinstance(pick, int) else pick or "best",
                           costs={k: v for k, v in trial_costs(chosen, objectives_of(study, exp)).items()
-                                 if v is not None} or None)
+                                 if v is not None} or None, checkpoint=checkpoint)
     doc = {"format": FORMAT, "name": f"{exp.name}-trial-{chosen.number}",
            "source": source.model_dump(exclude_none=True), "data": data, "model": base["model"],
            "params": base["params"], "seed": base["seed"],
@@ -157,9 +187,37 @@ def export_config(exp: Experiment, pick: Pick | None = None) -> tuple[dict[str, 
     return doc, chosen.number
 
 
-def write_config(doc: dict[str, Any], path: Path) -> Path:
-    """Write the exported config atomically (a temporary file renamed into place)."""
+def default_output(pick: Pick | None) -> str:
+    """Where `export` writes without `-o`: best.yaml holds the best trial only."""
+    return "cheapest.yaml" if pick == "cheapest" else f"trial-{pick}.yaml" if isinstance(pick, int) else "best.yaml"
+
+
+def _check_overwrite(doc: dict[str, Any], path: Path) -> None:
+    """Refuse to replace a file that is not an export of the same trial of the same study."""
+    if not path.exists():
+        return
+    try:
+        old = yaml.safe_load(path.read_text(encoding="utf-8"))
+        held = old.get("source") if isinstance(old, dict) and old.get("format") == FORMAT else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        held = None
+    new = doc.get("source", {})
+    if isinstance(held, dict) and (held.get("study"), held.get("trial")) == (new.get("study"), new.get("trial")):
+        return  # the same trial exported again: its file brought up to date
+    what = (f"trial {held.get('trial')} of study {held.get('study')!r}"
+            + (f" (picked: {held['picked_by']})" if held.get("picked_by") else "")
+            if isinstance(held, dict) else "no config written by `pet-sweep export`")
+    raise ConfigError(f"{path} holds {what}, not trial {new.get('trial')} of study {new.get('study')!r} "
+                      f"(picked: {new.get('picked_by')}); left as it is: pass --force to replace it, "
+                      "or -o another file")
+
+
+def write_config(doc: dict[str, Any], path: Path, *, force: bool = False) -> Path:
+    """Write the exported config atomically (a temporary file renamed into place); a file that
+    holds another trial's config, or no export, is replaced only with `force`."""
     path = path.expanduser().resolve()
+    if not force:
+        _check_overwrite(doc, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     source = doc.get("source", {})
     picked = {"best": "the lowest validation error", "cheapest": "the cheapest within noise of the lowest error",
@@ -259,7 +317,8 @@ def _without_passwords(path: Path, cfg: ReplayConfig, folder: Path) -> Path:
 def _start_run(tracker: Tracker, cfg: ReplayConfig, params: TrialParams, data: Any, split: SplitCheck,
                precision: str) -> str:
     """The replay's MLflow run with its parameters, nested under the sweep's parent run where this store has it."""
-    tags = {"pet_sweep.role": REPLAY_ROLE, "arch": params.arch, HELD_OUT_TAG: split.tag,
+    # a replay is no trial: tagged as one kind of run, with no Optuna trial state to count it by
+    tags = {"pet_sweep.role": REPLAY_ROLE, KIND_TAG: REPLAY_ROLE, "arch": params.arch, HELD_OUT_TAG: split.tag,
             "pet_sweep.split": split.text}
     source = cfg.source
     if source:
@@ -277,19 +336,21 @@ def _start_run(tracker: Tracker, cfg: ReplayConfig, params: TrialParams, data: A
 
 def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | None = None,
           allow_split_change: bool = False, register: str | None = None,
-          echo: Callable[[str], None] = print) -> ReplayOutcome:
+          echo: Callable[[str], None] = print, progress: Any = None) -> ReplayOutcome:
     """Re-run an exported fine-tune once, logged to MLflow; report validation and test error.
 
     `tracking_uri` logs it to another MLflow store than the one the config names
     (the sweep's), e.g. on the machine that takes the config to production.
     A test split that differs from the sweep's is refused unless `allow_split_change`.
     `register`: log the learner as a pyfunc model and register it as a new version of that name.
+    `progress` (a `progress.Progress`, as `run` shows a sweep) sees the fine-tune's epochs; it
+    is closed when the training ends.
     """
     from pet_sweep.train import recipe  # heavy: torch and fastai
     from pet_sweep.train.data import build_data
 
     cfg, exp = load_replay(path)
-    exp = exp.with_overrides(tracking_uri=tracking_uri)
+    exp = with_local_weights(cfg, exp, echo).with_overrides(tracking_uri=tracking_uri)
     # export keeps no password: the real one comes from the environment or the option
     require_password(exp.tracking_uri, "PET_SWEEP_TRACKING_URI (or pass --tracking-uri)",
                      file=exp.where, key="tracking.uri")
@@ -311,8 +372,11 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
     started = time.perf_counter()
     result = None
     try:
-        result = recipe.fine_tune(data.dls, params, cfg.model, seed=cfg.seed,
-                                  listeners=[tracker.epoch_logger(run_id)], keep_learner=True)
+        result = recipe.fine_tune(data.dls, params, exp.config.model, seed=cfg.seed,
+                                  listeners=[tracker.epoch_logger(run_id), *_shown(progress, cfg)],
+                                  keep_learner=True)
+        if progress is not None:
+            progress.close()
         measured = _measure(result, data, cfg.source)
         measured["duration_s"] = time.perf_counter() - started
         version = _register(register, result.learner, exp.tracking_uri, run_id, data, cfg, measured, split)
@@ -322,11 +386,22 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
         tracker.fail_run(run_id, redact_url_in(f"{type(err).__name__}: {err}", exp.tracking_uri))
         raise
     finally:
+        if progress is not None:
+            progress.close()
         if result is not None and result.learner is not None:
             recipe.release(result.learner)
     return ReplayOutcome(run_id, result.error_rate, int(measured["n_valid"]), measured.get(TEST_METRIC),
                          len(data.splits.test), measured.get("reproduced"), model_artifact,
                          time.perf_counter() - started, split.held_out, version)
+
+
+def _shown(progress: Any, cfg: ReplayConfig) -> list[Callable[[Any], None]]:
+    """The epoch listener that shows the replay's progress (numbered as the trial it replays)."""
+    if progress is None:
+        return []
+    number = cfg.source.trial if cfg.source else 0
+    progress.trial_started(number, cfg.params)
+    return [lambda record: progress.epoch_done(number, record)]
 
 
 def _register(name: str | None, learner: Any, tracking_uri: str, run_id: str, data: Any, cfg: ReplayConfig,
@@ -370,6 +445,6 @@ def _finish(tracker: Tracker, run_id: str, learner: Any, measured: dict[str, Any
             learner.export(model_path)
             artifacts.append(model_path)
             model_artifact = f"runs:/{run_id}/{model_path.name}"
-        tracker.finish_trial(run_id, "COMPLETE", metrics,
-                             {"reproduced": str(reproduced).lower()} if reproduced is not None else {}, artifacts)
+        tracker.finish_run(run_id, "FINISHED", metrics,
+                           {"reproduced": str(reproduced).lower()} if reproduced is not None else {}, artifacts)
     return model_artifact

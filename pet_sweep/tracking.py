@@ -1,3 +1,4 @@
+# size: over 400 lines since issue 25 (checkpoints, registry); to split along the data flow next
 """MLflow at the edge: one experiment per pet-sweep experiment, one parent run per
 study (the sweep), one nested child run ``trial-<n>`` per Optuna trial.
 
@@ -18,12 +19,13 @@ import math
 import os
 import time
 import urllib.error
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
-from pet_sweep.errors import StudyError
+from pet_sweep.errors import ConfigError, StudyError
 from pet_sweep.tracking_spool import Gate, apply, is_server, sync_spool
 # the URL helpers live in `urls` (the spool needs them too); callers import them from this door
 from pet_sweep.urls import REDACTED, is_redacted, open_http, redact_url, redact_url_in, require_password, sqlite_path
@@ -248,9 +250,15 @@ class Tracker:
     def finish_trial(self, run_id: str, state: str, metrics: Mapping[str, float] = (),
                      tags: Mapping[str, str] = (), artifacts: Iterable[Path] = ()) -> None:
         """Final metrics, tags and artifacts, then close the run with the status of `state`."""
-        self.update_sweep(run_id, dict(metrics), {"optuna.state": state, **dict(tags)})
+        self.finish_run(run_id, RUN_STATUS.get(state, "FAILED"), metrics, {"optuna.state": state, **dict(tags)},
+                        artifacts)
+
+    def finish_run(self, run_id: str, status: str, metrics: Mapping[str, float] = (),
+                   tags: Mapping[str, str] = (), artifacts: Iterable[Path] = ()) -> None:
+        """Final metrics, tags and artifacts of any run, then close it with MLflow's `status`."""
+        self.update_sweep(run_id, dict(metrics), tags)
         self.log_artifacts(run_id, artifacts)
-        self.end_run(run_id, RUN_STATUS.get(state, "FAILED"))
+        self.end_run(run_id, status)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         self._write({"op": "log_batch", "run": run_id, "params": [(k, _param_text(v)) for k, v in params.items()]})
@@ -298,6 +306,75 @@ def send_spooled(tracking_uri: str, spool: Path) -> tuple[int, int]:
         first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
         raise StudyError(f"the MLflow server {redact_url(tracking_uri)} refused a write kept in {spool}: "
                          f"{redact_url_in(first, tracking_uri)}; it and the writes after it stay there") from None
+
+
+# -- the Model Registry (`train --register`, `serve`) --------------------------------------------
+
+
+_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # mlflow.environment_variables, read at each bar
+
+
+@contextmanager
+def no_artifact_bars() -> Iterator[None]:
+    """Within: no "Downloading artifacts" progress bars from MLflow (it draws one for each model
+    it loads or copies, a local folder too); the variable as it was, after."""
+    before = os.environ.get(_BARS)
+    os.environ[_BARS] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_BARS, None)
+        else:
+            os.environ[_BARS] = before
+
+
+def check_registry(tracking_uri: str) -> None:
+    """Refuse `--register` before any training where the store has no Model Registry that answers."""
+    from mlflow.environment_variables import MLFLOW_REGISTRY_URI  # heavy: mlflow
+
+    where = MLFLOW_REGISTRY_URI.get() or tracking_uri  # the tracking store's, unless the variable names another
+    try:
+        _client(tracking_uri).search_registered_models(max_results=1)
+    except Exception as err:  # an unknown scheme, a server without the registry's endpoints, ...
+        reason = redact_url_in((str(err).splitlines() or [type(err).__name__])[0][:300], where)
+        raise ConfigError(f"--register: the Model Registry at {redact_url(where)} cannot be used ({reason}); "
+                          f"nothing was trained or registered") from None
+
+
+def register_model(tracking_uri: str, run_id: str, folder: Path, name: str, tags: Mapping[str, str]) -> int:
+    """Upload a saved MLflow model (`folder`) as the artifacts ``model/`` of run `run_id` and
+    register them as a new version of `name` (created if new); the version's number."""
+    from mlflow.exceptions import MlflowException  # heavy: mlflow
+
+    client = _client(tracking_uri)
+    with no_artifact_bars():
+        client.log_artifacts(run_id, str(folder), "model")
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"
+    return int(client.create_model_version(name, source, run_id=run_id, tags=dict(tags)).version)
+
+
+def download_model_file(tracking_uri: str, name: str, version: str, file: str, folder: Path) -> Path | None:
+    """One file of a registered model version, downloaded into `folder`; None where it has none."""
+    from mlflow.artifacts import download_artifacts  # heavy: mlflow
+
+    client = _client(tracking_uri)
+    try:
+        if version == "latest":
+            version = str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
+        # the version's own artifact URI: a models:/ URI would be resolved in the default registry, not this store's
+        source = client.get_model_version_download_uri(name, version).rstrip("/")
+        with no_artifact_bars():
+            found = Path(download_artifacts(artifact_uri=f"{source}/{file}", dst_path=str(folder),
+                                            tracking_uri=tracking_uri))
+        return found if found.is_file() else None
+    except Exception:  # no such file (a model registered before it was written), or no such version
+        return None
 
 
 # -- readers (`report`, `ui`): they never create a store, an experiment or a run ----------------

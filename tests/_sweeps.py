@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import subprocess
 import uuid
 import sys
@@ -29,6 +31,16 @@ def pet_sweep(*args: str, env: dict[str, str] | None = None, **popen: Any) -> su
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "pet_sweep", *args], env=full_env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def printed_command(text: str) -> list[str]:
+    """The arguments of a command a `pet_sweep` child suggested, after its program: the child was
+    started as `python -m pet_sweep`, and so says each command it suggests (`invocation.command`)."""
+    words = shlex.split(text)
+    on_path = shutil.which("python")
+    python = "python" if on_path and os.path.abspath(on_path) == os.path.abspath(sys.executable) else sys.executable
+    assert words[:3] == [python, "-m", "pet_sweep"], text
+    return words[3:]
 
 
 def load(storage: str, name: str) -> optuna.Study:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import signal
 import uuid
 from pathlib import Path
@@ -16,7 +15,7 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from tests._sweeps import (FAST_DATA, FAST_FAULTS, RANDOM_SPACE, assert_nothing_running, load, mlflow_runs, pet_sweep,
-                     running_trial_with_epoch, trial_runs, wait_for)
+                     printed_command, running_trial_with_epoch, trial_runs, wait_for)
 from pet_sweep.cli import cli
 from pet_sweep.config import load_experiment
 from pet_sweep.sweep.loop import run_sweep
@@ -80,9 +79,9 @@ def test_sigint_stops_cleanly_and_the_hint_resumes(write_experiments: Callable[.
     assert sweep_parent(exp, name).info.status == "KILLED"
     finished = sum(t.state == TrialState.COMPLETE for t in trials)
 
-    command = shlex.split(hints[0].split("resume with: ", 1)[1])
-    assert command[:2] == ["pet-sweep", "run"] and command[-2:] == ["--n-trials", str(2 - finished)]
-    resumed = pet_sweep(*command[1:], cwd=str(config.parent))
+    command = printed_command(hints[0].split("resume with: ", 1)[1])
+    assert command[0] == "run" and command[-2:] == ["--n-trials", str(2 - finished)]
+    resumed = pet_sweep(*command, cwd=str(config.parent))
     out, err = resumed.communicate(timeout=1800)
     assert resumed.returncode == 0, out + err
     trials = load(exp.storage_url, name).get_trials()

@@ -217,13 +217,45 @@ def test_export_pick_cheapest_best_and_trial(tmp_path: Path) -> None:
     for args, trial, rule in ((["--pick", "trial", "2"], 2, "trial"), (["--pick", "trial:2"], 2, "trial"),
                               (["--pick", "best"], 0, "best"),
                               ([], 0, "best"), (["--trial", "2"], 2, "trial")):
-        result = invoke("export", "--config", path, *args, "-o", out)
+        result = invoke("export", "--config", path, *args, "-o", out, "--force")  # another trial each time
         assert result.exit_code == 0, (args, result.output)
         source = yaml.safe_load(out.read_text())["source"]
         assert (source["trial"], source["picked_by"]) == (trial, rule), args
     # the experiment argument after `--pick trial N` still reads as the experiment
-    result = invoke("export", "tiny", "--config", path, "--pick", "trial", "1", "-o", out)
+    result = invoke("export", "tiny", "--config", path, "--pick", "trial", "1", "-o", out, "--force")
     assert result.exit_code == 0 and yaml.safe_load(out.read_text())["source"]["trial"] == 1, result.output
+
+
+def test_export_writes_best_yaml_only_for_the_best_and_never_replaces_another_trials(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = make_study(tmp_path, ["error_rate", "predict_ms"], [
+        (range(2), "resnet34", cost(8.0)), (range(4), "resnet18", cost(2.0)), (range(20), "xresnet18", cost(1.0))])
+    monkeypatch.chdir(tmp_path)
+    best, cheapest = tmp_path / "best.yaml", tmp_path / "cheapest.yaml"
+    # each rule has its own default file, and the line after names it
+    for args, file, trial in ((["--pick", "cheapest"], cheapest, 1), ([], best, 0),
+                              (["--pick", "trial", "2"], tmp_path / "trial-2.yaml", 2)):
+        result = invoke("export", "--config", path, *args)
+        assert result.exit_code == 0, (args, result.output)
+        assert yaml.safe_load(file.read_text())["source"]["trial"] == trial, args
+        assert f"pet-sweep train {file.name} " in result.output, result.output
+        assert file.read_text().endswith("\n")
+    # best.yaml holds trial 0: another trial is not written over it without --force
+    before = best.read_bytes()
+    result = invoke("export", "--config", path, "--pick", "cheapest", "-o", best)
+    assert result.exit_code == 2, result.output
+    assert "holds trial 0 of study 'tiny' (picked: best), not trial 1" in result.output and "--force" in result.output
+    assert best.read_bytes() == before
+    # the same trial again brings its file up to date; --force replaces another's
+    assert invoke("export", "--config", path, "-o", best).exit_code == 0
+    result = invoke("export", "--config", path, "--pick", "cheapest", "-o", best, "--force")
+    assert result.exit_code == 0 and yaml.safe_load(best.read_text())["source"]["trial"] == 1, result.output
+    # a file export did not write is no config to replace either
+    notes = tmp_path / "notes.yaml"
+    notes.write_text("my: notes\n")
+    result = invoke("export", "--config", path, "-o", notes)
+    assert result.exit_code == 2 and "holds no config written by `pet-sweep export`" in result.output
+    assert notes.read_text() == "my: notes\n"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +17,9 @@ from mlflow import MlflowClient
 from pet_sweep.cli import cli
 from pet_sweep.config import load_experiment
 from pet_sweep.train.data import build_data
-from pet_sweep.train.pretrain import CHECKPOINT_ATTR, file_sha256
+from pet_sweep.errors import ConfigError
+from pet_sweep.train.data import local_path, portable_path
+from pet_sweep.train.pretrain import CHECKPOINT_ATTR, file_sha256, find_checkpoint
 
 SOURCE_CLASSES = ["0", "1", "2", "3", "4"]
 TARGET_CLASSES = [5, 6, 7, 8, 9]  # numbers, as a user writes them in YAML
@@ -98,7 +102,7 @@ def test_pretrain_writes_checkpoints_that_model_weights_loads_and_reuses_them(tr
 
 
 def test_transfer_sweep_pretrains_first_and_records_the_checkpoint_on_every_trial(
-        write_experiments: Callable[..., Path]) -> None:
+        write_experiments: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     transfer = _transfer(write_experiments, ["xresnet18"], seed=12)
     result = _invoke("run", "--config", str(transfer))
     assert result.exit_code == 0, result.output
@@ -121,8 +125,27 @@ def test_transfer_sweep_pretrains_first_and_records_the_checkpoint_on_every_tria
     # the exported config starts from the same file, with no source experiment to resolve
     best = transfer.parent / "best.yaml"
     assert _invoke("export", "--config", str(transfer), "-o", str(best)).exit_code == 0
-    model = yaml.safe_load(best.read_text())["model"]
-    assert model["weights"] == trials[0].user_attrs[CHECKPOINT_ATTR]["path"] and "pretrained_on" not in model
+    doc = yaml.safe_load(best.read_text())
+    model, recorded = doc["model"], trials[0].user_attrs[CHECKPOINT_ATTR]
+    # portable: the cache's place is left to the machine that reads it, no home folder written out
+    assert model["weights"] == "$PET_SWEEP_CACHE/pretrained/" + Path(recorded["path"]).name, model
+    assert "pretrained_on" not in model and os.environ["PET_SWEEP_CACHE"] not in best.read_text()
+    assert doc["source"]["checkpoint"] == {"sha256": recorded["sha256"], "pretrained_on": "source",
+                                           "run_id": recorded["run_id"]}
+    # another machine, whose cache lacks it: `train` says what to run, before any training
+    elsewhere = tmp_path / "elsewhere-cache"
+    monkeypatch.setenv("PET_SWEEP_CACHE", str(elsewhere))
+    missing = CliRunner().invoke(cli, ["train", str(best)])
+    assert missing.exit_code == 2, missing.output
+    assert "`pet-sweep pretrain source`" in missing.output and "`model.weights`" in missing.output
+    assert str(elsewhere / "pretrained" / Path(recorded["path"]).name) in missing.output
+    # the file copied there under another name: found by its recorded sha256, and the replay runs
+    (elsewhere / "pretrained").mkdir(parents=True)
+    (elsewhere / "pretrained" / "copied.pth").write_bytes(Path(recorded["path"]).read_bytes())
+    replayed = _invoke("train", str(best))
+    assert replayed.exit_code == 0, replayed.output
+    assert f"{elsewhere / 'pretrained' / 'copied.pth'} (found by its sha256" in replayed.output
+    monkeypatch.undo()
     # the LR finder probes the pretrained body too (no ImageNet download), reusing the checkpoint
     found = _invoke("lr-find", "--config", str(transfer), "--num-it", "30", "--out", str(transfer.parent / "lr"))
     assert found.exit_code == 0, found.output
@@ -168,3 +191,35 @@ def test_bad_transfer_input_exits_2_naming_the_key(write_experiments: Callable[.
     assert result.exit_code == 2, result.output
     assert f"key '{key}" in result.output and shown in result.output
     assert not (path.parent / "stores").exists()  # refused before any store was made
+
+
+def test_a_checkpoint_is_found_by_its_sha256_in_whichever_cache_reads_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    here, there = tmp_path / "here", tmp_path / "there"
+    monkeypatch.setenv("PET_SWEEP_CACHE", str(here))
+    (here / "pretrained").mkdir(parents=True)
+    saved = here / "pretrained" / "xresnet18-a.pth"
+    saved.write_bytes(b"a state dict")
+    sha = hashlib.sha256(b"a state dict").hexdigest()
+    written = portable_path(saved)
+    assert written == "$PET_SWEEP_CACHE/pretrained/xresnet18-a.pth" and portable_path("/elsewhere/w.pth") == \
+        "/elsewhere/w.pth"
+    lines: list[str] = []
+    assert find_checkpoint(written, sha, "digits-source", file="best.yaml", echo=lines.append) == saved
+    assert not lines
+    # another machine's cache: the same text names its file; under another name, the hash finds it
+    monkeypatch.setenv("PET_SWEEP_CACHE", str(there))
+    assert local_path(written) == there / "pretrained" / "xresnet18-a.pth"
+    (there / "pretrained").mkdir(parents=True)
+    (there / "pretrained" / "other.pth").write_bytes(b"another state dict")
+    (there / "pretrained" / "renamed.pth").write_bytes(b"a state dict")
+    assert find_checkpoint(written, sha, "digits-source", file="best.yaml", echo=lines.append) == \
+        there / "pretrained" / "renamed.pth"
+    assert "found by its sha256" in lines[0]
+    # nowhere: what to run, what to copy where, which key to set
+    (there / "pretrained" / "renamed.pth").unlink()
+    with pytest.raises(ConfigError) as missing:
+        find_checkpoint(written, sha, "digits-source", file="best.yaml")
+    text = str(missing.value)
+    assert f"checkpoint not found: {there / 'pretrained' / 'xresnet18-a.pth'}" in text
+    assert "run `pet-sweep pretrain digits-source`" in text and "`model.weights`" in text and "best.yaml" in text

@@ -7,7 +7,6 @@ without PET_SWEEP_TEST_POSTGRES_URL). One study name per test: a shared server k
 from __future__ import annotations
 
 import os
-import shlex
 import socket
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from tests._sweeps import (
     load,
     mlflow_runs,
     pet_sweep,
+    printed_command,
     running_trial_with_epoch,
     wait_for,
 )
@@ -145,10 +145,10 @@ def test_the_resume_after_every_worker_is_killed_runs_what_the_budget_has_left(
     trials = load(exp.storage_url, name).get_trials()
     slots = sum(not is_retry(t) for t in trials)  # each killed trial used its slot; its retry is queued
     assert any(t.state == TrialState.WAITING for t in trials), out + err
-    command = shlex.split(hint.split("resume with: ", 1)[1])
+    command = printed_command(hint.split("resume with: ", 1)[1])
     assert command[-2:] == ["--n-trials", str(3 - slots)], hint
 
-    resumed = pet_sweep(*command[1:], cwd=str(config.parent))
+    resumed = pet_sweep(*command, cwd=str(config.parent))
     out, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out + err
     trials = load(exp.storage_url, name).get_trials()

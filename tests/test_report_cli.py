@@ -177,6 +177,8 @@ def test_export_train_round_trip(study: Path, tmp_path: Path) -> None:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["pet_sweep.role"] == "replay" and run.data.tags["pet_sweep.replay_of"] == str(trial)
+    # a replay, not a trial: filtering the sweep's runs by trial state does not count it
+    assert run.data.tags["pet_sweep.kind"] == "replay" and "optuna.state" not in run.data.tags
     assert run.data.tags["mlflow.parentRunId"] == doc["source"]["mlflow_parent_run_id"]
     assert run.data.tags["pet_sweep.held_out"] == "true"
     assert run.data.metrics["valid_error_rate"] == pytest.approx(doc["source"]["validation_error"], abs=1 / 60 + 1e-6)

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,9 +31,15 @@ def registered(finished_study: Path, tmp_path_factory: pytest.TempPathFactory) -
     runner = CliRunner()
     done = runner.invoke(cli, ["export", "--config", str(finished_study), "-o", str(best)], catch_exceptions=False)
     assert done.exit_code == 0, done.output
-    done = runner.invoke(cli, ["train", str(best), "--register", NAME], catch_exceptions=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        done = runner.invoke(cli, ["train", str(best), "--register", NAME], catch_exceptions=False)
     assert done.exit_code == 0, done.output
     assert f"registered   {NAME} version 1: pet-sweep serve {NAME} --version 1" in done.output
+    # one line per step: no artifact bars, no warnings about the pickles pet-sweep itself wrote
+    assert "Downloading artifacts" not in done.output and "Successfully registered" not in done.output
+    noise = [str(w.message) for w in caught if re.search("pickle", str(w.message))]
+    assert not noise, noise
     from pet_sweep.config import load_experiment
 
     return best, load_experiment(finished_study).tracking_uri
@@ -88,15 +95,20 @@ def test_serve_answers_the_printed_request(registered: tuple[Path, str], tmp_pat
         curl = next((line for line in lines if line.startswith("curl ")), None)
         assert curl is not None, "\n".join(lines)
         assert f"http://127.0.0.1:{port}/invocations" in curl and "dataframe_split" in curl
-        # not an image: a 400 that says so, and the server keeps answering
-        junk = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not a png").decode()]]}}
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                                          json.dumps(junk).encode(),
-                                                          {"Content-Type": "application/json"}), timeout=60)
-        assert refused.value.code == 400
-        assert "row 0: `image` (9 bytes) is not an image PIL can read" in refused.value.read().decode()
+        assert not any(line.startswith("open ") for line in lines), lines  # a POST-only endpoint is no page
+        junk = base64.b64encode(b"not a png").decode()
         digit = held_out_digits(best, 1)[0]
+        good = base64.b64encode(digit.read_bytes()).decode()
+        # not an image: a 400 whose message starts with pet-sweep's sentence, and the server keeps answering
+        message = refused_message(port, ["image"], [[junk]])
+        assert message.startswith("row 0: `image` (9 bytes) is not an image PIL can read"), message
+        # no `image` or `path` column: refused, naming the columns expected (MLflow would answer [])
+        message = refused_message(port, ["img"], [[good]])
+        assert message.startswith("the request has no `image` column") and "`path` column" in message, message
+        # one bad row in a batch: the whole request refused, and said so
+        message = refused_message(port, ["image"], [[good], [junk], [good]])
+        assert message.startswith("row 1: `image` (9 bytes)") and "The whole request was refused" in message
+        assert "row 0" not in message and "row 2" not in message
         body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(digit.read_bytes()).decode()]]}}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
@@ -107,6 +119,17 @@ def test_serve_answers_the_printed_request(registered: tuple[Path, str], tmp_pat
         if proc.poll() is None:
             os.killpg(proc.pid, 15)  # the server and the workers it started
             proc.wait(30)
+
+
+def refused_message(port: int, columns: list[str], data: list[list[str]]) -> str:
+    """The message of the HTTP 400 the server answers this `dataframe_split` request with."""
+    body = {"dataframe_split": {"columns": columns, "data": data}}
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                                      json.dumps(body).encode(),
+                                                      {"Content-Type": "application/json"}), timeout=60)
+    assert refused.value.code == 400
+    return json.loads(refused.value.read())["message"]
 
 
 def test_register_on_a_store_without_a_registry_stops_before_training(

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Callable
 
 import click
 
 from pet_sweep import browse
 from pet_sweep.cli.common import CliError, config_option, fail_clearly, load, storage_option, tracking_option
+from pet_sweep.invocation import command
 
 
 def _warn_host(host: str) -> None:
@@ -77,7 +79,7 @@ def dashboard(experiment: str | None, config_path: str, port: int, host: str, st
     state = browse.study_state(exp)
     if not state.found:
         raise CliError(f"no study {exp.study_name!r} in {state.storage}"
-                       + (f" ({state.note})" if state.note else "") + f"; run `pet-sweep run {exp.name}` first")
+                       + (f" ({state.note})" if state.note else "") + f"; run `{command('run', exp.name)}` first")
     browse.open_ui(f"optuna-dashboard on {state.storage}",
                    browse.dashboard_command(exp.storage_url, host, port), host, port,
                    ready_path="/api/studies", page_path=f"/dashboard/studies/{state.study_id}", echo=click.echo)
@@ -106,6 +108,10 @@ def serve(name: str, version: str, config_path: str, port: int, host: str, track
     uri = tracking_uri or load(config_path, None).tracking_uri
     _warn_host(host)
     command = serving.serve_command(name, version, host, port, uri)
+    sample = serving.sample_image(name, version, uri)
+    how = ([f"(a request with {sample}, an image of the held-out split; put another image's path in its place)"]
+           if sample else [f"(put an image's path in place of {serving.SAMPLE})"])
+    # /invocations takes only POSTs: the request to paste, not a page to open
     browse.open_ui(f"model {name} version {version} from {browse.redact_url(uri)}", command, host, port,
-                   ready_path="/ping", page_path="/invocations", echo=click.echo,
-                   ready_lines=[serving.curl_line("BASE")])
+                   ready_path="/ping", page_path=None, echo=click.echo,
+                   ready_lines=[serving.curl_line("BASE", shlex.quote(str(sample or serving.SAMPLE))), *how])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
 import click
 
 from pet_sweep.browse import format_states, list_studies
+from pet_sweep.invocation import command
 from pet_sweep.cli.common import (
     config_option,
     fail_clearly,
@@ -109,8 +111,10 @@ def parse_pick(value: str | None, trial: int | None) -> str | int | None:
 @click.command(cls=PickCommand)
 @click.argument("experiment", required=False)
 @config_option
-@click.option("-o", "--output", default="best.yaml", show_default=True, type=click.Path(dir_okay=False),
-              help="Where to write the standalone config.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Where to write the standalone config (default: best.yaml, cheapest.yaml with --pick cheapest, "
+                   "trial-N.yaml with --pick trial N).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT even where it holds another trial's config.")
 @click.option("--pick", metavar="best|cheapest|trial N",
               help="Which trial: the lowest error (best, the default), the cheapest trial within noise of it "
                    "(cheapest: the report's recommendation), or trial N.")
@@ -119,29 +123,30 @@ def parse_pick(value: str | None, trial: int | None) -> str | int | None:
 @tracking_option
 @study_name_option
 @fail_clearly
-def export(experiment: str | None, config_path: str, output: str, pick: str | None, trial: int | None,
-           storage: str | None, tracking_uri: str | None, study_name: str | None) -> None:
+def export(experiment: str | None, config_path: str, output: str | None, force: bool, pick: str | None,
+           trial: int | None, storage: str | None, tracking_uri: str | None, study_name: str | None) -> None:
     """Write one trial of EXPERIMENT (the best, the cheapest within noise of it, or trial N)
-    as a standalone config for `pet-sweep train`; best.yaml records which rule picked it and
-    what the trial cost.
+    as a standalone config for `pet-sweep train`; the file records which rule picked it and
+    what the trial cost. A file holding another trial's config is left alone unless --force.
 
     \b
     Example:
-      pet-sweep export digits -o best.yaml
-      pet-sweep export digits --pick cheapest -o cheap.yaml
-      pet-sweep export digits --pick trial 7
+      pet-sweep export digits                   # best.yaml
+      pet-sweep export digits --pick cheapest   # cheapest.yaml
+      pet-sweep export digits --pick trial 7 -o seven.yaml
     """
     chosen = parse_pick(pick, trial)
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     quiet_libraries()
-    from pet_sweep.replay import export_config, write_config  # heavy: optuna
+    from pet_sweep.replay import default_output, export_config, write_config  # heavy: optuna
 
     doc, number = export_config(exp, chosen)
-    path = write_config(doc, Path(output))
+    output = output or default_output(chosen)
+    path = write_config(doc, Path(output), force=force)
     source = doc["source"]
     costs = ", ".join(f"{k} {v:.3g}" for k, v in (source.get("costs") or {}).items()) or "no costs recorded"
     click.echo(f"trial {number} of study {exp.study_name} -> {path}  (picked: {source['picked_by']}; {costs})")
-    click.echo(f"next         pet-sweep train {output}   (add --export-model to keep the learner)")
+    click.echo(f"next         {command('train', shlex.quote(output))}   (add --export-model to keep the learner)")
 
 
 @click.command()
@@ -169,11 +174,17 @@ def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_
       pet-sweep train best.yaml --register digits-best   # then: pet-sweep serve digits-best
     """
     quiet_libraries()
+    from pet_sweep.progress import Progress, shows_status_line  # heavy: optuna (trial records)
     from pet_sweep.replay import train as replay  # heavy: optuna; the training stack on demand
     from pet_sweep.report.stats import format_rate
 
+    # as `run` shows a sweep: a status line in a terminal, else a line per epoch (a replay has few)
+    stdout = click.get_text_stream("stdout")
+    progress = Progress(1, level="normal" if shows_status_line(stdout) else "verbose", stream=stdout,
+                        err=click.get_text_stream("stderr"))
     outcome = replay(config_file, export_model=export_model, tracking_uri=tracking_uri,
-                     allow_split_change=allow_split_change, register=register, echo=lambda line: click.echo(line))
+                     allow_split_change=allow_split_change, register=register, echo=progress.echo,
+                     progress=progress)
     click.echo(f"valid error  {format_rate(outcome.valid_error, outcome.n_valid)}"
                + ("" if outcome.reproduced is None else
                   "  reproduces the trial (within its 95% interval)" if outcome.reproduced else
@@ -186,8 +197,8 @@ def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_
                                   if outcome.test_error is not None else "no held-out split (data.test_pct: 0)"))
     click.echo(f"MLflow run   {outcome.run_id}" + (f"; model {outcome.model_artifact}" if outcome.model_artifact else ""))
     if outcome.registered is not None:
-        click.echo(f"registered   {register} version {outcome.registered}: pet-sweep serve {register} "
-                   f"--version {outcome.registered}")
+        click.echo(f"registered   {register} version {outcome.registered}: "
+                   f"{command('serve', shlex.quote(register), '--version', str(outcome.registered))}")
 
 
 @click.command("list")

@@ -18,6 +18,7 @@ from pet_sweep.cli.common import (
     tracking_option,
 )
 from pet_sweep.config import DEFAULT_CONFIG, Experiment
+from pet_sweep.invocation import command
 from pet_sweep.tracking import redact_url
 from pet_sweep.tracking_spool import spool_dir
 
@@ -141,12 +142,12 @@ class _Hints:
     def next_commands(self) -> str:
         """`report` and `ui` on the same study: the same stores and study name as this run."""
         stores = self.flags("storage", "tracking_uri", "study_name")
-        return (" ".join(["pet-sweep report", self.exp.name, *stores]) + "   |   "
-                + " ".join(["pet-sweep ui", self.exp.name, *self.flags("tracking_uri")]))
+        return (command("report", self.exp.name, *stores) + "   |   "
+                + command("ui", self.exp.name, *self.flags("tracking_uri")))
 
     def resume(self, left: int) -> str:
         """`left`: the trials the budget has left (SweepResult.left); queued retries run free, so 0 runs only them."""
-        again = ["pet-sweep run", self.exp.name,
+        again = [command("run"), self.exp.name,
                  *self.flags("storage", "tracking_uri", "study_name", "timeout", "gpus")]
         if self.workers > 1:
             again += ["--workers", str(self.workers)]

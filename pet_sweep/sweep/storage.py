@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial
 
 from pet_sweep.config import JOURNAL_PREFIX, Experiment, FaultsConfig
 from pet_sweep.errors import DataError, StudyError
+from pet_sweep.invocation import command
 from pet_sweep.sweep.records import SPLIT_ATTR, STALE_REASON, experimental_relied_on, retry_history
 from pet_sweep.sweep.search import make_pruner, make_sampler
 from pet_sweep.tracking import RUN_ID_ATTR, Tracker, redact_url, redact_url_in, sqlite_path
@@ -144,7 +145,7 @@ def open_study(exp: Experiment, *, create: bool = True,
     if not create:
         missing = missing_store_file(exp.storage_url)
         if missing is not None:
-            raise StudyError(f"no Optuna storage at {missing}; run `pet-sweep run {exp.name}` first")
+            raise StudyError(f"no Optuna storage at {missing}; run `{command('run', exp.name)}` first")
     storage = make_storage(exp.storage_url, exp.config.faults, on_stale)
     if not create:
         try:
@@ -152,7 +153,7 @@ def open_study(exp: Experiment, *, create: bool = True,
                                      sampler=make_sampler(exp), pruner=make_pruner(exp))
         except KeyError:
             raise StudyError(f"no study named {exp.study_name!r} in {redact_url(exp.storage_url)}; "
-                             f"run `pet-sweep run {exp.name}` first") from None
+                             f"run `{command('run', exp.name)}` first") from None
     objectives = list(exp.config.objectives)
     # An existing study is loaded whatever its directions (Optuna checks nothing): compared below.
     study = optuna.create_study(study_name=exp.study_name, storage=storage, sampler=make_sampler(exp),

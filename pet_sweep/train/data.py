@@ -36,6 +36,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PET_SWEEP_CACHE") or Path.home() / ".cache" / "pet-sweep")
 
 
+CACHE_PREFIX = "$PET_SWEEP_CACHE/"  # a path in a file that travels: inside whichever machine's cache reads it
+
+
+def portable_path(path: str | Path) -> str:
+    """`path` as a file that travels writes it: under the cache, relative to `CACHE_PREFIX`
+    (no home folder spelled out); elsewhere, as it is."""
+    try:
+        inside = Path(path).expanduser().resolve().relative_to(cache_dir().expanduser().resolve())
+    except ValueError:
+        return str(path)
+    return CACHE_PREFIX + inside.as_posix()
+
+
+def local_path(text: str) -> Path:
+    """The file a path written by `portable_path` (or by hand, with `~`) is on this machine."""
+    if text.startswith(CACHE_PREFIX):
+        return cache_dir() / text[len(CACHE_PREFIX):]
+    return Path(text).expanduser()
+
+
 def digits_folder(root: Path | None = None) -> Path:
     """scikit-learn's 1,797 8x8 digits as ``<label>_<n>.png`` files, written once.
 

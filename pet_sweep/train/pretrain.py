@@ -32,7 +32,7 @@ from pet_sweep.errors import ConfigError
 from pet_sweep.space import ARCHITECTURES
 from pet_sweep.sweep.records import EpochRecord
 from pet_sweep.tracking import Tracker
-from pet_sweep.train.data import build_data, cache_dir
+from pet_sweep.train.data import build_data, cache_dir, local_path
 
 PRETRAIN_ROLE = "pretrain"
 CHECKPOINT_ATTR = "checkpoint"  # trial user attribute: the Checkpoint a trial started from
@@ -134,7 +134,7 @@ def checkpoints_for(exp: Experiment, *, echo: Callable[[str], None] = print) -> 
     pretrained first, and said so."""
     model = exp.config.model
     if model.weights is not None:
-        path = Path(model.weights).expanduser()
+        path = local_path(model.weights)
         if not path.is_file():
             raise ConfigError(f"checkpoint not found: {path}", file=exp.where, experiment=exp.name,
                               key="model.weights")
@@ -145,6 +145,51 @@ def checkpoints_for(exp: Experiment, *, echo: Callable[[str], None] = print) -> 
     source = load_experiment(exp.config_path, model.pretrained_on)
     archs = pretrainable(exp, exp.space.architectures, "model.pretrained_on")
     return {c.arch: c for c in pretrain(source, archs, echo=echo, why=f", before the sweep of {exp.name}")}
+
+
+def find_checkpoint(weights: str, sha256: str | None, pretrained_on: str | None, *, file: str,
+                    echo: Callable[[str], None] = print) -> Path:
+    """The file `model.weights` names (`weights`), on this machine; where it is not there (or is
+    another file), the one in pet-sweep's cache with the recorded `sha256`. Missing, it is a
+    ConfigError saying what to run or copy, and which key to set."""
+    path = local_path(weights)
+    if path.is_file() and (sha256 is None or file_sha256(path) == sha256):
+        return path
+    found = _by_sha256(sha256) if sha256 else None
+    if found is not None:
+        echo(f"checkpoint   {found} (found by its sha256 {sha256[:16]} in pet-sweep's cache; "
+             f"model.weights names {path})")
+        return found
+    if path.is_file():  # the same name, another file: a checkpoint pretrained again is not bit for bit the same
+        echo(f"checkpoint   {path} is not the file the trial started from (its sha256 is not {sha256[:16]}): "
+             "the replay may not reproduce the trial")
+        return path
+    shelf = cache_dir() / "pretrained"
+    how = (f"run `pet-sweep pretrain {pretrained_on}` (with the sweep's experiments.yaml) to train it again, or "
+           if pretrained_on else "")
+    raise ConfigError(f"checkpoint not found: {path}" + (f" (nor any file with its sha256 {sha256[:16]} in {shelf})"
+                                                        if sha256 else "")
+                      + f"; {how}copy the file from the sweep's machine to {path}, or set `model.weights` to "
+                        "where it is", file=file, key="model.weights")
+
+
+def _by_sha256(sha256: str) -> Path | None:
+    """A checkpoint in pet-sweep's cache with this content: its record says so and the file agrees
+    (a file copied in without its record is hashed)."""
+    shelf = cache_dir() / "pretrained"
+    files = sorted(shelf.glob("*.pth")) if shelf.is_dir() else []
+    # those whose record names the hash first: hashing every large file is the last resort
+    for path in sorted(files, key=lambda p: _recorded_sha256(p) != sha256):
+        if file_sha256(path) == sha256:
+            return path
+    return None
+
+
+def _recorded_sha256(path: Path) -> str | None:
+    try:
+        return json.loads(path.with_suffix(".json").read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _train(exp: Experiment, arch: str, data: Any, path: Path, tracker: Any,

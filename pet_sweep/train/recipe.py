@@ -39,6 +39,7 @@ from pet_sweep.config import ModelConfig
 from pet_sweep.errors import PetSweepError
 from pet_sweep.params import TrialParams
 from pet_sweep.space import ARCHITECTURES
+from pet_sweep.train.data import local_path
 
 
 @dataclass
@@ -80,7 +81,7 @@ def resolve_arch(name: str, weights: str | None = None) -> Any:
         return name  # fastai hands unknown names to timm
     if weights is None:
         return arch
-    return _local_weights_arch(arch, str(Path(weights).expanduser()))
+    return _local_weights_arch(arch, str(local_path(weights)))
 
 
 def bare_model(arch: Any) -> torch.nn.Module:
