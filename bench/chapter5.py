@@ -146,27 +146,17 @@ def write_arm(folder: Path, name: str, exp: Any, model: Any, params: dict[str, A
     return write_config(doc, folder / f"{name}-seed{seed}.yaml")
 
 
-def held_out_predictions(learn: Any, items: tuple[Path, ...]) -> tuple[list[int], list[int]]:
-    """The learner's class index for each held-out item, and the item's true index."""
-    from pet_sweep.replay import without_training_callbacks
-
-    without_training_callbacks(learn)
-    dl = learn.dls.test_dl(list(items), with_labels=True)
-    with learn.no_bar(), learn.no_logging():
-        probs, targets = learn.get_preds(dl=dl)
-    return probs.argmax(dim=1).tolist(), targets.view(-1).tolist()
-
-
 def run_arm(path: Path, data: Any) -> tuple[list[int], list[int], float]:
     """Load an arm's config as `pet-sweep train` does and fine-tune it once with the recipe."""
     from pet_sweep.params import params_from_dict
-    from pet_sweep.replay import load_replay
+    from pet_sweep.replay import held_out_predictions, load_replay, without_training_callbacks
     from pet_sweep.train import recipe
 
     cfg, _ = load_replay(path)
     started = time.perf_counter()
     result = recipe.fine_tune(data.dls, params_from_dict(cfg.params), cfg.model, seed=cfg.seed, keep_learner=True)
     try:
+        without_training_callbacks(result.learner)
         preds, targets = held_out_predictions(result.learner, data.splits.test)
     finally:
         recipe.release(result.learner)

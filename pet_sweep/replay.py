@@ -252,6 +252,8 @@ class ReplayOutcome:
     seconds: float
     held_out: bool | None        # SplitCheck.held_out: the test error is held out only when True
     registered: int | None = None  # the Model Registry version `--register NAME` created
+    test_predictions: tuple[int, ...] = ()  # the class index given to each held-out item, in split order
+    test_targets: tuple[int, ...] = ()      # each held-out item's true class index
 
 
 @dataclass(frozen=True)
@@ -296,12 +298,13 @@ def without_training_callbacks(learn: Any) -> None:
     learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (EpochHistory, StopOnDivergence))])
 
 
-def evaluate_test(learn: Any, items: tuple[Path, ...]) -> float:
-    """Error rate on held-out items (labelled like the training items)."""
+def held_out_predictions(learn: Any, items: tuple[Path, ...]) -> tuple[list[int], list[int]]:
+    """The learner's class index for each held-out item (labelled like the training items), and
+    the item's true index: the test error, and the pairs a paired test compares."""
     dl = learn.dls.test_dl(list(items), with_labels=True)
     with learn.no_bar(), learn.no_logging():
-        values = learn.validate(dl=dl)
-    return float(values[1])  # [valid_loss, error_rate]
+        probs, targets = learn.get_preds(dl=dl)
+    return probs.argmax(dim=1).tolist(), targets.view(-1).tolist()
 
 
 def _without_passwords(path: Path, cfg: ReplayConfig, folder: Path) -> Path:
@@ -377,7 +380,7 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
                                   keep_learner=True)
         if progress is not None:
             progress.close()
-        measured = _measure(result, data, cfg.source)
+        measured, (preds, targets) = _measure(result, data, cfg.source)
         measured["duration_s"] = time.perf_counter() - started
         version = _register(register, result.learner, exp.tracking_uri, run_id, data, cfg, measured, split)
         model_artifact = _finish(tracker, run_id, result.learner, measured, Path(path).expanduser().resolve(), cfg,
@@ -392,7 +395,7 @@ def train(path: str | Path, *, export_model: bool = False, tracking_uri: str | N
             recipe.release(result.learner)
     return ReplayOutcome(run_id, result.error_rate, int(measured["n_valid"]), measured.get(TEST_METRIC),
                          len(data.splits.test), measured.get("reproduced"), model_artifact,
-                         time.perf_counter() - started, split.held_out, version)
+                         time.perf_counter() - started, split.held_out, version, tuple(preds), tuple(targets))
 
 
 def _shown(progress: Any, cfg: ReplayConfig) -> list[Callable[[Any], None]]:
@@ -418,18 +421,22 @@ def _register(name: str | None, learner: Any, tracking_uri: str, run_id: str, da
     return serve.register(learner, name, tracking_uri=tracking_uri, run_id=run_id, example=example, tags=tags)
 
 
-def _measure(result: Any, data: Any, source: ReplaySource | None) -> dict[str, Any]:
-    """The replay's metrics: validation error, test error on the held-out items, whether it reproduces."""
+def _measure(result: Any, data: Any, source: ReplaySource | None) -> tuple[dict[str, Any], tuple[list[int], list[int]]]:
+    """The replay's metrics (validation error, test error on the held-out items, whether it
+    reproduces), and its held-out predictions with their targets."""
     n_valid = len(result.valid_targets) or data.n_valid
     without_training_callbacks(result.learner)
     measured: dict[str, Any] = {VALID_METRIC: result.error_rate, "n_valid": float(n_valid)}
+    preds: list[int] = []
+    targets: list[int] = []
     if data.splits.test:
-        measured.update({TEST_METRIC: evaluate_test(result.learner, data.splits.test),
-                         N_TEST_METRIC: float(len(data.splits.test))})
+        preds, targets = held_out_predictions(result.learner, data.splits.test)
+        wrong = sum(p != t for p, t in zip(preds, targets))
+        measured.update({TEST_METRIC: wrong / len(targets), N_TEST_METRIC: float(len(targets))})
     if source and source.validation_error is not None:
         lo, hi = wilson(errors_of(source.validation_error, n_valid), n_valid)
         measured["reproduced"] = lo <= result.error_rate <= hi  # within the trial's 95 % interval
-    return measured
+    return measured, (preds, targets)
 
 
 def _finish(tracker: Tracker, run_id: str, learner: Any, measured: dict[str, Any], config_file: Path,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -215,3 +216,89 @@ def test_chapter5_verdict_needs_the_corrected_p_and_reads_the_direction() -> Non
     six = compare_predictions("c", (0, right), (1, [1] * 6 + [0] * 94), targets)
     assert verdict(holm_corrected([six])[0]) == "holds"
     assert verdict(holm_corrected([six] + [replace(six, other_trial=i) for i in range(2, 6)])[0]) == "within noise"
+
+
+SELECTION_SPACE = ("arch: xresnet18\nbase_lr: 1.0e-2\nlr_hi: {low: 3.0e-3, high: 3.0e-2, log: true}\nlr_mult: 10\n"
+                   "freeze_epochs: {low: 0, high: 1}\nepochs: 1\n")
+
+
+@pytest.mark.train
+@pytest.mark.slow
+def test_selection_script_replays_each_methods_pick_at_equal_epochs(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end on a tiny digits task: every method's pick replayed with `train` on the retrain
+    seeds, the searches at (at least) the first one's epochs, the tables, and --combine."""
+    from bench import selection
+
+    monkeypatch.setattr(selection, "temp_dir", lambda prefix: tmp_path / prefix)
+    (tmp_path / "tiny.yaml").write_text(SELECTION_SPACE)
+    selection.main(["--experiment", "digits", "--seeds", "0", "--n-trials", "2", "--img-size", "16", "--limit", "100",
+                    "--space", str(tmp_path / "tiny.yaml"), "--retrain-seeds", "7", "8", "--threads", "1",
+                    "--save", str(tmp_path / "s0.json")])
+    out = capsys.readouterr().out
+    assert re.search(r"^# \d{4}-\d\d-\d\d \d\d:\d\d UTC, commit \S+, \d+ cores", out, re.M)
+    assert "changed from the shipped experiment: n_trials 2, img_size 16, limit 100" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("0 | ")]
+    assert [row[1] for row in rows] == list(selection.METHODS)
+    budget = int(rows[0][3])  # pet-sweep's 2 trials of 1 or 2 epochs
+    assert rows[0][2] == "2" and 2 <= budget <= 4
+    for row in rows[1:3]:  # the other searches: at least its epochs, at most one trial (2 epochs) more
+        assert budget <= int(row[3]) <= budget + 2, row
+    assert rows[3][2:5] == ["0", "0", "-"]  # fine_tune: no search
+    for row in rows:  # 10 held-out items, one replay per retrain seed, and their mean
+        errors = [float(e) for e in row[6].split()]
+        assert len(errors) == 2 and all(e * 10 == pytest.approx(round(e * 10)) for e in errors), row
+        assert float(row[7]) == pytest.approx(sum(errors) / 2, abs=1e-4)
+    assert "# over 1 sweep seed (0) x retrain seeds 7 8 x 10 held-out items" in out
+    summary = [line for line in out.splitlines() if re.match(r"\| (pet-sweep|optuna-tpe-median|random|fine_tune) \|", line)]
+    assert len(summary) == 4
+    assert re.search(r"\| fine_tune \| \d\.\d{4} \(\d+/20\) \[", summary[3])
+    assert min(float(line.split(" | ")[3]) for line in summary) == 0.0  # the best config's regret
+    pairs = [line for line in out.splitlines() if re.match(r"\| \S+ vs \S+ \| \d", line)]
+    assert len(pairs) == 6 and pairs[0].startswith("| pet-sweep vs optuna-tpe-median | ")
+    assert out.strip().endswith("goal: not judged (1 < 5 sweep seeds)")
+    tables = out[out.index("# over 1 sweep seed"):]
+    selection.main(["--combine", str(tmp_path / "s0.json")])
+    combined = capsys.readouterr().out
+    assert combined.startswith(f"# selection: combined {tmp_path / 's0.json'}: sweep seeds 0\n")
+    assert combined.endswith(tables)
+    with pytest.raises(SystemExit, match=r"s0.json: sweep seed 0 is already in an earlier file"):
+        selection.main(["--combine", str(tmp_path / "s0.json"), str(tmp_path / "s0.json")])
+
+
+def _picks(errors: dict[str, list[int]], n: int = 100) -> dict[int, dict[str, Any]]:
+    """Five sweep seeds; per method and seed, a pick whose 2 replays each get the first k of n items wrong."""
+    from bench.selection import Pick
+
+    return {seed: {name: Pick({}, preds={r: [1] * ks[seed] + [0] * (n - ks[seed]) for r in (0, 1)})
+                   for name, ks in errors.items()} for seed in range(5)}
+
+
+def test_selection_goal_is_checked_on_the_pooled_and_the_per_seed_tests() -> None:
+    from bench.selection import report
+
+    targets = [0] * 100
+    wins = report(_picks({"pet-sweep": [5] * 5, "optuna-tpe-median": [30] * 5, "random": [5, 5, 5, 5, 6],
+                          "fine_tune": [40] * 5}), targets)
+    assert "goal: pet-sweep's pick beats optuna-tpe-median's beyond noise (pooled, Holm p < 0.05): met" in wins
+    assert "goal: pet-sweep's pick beats random's beyond noise (pooled, Holm p < 0.05): not met" in wins
+    assert wins[-1].endswith("never loses to fine_tune beyond noise (pooled, and on each sweep seed, "
+                             "Holm across seeds): met")
+    # better pooled, but far worse than fine_tune on sweep seed 3: it lost there
+    lost = report(_picks({"pet-sweep": [5, 5, 5, 60, 5], "fine_tune": [20] * 5}), targets)
+    assert lost[-1].endswith(": not met (loses on sweep seeds 3)")
+    assert any(line.startswith("| pet-sweep | 0.1600 (160/1000) [") for line in lost)
+    assert any(line.startswith("| fine_tune | 0.2000 (200/1000) [") and "| +0.1500 |" in line for line in lost)
+
+
+def test_selection_fine_tune_defaults_lie_inside_the_shipped_space() -> None:
+    from bench.common import shipped_experiment
+    from bench.selection import fine_tune_defaults
+
+    space = shipped_experiment("digits-transfer")[1]
+    params = fine_tune_defaults(space)
+    assert params == {"arch": space["arch"]["choices"][0], "base_lr": 2e-3, "lr_lo": 1e-5, "lr_hi": 1e-3,
+                      "freeze_epochs": 1, "epochs": 6}
+    for key in ("base_lr", "lr_hi", "freeze_epochs", "epochs"):
+        assert space[key]["low"] <= params[key] <= space[key]["high"], key
+    assert space["lr_mult"]["low"] <= params["lr_hi"] / params["lr_lo"] <= space["lr_mult"]["high"]
