@@ -95,6 +95,8 @@ def _open(exp: Experiment, role: WorkerRole, echo: Callable[[str], None]) -> tup
         torch.set_num_threads(role.threads)
     check_server(exp.tracking_uri)  # an MLflow server that is down: said in seconds, before the data
     data = build_data(exp)  # before any store: a missing data folder must not leave a study or run behind
+    if role.index == 0:  # one line per sweep, not per worker
+        echo(f"data         {data.describe(exp.config.data)}")
     tracker = tracker_when_needed(exp)
     stale = StaleTrialHandler(exp.config.faults.max_retry, tracker=tracker, echo=echo)
     study = open_study(exp, on_stale=stale)  # a bad storage URL: before the MLflow store
