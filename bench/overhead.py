@@ -16,8 +16,14 @@ params_m, ...), which runs inside `recipe.fine_tune` and so is counted as traini
 bench.profile; it is printed as its own line, from each trial's `cost_measure_seconds`.
 `--costs` measures only that, once, on one trial of xresnet18 and one of xresnet34.
 
+`--checkpoints` times epoch checkpoints (`train.checkpoint`): the same enqueued configs run
+by pet-sweep with none, with one after every epoch, and with `faults.checkpoint_max_share`'s
+default alone (no `checkpoint_min_seconds`, whose default of 30 s saves none on digits), interleaved; it prints the median ratios, the seconds per
+save (each trial's `checkpoint_seconds`) and the size of a checkpoint file.
+
     python -m bench.overhead [--reps 5] [--img-size 32]
     python -m bench.overhead --costs [--img-size 32]
+    python -m bench.overhead --checkpoints [--reps 3] [--img-size 32]
 """
 
 from __future__ import annotations
@@ -101,6 +107,59 @@ def cost_measurement(folder: Path, experiment: dict[str, Any], epochs: int) -> N
         print(f"{arch} | {measuring:.2f} | {trial:.1f} | {100 * measuring / trial:.1f} %")
 
 
+CHECKPOINT_ARMS = {"none": {"checkpoint_every": 0},
+                   "every epoch": {"checkpoint_min_seconds": 0, "checkpoint_max_share": 1.0},
+                   "share rule": {"checkpoint_min_seconds": 0}}  # faults.checkpoint_max_share's default alone
+
+
+def checkpoint_cost(folder: Path, experiment: dict[str, Any], reps: int) -> None:
+    """`--checkpoints`: CONFIGS run with no checkpoints, one after every epoch, and the share rule alone."""
+    from optuna.trial import TrialState
+
+    from pet_sweep.config import load_experiment
+    from pet_sweep.sweep.resume import CHECKPOINT_SECONDS_ATTR, checkpoint_path
+    from pet_sweep.sweep.storage import open_study
+    from pet_sweep.train import checkpoint
+
+    paths = {arm: write_experiment(folder / arm.replace(" ", "-"), {**experiment, "faults": faults}, SPACE)
+             for arm, faults in CHECKPOINT_ARMS.items()}
+    times: dict[str, list[float]] = {arm: [] for arm in paths}
+    saves: dict[str, list[float]] = {arm: [] for arm in paths}
+    with_pet_sweep(paths["none"], "warm-up")  # untimed: the data cache, imports
+    print("rep | " + " | ".join(f"{arm} s" for arm in paths) + " | every epoch/none | share rule/none")
+    for rep in range(reps):
+        arms = list(paths)[rep % 3:] + list(paths)[:rep % 3]  # each arm first in turn
+        for arm in arms:
+            path = paths[arm]
+            times[arm].append(with_pet_sweep(path, f"ckpt-{rep}"))
+            study = open_study(load_experiment(path).with_overrides(study_name=f"ckpt-{rep}"), create=False)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                saves[arm].append(t.user_attrs.get(CHECKPOINT_SECONDS_ATTR, 0.0))
+        row = [times[arm][-1] for arm in paths]
+        print(f"{rep} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {row[1] / row[0]:.3f} | {row[2] / row[0]:.3f}",
+              flush=True)
+    for arm in ("every epoch", "share rule"):
+        ratio = median([a / b for a, b in zip(times[arm], times["none"])])
+        print(f"median {arm}/none {ratio:.3f}; its saves took {sum(saves[arm]):.1f}s in all")
+    # one checkpoint of each arch alone: its file's size and what writing it takes
+    from optuna.trial import FixedTrial
+
+    from pet_sweep.space import suggest
+    from pet_sweep.train import recipe
+    from pet_sweep.train.data import build_data
+
+    exp = load_experiment(paths["every epoch"])
+    data = build_data(exp)
+    for number, cfg in enumerate(CONFIGS[:2]):
+        seconds: list[float] = []
+        target = checkpoint_path(exp, 1000 + number)
+        plan = checkpoint.CheckpointPlan(target, trial=1000 + number, max_share=1.0,
+                                         on_saved=lambda n, s, seconds=seconds: seconds.append(s))
+        params = suggest(exp.space, FixedTrial({**cfg, "freeze_epochs": 0, "epochs": 2}))
+        recipe.fine_tune(data.dls, params, exp.config.model, seed=0, checkpoint=plan)
+        print(f"{cfg['arch']}: checkpoint file {target.stat().st_size / 2**20:.0f} MiB, one save {seconds[0]:.2f}s")
+
+
 def bare_fastai(img_size: int, batch_size: int, seed: int, dls: Any = None) -> float:
     """The recipe written by hand with fastai, on the same files and split.
 
@@ -138,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--costs", action="store_true", help="only time the cost measurement of one trial per "
                                                              f"architecture ({', '.join(COST_ARCHS)})")
     parser.add_argument("--epochs", type=int, default=CONFIGS[1]["epochs"], help="with --costs: epochs of each trial")
+    parser.add_argument("--checkpoints", action="store_true", help="only time epoch checkpoints: none, after every "
+                                                                   "epoch, and the share rule")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     from pet_sweep.sweep.storage import quiet_optuna
@@ -152,6 +213,12 @@ def main(argv: list[str] | None = None) -> None:
         print(header(f"overhead: measuring a trial's costs, digits {args.img_size}px ({args.limit or 'all'} images), "
                      f"{args.epochs} epoch(s) a trial"))
         cost_measurement(folder, experiment, args.epochs)
+        return
+    if args.checkpoints:
+        epochs = sum(c["freeze_epochs"] + c["epochs"] for c in CONFIGS)
+        print(header(f"overhead: epoch checkpoints, {len(CONFIGS)} enqueued configs ({epochs} epochs), digits "
+                     f"{args.img_size}px ({args.limit or 'all'} images), {args.reps} interleaved repetitions"))
+        checkpoint_cost(folder, experiment, args.reps)
         return
     path = write_experiment(folder, experiment, SPACE)
     from pet_sweep.config import load_experiment

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from pydantic_core import PydanticCustomError
 
 from pet_sweep.errors import ConfigError
+from pet_sweep.selection import SelectionConfig
 from pet_sweep.space import SearchSpace, Strict, parse_space
 from pet_sweep.yaml_files import read_model, read_yaml
 
@@ -152,6 +153,10 @@ class FaultsConfig(Strict):
     grace_period: int = Field(120, ge=1)        # a trial silent this long is failed and retried
     max_retry: int = Field(3, ge=0)             # retries of a trial whose worker died
     oom_retries: int = Field(1, ge=0)           # re-queue an out-of-memory trial at half its batch size, this often
+    # epoch checkpoints (`train.checkpoint`) every N epochs (0: none), as min_seconds and max_share allow (README)
+    checkpoint_every: int = Field(1, ge=0)
+    checkpoint_min_seconds: float = Field(30.0, ge=0)
+    checkpoint_max_share: float = Field(0.05, gt=0, le=1)
 
     @model_validator(mode="after")
     def _check(self) -> "FaultsConfig":
@@ -181,6 +186,9 @@ class LaunchConfig(Strict):
 class TrackingConfig(Strict):
     uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None
+    # an http(s) server away this long (seconds) stops the sweep before its next trial; until
+    # then trials go on and their MLflow writes wait in a spool (README, "Faults: the MLflow server")
+    max_outage: float = Field(900, ge=0)
 
 
 # What a trial can be judged on: its error rate, and the costs every completed trial
@@ -204,12 +212,22 @@ class ExperimentConfig(Strict):
     pruner: PrunerConfig = PrunerConfig()
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None
+    # a folder every worker reads (path or file:// URI; default beside the storage: `resume.checkpoint_dir`)
+    checkpoints: str | None = None
     tracking: TrackingConfig = TrackingConfig()
     faults: FaultsConfig = FaultsConfig()
     launch: LaunchConfig = LaunchConfig()
     seed: int = 0
     lr_find: bool = False
     pretrain: PretrainConfig = PretrainConfig()
+    selection: SelectionConfig = SelectionConfig()  # repeats on seeds, the fine_tune baseline (pet_sweep.selection)
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _local_checkpoints(cls, uri: str | None) -> str | None:
+        if uri and "://" in uri and not uri.startswith("file://"):
+            raise ValueError(f"checkpoints must be a folder (path or file:// URI) every worker reads, but got {uri!r}")
+        return uri
 
     @field_validator("objectives")
     @classmethod
@@ -324,7 +342,16 @@ def load_experiments_file(path: str | Path = DEFAULT_CONFIG) -> tuple[Experiment
                           f"{', '.join(parsed.experiments)}", file=str(path), key="default")
     for name, cfg in parsed.experiments.items():
         _check_source(name, cfg.model.pretrained_on, parsed.experiments, path)
+        _check_selection(name, cfg, path)
     return parsed, path
+
+
+def _check_selection(name: str, cfg: ExperimentConfig, path: Path) -> None:
+    """`selection.confirm_top` configs confirmed at most: no more than the trials of the budget."""
+    top, n_trials = cfg.selection.confirm_top, cfg.budget.n_trials
+    if top > n_trials:
+        raise ConfigError(f"confirm_top must be <= budget.n_trials, but got {top} > {n_trials}",
+                          file=str(path), experiment=name, key="selection.confirm_top")
 
 
 def _where_to_look(path: Path) -> str:

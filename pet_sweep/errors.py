@@ -62,3 +62,12 @@ def validation_reason(error: Mapping[str, Any], valid_keys: Sequence[str] = (), 
     if error["type"] == "value_error":  # a validator's own message, which names the values
         return str(error["ctx"]["error"])
     return f"{error['msg']}, but got {error.get('input')!r}"
+
+
+class TrackingAway(StudyError):
+    """The MLflow tracking server stayed unreachable past `tracking.max_outage`: the sweep stops."""
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM (a spot machine reclaimed, a scheduler): stop like Ctrl-C, but leave the trial to be
+    resumed from its checkpoint (`sweep.resume`). A KeyboardInterrupt, so every stop path stays one."""

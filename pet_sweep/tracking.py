@@ -13,19 +13,22 @@ functions that use it, so `pet-sweep --help`, `list` and `export` never load it.
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 import os
 import time
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from pet_sweep.errors import ConfigError, StudyError
+from pet_sweep.errors import StudyError
+from pet_sweep.tracking_spool import Gate, apply, is_server, sync_spool
+# the URL helpers live in `urls` (the spool needs them too); callers import them from this door
+from pet_sweep.urls import REDACTED, is_redacted, open_http, redact_url, redact_url_in, require_password, sqlite_path
+
+__all__ = ["REDACTED", "is_redacted", "open_http", "redact_url", "redact_url_in", "require_password", "sqlite_path"]
 
 if TYPE_CHECKING:  # sweep.records imports this module (and optuna): for annotations only
     from pet_sweep.sweep.records import EpochRecord
@@ -41,72 +44,6 @@ RUN_ID_ATTR = "mlflow_run_id"
 # MLflow 3's UI opens an experiment of unknown kind on its GenAI (traces) overview;
 # this tag makes it open on the runs table, where the sweep and its trials are.
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
-REDACTED = "***"  # what `redact_url` writes in place of a password
-
-
-def redact_url(url: str) -> str:
-    """Hide the password of a database or server URL (``postgresql://u:***@host/db``)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{netloc[1]}"))
-
-
-def redact_url_in(text: str, url: str) -> str:
-    """Remove a URL's password from a message (drivers quote it in some errors)."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return text
-    if not password or password == REDACTED:
-        return text
-    for form in {password, unquote(password)}:  # a driver may quote it percent-decoded
-        text = text.replace(form, REDACTED)
-    return text
-
-
-def is_redacted(url: str) -> bool:
-    """Whether `url`'s password is the placeholder `redact_url` writes (an exported config's URLs)."""
-    try:
-        return urlsplit(url).password == REDACTED
-    except ValueError:
-        return False
-
-
-def require_password(url: str, variable: str, *, file: str | None = None, key: str | None = None) -> str:
-    """`url` itself, unless its password was redacted: then say which variable gives the real one."""
-    if is_redacted(url):
-        raise ConfigError(f"{url} has its password removed (export writes {REDACTED} in its place); "
-                          f"set {variable} to the full URL", file=file, key=key)
-    return url
-
-
-def open_http(url: str, timeout: float) -> Any:
-    """`urlopen` that sends a URL's ``user:password@`` as HTTP basic auth, as MLflow's client does.
-
-    urllib would take the password for part of the host (and quote it in its error).
-    """
-    parts = urlsplit(url)
-    request = urllib.request.Request(urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])))
-    if parts.username is not None:
-        login = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-        request.add_header("Authorization", "Basic " + base64.b64encode(login).decode())
-    return urllib.request.urlopen(request, timeout=timeout)
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URL (None for other URLs and in-memory databases)."""
-    prefix = "sqlite:///"
-    if not url.startswith(prefix) or ":memory:" in url:
-        return None
-    return Path(url[len(prefix):].split("?", 1)[0])
-
-
 def artifact_root(tracking_uri: str) -> str | None:
     """Where a local store's artifacts go: beside its database, not in the shell's folder.
 
@@ -169,7 +106,10 @@ def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
 class Tracker:
     """Writes a sweep and its trials to one MLflow tracking store."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str) -> None:
+    def __init__(self, tracking_uri: str, experiment_name: str, spool: Path | None = None,
+                 max_outage: float | None = None) -> None:
+        """`spool`: on an ``http(s)://`` server, where writes wait while it is away (`tracking_spool`);
+        without one every write goes to the server, and fails with it."""
         from mlflow.exceptions import MlflowException  # heavy: mlflow
 
         check_server(tracking_uri)
@@ -195,6 +135,27 @@ class Tracker:
         if existing is None or EXPERIMENT_KIND_TAG[0] not in existing.tags:
             self._client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND_TAG)
         self.experiment_name = experiment_name
+        self._gate: Gate | None = None
+        if spool is not None and is_server(tracking_uri):
+            sync_spool(spool, self._client)  # what a run that ended with the server away left
+            self._gate = Gate(self._client, tracking_uri, spool, max_outage)
+
+    def _write(self, op: dict[str, Any]) -> str | None:
+        """Every write goes here: to the server, or to the spool while it is away."""
+        return self._gate.write(op) if self._gate is not None else apply(self._client, op, {})
+
+    def down_for(self) -> float:
+        """Seconds the tracking server has been away (0 while it answers)."""
+        return self._gate.down_for() if self._gate is not None else 0.0
+
+    def resolve(self, run_id: str) -> str:
+        """The server's id of a run this tracker created while the server was away, once it is sent."""
+        return self._gate.resolve(run_id) if self._gate is not None else run_id
+
+    def close(self) -> None:
+        """The end of the sweep's writes: a last replay if the server is back; what stays spooled is said."""
+        if self._gate is not None:
+            self._gate.close()
 
     # -- the sweep (parent run) ------------------------------------------------
 
@@ -206,6 +167,15 @@ class Tracker:
         keeps the same run, the earliest open `sweep-<study>` (start time, then run id),
         and deletes its own if it lost, before any trial logs to it.
         """
+        try:
+            return self._sweep_run(study_name, settings, run_id)
+        except Exception as err:  # noqa: BLE001 - MlflowException, requests' errors: before any training
+            first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            raise StudyError(f"cannot open the sweep's parent run on the MLflow tracking store "
+                             f"{redact_url(self.tracking_uri)}: {redact_url_in(first, self.tracking_uri)}; "
+                             "no trial was started") from None
+
+    def _sweep_run(self, study_name: str, settings: Mapping[str, Any], run_id: str | None) -> str:
         from mlflow.entities import RunStatus  # heavy: mlflow
 
         if run_id:
@@ -232,13 +202,10 @@ class Tracker:
         return mine
 
     def update_sweep(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str] = ()) -> None:
-        from mlflow.entities import Metric, RunTag  # heavy: mlflow
-
         now = int(time.time() * 1000)
-        self._client.log_batch(
-            run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)],
-            tags=[RunTag(k, str(v)) for k, v in dict(tags).items()])
+        self._write({"op": "log_batch", "run": run_id,
+                     "metrics": [(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)],
+                     "tags": [(k, str(v)) for k, v in dict(tags).items()]})
 
     def finish_sweep(self, run_id: str, status: str = "FINISHED") -> None:
         self.end_run(run_id, status)
@@ -247,17 +214,18 @@ class Tracker:
 
     def start_run(self, run_name: str, tags: Mapping[str, str]) -> str:
         """A new run in this experiment (tags such as ``mlflow.parentRunId`` nest it); its id."""
-        return self._client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+        return str(self._write({"op": "create_run", "experiment_id": self.experiment_id, "run_name": run_name,
+                                "tags": dict(tags), "time": int(time.time() * 1000)}))
 
     def has_run(self, run_id: str | None) -> bool:
         """Whether this store holds the run (an id read from a config may come from another store)."""
         return bool(run_id) and _run_or_none(self._client, str(run_id)) is not None
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
-        self._client.set_tag(run_id, key, value[:5000])  # MLflow's limit on a tag value
+        self._write({"op": "log_batch", "run": run_id, "tags": [(key, value[:5000])]})  # MLflow's limit on a tag
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self._client.set_terminated(run_id, status=status)
+        self._write({"op": "terminate", "run": run_id, "status": status, "time": int(time.time() * 1000)})
 
     def fail_run(self, run_id: str, reason: str) -> None:
         """Close a run that failed, saying why in its ``reason`` tag."""
@@ -268,36 +236,40 @@ class Tracker:
 
     def start_trial(self, parent_run_id: str, study_name: str, number: int,
                     params: Mapping[str, Any], tags: Mapping[str, str] = ()) -> str:
-        run = self._client.create_run(
-            self.experiment_id, run_name=f"trial-{number}",
-            tags={"mlflow.parentRunId": parent_run_id, "pet_sweep.role": "trial",
-                  "pet_sweep.study": study_name, "optuna.trial": str(number),
-                  "optuna.state": "RUNNING", **dict(tags)})
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        run_id = self.start_run(f"trial-{number}", {
+            "mlflow.parentRunId": parent_run_id, "pet_sweep.role": "trial", "pet_sweep.study": study_name,
+            "optuna.trial": str(number), "optuna.state": "RUNNING", **dict(tags)})
+        self.log_params(run_id, params)
+        return run_id
 
     def epoch_logger(self, run_id: str) -> "EpochLogger":
-        return EpochLogger(self._client, run_id)
+        return EpochLogger(self, run_id)
 
     def finish_trial(self, run_id: str, state: str, metrics: Mapping[str, float] = (),
                      tags: Mapping[str, str] = (), artifacts: Iterable[Path] = ()) -> None:
         """Final metrics, tags and artifacts, then close the run with the status of `state`."""
         self.update_sweep(run_id, dict(metrics), {"optuna.state": state, **dict(tags)})
-        for path in artifacts:
-            self._client.log_artifact(run_id, str(path))
-        self._client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
+        self.log_artifacts(run_id, artifacts)
+        self.end_run(run_id, RUN_STATUS.get(state, "FAILED"))
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param  # heavy: mlflow
-
-        self._client.log_batch(run_id, params=[Param(k, _param_text(v)) for k, v in params.items()])
+        self._write({"op": "log_batch", "run": run_id, "params": [(k, _param_text(v)) for k, v in params.items()]})
 
     def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
         for path in paths:
-            self._client.log_artifact(run_id, str(path), artifact_path)
+            self._write({"op": "artifact", "run": run_id, "path": str(path), "artifact_path": artifact_path})
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        """Metrics at `step` (an epoch: the global epoch counter of both phases); non-finite ones are left out."""
+        now = int(time.time() * 1000)
+        self._write({"op": "log_batch", "run": run_id,
+                     "metrics": [(k, float(v), now, step) for k, v in metrics.items() if _finite(v)]})
 
     def close_stale_runs(self, study_name: str, running_trials: set[int], state_of: Mapping[int, str]) -> int:
-        """Close trial runs left RUNNING by a dead worker, using Optuna's final state."""
+        """Close trial runs left RUNNING by a dead worker, using Optuna's final state
+        (none while the server is away: the next command closes them)."""
+        if self.down_for():
+            return 0
         runs = self._client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`pet_sweep.study` = '{study_name}' and tags.`pet_sweep.role` = 'trial'"
@@ -308,10 +280,24 @@ class Tracker:
             if number in running_trials:
                 continue
             state = state_of.get(number, "FAIL")
-            self._client.set_tag(run.info.run_id, "optuna.state", state)
-            self._client.set_terminated(run.info.run_id, status=RUN_STATUS.get(state, "FAILED"))
+            self.set_tag(run.info.run_id, "optuna.state", state)
+            self.end_run(run.info.run_id, RUN_STATUS.get(state, "FAILED"))
             closed += 1
         return closed
+
+
+def send_spooled(tracking_uri: str, spool: Path) -> tuple[int, int]:
+    """Send the writes a sweep kept in `spool` while the server was away (`pet-sweep sync`, `report`):
+    (writes sent, spool files still written by a running sweep). StudyError if the server refuses one."""
+    if not is_server(tracking_uri) or not spool.is_dir():
+        return 0, 0
+    check_server(tracking_uri)
+    try:
+        return sync_spool(spool, _client(tracking_uri))
+    except Exception as err:  # noqa: BLE001 - MlflowException, requests' errors: said, the rest stays
+        first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        raise StudyError(f"the MLflow server {redact_url(tracking_uri)} refused a write kept in {spool}: "
+                         f"{redact_url_in(first, tracking_uri)}; it and the writes after it stay there") from None
 
 
 # -- readers (`report`, `ui`): they never create a store, an experiment or a run ----------------
@@ -349,6 +335,22 @@ class SweepRuns:
                           " and attributes.status = 'FINISHED'")
         return [RunRecord(run.info.run_id, dict(run.data.metrics), dict(run.data.tags)) for run in runs]
 
+    def incomplete_trials(self, study_name: str, states: Mapping[int, str]) -> list[int]:
+        """The trials (number -> Optuna state) whose MLflow run is missing, or not closed as Optuna
+        closed the trial (a sweep that ended while the server was away, its writes still spooled)."""
+        runs = {}
+        for run in self._client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`pet_sweep.role` = 'trial' and "
+                                                    f"tags.`pet_sweep.study` = '{study_name}'"):
+            runs[int(run.data.tags.get("optuna.trial", -1))] = run
+        out = []
+        for number, state in sorted(states.items()):
+            run = runs.get(number)
+            if state in RUN_STATUS and (run is None or run.info.status != RUN_STATUS[state]
+                                        or run.data.tags.get("optuna.state") != state):
+                out.append(number)
+        return out
+
     def attach(self, folder: Path, artifact_path: str) -> None:
         """Every file under `folder` as artifacts of the parent run, under `artifact_path`."""
         self._client.log_artifacts(self.parent_run_id, str(folder), artifact_path=artifact_path)
@@ -373,17 +375,13 @@ def _run_or_none(client: Any, run_id: str) -> Any:
 class EpochLogger:
     """Epoch listener: log train/valid loss and error rate at step = global epoch."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
-        self._client, self.run_id = client, run_id
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        self._tracker, self.run_id = tracker, run_id
 
     def __call__(self, record: EpochRecord) -> None:
-        from mlflow.entities import Metric  # heavy: mlflow
-
-        now = int(time.time() * 1000)
-        values = {"train_loss": record.train_loss, "valid_loss": record.valid_loss,
-                  "error_rate": record.error_rate, "epoch_seconds": record.seconds}
-        self._client.log_batch(self.run_id, metrics=[
-            Metric(k, float(v), now, record.epoch) for k, v in values.items() if _finite(v)])
+        self._tracker.log_metrics(self.run_id, {
+            "train_loss": record.train_loss, "valid_loss": record.valid_loss,
+            "error_rate": record.error_rate, "epoch_seconds": record.seconds}, record.epoch)
 
 
 def _finite(value: Any) -> bool:

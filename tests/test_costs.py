@@ -48,6 +48,17 @@ def test_a_completed_trial_records_its_costs(write_experiments) -> None:
     # the trial line shows its predict_ms
     line = next(line for line in result.output.splitlines() if line.startswith("trial   0 COMPLETE"))
     assert f"predict_ms={costs['predict_ms']:.3g}" in line, line
+    # the end of the sweep timed its one model side by side (`train.timing`) and stored the session
+    from pet_sweep.report.costs import CostKey, session_of
+    from pet_sweep.sweep.records import DEVICE_ATTR
+    from pet_sweep.train.timing import ROUNDS
+
+    assert trial.user_attrs[DEVICE_ATTR] == "cpu"
+    session = session_of(optuna.load_study(study_name=exp.study_name, storage=exp.storage_url).user_attrs)
+    (timed,) = session.timings
+    assert timed.key == CostKey("resnet18", 16, "fp32", 32, "cpu", False)
+    assert {i.n for i in timed.intervals.values()} == {ROUNDS} and timed.params_m == pytest.approx(costs["params_m"])
+    assert "costs        1 model of 1 completed trial timed side by side" in result.output
 
 
 def _allocate_and_free(megabytes: int, hold: float = 0.0) -> None:

@@ -318,7 +318,9 @@ def test_a_cheaper_trial_that_never_learned_is_not_recommended() -> None:
     rec = rep.recommendation
     assert rec.pick == 0 and rec.comparisons == ()
     assert rec.text == ("the lowest-error trial 0 is also the cheapest by predict_ms (the default cost of a "
-                        "single-objective study): 8 ms/image, and no other trial that learned is a tenth cheaper; "
+                        "single-objective study): 8 ms/image (one shot during each trial, moved by the machine's "
+                        "load; pet-sweep report --time-costs times them), and no other trial that learned is a "
+                        "tenth cheaper; "
                         "ship it (1 cheaper trial that diverged or never learned left out)")
     # the same trial, when it learned, is the recommendation
     learned = costly(record(1, "xresnet18", [0.3, 0.12]), 1.0)

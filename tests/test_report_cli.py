@@ -123,6 +123,27 @@ def test_report_on_a_running_study(study: Path, tmp_path: Path) -> None:
     assert re.search(r"\| 2 \| RUNNING \|.*\| running \|", (tmp_path / "out" / "report.md").read_text())
 
 
+def test_report_time_costs_times_the_studys_models_again_and_tables_them(study: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import optuna
+
+    from pet_sweep.report.costs import TIMINGS_ATTR
+
+    copy = tmp_path / "copy"  # --time-costs stores its session in the study: not the module's
+    shutil.copytree(study.parent, copy, ignore=shutil.ignore_patterns("reports"))
+    storage = f"sqlite:///{copy / 'stores' / 'optuna.db'}"
+    at_end = optuna.load_study(study_name="tiny", storage=storage).user_attrs[TIMINGS_ATTR]  # `run` timed them
+    result = invoke("report", "--config", copy / "experiments.yaml", "--out", tmp_path / "out", "--no-mlflow-attach",
+                    "--time-costs")
+    assert result.exit_code == 0, result.output
+    again = optuna.load_study(study_name="tiny", storage=storage).user_attrs[TIMINGS_ATTR]
+    assert again != at_end and len(again["timings"]) == len(at_end["timings"]) >= 1
+    assert re.search(r"^costs +\d+ models? of 2 completed trials timed side by side", result.output, re.M)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "### Costs by model" in md and f"timed side by side {again['when']}" in md
+
+
 def test_export_train_round_trip(study: Path, tmp_path: Path) -> None:
     best_yaml = tmp_path / "best.yaml"
     result = invoke("export", "--config", study, "-o", best_yaml)

@@ -4,7 +4,7 @@ Each command parses its options, calls the library, and turns a `PetSweepError` 
 a one-line message with exit code 2 (`common.fail_clearly`). Heavy modules (torch,
 fastai, mlflow, optuna) are imported inside the commands, so `pet-sweep --help`
 answers at once. The commands live by stage: `prepare` (lr-find, pretrain), `run`
-(run, the hidden worker), `results` (report, export, train, list, fail-stale),
+(run, the hidden worker), `results` (report, export, train, list, fail-stale, sync),
 `browse` (ui, dashboard).
 """
 
@@ -25,5 +25,5 @@ def cli() -> None:
 
 
 for command in (run.run, run.worker, prepare.lr_find, prepare.pretrain, results.report, results.export,
-                results.train, results.list_, results.fail_stale, browse.ui, browse.dashboard, browse.serve):
+                results.train, results.list_, results.fail_stale, results.sync, browse.ui, browse.dashboard, browse.serve):
     cli.add_command(command)

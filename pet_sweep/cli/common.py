@@ -11,7 +11,7 @@ from typing import Any, Callable
 import click
 
 from pet_sweep.config import DEFAULT_CONFIG, Experiment, load_experiment
-from pet_sweep.errors import PetSweepError
+from pet_sweep.errors import PetSweepError, Preempted
 
 
 class CliError(click.ClickException):
@@ -57,9 +57,13 @@ def load(config_path: str, experiment: str | None, **overrides: Any) -> Experime
 
 
 def sigterm_is_interrupt() -> None:
-    """SIGTERM (a scheduler or `kill`) stops a sweep the way Ctrl-C does: the trial is closed first."""
+    """SIGTERM (a scheduler, a spot machine's reclaim, `kill`) stops a sweep the way Ctrl-C does,
+    the trial closed first, but as `Preempted`: its trial is queued to resume from its checkpoint.
+    Raised once: a second SIGTERM (sent to every process of a node, then forwarded) would
+    interrupt the closing."""
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Preempted
 
     signal.signal(signal.SIGTERM, interrupt)
     # A shell script that starts `pet-sweep run ... &` leaves SIGINT ignored (POSIX, for

@@ -17,6 +17,8 @@ from pet_sweep.cli.common import (
     study_name_option,
     tracking_option,
 )
+from pet_sweep.tracking import redact_url, send_spooled
+from pet_sweep.tracking_spool import spool_dir
 
 
 @click.command()
@@ -28,9 +30,13 @@ from pet_sweep.cli.common import (
 @tracking_option
 @study_name_option
 @click.option("--no-mlflow-attach", is_flag=True, help="Do not attach the report to the sweep's MLflow run.")
+@click.option("--time-costs", is_flag=True,
+              help="First time every model of the study side by side on this machine (interleaved repeats, "
+                   "median with its 95% interval; FLOPs and parameters beside) and store that in the study; "
+                   "`run` does it at the end of a sweep. It loads torch and takes seconds per model.")
 @fail_clearly
 def report(experiment: str | None, config_path: str, out_dir: str | None, storage: str | None,
-           tracking_uri: str | None, study_name: str | None, no_mlflow_attach: bool) -> None:
+           tracking_uri: str | None, study_name: str | None, no_mlflow_attach: bool, time_costs: bool) -> None:
     """Read the sweep of EXPERIMENT: verdicts, tables, intervals, figures; never trains.
 
     Works on a finished or a still-running study. Writes a self-contained
@@ -47,6 +53,11 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
     from pet_sweep.report.render import summary_text
 
     _clean_leftovers([exp])
+    if time_costs:
+        from pet_sweep.report.read import open_existing_study
+        from pet_sweep.train.timing import time_study  # heavy: torch, fastai (this option only)
+
+        time_study(open_existing_study(exp), exp, click.echo)
     bundle = load_report(exp)
     out = Path(out_dir) if out_dir else exp.base_dir / "reports" / exp.study_name
     written = write_report(bundle, out, attach=not no_mlflow_attach)
@@ -244,4 +255,26 @@ def fail_stale(experiment: str | None, config_path: str, number: int | None, yes
                   echo=lambda line: click.echo(line))
     click.echo(f"failed       trial(s) {', '.join(map(str, failed))}" if failed else "failed       no trial")
 
+
+@click.command()
+@click.argument("experiment", required=False)
+@config_option
+@storage_option
+@tracking_option
+@fail_clearly
+def sync(experiment: str | None, config_path: str, storage: str | None, tracking_uri: str | None) -> None:
+    """Send to the MLflow server the runs a sweep of EXPERIMENT kept on disk while the server was away.
+
+    A sweep goes on while its tracking server is unreachable (up to tracking.max_outage)
+    and keeps its trials' metrics, params, tags and artifacts in a spool folder beside
+    the Optuna storage; it sends them itself when the server answers again, and so do
+    the next `run` and `report`. Exit code 1 if some stay (a sweep still writes them).
+    """
+    exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri)
+    folder = spool_dir(exp.storage_url, exp.tracking_uri)
+    sent, busy = send_spooled(exp.tracking_uri, folder)
+    click.echo(f"sent         {sent} write(s) kept in {folder} to {redact_url(exp.tracking_uri)}")
+    if busy:
+        click.echo(f"kept         {busy} spool file(s) a running sweep still writes: it sends them itself", err=True)
+        raise SystemExit(1)
 

@@ -19,6 +19,7 @@ from pet_sweep.cli.common import (
 )
 from pet_sweep.config import DEFAULT_CONFIG, Experiment
 from pet_sweep.tracking import redact_url
+from pet_sweep.tracking_spool import spool_dir
 
 if TYPE_CHECKING:
     from pet_sweep.sweep.records import SweepResult
@@ -168,6 +169,8 @@ def _print_result(exp: Experiment, result: SweepResult, hints: _Hints, quiet: bo
                    f"resume with: {hints.resume(result.left)}", err=True)
         sys.exit(130)
     _print_best(result.best, hints, quiet)
+    if result.stopped_by == "tracking":
+        _print_tracking_away(exp, result, hints)
     if result.stopped_by == "workers":
         click.echo(f"the workers stopped early; resume with: {hints.resume(result.left)}", err=True)
         sys.exit(1)
@@ -175,6 +178,16 @@ def _print_result(exp: Experiment, result: SweepResult, hints: _Hints, quiet: bo
         _print_capped(exp.config.budget.max_trials, result.ran, n_trials)
     elif result.stopped_by == "timeout":
         _print_timeout(exp.config.budget.timeout, result.ran, n_trials, hints.resume(result.left))
+
+
+def _print_tracking_away(exp: Experiment, result: SweepResult, hints: _Hints) -> None:
+    """The MLflow server stayed away past tracking.max_outage: stopped between trials, exit code 1."""
+    click.echo(f"stopped      the MLflow tracking server {redact_url(exp.tracking_uri)} stayed unreachable past "
+               f"tracking.max_outage ({exp.config.tracking.max_outage:g}s), after {result.finished} of "
+               f"{_trials(exp.config.budget.n_trials)}; their MLflow records wait in "
+               f"{spool_dir(exp.storage_url, exp.tracking_uri)} (sent by the next run or report, or "
+               f"`pet-sweep sync {exp.name}`); resume with: {hints.resume(result.left)}", err=True)
+    sys.exit(1)
 
 
 def _print_capped(max_trials: int | None, ran: int, n_trials: int) -> None:
@@ -223,7 +236,10 @@ def worker(role: str, experiment: str, config_path: str, n_trials: int | None, t
 
     quiet_optuna()
     sigterm_is_interrupt()
-    if work(exp, role, echo=click.echo).stopped_by == "interrupt":
+    stopped_by = work(exp, role, echo=click.echo).stopped_by
+    if stopped_by == "interrupt":
         sys.exit(130)
+    if stopped_by == "tracking":  # the supervisor says so: the workers stopped early
+        sys.exit(1)
 
 

@@ -4,7 +4,8 @@
 processes on this machine (`--workers N`), or Ray tasks on a cluster (`--ray`, or
 `launch: {engine: ray}` in experiments.yaml; `RayOptions.resolve` decides which settings
 win, `launch.ray.run_on_ray` runs them). Each returns the same `SweepResult`, with why
-the sweep stopped.
+the sweep stopped. A sweep that ran its course ends with its models' costs timed side by
+side in this process (`train.timing`, `time_costs_at_end`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pet_sweep.config import Experiment
-from pet_sweep.errors import ConfigError
+from pet_sweep.errors import ConfigError, PetSweepError
 from pet_sweep.launch import local
 from pet_sweep.launch.local import Echo, nothing_ran, to_stderr
 from pet_sweep.progress import Progress
@@ -71,20 +72,42 @@ def run(exp: Experiment, *, workers: int = 1, gpus: str | None = None, ray: RayO
     ended with an error. Ctrl-C or SIGTERM stops the sweep with `stopped_by == "interrupt"`,
     not an exception.
     """
+    shown = echo if progress is None else progress.echo
     try:
         if ray is not None:
             from pet_sweep.launch.ray import run_on_ray  # the optional ray package, on demand
 
-            return run_on_ray(exp, workers, address=ray.address, cpus_per_worker=ray.cpus_per_worker,
-                              gpus_per_worker=ray.gpus_per_worker, storage_proxy=ray.storage_proxy,
-                              echo=echo if progress is None else progress.echo, warn=warn, progress=progress)
-        if workers > 1:
-            return local.supervise(exp, workers, local.parse_gpus(gpus), echo=echo, warn=warn)
-        if progress is None:
-            return run_sweep(exp, echo=echo)
-        return run_sweep(exp, echo=progress.echo, epoch_listeners=(progress.epoch_done,), trial_listeners=(progress,))
+            result = run_on_ray(exp, workers, address=ray.address, cpus_per_worker=ray.cpus_per_worker,
+                                gpus_per_worker=ray.gpus_per_worker, storage_proxy=ray.storage_proxy,
+                                echo=shown, warn=warn, progress=progress)
+        elif workers > 1:
+            result = local.supervise(exp, workers, local.parse_gpus(gpus), echo=echo, warn=warn)
+        elif progress is None:
+            result = run_sweep(exp, echo=echo)
+        else:
+            result = run_sweep(exp, echo=progress.echo, epoch_listeners=(progress.epoch_done,),
+                               trial_listeners=(progress,))
+        time_costs_at_end(exp, result, shown)
+        return result
     except KeyboardInterrupt:  # before the sweep started
         return nothing_ran(exp)
     finally:
         if progress is not None:
             progress.close()
+
+
+def time_costs_at_end(exp: Experiment, result: SweepResult, echo: Echo) -> None:
+    """Time the study's model costs side by side (`train.timing.time_study`) once its trials have
+    run: not after Ctrl-C, workers that stopped early, or a sweep with no completed trial."""
+    if result.stopped_by in ("interrupt", "workers") or result.best is None:
+        return
+    from pet_sweep.sweep.storage import open_study  # heavy: optuna
+    from pet_sweep.train.timing import time_study  # heavy: torch, fastai
+
+    try:
+        time_study(open_study(exp, create=False), exp, echo)
+    except KeyboardInterrupt:
+        echo("costs        not timed (interrupted): pet-sweep report --time-costs times them")
+    except (RuntimeError, OSError, PetSweepError) as err:  # out of memory, a model it cannot build: the trials stand
+        echo(f"costs        not timed ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}): "
+             "the report judges by the trials' one-shot timings; pet-sweep report --time-costs tries again")

@@ -26,10 +26,10 @@ from pet_sweep.errors import ConfigError
 from pet_sweep.sweep.budget import Budget, WorkerRole, cap_reached
 from pet_sweep.sweep.lifecycle import clean_leftovers, fail_orphans
 from pet_sweep.sweep.loop import run_sweep
-from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run
+from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run, tracker_when_needed
 from pet_sweep.sweep.records import StoppedBy, SweepResult, best_of, worker_line
 from pet_sweep.sweep.storage import open_study
-from pet_sweep.tracking import Tracker, check_server
+from pet_sweep.tracking import check_server
 from pet_sweep.train.data import check_data
 
 Echo = Callable[[str], None]
@@ -129,7 +129,8 @@ def _pump(proc: subprocess.Popen, index: int, echo: Echo) -> None:
 
 
 def wait_workers(procs: list[subprocess.Popen]) -> tuple[list[WorkerExit], bool]:
-    """Wait for every worker; on SIGINT/SIGTERM forward SIGINT to them once and keep waiting."""
+    """Wait for every worker; on SIGINT/SIGTERM forward that signal to them once and keep waiting
+    (SIGTERM: the workers leave their trials to resume from their checkpoints)."""
     interrupted = threading.Event()
 
     def forward(signum: int, frame: Any) -> None:
@@ -139,7 +140,7 @@ def wait_workers(procs: list[subprocess.Popen]) -> tuple[list[WorkerExit], bool]
         for proc in procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGINT)
+                    proc.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -179,7 +180,7 @@ def supervise(exp: Experiment, n_workers: int, gpus: list[str] | None, *,
     cleaned = clean_leftovers([exp])
     if cleaned:
         echo(cleaned)
-    tracker = Tracker(exp.tracking_uri, exp.tracking_experiment)
+    tracker = tracker_when_needed(exp)()  # its writes wait in the spool while an MLflow server is away
     parent = open_parent_run(exp, study, tracker)
     roles, envs = worker_roles(exp, n_workers, gpus, parent, echo)
     status = "FAILED"
@@ -197,6 +198,7 @@ def supervise(exp: Experiment, n_workers: int, gpus: list[str] | None, *,
         closed = close_dead_runs(study, tracker)
         close_parent_run(study, tracker, parent, status)
         roles[0].lock_path.unlink(missing_ok=True)
+        tracker.close()
     _say_what_went_wrong(exits, closed, [] if interrupted else orphans, echo, warn)
     used = budget.used(trials)
     timed_out = exp.config.budget.timeout is not None and time.monotonic() - started >= exp.config.budget.timeout

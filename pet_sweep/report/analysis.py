@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pet_sweep.errors import StudyError
+from pet_sweep.report.costs import CostBook
 from pet_sweep.report.front import CHEAPER, NO_PRUNING, SHOWN_COSTS, Recommendation, cheaper_comparisons, compare_records, \
     cost_name, has_costs, pareto_front, recommend
 from pet_sweep.report.advice import converged_step, curve_agrees, learning_failures
@@ -53,6 +54,7 @@ class TrialRecord:
     batch_size: int | None = None           # what it ran with (an out-of-memory retry halves it)
     costs: Mapping[str, float | None] = field(default_factory=dict)  # COST_ATTRS; None: not recorded
     values: tuple[float, ...] = ()          # every objective's value (error rate first)
+    device: str = ""                        # where it ran ("cpu", "cuda:0"); "" before it was recorded
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class StudyReport:
     objectives: tuple[str, ...] = ("error_rate",)  # several: a multi-objective study
     recommendation: Recommendation | None = None   # None: no trial recorded a cost
     front: tuple[int, ...] = ()             # trials on the Pareto front (multi-objective studies)
+    cost_book: CostBook | None = None       # the trials' cost keys and the study's timing session
 
     @property
     def multi_objective(self) -> bool:
@@ -211,7 +214,8 @@ def comparisons_for(best: TrialRecord, done: Sequence[TrialRecord]) -> list[Comp
 
 
 def compare_and_recommend(best: TrialRecord, done: Sequence[TrialRecord], objectives: Sequence[str],
-                          analyses: Mapping[int, TrialAnalysis]) -> tuple[list[Comparison], Recommendation | None]:
+                          analyses: Mapping[int, TrialAnalysis],
+                          book: CostBook | None = None) -> tuple[list[Comparison], Recommendation | None]:
     """The rival comparisons and the recommendation (`front.recommend`), their comparisons
     Holm-corrected together; no recommendation where no trial recorded a cost. A trial that
     diverged or never learned (no better than chance) is never recommended."""
@@ -219,13 +223,18 @@ def compare_and_recommend(best: TrialRecord, done: Sequence[TrialRecord], object
     if not has_costs(done):
         return holm_corrected(rivals), None
     cost, why = cost_name(objectives)
+<<<<<<< HEAD
     diverged = {r.number for r in done
                 if r is not best and getattr(analyses.get(r.number), "verdict", "") in FAILED_TO_LEARN}
     compared = cheaper_comparisons(best, done, cost)
+=======
+    diverged = {r.number for r in done if r is not best and getattr(analyses.get(r.number), "verdict", "") == DIVERGED}
+    compared = cheaper_comparisons(best, done, cost, book)
+>>>>>>> main
     cheaper = [c for c in compared if c.other_trial not in diverged]
     left_out = len(compared) - len(cheaper)
     corrected = holm_corrected([*rivals, *cheaper])
-    return corrected[:len(rivals)], recommend(best, done, cost, why, corrected[len(rivals):], left_out)
+    return corrected[:len(rivals)], recommend(best, done, cost, why, corrected[len(rivals):], left_out, book)
 
 
 def analyse_all(records: Sequence[TrialRecord], n_valid: int | None,
@@ -236,11 +245,12 @@ def analyse_all(records: Sequence[TrialRecord], n_valid: int | None,
 
 
 def recommendation_for(records: Sequence[TrialRecord], objectives: Sequence[str], *, experiment: str,
-                       study_name: str, n_classes: int | None = None) -> Recommendation | None:
+                       study_name: str, n_classes: int | None = None,
+                       book: CostBook | None = None) -> Recommendation | None:
     """The report's recommendation alone (what `export --pick cheapest` takes)."""
     done = completed(records, experiment=experiment, study_name=study_name)
     best = lowest_error(done)
-    return compare_and_recommend(best, done, objectives, analyse_all(records, _n_items(best), n_classes))[1]
+    return compare_and_recommend(best, done, objectives, analyse_all(records, _n_items(best), n_classes), book)[1]
 
 
 def lowest_error(done: Sequence[TrialRecord]) -> TrialRecord:
@@ -342,13 +352,15 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
                  importances: Mapping[str, float] | None = None, heldout: Sequence[HeldOut] = (),
                  bounds: Mapping[str, tuple[float, float]] | None = None,
                  n_classes: int | None = None, test_split: bool = True, importance_note: str = "",
-                 always_inert: Sequence[str] = (), objectives: Sequence[str] = ("error_rate",)) -> StudyReport:
+                 always_inert: Sequence[str] = (), objectives: Sequence[str] = ("error_rate",),
+                 cost_book: CostBook | None = None) -> StudyReport:
     """Analyse every trial with a history and compare the best with its rivals.
 
     `importances` from fewer than MIN_IMPORTANCE_TRIALS completed trials are dropped
     (`importance_note` says why); `always_inert`: parameters the space gives that no
     trial can use (`space.always_inert`); `objectives`: the study's, error_rate first (several:
-    a multi-objective study, with a Pareto front).
+    a multi-objective study, with a Pareto front); `cost_book`: the trials' cost keys and the
+    study's timing session (`report.costs`), which decide what "cheaper" means.
     """
     done = completed(records, experiment=experiment, study_name=study_name)
     too_few = too_few_for_importances(len(done))
@@ -357,8 +369,13 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
     best = lowest_error(done)
     n_valid = _n_items(best)  # every trial is judged on the same validation items
     analyses = analyse_all(records, n_valid, n_classes)
+<<<<<<< HEAD
     frame = with_heldout(trials_frame(records, analyses, n_valid), heldout)
     comparisons, recommendation = compare_and_recommend(best, done, objectives, analyses)
+=======
+    frame = trials_frame(records, analyses, n_valid)
+    comparisons, recommendation = compare_and_recommend(best, done, objectives, analyses, cost_book)
+>>>>>>> main
     counts = {k: int(v) for k, v in frame["state"].value_counts().items()}
     # verdicts of the trials that ran their course: a pruned trial was cut short on purpose, so
     # "still improving" or an epoch count read off its curve says nothing about its config
@@ -382,7 +399,7 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
                        importances=dict(importances or {}), heldout=held, next_steps=steps, counts=counts,
                        verdict_counts=verdict_counts, records={r.number: r for r in records}, notes=notes,
                        test_split=test_split, n_candidates=len(done), importance_note=importance_note,
-                       objectives=tuple(objectives), recommendation=recommendation,
+                       objectives=tuple(objectives), recommendation=recommendation, cost_book=cost_book,
                        front=tuple(r.number for r in pareto_front(done, len(objectives)))
                        if len(objectives) > 1 else ())
 

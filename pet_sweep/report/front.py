@@ -5,7 +5,9 @@ fine-tuning, milliseconds to predict one image, parameters, peak memory). The
 recommendation compares each trial cheaper than the lowest-error one with it by the
 exact McNemar test the report already uses, Holm-corrected together with the report's
 other comparisons (`analysis.compare_and_recommend`), and names the cheapest one the
-test does not put beyond noise. Pure: plain records in, text and tables out.
+test does not put beyond noise. "Cheaper" is asked of a `report.costs.CostBook`: trials that
+share a model (a `CostKey`: architecture, image size, precision, batch size, device) are one cost, and a timing is cheaper only where
+the side-by-side timing intervals are apart. Pure: plain records in, text and tables out.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from pet_sweep.config import NO_MO_PRUNING
+from pet_sweep.report.costs import CostBook
 from pet_sweep.report.stats import Comparison, compare_predictions, compare_rates, format_rate, plural
 
 DEFAULT_COST = "predict_ms"  # what "cheapest" means in a single-objective study
@@ -28,8 +31,10 @@ SHOWN_COSTS = ("train_seconds", "predict_ms", "params_m", "peak_memory_mb")
 UNITS = {"train_seconds": "s", "predict_ms": "ms/image", "predict_ms_batch": "ms/image at the training batch size",
          "params_m": "M parameters", "peak_memory_mb": "MB"}
 COSTS_LEGEND = ("train_seconds: seconds of fine-tuning; predict_ms: milliseconds to predict one image at batch "
-                "size 1; params_m: parameters in millions; peak_memory_mb: peak memory (CUDA max allocated on a GPU, "
-                "resident-set growth on a CPU)")
+                "size 1, measured once during the trial (Costs by model: timed side by side); params_m: parameters "
+                "in millions; peak_memory_mb: peak memory (CUDA max allocated on a GPU, resident-set growth on a CPU; "
+                "not measured where that growth is less than the model's weights and gradients: the process held "
+                "the memory already)")
 NO_PRUNING = (f"{NO_MO_PRUNING} (Trial.report and Trial.should_prune support one objective only), so every "
               "trial of this study ran all its epochs")
 
@@ -39,12 +44,6 @@ def cost_name(objectives: Sequence[str]) -> tuple[str, str]:
     if len(objectives) > 1:
         return objectives[1], "the study's second objective"
     return DEFAULT_COST, "the default cost of a single-objective study"
-
-
-def cost_of(record: Any, cost: str) -> float | None:
-    """A record's measured cost; None where it was not recorded (a study from before costs)."""
-    value = record.costs.get(cost)
-    return float(value) if value is not None and math.isfinite(float(value)) else None
 
 
 def has_costs(records: Sequence[Any]) -> bool:
@@ -63,15 +62,15 @@ def compare_records(label: str, best: Any, other: Any) -> Comparison | None:
     return None
 
 
-def cheaper_comparisons(best: Any, done: Sequence[Any], cost: str) -> list[Comparison]:
+def cheaper_comparisons(best: Any, done: Sequence[Any], cost: str, book: CostBook | None = None) -> list[Comparison]:
     """The best trial against every completed trial cheaper by `cost` (by a tenth at least:
-    `CHEAPER`), cheapest first (uncorrected)."""
-    mine = cost_of(best, cost)
-    if mine is None:
+    `CHEAPER`, and as `book` judges: another cost key, timing intervals apart), cheapest first
+    (uncorrected)."""
+    book = book or CostBook({})
+    if book.value(best, cost) is None:
         return []
-    costs = {r.number: cost_of(r, cost) for r in done}
-    cheaper = sorted((r for r in done if r.number != best.number and costs[r.number] is not None
-                      and costs[r.number] < CHEAPER * mine), key=lambda r: (costs[r.number], r.value, r.number))
+    cheaper = sorted((r for r in done if r.number != best.number and book.cheaper(r, best, cost, CHEAPER)),
+                     key=lambda r: (book.value(r, cost), r.value, r.number))
     return [c for c in (compare_records(f"cheaper by {cost}", best, r) for r in cheaper) if c is not None]
 
 
@@ -93,11 +92,11 @@ def _ratio(a: float, b: float) -> float:
 
 
 def recommend(best: Any, done: Sequence[Any], cost: str, why_cost: str, comparisons: Sequence[Comparison],
-              left_out: int = 0) -> Recommendation:
+              left_out: int = 0, book: CostBook | None = None) -> Recommendation:
     """Choose among `comparisons` (from `cheaper_comparisons`, Holm-corrected): the cheapest
     trial whose verdict is "within noise" ("cannot tell", from totals only, is not enough).
     `left_out`: cheaper trials not compared because they diverged or never learned."""
-    rec = _recommend(best, done, cost, why_cost, comparisons, left_out)
+    rec = _recommend(best, done, cost, why_cost, comparisons, left_out, book or CostBook({}))
     if not left_out:
         return rec
     return replace(rec, text=f"{rec.text} ({plural(left_out, 'cheaper trial')} that diverged or never learned "
@@ -105,9 +104,9 @@ def recommend(best: Any, done: Sequence[Any], cost: str, why_cost: str, comparis
 
 
 def _recommend(best: Any, done: Sequence[Any], cost: str, why_cost: str, comparisons: Sequence[Comparison],
-               left_out: int) -> Recommendation:
+               left_out: int, book: CostBook) -> Recommendation:
     by_number = {r.number: r for r in done}
-    mine = cost_of(best, cost)
+    mine = book.value(best, cost)
     unit = UNITS.get(cost, "")
     named = f"{cost} ({why_cost})"
     if mine is None:
@@ -117,8 +116,9 @@ def _recommend(best: Any, done: Sequence[Any], cost: str, why_cost: str, compari
     if not comparisons:
         which = "trial that learned" if left_out else "trial"
         return Recommendation(cost, why_cost, best.number, best.number,
-                              f"the lowest-error trial {best.number} is also the cheapest by {named}: {mine:.3g} "
-                              f"{unit}, and no other {which} is a tenth cheaper; ship it", (), 1.0)
+                              f"the lowest-error trial {best.number} is also the cheapest by {named}: "
+                              f"{book.shown(best, cost)} {unit}{book.how(cost)}, and no other {which} is a tenth "
+                              f"cheaper{_apart(book, cost)}; ship it", (), 1.0)
     close = [c for c in comparisons if c.verdict == "within noise"]
     if not close:
         return Recommendation(cost, why_cost, best.number, best.number,
@@ -126,29 +126,37 @@ def _recommend(best: Any, done: Sequence[Any], cost: str, why_cost: str, compari
                               f"is within noise of the lowest-error trial {best.number} after Holm's correction: "
                               "ship it",
                               tuple(comparisons), 1.0)
-    chosen = _lowest_error_among_the_cheapest(close, by_number, cost)
+    chosen = _lowest_error_among_the_cheapest(close, by_number, cost, book)
     pick = by_number[chosen.other_trial]
-    theirs = cost_of(pick, cost) or 0.0
+    theirs = book.value(pick, cost) or 0.0
     ratio = _ratio(mine, theirs)
     n = chosen.n_items
     text = (f"trial {pick.number} ({pick.params.get('arch')}): {ratio:.2f}x cheaper by {named}, "
-            f"{theirs:.3g} against {mine:.3g} {unit} of the lowest-error trial {best.number} "
-            f"({best.params.get('arch')}), and within noise of it: error {format_rate(pick.value, n)} against "
-            f"{format_rate(best.value, n)} ({chosen.how()}). Ship it: pet-sweep export --pick cheapest")
+            f"{book.shown(pick, cost)} against {book.shown(best, cost)} {unit} of the lowest-error trial "
+            f"{best.number} ({best.params.get('arch')}){book.how(cost)}, and within noise of it: error "
+            f"{format_rate(pick.value, n)} against {format_rate(best.value, n)} ({chosen.how()}). "
+            "Ship it: pet-sweep export --pick cheapest")
     if chosen is not close[0]:
         cheapest = by_number[close[0].other_trial]
-        text += (f" (trial {cheapest.number} is cheaper still, {cost_of(cheapest, cost):.3g} {unit}, but by less "
-                 f"than a tenth, and errs more: {format_rate(cheapest.value, n)})")
+        margin = ("by less than a tenth" if not _apart(book, cost)
+                  else "not clearly: by less than a tenth, or with overlapping timing intervals")
+        text += (f" (trial {cheapest.number} is cheaper still, {book.shown(cheapest, cost)} {unit}, but {margin}, "
+                 f"and errs more: {format_rate(cheapest.value, n)})")
     return Recommendation(cost, why_cost, best.number, pick.number, text, tuple(comparisons), ratio)
 
 
+def _apart(book: CostBook, cost: str) -> str:
+    return " with its timing interval apart" if book.session is not None and cost in book.TIMED else ""
+
+
 def _lowest_error_among_the_cheapest(close: Sequence[Comparison], by_number: dict[int, Any],
-                                     cost: str) -> Comparison:
+                                     cost: str, book: CostBook) -> Comparison:
     """Of the trials within noise of the best (`close`, cheapest first), the one to ship: the
-    cheapest, unless another costs less than a tenth more (`CHEAPER`: timing noise, not a cheaper
-    config) and errs less; then the lowest error among those."""
-    cheapest = cost_of(by_number[close[0].other_trial], cost) or 0.0
-    ties = [c for c in close if CHEAPER * (cost_of(by_number[c.other_trial], cost) or 0.0) <= cheapest]
+    cheapest, unless the cheapest is not clearly cheaper than another (`book.cheaper`: by less than
+    a tenth, `CHEAPER`, one cost key, or timing intervals that overlap) that errs less; then the
+    lowest error among those."""
+    cheapest = by_number[close[0].other_trial]
+    ties = [c for c in close if not book.cheaper(cheapest, by_number[c.other_trial], cost, CHEAPER)]
     return min(ties, key=lambda c: by_number[c.other_trial].value)  # the first, so the cheaper, of equal errors
 
 

@@ -21,12 +21,14 @@ from pet_sweep.config import Experiment
 from pet_sweep.errors import StudyError
 from pet_sweep.report.analysis import HeldOut, StudyReport, TrialRecord, build_report, completed, \
     recommendation_for, too_few_for_importances
+from pet_sweep.report.costs import CostBook, key_of, session_of
 from pet_sweep.report.front import Recommendation
 from pet_sweep.report.render import html, markdown
 from pet_sweep.params import inert_params
 from pet_sweep.space import Range, always_inert
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, SweepRuns, check_server, open_sweep_runs, redact_url, \
-    sqlite_path
+    send_spooled, sqlite_path
+from pet_sweep.tracking_spool import spool_dir
 
 REPLAY_ROLE = "replay"              # tag pet_sweep.role of a `pet-sweep train` run
 REPLAY_OF_TAG = "pet_sweep.replay_of"
@@ -81,7 +83,7 @@ def trial_records(study: Any, batch_size: int | None = None,
     `objectives`: the study's names (`objectives_of`).
     """
     # heavy: sweep.records imports optuna; the study is open by now anyway
-    from pet_sweep.sweep.records import BATCH_ATTR, HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, \
+    from pet_sweep.sweep.records import BATCH_ATTR, DEVICE_ATTR, HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, \
         REASON_ATTR, TARGETS_ATTR, error_of
 
     records = []
@@ -97,8 +99,17 @@ def trial_records(study: Any, batch_size: int | None = None,
             preds=tuple(attrs.get(PREDS_ATTR, ())), targets=tuple(attrs.get(TARGETS_ATTR, ())),
             precision=str(attrs.get(PRECISION_ATTR, "")), reason=str(attrs.get(REASON_ATTR, "")),
             seconds=seconds, run_id=attrs.get(RUN_ID_ATTR), batch_size=attrs.get(BATCH_ATTR, batch_size),
-            costs=trial_costs(t, objectives), values=tuple(float(v) for v in t.values or ())))
+            costs=trial_costs(t, objectives), values=tuple(float(v) for v in t.values or ()),
+            device=str(attrs.get(DEVICE_ATTR, ""))))
     return records
+
+
+def cost_book(exp: Experiment, study: Any, records: Sequence[TrialRecord]) -> CostBook:
+    """The completed trials' cost keys (`report.costs.CostKey`) and the study's last timing session."""
+    model = exp.config.model
+    keys = {r.number: key_of(r, model.img_size, model.channels_last, model.batch_size)
+            for r in records if r.state == "COMPLETE"}
+    return CostBook(keys, session_of(study.user_attrs))
 
 
 def recommendation_of(exp: Experiment, study: Any) -> Recommendation | None:
@@ -106,7 +117,7 @@ def recommendation_of(exp: Experiment, study: Any) -> Recommendation | None:
     objectives = objectives_of(study, exp)
     records = trial_records(study, exp.config.model.batch_size, objectives)
     return recommendation_for(records, objectives, experiment=exp.name, study_name=exp.study_name,
-                              n_classes=n_classes(records))
+                              n_classes=n_classes(records), book=cost_book(exp, study, records))
 
 
 def n_classes(records: Sequence[TrialRecord]) -> int | None:
@@ -169,6 +180,10 @@ def open_tracking(exp: Experiment, study: Any) -> Tracking:
     if not parent:
         raise StudyError(f"study {exp.study_name!r} has no MLflow parent run recorded; was it made by pet-sweep run?")
     check_server(exp.tracking_uri)  # a server that is down: said in seconds, not after minutes of retries
+    try:  # what a sweep kept while the server was away; a write it refuses leaves the report as it is
+        send_spooled(exp.tracking_uri, spool_dir(exp.storage_url, exp.tracking_uri))
+    except StudyError:
+        pass
     runs = open_sweep_runs(exp.tracking_uri, parent)
     if runs is None:
         raise StudyError(f"the MLflow store {redact_url(exp.tracking_uri)} lacks the sweep's runs "
@@ -210,7 +225,13 @@ def load_report(exp: Experiment) -> ReportBundle:
     report = build_report(records, experiment=exp.name, study_name=exp.study_name, importances=importances,
                           heldout=read_heldout(tracking, exp.study_name), bounds=space_bounds(exp),
                           n_classes=n_classes(records), test_split=exp.config.data.test_pct > 0,
-                          importance_note=note, always_inert=always_inert(exp.space), objectives=objectives)
+                          importance_note=note, always_inert=always_inert(exp.space), objectives=objectives,
+                          cost_book=cost_book(exp, study, records))
+    incomplete = tracking.incomplete_trials(exp.study_name, {r.number: r.state for r in records})
+    if incomplete:
+        report.notes.append(f"the MLflow record of trial(s) {', '.join(map(str, incomplete))} is incomplete "
+                            f"(their runs missing or still open: `pet-sweep sync {exp.name}` sends what a sweep "
+                            "kept while the MLflow server was away); Optuna's record of them is whole")
     return ReportBundle(report, study, tracking)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from pet_sweep.report.analysis import StudyReport
+from pet_sweep.report.costs import NOT_MEASURED, cost_table
 from pet_sweep.report.front import COSTS_LEGEND, SHOWN_COSTS, front_table
 from pet_sweep.report.stats import format_rate, plural
 from pet_sweep.report.verdicts import ADVICE
@@ -106,7 +107,11 @@ def ranked(report: StudyReport) -> pd.DataFrame:
         columns.insert(columns.index("ci_high") + 1, "heldout_error")
     if batch_sizes_vary(report):
         columns.insert(columns.index("epochs") + 1, "batch_size")
-    return frame[columns + cost_columns(report)].reset_index(drop=True)
+    shown = frame[columns + cost_columns(report)].reset_index(drop=True)
+    if "peak_memory_mb" in shown:  # a completed trial without it: its device could not see its memory
+        unseen = (shown["state"] == "COMPLETE") & shown["peak_memory_mb"].isna()
+        shown["peak_memory_mb"] = shown["peak_memory_mb"].astype(object).where(~unseen, NOT_MEASURED)
+    return shown
 
 
 def replayed(report: StudyReport) -> bool:
@@ -135,6 +140,20 @@ def front_section(report: StudyReport) -> tuple[str, pd.DataFrame | None]:
     text = (f"Pareto front over {', '.join(report.objectives)}: {plural(len(report.front), 'trial')} that no other "
             "trial beats on every objective, cheapest first.")
     return text, front_table([report.records[n] for n in report.front], report.objectives, report.n_valid)
+
+
+def costs_section(report: StudyReport) -> tuple[str, pd.DataFrame | None]:
+    """What the "Costs by model" table says, and the table: one row per cost key (`report.costs`)."""
+    book = report.cost_book
+    if book is None or not book.keys:
+        return "", None
+    done = [r for r in report.records.values() if r.number in book.keys]
+    how = (book.session.describe() if book.session is not None
+           else "not timed side by side yet (pet-sweep report --time-costs times them)")
+    text = ("A model's cost belongs to its architecture, image size, precision, batch size and device, not to a "
+            f"trial: the trials of one row are one cost. Timings: {how}; the one-shot predict_ms each trial "
+            "measured while it ran is shown beside, for its spread.")
+    return text, cost_table(done, book)
 
 
 def _cell(value: Any, column: str) -> str:
@@ -185,6 +204,8 @@ def markdown(report: StudyReport, figures: Mapping[str, str]) -> str:
         out += ["## Error against cost", ""]
         out += [f"Recommendation: {report.recommendation.text}", ""] if report.recommendation else []
         out += [text, "", markdown_table(front), ""] if front is not None else []
+        costs_text, costs = costs_section(report)
+        out += ["### Costs by model", "", costs_text, "", markdown_table(costs), ""] if costs is not None else []
     out += ["## Verdicts", ""] + [f"- **{v}** ({report.verdict_counts[v]}): {text}" for v, text in
                                   _verdict_section(report)] + [""]
     for name, table in report.tables.items():
@@ -220,6 +241,9 @@ def html(report: StudyReport, figures: Mapping[str, bytes]) -> str:
         parts.append("<h2>Error against cost</h2>")
         parts += [f"<p>Recommendation: {esc(report.recommendation.text)}</p>"] if report.recommendation else []
         parts += [f"<p>{esc(text)}</p>", _html_table(front)] if front is not None else []
+        costs_text, costs = costs_section(report)
+        parts += ["<h3>Costs by model</h3>", f"<p>{esc(costs_text)}</p>", _html_table(costs)] \
+            if costs is not None else []
     parts.append("<h2>Verdicts</h2><ul>")
     parts += [f"<li><b>{esc(v)}</b> ({report.verdict_counts[v]}): {esc(t)}</li>" for v, t in _verdict_section(report)]
     parts.append("</ul>")

@@ -19,11 +19,12 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.config import Experiment
-from pet_sweep.errors import TrialFailed
+from pet_sweep.errors import Preempted, TrackingAway, TrialFailed
 from pet_sweep.space import Anchors
 from pet_sweep.sweep.budget import Budget, Claim, WorkerRole, this_process
 from pet_sweep.sweep.lifecycle import clean_leftovers
 from pet_sweep.sweep.objective import Objective, TrialListener
+from pet_sweep.sweep.resume import queue_preempted
 from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run, tracker_when_needed
 from pet_sweep.sweep.records import (
     INVOCATION_ATTR,
@@ -60,6 +61,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     trial_ended = TrialEnded(tracker, parent, echo, trial_listeners, tuple(exp.config.objectives))
     status = "FAILED"
     stopped_by: StoppedBy = "budget"
+    objective: Objective | None = None
     if owns_parent:
         role.own_lock()  # removed in `finally`; left behind only by a kill -9 (clean_leftovers)
     try:
@@ -73,14 +75,19 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         freeze_long_lived_objects()
         stopped_by = _run_trials(exp, study, objective, budget, trial_ended, started, echo)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         status, stopped_by = "KILLED", "interrupt"
+        if isinstance(err, Preempted) and objective is not None:  # SIGTERM: its trial resumes from its checkpoint
+            queue_preempted(study, objective.preempted, exp, lambda: tracker, echo)
+    except TrackingAway:  # between two trials: nothing runs, every trial is closed
+        status, stopped_by = "KILLED", "tracking"
     finally:
         gc.unfreeze()  # a library caller's later collections see everything again
         if owns_parent:
             close_dead_runs(study, tracker)
             close_parent_run(study, tracker, parent, status)
             role.lock_path.unlink(missing_ok=True)
+        tracker.close()  # says what waits in the spool while the MLflow server is away
     trials = study.get_trials(deepcopy=False)
     return SweepResult(exp.study_name, parent, ran=budget.used(trials), finished=budget.finished(trials),
                        best=best_of(study), stopped_by=stopped_by, left=budget.left(trials), trials=trial_ended.seen)
@@ -95,6 +102,9 @@ def _open(exp: Experiment, role: WorkerRole, echo: Callable[[str], None]) -> tup
         torch.set_num_threads(role.threads)
     check_server(exp.tracking_uri)  # an MLflow server that is down: said in seconds, before the data
     data = build_data(exp)  # before any store: a missing data folder must not leave a study or run behind
+    from pet_sweep.train.costs import check_measurable  # heavy: torch (loaded by build_data already)
+
+    check_measurable(exp, data.dls.device)  # an objective this device cannot measure: refused before any store
     if role.index == 0:  # one line per sweep, not per worker
         echo(f"data         {data.describe(exp.config.data)}")
     tracker = tracker_when_needed(exp)
@@ -139,6 +149,7 @@ def _run_trials(exp: Experiment, study: optuna.Study, objective: Objective, budg
     # as Optuna's own `timeout`, checked between trials: the first one always starts
     while first or timeout is None or time.monotonic() - started < timeout:
         first = False
+        _check_tracking(objective.tracker, exp.config.tracking.max_outage)
         with budget.claim() as claim:
             step = budget.next_step(study)
             if step == "stop":
@@ -160,6 +171,12 @@ def _run_trials(exp: Experiment, study: optuna.Study, objective: Objective, budg
         fail_stale_trials(study)
     # the time limit ended it; it cut the run short only with slots left
     return "timeout" if budget.used(study.get_trials(deepcopy=False)) < exp.config.budget.n_trials else "budget"
+
+
+def _check_tracking(tracker: Tracker, max_outage: float) -> None:
+    """The MLflow server away past `max_outage` ends the sweep here, between trials, like a Ctrl-C."""
+    if tracker.down_for() > max_outage:
+        raise TrackingAway(f"the MLflow tracking server has been unreachable for {tracker.down_for():.0f}s")
 
 
 def _take_slot(trial: optuna.Trial, *, role: WorkerRole, claim: Claim) -> None:

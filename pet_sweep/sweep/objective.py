@@ -16,12 +16,14 @@ import optuna
 import yaml
 
 from pet_sweep.config import Experiment, ModelConfig
-from pet_sweep.errors import TrainingDiverged, TrialFailed
+from pet_sweep.errors import Preempted, TrainingDiverged, TrialFailed
 from pet_sweep.params import TrialParams
 from pet_sweep.space import Anchors, anchor_params, suggest
+from pet_sweep.sweep import resume
 from pet_sweep.sweep.records import (
     BATCH_ATTR,
     COST_SECONDS_ATTR,
+    DEVICE_ATTR,
     HISTORY_ATTR,
     INTERRUPTED,
     OOM_RETRY_OF,
@@ -99,6 +101,7 @@ class Objective:
         self.anchors = anchors or {}
         self.checkpoints = dict(checkpoints or {})
         self._loaders = {exp.config.model.batch_size: data.dls}  # batch size -> DataLoaders
+        self.preempted: list[int] = []  # trials SIGTERM stopped, to be queued to resume (`resume.queue_preempted`)
 
     def loaders(self, batch_size: int) -> Any:
         """The worker's DataLoaders at another batch size (an out-of-memory retry), made once."""
@@ -124,11 +127,13 @@ class Objective:
         run = self._start(trial)
         started = time.perf_counter()
         oom_reason: str | None = None
+        checkpoints, logger = self._checkpoints(run)
         try:
             result = recipe.fine_tune(
                 run.dls, run.params, run.model, seed=self.exp.config.seed,
-                listeners=[self.tracker.epoch_logger(run.run_id), functools.partial(self._report, run)],
-                lr_find=lrfind.trial_finder(self.tracker, run.run_id) if self.exp.config.lr_find else None)
+                listeners=[logger, functools.partial(self._report, run)], checkpoint=checkpoints,
+                lr_find=lrfind.trial_finder(self.tracker, run.run_id)
+                if self.exp.config.lr_find and checkpoints.resume is None else None)
         except optuna.TrialPruned as err:
             self._close(run, "PRUNED", message_of(err))
             raise
@@ -142,12 +147,15 @@ class Objective:
             # a deeper architecture or larger batch than the GPU holds: this trial fails,
             # the sweep goes on (recipe.fine_tune has already released the learner)
             oom_reason = f"out of memory: {message_of(err).splitlines()[0][:200] or 'CUDA'}"
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL, MLflow agrees
-            self._close(run, "FAIL", INTERRUPTED)
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL, MLflow agrees
+            self._interrupted(run, err)
             raise
         except BaseException as err:  # bugs: close the run, then let them stop the sweep
             self._close(run, "FAIL", f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
             raise
+        finally:
+            if trial.number not in self.preempted:  # ended for good (an out-of-memory retry is a new trial at another batch size)
+                resume.discard(self.exp, checkpoints)
         if oom_reason is not None:  # after the `except`: there, its traceback still holds the trial's tensors
             release_cuda_memory()
             oom_reason += self._requeue_smaller(trial, run.batch_size)
@@ -163,6 +171,25 @@ class Objective:
                                               "duration_s": time.perf_counter() - started, **result.costs,
                                               COST_SECONDS_ATTR: result.cost_seconds})
         return self._values(result.error_rate, result.costs)
+
+    def _checkpoints(self, run: TrialRun) -> tuple[Any, Callable[[EpochRecord], None]]:
+        """The trial's checkpoint plan (`resume.plan`) and its MLflow epoch logger. A retry's epochs so far
+        come from the checkpoint it goes on from, not trained again: its history, MLflow curve, Optuna's values."""
+        logger = self.tracker.epoch_logger(run.run_id)
+        checkpoints = resume.plan(self.exp, run.trial, run.params.freeze_epochs)
+        if checkpoints.resume is not None:
+            resume.note_resumed(run.trial, checkpoints.resume, lambda r: (logger(r), self._report(run, r, judge=False)),
+                                lambda text: self.tracker.update_sweep(run.run_id, {}, {resume.RESUMED_TAG: text}))
+        return checkpoints, logger
+
+    def _interrupted(self, run: TrialRun, err: KeyboardInterrupt) -> None:
+        """Ctrl-C stopped the trial; or SIGTERM (`Preempted`): its checkpoint stays, and the sweep
+        loop queues it to resume from there (`resume.queue_preempted`)."""
+        if not isinstance(err, Preempted):
+            self._close(run, "FAIL", INTERRUPTED)
+            return
+        self.preempted.append(run.trial.number)
+        self._close(run, "FAIL", resume.preempted_reason(run.trial.user_attrs.get(resume.CHECKPOINT_EPOCHS_ATTR)))
 
     def _values(self, error_rate: float, costs: Mapping[str, float]) -> ObjectiveValues:
         """What Optuna is told: the error rate alone, or with the costs `objectives:` names after it."""
@@ -182,6 +209,7 @@ class Objective:
         precision = precision_for(model.precision, dls.device)
         trial.set_user_attr(PARAMS_ATTR, params.as_dict())
         trial.set_user_attr(PRECISION_ATTR, precision)
+        trial.set_user_attr(DEVICE_ATTR, str(dls.device))
         checkpoint = self.checkpoints.get(params.arch)
         model = starting_model(model, self.checkpoints, params.arch)
         if checkpoint is not None:
@@ -200,9 +228,10 @@ class Objective:
             listener.trial_started(trial.number, params.as_dict())
         return TrialRun(trial, params, model, batch_size, dls, run_id)
 
-    def _report(self, run: TrialRun, record: EpochRecord) -> None:
+    def _report(self, run: TrialRun, record: EpochRecord, judge: bool = True) -> None:
         """An epoch ended: record it, tell the listeners, and let Optuna's pruner judge it
-        (not in a multi-objective study: Optuna neither takes its reports nor prunes it)."""
+        (not in a multi-objective study: Optuna neither takes its reports nor prunes it).
+        `judge=False`: an epoch a resumed trial restored (the attempt before it was judged on it)."""
         trial = run.trial
         run.history.append(record)
         trial.set_user_attr(HISTORY_ATTR, [vars(r) for r in run.history])
@@ -211,13 +240,14 @@ class Objective:
         if len(self.exp.config.objectives) > 1:
             return
         trial.report(record.error_rate, step=record.epoch)
-        if trial.should_prune():
+        if judge and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {record.epoch} with error_rate {record.error_rate:.4f}")
 
     def _close(self, run: TrialRun, state: str, reason: str = "", metrics: dict[str, float] | None = None) -> None:
         """End the trial's MLflow run in `state`, with its config and loss curve as artifacts."""
         if reason:
             run.trial.set_user_attr(REASON_ATTR, reason)
+        run.trial.set_user_attr(RUN_ID_ATTR, self.tracker.resolve(run.run_id))  # made while MLflow was away: sent since?
         with tempfile.TemporaryDirectory() as tmp:
             artifacts = self._artifacts(Path(tmp), run)
             self.tracker.finish_trial(run.run_id, state, metrics or {}, {"reason": reason} if reason else {}, artifacts)

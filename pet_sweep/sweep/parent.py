@@ -15,6 +15,7 @@ from pet_sweep.config import Experiment
 from pet_sweep.sweep.budget import this_process
 from pet_sweep.sweep.records import PARENT_OPEN_ATTR, sweep_settings
 from pet_sweep.tracking import PARENT_RUN_ATTR, Tracker, redact_url
+from pet_sweep.tracking_spool import spool_dir
 
 
 def tracker_when_needed(exp: Experiment) -> Callable[[], Tracker]:
@@ -24,7 +25,9 @@ def tracker_when_needed(exp: Experiment) -> Callable[[], Tracker]:
     that come first (the data, the Optuna storage, the split) have passed; the handler
     of stale trials, built with the storage before that, gets it this way.
     """
-    return functools.cache(functools.partial(Tracker, exp.tracking_uri, exp.tracking_experiment))
+    return functools.cache(functools.partial(Tracker, exp.tracking_uri, exp.tracking_experiment,
+                                             spool_dir(exp.storage_url, exp.tracking_uri),
+                                             exp.config.tracking.max_outage))
 
 
 def open_parent_run(exp: Experiment, study: optuna.Study, tracker: Tracker) -> str:

@@ -27,6 +27,7 @@ PREDS_ATTR = "valid_preds"        # predicted class per validation item (last ep
 TARGETS_ATTR = "valid_targets"
 REASON_ATTR = "reason"            # why a trial was pruned or failed
 WORKER_ATTR = "worker"            # host:pid of the process that ran the trial
+DEVICE_ATTR = "device"            # the device the trial ran on ("cpu", "cuda:0"): part of its cost key
 BATCH_ATTR = "batch_size"         # set on a trial re-queued after an out-of-memory: the halved batch size
 OOM_RETRY_OF = "oom_retry_of"     # set on that re-queued trial: the number of the trial that ran out of memory
 INVOCATION_ATTR = "pet_sweep_invocation"  # the invocation (one `pet-sweep run`) whose budget the trial used
@@ -201,8 +202,9 @@ EpochListener = Callable[[EpochRecord], None]
 
 
 # Why a sweep stopped: every slot of its budget used; budget.timeout; budget.max_trials (the
-# study's cap); Ctrl-C or SIGTERM; or, with --workers, the workers exited with slots left.
-StoppedBy = Literal["budget", "timeout", "cap", "interrupt", "workers"]
+# study's cap); Ctrl-C or SIGTERM; or, with --workers, the workers exited with slots left;
+# or the MLflow tracking server stayed away past tracking.max_outage.
+StoppedBy = Literal["budget", "timeout", "cap", "interrupt", "workers", "tracking"]
 
 
 @dataclass

@@ -50,6 +50,10 @@ class EpochHistory(Callback):
         # lr_max of each parameter group per phase: what `slice(lo, hi)` became
         self.group_lrs: dict[str, list[float]] = {}
 
+    def restore(self, records: list[EpochRecord], group_lrs: dict[str, list[float]]) -> None:
+        """A resumed trial's epochs so far and its phases' peak learning rates (`train.checkpoint`)."""
+        self.records, self.group_lrs = list(records), {k: list(v) for k, v in group_lrs.items()}
+
     def start_phase(self, phase: str) -> None:
         """The next epochs belong to `phase` ("unfrozen" after `learn.unfreeze()`)."""
         self.phase = phase
@@ -64,6 +68,10 @@ class EpochHistory(Callback):
 
     def before_epoch(self) -> None:
         self._started = time.perf_counter()
+        self._ran = False  # an epoch that `fit(start_epoch=N)` skips never trains (a resumed trial)
+
+    def before_train(self) -> None:
+        self._ran = True
 
     def before_validate(self) -> None:
         self._preds, self._targets = [], []
@@ -80,6 +88,8 @@ class EpochHistory(Callback):
         self._preds, self._targets = [], []
 
     def after_epoch(self) -> None:
+        if not getattr(self, "_ran", True):
+            return
         names = list(self.learn.recorder.metric_names[1:])  # drop "epoch"
         values = dict(zip(names, self.learn.recorder.values[-1]))
         record = EpochRecord(
@@ -123,6 +133,10 @@ class StopOnDivergence(Callback):
         self.history, self.every, self.rise = history, every, rise
         self.start: float | None = None  # the smoothed loss after the trial's first batch
         self.batches = 0  # training batches so far, both phases
+
+    def restore(self, start: float | None, batches: int) -> None:
+        """A resumed trial's reference loss and batch count (`train.checkpoint`)."""
+        self.start, self.batches = start, batches
 
     def after_batch(self) -> None:
         if self.training:

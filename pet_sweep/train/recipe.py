@@ -33,6 +33,7 @@ from fastai.vision.learner import model_meta, vision_learner
 
 from pet_sweep.train import costs
 from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence
+from pet_sweep.train.checkpoint import CheckpointPlan, EpochCheckpoints
 from pet_sweep.sweep.records import EpochListener, EpochRecord
 from pet_sweep.config import ModelConfig
 from pet_sweep.errors import PetSweepError
@@ -166,11 +167,14 @@ def reseed(dls: Any, seed: int) -> None:
 
 def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
               listeners: Sequence[EpochListener] = (), keep_learner: bool = False,
-              lr_find: Callable[[Any, TrialParams], None] | None = None) -> FineTuneResult:
+              lr_find: Callable[[Any, TrialParams], None] | None = None,
+              checkpoint: CheckpointPlan | None = None) -> FineTuneResult:
     """Run the chapter-5 recipe once. Listeners see every epoch (global numbering).
 
     `lr_find` (`lrfind.trial_finder`) runs on the fresh learner before training; it
-    leaves the weights and random state as they were.
+    leaves the weights and random state as they were. `checkpoint` saves epoch
+    checkpoints, and with a `resume` point goes on from one: the phases and epochs it
+    had finished are skipped (`start_epoch`), the rest run as they would have.
     """
     started = time.perf_counter()
     peak = costs.PeakMemory(dls.device)
@@ -183,15 +187,21 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
         if lr_find is not None:  # before the history callbacks: the finder's mock epochs are not epochs
             lr_find(learn, params)
         history = EpochHistory(listeners)
-        learn.add_cbs([history, StopOnDivergence(history)])
+        divergence = StopOnDivergence(history)
+        learn.add_cbs([history, divergence])
+        resume = checkpoint.resume if checkpoint is not None else None
+        phase, start = (resume.phase, resume.start) if resume is not None else ("frozen", 0)
+        if checkpoint is not None:
+            learn.add_cb(EpochCheckpoints(checkpoint, history, divergence, params.freeze_epochs + params.epochs))
         fitting = time.perf_counter()
         with learn.no_bar(), learn.no_logging():
-            if params.freeze_epochs > 0:
+            if params.freeze_epochs > 0 and phase == "frozen":
                 learn.freeze()
-                learn.fit_one_cycle(params.freeze_epochs, params.base_lr)
+                learn.fit_one_cycle(params.freeze_epochs, params.base_lr, start_epoch=start)
             history.start_phase("unfrozen")
             learn.unfreeze()
-            learn.fit_one_cycle(params.epochs, lr_max=slice(params.lr_lo, params.lr_hi))
+            learn.fit_one_cycle(params.epochs, lr_max=slice(params.lr_lo, params.lr_hi),
+                                start_epoch=start if phase == "unfrozen" else 0)
         measuring = time.perf_counter()
         # measured here, while the learner exists (released below unless kept)
         measured = costs.measure(learn, precision, model.channels_last, measuring - fitting, peak)
