@@ -223,14 +223,9 @@ def compare_and_recommend(best: TrialRecord, done: Sequence[TrialRecord], object
     if not has_costs(done):
         return holm_corrected(rivals), None
     cost, why = cost_name(objectives)
-<<<<<<< HEAD
     diverged = {r.number for r in done
                 if r is not best and getattr(analyses.get(r.number), "verdict", "") in FAILED_TO_LEARN}
-    compared = cheaper_comparisons(best, done, cost)
-=======
-    diverged = {r.number for r in done if r is not best and getattr(analyses.get(r.number), "verdict", "") == DIVERGED}
     compared = cheaper_comparisons(best, done, cost, book)
->>>>>>> main
     cheaper = [c for c in compared if c.other_trial not in diverged]
     left_out = len(compared) - len(cheaper)
     corrected = holm_corrected([*rivals, *cheaper])
@@ -369,13 +364,8 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
     best = lowest_error(done)
     n_valid = _n_items(best)  # every trial is judged on the same validation items
     analyses = analyse_all(records, n_valid, n_classes)
-<<<<<<< HEAD
     frame = with_heldout(trials_frame(records, analyses, n_valid), heldout)
-    comparisons, recommendation = compare_and_recommend(best, done, objectives, analyses)
-=======
-    frame = trials_frame(records, analyses, n_valid)
     comparisons, recommendation = compare_and_recommend(best, done, objectives, analyses, cost_book)
->>>>>>> main
     counts = {k: int(v) for k, v in frame["state"].value_counts().items()}
     # verdicts of the trials that ran their course: a pruned trial was cut short on purpose, so
     # "still improving" or an epoch count read off its curve says nothing about its config
