@@ -2,7 +2,7 @@
 
 In a terminal: the finished-trial lines scroll by, and one status line at the
 bottom, redrawn in place with a carriage return, says how far the sweep is
-(trials done / budget, the running trial and its epoch, the best error rate so
+(trials done / budget, the running trial and its epochs done, the best error rate so
 far, elapsed time and an estimate of what is left). When stdout is a file or a
 pipe there is no status line: every event is one plain line, so a log of a long
 GPU sweep reads top to bottom; when nothing was printed for a minute, the next
@@ -11,6 +11,8 @@ finished epoch gets a line too, so a slow trial does not look hung.
 Levels: ``quiet`` prints only failed trials (on stderr) and leaves the final
 summary to the caller; ``normal`` adds the trial lines; ``verbose`` adds one
 line per epoch (``normal`` off a terminal: one at most every `LOG_EPOCH_EVERY` seconds).
+An epoch line names the epoch by its number from 0, as the report, MLflow's step and
+fastai's table do, then counts the epochs done: ``epoch 2 (3/9)``.
 
 Hand-written rather than tqdm or rich: tqdm redraws only on an update (a ticker
 would still be needed to move the clock) and rich's `Live` brings its own thread;
@@ -107,15 +109,14 @@ class Progress:
     def _epoch_done(self, number: int, record: EpochRecord) -> None:
         self.running, self.epoch = number, record.epoch
         if self.level == "verbose":
-            self._print(f"trial {number:>3} epoch {record.epoch + 1}/{self.planned_epochs or '?'} "
-                        f"({record.phase}) train_loss={record.train_loss:.4f} valid_loss={record.valid_loss:.4f} "
+            self._print(f"trial {number:>3} {self._epoch_text(record.epoch, record.phase)} "
+                        f"train_loss={record.train_loss:.4f} valid_loss={record.valid_loss:.4f} "
                         f"error_rate={record.error_rate:.4f} ({record.seconds:.1f}s)")
         elif self.live:
             self._draw()
         elif self.level == "normal" and self.clock() - self.last_line >= LOG_EPOCH_EVERY:
             # a log file shows nothing else between `trial N started` and its end
-            self._print(f"trial {number:>3} epoch {record.epoch + 1}/{self.planned_epochs or '?'} "
-                        f"error_rate={record.error_rate:.4f} "
+            self._print(f"trial {number:>3} {self._epoch_text(record.epoch)} error_rate={record.error_rate:.4f} "
                         f"({format_duration(self.clock() - self.trial_began)} into the trial)")
 
     def trial_finished(self, outcome: TrialOutcome, best: tuple[float, int] | None) -> None:
@@ -146,14 +147,20 @@ class Progress:
         """The status line's text."""
         parts = [f"trials {self.done}/{self.budget}"]
         if self.running is not None:
-            epoch = "-" if self.epoch is None else str(self.epoch + 1)
-            parts.append(f"running trial {self.running} epoch {epoch}/{self.planned_epochs or '?'}")
+            # a count, not an epoch's number: 0 before the first epoch ends
+            done = 0 if self.epoch is None else self.epoch + 1
+            parts.append(f"running trial {self.running}: {done}/{self.planned_epochs or '?'} epochs done")
         parts.append(f"best {self.best[0]:.4f} (trial {self.best[1]})" if self.best else "best -")
         elapsed = self.clock() - self.started
         parts.append(f"elapsed {format_duration(elapsed)}")
         eta = self.eta(elapsed)
         parts.append(f"left ~{format_duration(eta)}" if eta is not None else "left ?")
         return " | ".join(parts)
+
+    def _epoch_text(self, epoch: int, phase: str = "") -> str:
+        """``epoch 2 (3/9)``: the epoch's number, from 0 as in the report and MLflow, then how many
+        of the trial's planned epochs (frozen + unfrozen) are done."""
+        return f"epoch {epoch} ({epoch + 1}/{self.planned_epochs or '?'}{f', {phase}' if phase else ''})"
 
     def eta(self, elapsed: float) -> float | None:
         """Seconds left: the mean trial time so far times the trials left, less the running

@@ -81,6 +81,20 @@ def test_digits_dataloaders_keep_test_aside(write_experiments) -> None:
     assert not valid_names & {p.name for p in data.splits.test}
 
 
+def test_the_data_line_counts_what_was_found_and_each_split(write_experiments) -> None:
+    """The line `run` prints before its first trial: images found, classes, the three splits."""
+    data = build_data(load_experiment(write_experiments()))
+    assert data.describe(load_experiment(write_experiments()).config.data) == (
+        "1797 images, 10 classes (digits); limit 300; train 210, valid 60, test 30")
+    exp = load_experiment(write_experiments(data={"limit": None, "per_class": 3, "classes": ["1", "7"]}))
+    few = build_data(exp, exp.config.model.model_copy(update={"batch_size": 4}))
+    n_found = len([p for p in digits_folder().glob("*.png") if p.name.split("_")[0] in ("1", "7")])
+    n_valid, n_test = round(n_found * 0.2), round(n_found * 0.1)
+    assert few.describe(exp.config.data) == (
+        f"{n_found} images, 2 classes (digits); train 6, valid {n_valid}, test {n_test} "
+        "(per_class 3: at most 3 training images of each class)")
+
+
 def test_cached_digits_are_decoded_and_resized_once_as_fastai_would(write_experiments, monkeypatch) -> None:
     from fastai.data.transforms import ToTensor
     from fastai.vision.augment import Resize

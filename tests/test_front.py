@@ -346,7 +346,7 @@ def test_a_cheaper_trial_that_never_learned_is_not_recommended() -> None:
     best = costly(record(0, "xresnet34", [0.9, 0.85]), 8.0)
     cheap = costly(record(1, "xresnet18", [0.9, 0.88]), 1.0)
     rep = analysis.build_report([best, cheap], experiment="e", study_name="s", n_classes=10)
-    assert rep.analyses[1].verdict == "diverged" and rep.comparisons[0].verdict == "within noise"
+    assert rep.analyses[1].verdict == "never learned" and rep.comparisons[0].verdict == "within noise"
     rec = rep.recommendation
     assert rec.pick == 0 and rec.comparisons == ()
     assert rec.text == ("the lowest-error trial 0 is also the cheapest by predict_ms (the default cost of a "

@@ -68,9 +68,10 @@ def test_verbose_adds_one_line_per_epoch() -> None:
     out, clock = io.StringIO(), Clock()
     drive(Progress(4, level="verbose", stream=out, err=io.StringIO(), clock=clock), clock)
     epochs = [line for line in out.getvalue().splitlines() if " epoch " in line]
-    assert epochs[0] == ("trial   0 epoch 1/3 (frozen) train_loss=1.0000 valid_loss=1.5000 "
+    # the epoch's number from 0 (as the report and MLflow name it), then the count done
+    assert epochs[0] == ("trial   0 epoch 0 (1/3, frozen) train_loss=1.0000 valid_loss=1.5000 "
                          "error_rate=0.5000 (10.0s)")
-    assert [line.split()[3] for line in epochs] == ["1/3", "2/3", "3/3"]
+    assert [line.split()[3:5] for line in epochs] == [["0", "(1/3,"], ["1", "(2/3,"], ["2", "(3/3,"]]
 
 
 def test_off_a_terminal_a_long_trial_prints_an_epoch_line_at_most_every_minute() -> None:
@@ -85,8 +86,8 @@ def test_off_a_terminal_a_long_trial_prints_an_epoch_line_at_most_every_minute()
         progress.close()
         return [line for line in out.getvalue().splitlines() if " epoch " in line]
 
-    assert epochs("normal") == ["trial   0 epoch 2/5 error_rate=0.4000 (1m05s into the trial)",
-                                "trial   0 epoch 4/5 error_rate=0.2000 (2m10s into the trial)"]
+    assert epochs("normal") == ["trial   0 epoch 1 (2/5) error_rate=0.4000 (1m05s into the trial)",
+                                "trial   0 epoch 3 (4/5) error_rate=0.2000 (2m10s into the trial)"]
     assert epochs("quiet") == []
     assert len(epochs("verbose")) == 5  # verbose prints every epoch anyway
 
@@ -105,12 +106,14 @@ def test_status_line_in_a_terminal_says_where_the_sweep_is() -> None:
     progress.trial_started(0, PARAMS)
     clock.now += 10
     progress.epoch_done(0, record(0, 0.5))
-    assert progress.status() == "trials 0/4 | running trial 0 epoch 1/3 | best - | elapsed 10s | left ?"
+    assert progress.status() == "trials 0/4 | running trial 0: 1/3 epochs done | best - | elapsed 10s | left ?"
     clock.now += 50
     progress.trial_finished(TrialOutcome(0, "COMPLETE", 0.25, PARAMS, 60.0), (0.25, 0))
     progress.trial_started(1, PARAMS)
     # one trial took 60 s, three are left
-    assert progress.status() == "trials 1/4 | running trial 1 epoch -/3 | best 0.2500 (trial 0) | elapsed 1m00s | left ~3m00s"
+    # before its first epoch ends: no epoch yet, and nothing that reads as a missing number
+    assert progress.status() == ("trials 1/4 | running trial 1: 0/3 epochs done | best 0.2500 (trial 0) | elapsed 1m00s"
+                                 " | left ~3m00s")
     progress.echo("trial   0 COMPLETE error_rate=0.2500")
     text = out.getvalue()
     assert text.count("\r\x1b[K") >= 3  # redrawn in place, cleared before a printed line
@@ -162,8 +165,10 @@ def test_run_verbose_and_quiet_off_a_terminal(write_experiments: Callable[..., P
     lines = verbose.stdout.splitlines()
     assert lines[0].startswith("experiment   tiny")
     assert re.match(r"study +tiny  \(\+1 trial[,)]", lines[1]), lines[1]  # not "+1 trials"
-    assert re.fullmatch(r"trial   0 started  arch=resnet18 freeze_epochs=1 epochs=1  \[0/1 done, elapsed (\d+m)?\d+s\]", lines[4])
-    assert [line.split()[3] for line in lines if re.match(r"trial +0 epoch ", line)] == ["1/2", "2/2"]
+    # what the data holds, before the first trial (limit 300 of the 1797 digits)
+    assert lines[4] == "data         1797 images, 10 classes (digits); limit 300; train 210, valid 60, test 30"
+    assert re.fullmatch(r"trial   0 started  arch=resnet18 freeze_epochs=1 epochs=1  \[0/1 done, elapsed (\d+m)?\d+s\]", lines[5])
+    assert [line.split()[3:5] for line in lines if re.match(r"trial +0 epoch ", line)] == [["0", "(1/2,"], ["1", "(2/2,"]]
     assert any(line.startswith("trial   0 COMPLETE") for line in lines)
     assert lines[-2].startswith("best         trial 0: error_rate ")
     assert "pet-sweep ui tiny" in lines[-1]

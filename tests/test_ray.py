@@ -364,7 +364,7 @@ def test_the_driver_shows_the_workers_lines_as_a_local_run_at_each_level() -> No
     normal = shown["normal"][0]
     assert [line for line in normal if "|" in line] == ["w0| trial 0 COMPLETE", "w1| trial 1 FAIL"]
     assert any(line.startswith("trial   0 started") for line in normal) and not any(" epoch " in line for line in normal)
-    assert any(line.startswith("trial   0 epoch 1/") for line in shown["verbose"][0])
+    assert any(line.startswith("trial   0 epoch 0 (1/") for line in shown["verbose"][0])
 
 
 def test_the_storage_proxy_serves_the_study_while_the_block_runs(write_experiments: Callable[..., Path],

@@ -77,24 +77,31 @@ def test_underfit_train_loss_above_valid_loss_and_stalled() -> None:
 @pytest.mark.parametrize("train, valid, error, kwargs", [
     ([1.0, math.nan], [1.0, 1.0], [0.5, 0.5], {}),                   # NaN loss
     ([1.0, 2.0, 5.0], [1.0, 3.0, 9.0], [0.5, 0.8, 0.9], {}),         # training loss blew up
-    ([2.3, 2.3, 2.29], [2.3, 2.3, 2.3], [0.9, 0.9, 0.9], {"n_classes": 10}),  # at chance level
-    ([2.3, 2.3, 2.29], [2.3, 2.3, 2.3], [0.95, 0.87, 0.86], {"n_classes": 10}),  # 86 of 100: p=0.34
+    ([1.0, 0.9, 0.95], [1.0, 1.0, 1.0], [0.2, 0.1, 0.6], {}),         # error rate rose far above its start
 ])
 def test_diverged(train: list[float], valid: list[float], error: list[float], kwargs: dict[str, Any]) -> None:
     a = verdicts.analyse_history(history(train, valid, error), n_valid=100, **kwargs)
     assert a.verdict == verdicts.DIVERGED and a.recommended_epochs is None
 
 
+@pytest.mark.parametrize("error", [[0.9, 0.9, 0.9],       # at chance level
+                                   [0.95, 0.87, 0.86]])  # 86 of 100: p=0.34
+def test_never_learned_is_told_apart_from_a_blow_up(error: list[float]) -> None:
+    """Near chance from start to end, nothing non-finite or rising: "never learned", not "diverged"."""
+    a = verdicts.analyse_history(history([2.3, 2.3, 2.29], [2.3, 2.3, 2.3], error), n_valid=100, n_classes=10)
+    assert a.verdict == verdicts.NEVER_LEARNED and a.recommended_epochs is None and "chance" in a.reason
+
+
 def test_chance_is_decided_by_a_binomial_test() -> None:
     # pets: 37 classes, chance 97.30 %; 97 % of 1,478 is 1,434 wrong, four items under chance (p=0.28)
     pets = [0.99, 0.98, 0.97]
     at_chance = verdicts.analyse_history(history([3.7, 3.6, 3.55], [3.7, 3.62, 3.6], pets), n_valid=1478, n_classes=37)
-    assert at_chance.verdict == verdicts.DIVERGED and "no better than chance" in at_chance.reason
+    assert at_chance.verdict == verdicts.NEVER_LEARNED and "no better than chance" in at_chance.reason
     assert stats.chance_p_value(1434, 1478, 37) == pytest.approx(0.279, abs=0.01)
     # 93 % wrong is 63 items under chance: learning, however little
     better = verdicts.analyse_history(history([3.7, 3.6, 3.55], [3.7, 3.62, 3.6], [0.99, 0.95, 0.93]),
                                 n_valid=1478, n_classes=37)
-    assert better.verdict != verdicts.DIVERGED and stats.chance_p_value(1375, 1478, 37) < 1e-6
+    assert better.verdict not in verdicts.FAILED_TO_LEARN and stats.chance_p_value(1375, 1478, 37) < 1e-6
 
 
 def test_empty_history_is_refused() -> None:

@@ -19,8 +19,9 @@ from pet_sweep.errors import StudyError
 from pet_sweep.report.costs import CostBook
 from pet_sweep.report.front import CHEAPER, NO_PRUNING, SHOWN_COSTS, Recommendation, cheaper_comparisons, compare_records, \
     cost_name, has_costs, pareto_front, recommend
+from pet_sweep.report.advice import converged_step, curve_agrees, learning_failures
 from pet_sweep.report.stats import Comparison, errors_of, holm_corrected, plural, wilson
-from pet_sweep.report.verdicts import DIVERGED, OVERCONFIDENT, OVERFITTING, STILL_IMPROVING, UNDERFIT, VERDICTS, \
+from pet_sweep.report.verdicts import FAILED_TO_LEARN, OVERCONFIDENT, OVERFITTING, STILL_IMPROVING, UNDERFIT, VERDICTS, \
     TrialAnalysis, analyse_history
 from pet_sweep.params import inert_params
 from pet_sweep.space import ARCHITECTURES, PARAMS
@@ -143,6 +144,15 @@ def trials_frame(records: Sequence[TrialRecord], analyses: Mapping[int, TrialAna
     return pd.DataFrame(rows)
 
 
+def with_heldout(frame: pd.DataFrame, heldout: Sequence[HeldOut]) -> pd.DataFrame:
+    """The trials table with each replayed trial's held-out test error (its latest replay whose
+    test split was held out, or not checked) and the test split's size; NaN for the others."""
+    latest = {h.trial: h for h in heldout  # oldest first: the latest replay wins
+              if h.trial is not None and h.test_error is not None and h.held_out is not False}
+    return frame.assign(heldout_error=[latest[n].test_error if n in latest else math.nan for n in frame["number"]],
+                        n_test=[latest[n].n_test if n in latest else math.nan for n in frame["number"]])
+
+
 def lr_bins(values: pd.Series) -> pd.Series:
     """Half-decade bins of a learning rate (1e-3–3.2e-3, 3.2e-3–1e-2, ...)."""
     logs = np.log10(values.astype(float))
@@ -213,7 +223,8 @@ def compare_and_recommend(best: TrialRecord, done: Sequence[TrialRecord], object
     if not has_costs(done):
         return holm_corrected(rivals), None
     cost, why = cost_name(objectives)
-    diverged = {r.number for r in done if r is not best and getattr(analyses.get(r.number), "verdict", "") == DIVERGED}
+    diverged = {r.number for r in done
+                if r is not best and getattr(analyses.get(r.number), "verdict", "") in FAILED_TO_LEARN}
     compared = cheaper_comparisons(best, done, cost, book)
     cheaper = [c for c in compared if c.other_trial not in diverged]
     left_out = len(compared) - len(cheaper)
@@ -291,15 +302,18 @@ def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, compari
         elif analysis.verdict == OVERCONFIDENT:
             steps.append(f"best trial is overconfident (valid loss up, error rate not): judge by the error rate; "
                          f"epochs={rec} reaches its best")
+    converged = converged_step(analysis, p)
+    steps += [converged] if converged else []
     for name, (low, high) in bounds.items():
         value = p.get(name)
         if value is None or low == high or name in inert_params(p):  # no advice on what did nothing
             continue
         span = math.log(high / low) if low > 0 and "lr" in name else high - low
         pos = (math.log(value / low) if low > 0 and "lr" in name else value - low) / span
-        if pos >= 0.95:
+        if pos >= 0.95 and curve_agrees(name, True, value, analysis):  # the curve decides epochs first
             steps.append(f"best {name}={value:.3g} is at the top of its range [{low:.3g}, {high:.3g}]: widen it")
-        elif pos <= 0.05 and low > PARAMS.get(name, (None, -math.inf))[1]:  # 0 frozen epochs cannot go lower
+        elif (pos <= 0.05 and low > PARAMS.get(name, (None, -math.inf))[1]  # 0 frozen epochs cannot go lower
+              and curve_agrees(name, False, value, analysis)):
             steps.append(f"best {name}={value:.3g} is at the bottom of its range [{low:.3g}, {high:.3g}]: widen it")
     close = [c for c in comparisons if c.verdict == "within noise"]
     if recommendation is not None and recommendation.pick is not None:
@@ -309,11 +323,7 @@ def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, compari
     elif close:
         # the runner-up can also be the best of another architecture: name each trial once
         steps.append(tie_advice(report_best.number, list(dict.fromkeys(c.other_trial for c in close)), frame))
-    div = frame[frame["verdict"] == DIVERGED]  # pruned ones too: a diverging trial is pruned at once
-    if not div.empty:
-        base = f", base_lr {div['base_lr'].min():.2g}" if div["base_lr"].notna().any() else ""
-        steps.append(f"{plural(len(div), 'trial')} diverged (lowest lr_hi {div['lr_hi'].min():.2g}{base}): "
-                     "lower the top of the LR ranges")
+    steps += learning_failures(frame)  # pruned ones too: a diverging trial is pruned at once
     if not test_split:
         steps.append("this experiment holds no items out (data.test_pct: 0), so the selected validation error is "
                      "the only, optimistic, estimate: set data.test_pct for a new study to measure one")
@@ -354,7 +364,7 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
     best = lowest_error(done)
     n_valid = _n_items(best)  # every trial is judged on the same validation items
     analyses = analyse_all(records, n_valid, n_classes)
-    frame = trials_frame(records, analyses, n_valid)
+    frame = with_heldout(trials_frame(records, analyses, n_valid), heldout)
     comparisons, recommendation = compare_and_recommend(best, done, objectives, analyses, cost_book)
     counts = {k: int(v) for k, v in frame["state"].value_counts().items()}
     # verdicts of the trials that ran their course: a pruned trial was cut short on purpose, so

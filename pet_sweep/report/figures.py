@@ -29,7 +29,7 @@ EPOCH_AXIS = "epoch (frozen + unfrozen, from 0 as in MLflow)"
 
 # One colour per verdict, the same in every figure.
 VERDICT_COLOURS: dict[str, str] = dict(zip(VERDICTS, ("tab:green", "tab:orange", "tab:red", "tab:blue",
-                                                      "tab:purple", "black"), strict=True))
+                                                      "tab:purple", "black", "tab:brown"), strict=True))
 
 
 def unfreeze_epoch(history: Sequence[Any]) -> int | None:

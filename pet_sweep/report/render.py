@@ -103,6 +103,8 @@ def ranked(report: StudyReport) -> pd.DataFrame:
     frame["_done"] = frame["state"] != "COMPLETE"
     frame = frame.sort_values(["_done", "error_rate", "number"], na_position="last")
     columns = list(RANK_COLUMNS)
+    if replayed(report):  # beside the validation error it was selected on
+        columns.insert(columns.index("ci_high") + 1, "heldout_error")
     if batch_sizes_vary(report):
         columns.insert(columns.index("epochs") + 1, "batch_size")
     shown = frame[columns + cost_columns(report)].reset_index(drop=True)
@@ -112,13 +114,23 @@ def ranked(report: StudyReport) -> pd.DataFrame:
     return shown
 
 
+def replayed(report: StudyReport) -> bool:
+    """Has some trial a held-out test error (a `pet-sweep train` replay)?"""
+    return "heldout_error" in report.trials and bool(report.trials["heldout_error"].notna().any())
+
+
 def cost_columns(report: StudyReport) -> list[str]:
     """The costs some trial recorded (none in a study from before costs were measured)."""
     return [c for c in SHOWN_COSTS if c in report.trials and report.trials[c].notna().any()]
 
 
+HELDOUT_LEGEND = ("heldout_error: the replayed trial's error on the held-out test split (pet-sweep train), "
+                  "not selected on, so not optimistic")
+
+
 def trials_legend(report: StudyReport) -> str:
-    return TRIALS_LEGEND + (f"; {COSTS_LEGEND}" if cost_columns(report) else "")
+    return (TRIALS_LEGEND + (f"; {HELDOUT_LEGEND}" if replayed(report) else "")
+            + (f"; {COSTS_LEGEND}" if cost_columns(report) else ""))
 
 
 def front_section(report: StudyReport) -> tuple[str, pd.DataFrame | None]:

@@ -23,14 +23,17 @@ from pet_sweep.report.stats import ALPHA, chance_p_value, errors_of
 TREND_EPOCHS = 3      # slopes are fitted over this many last epochs
 LOSS_RISE = 0.05      # valid loss "rising": last value > its minimum by more than 5 %
 UNFIT_SHARE = 0.5     # "underfit" needs the train loss still above this share of its first epoch's
+ERROR_BLOWUP = 0.25   # "diverged": the last error rate above the first epoch's by more than 25 points
 
 STILL_IMPROVING = "still improving"
 OVERCONFIDENT = "overconfident"
 OVERFITTING = "overfitting"
 CONVERGED = "converged"
 UNDERFIT = "underfit"
-DIVERGED = "diverged"
-VERDICTS = (STILL_IMPROVING, OVERCONFIDENT, OVERFITTING, CONVERGED, UNDERFIT, DIVERGED)
+DIVERGED = "diverged"            # blew up: a non-finite loss, or a loss or error rate rising far above its start
+NEVER_LEARNED = "never learned"  # stayed near chance from start to end: nothing blew up
+VERDICTS = (STILL_IMPROVING, OVERCONFIDENT, OVERFITTING, CONVERGED, UNDERFIT, DIVERGED, NEVER_LEARNED)
+FAILED_TO_LEARN = (DIVERGED, NEVER_LEARNED)  # no epoch count or recommendation is read off these
 
 # What each verdict means for the next sweep (terminal, Markdown and HTML share it).
 ADVICE: dict[str, str] = {
@@ -41,7 +44,10 @@ ADVICE: dict[str, str] = {
     CONVERGED: "error rate and validation loss have flattened: the epoch count is about right",
     UNDERFIT: "training loss stays high, above validation loss, and the error rate has stalled: "
               "raise the learning rate or the epoch count",
-    DIVERGED: "the loss blew up or the model never learned: lower the learning rate",
+    DIVERGED: "the loss blew up (non-finite, or rising far above its start): the learning rate was too high "
+              "for this trial",
+    NEVER_LEARNED: "the error rate stayed near chance (nothing blew up): the model learned nothing; the learning "
+                   "rate (too low or too high), too few epochs or the data can be why",
 }
 
 
@@ -126,12 +132,19 @@ class _Curves:
         return float(self.error[-1])
 
 
-def _diverged(c: _Curves, n_valid: int | None, n_classes: int | None) -> str | None:
-    """Why the trial diverged or never learned; None when it learned."""
+def _diverged(c: _Curves) -> str | None:
+    """Why the trial blew up (a non-finite loss, a loss or error rate rising far above its start); None if not."""
     if not (np.all(np.isfinite(c.train)) and np.all(np.isfinite(c.valid)) and np.all(np.isfinite(c.error))):
         return "a loss or the error rate became non-finite"
     if c.n >= 2 and c.train[-1] > c.train[0] * (1 + LOSS_RISE * 2):  # a 10 % rise, not one-cycle jitter
         return f"training loss rose from {c.train[0]:.3g} to {c.train[-1]:.3g}"
+    if c.n >= 2 and c.final > c.error[0] + max(ERROR_BLOWUP, c.noise):
+        return f"error rate rose from {c.error[0]:.2%} at epoch {c.epochs[0]} to {c.final:.2%} at epoch {c.epochs[-1]}"
+    return None
+
+
+def _never_learned(c: _Curves, n_valid: int | None, n_classes: int | None) -> str | None:
+    """Why the trial never learned (its best error rate no better than chance); None when it learned."""
     if not n_classes:
         return None
     chance = 1 - 1 / n_classes
@@ -185,15 +198,20 @@ def analyse_history(history: Sequence[Any], *, n_valid: int | None = None, n_cla
     A change in error rate counts only when it exceeds `min_change` (default: one
     and a half validation items, so one image flipping is not a trend). With
     `n_classes` and `n_valid`, a best error rate no better than guessing by a
-    one-sided exact binomial test (`chance_p_value` >= ALPHA) is "diverged".
+    one-sided exact binomial test (`chance_p_value` >= ALPHA) is "never learned"; a blow-up
+    (a non-finite value, a loss or error rate rising far above its start) is "diverged".
     """
     if not history:
         raise ValueError("an empty history has nothing to analyse")
     c = _Curves.of(history, min_change if min_change is not None else (1.5 / n_valid if n_valid else 0.0))
     gap = c.valid - c.train
     error_slope, valid_slope = _slope(c.error), _slope(c.valid)
-    reason = _diverged(c, n_valid, n_classes)
-    verdict, reason, total = (DIVERGED, reason, None) if reason else _trend(c, error_slope, valid_slope)
+    blew_up = _diverged(c)
+    stalled = None if blew_up else _never_learned(c, n_valid, n_classes)
+    if blew_up or stalled:
+        verdict, reason, total = (DIVERGED, blew_up, None) if blew_up else (NEVER_LEARNED, stalled, None)
+    else:
+        verdict, reason, total = _trend(c, error_slope, valid_slope)
     return TrialAnalysis(n_epochs=c.n, n_frozen=sum(1 for r in history if value_of(r, "phase") == "frozen"),
                          final_error=c.final, best_error=c.best, best_epoch=c.epochs[c.best_idx],
                          last_epoch=c.epochs[-1], epochs_past_best=c.n - 1 - c.best_idx, final_gap=float(gap[-1]),

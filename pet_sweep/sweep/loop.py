@@ -122,6 +122,8 @@ def _open(exp: Experiment, role: WorkerRole, echo: Callable[[str], None]) -> tup
     from pet_sweep.train.costs import check_measurable  # heavy: torch (loaded by build_data already)
 
     check_measurable(exp, data.dls.device)  # an objective this device cannot measure: refused before any store
+    if role.index == 0:  # one line per sweep, not per worker
+        echo(f"data         {data.describe(exp.config.data)}")
     tracker = tracker_when_needed(exp)
     stale = StaleTrialHandler(exp.config.faults.max_retry, tracker=tracker, echo=echo)
     study = open_study(exp, on_stale=stale)  # a bad storage URL: before the MLflow store

@@ -321,10 +321,22 @@ class DataBundle:
     vocab: tuple[str, ...]
     label: Callable[[Path], str]
     fingerprint: SplitFingerprint  # of `splits`: which items each part holds
+    n_found: int = 0               # images found (of the chosen classes), before `data.limit`
 
     @property
     def n_valid(self) -> int:
         return len(self.splits.valid)
+
+    def describe(self, data: DataConfig) -> str:
+        """What was found and how it was split, counted from the splits themselves (one line)."""
+        s = self.splits
+        text = f"{self.n_found} images, {len(self.vocab)} classes ({data.source})"
+        if data.limit and data.limit < self.n_found:
+            text += f"; limit {data.limit}"
+        text += f"; train {len(s.train)}, valid {len(s.valid)}, test {len(s.test)}"
+        if data.per_class is not None:
+            text += f" (per_class {data.per_class}: at most {data.per_class} training images of each class)"
+        return text
 
 
 def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = None) -> DataBundle:
@@ -337,6 +349,7 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
 
     data, model = exp.config.data, model or exp.config.model
     folder, label, items = _source(data, exp)
+    n_found = len(items)
     if data.limit:
         items = sorted(items, key=lambda p: p.name)
         items = [items[i] for i in np.random.default_rng(data.split_seed).permutation(len(items))[:data.limit]]
@@ -378,4 +391,5 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
     if missing:
         raise DataError(f"{exp.where}: experiment '{exp.name}': classes {missing} appear only in the "
                         "validation split; use more data or a different split_seed")
-    return DataBundle(dls=dls, splits=splits, vocab=vocab, label=label, fingerprint=split_fingerprint(splits, folder))
+    return DataBundle(dls=dls, splits=splits, vocab=vocab, label=label, fingerprint=split_fingerprint(splits, folder),
+                      n_found=n_found)
