@@ -7,10 +7,12 @@ trials table (`analysis.trials_frame`).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from pet_sweep.report.front import CHEAPER
 from pet_sweep.report.stats import plural
 from pet_sweep.report.verdicts import CONVERGED, DIVERGED, FAILED_TO_LEARN, NEVER_LEARNED, TrialAnalysis
 
@@ -81,3 +83,34 @@ def learning_failures(frame: pd.DataFrame) -> list[str]:
             steps.append(f"{head}, among learning rates that also learned ({_lr_span(learned_hi)}): "
                          "the learning rate alone does not explain it, so the LR ranges can stay")
     return steps
+
+
+def trial_cost(row: Mapping[str, Any], by_time: bool = True) -> tuple[float, str]:
+    """What a trial cost: its wall time (`by_time`), else its epochs (frozen + unfrozen)."""
+    if by_time:
+        return float(row["seconds"]), f"{row['seconds']:.0f}s"
+    epochs = float((row.get("freeze_epochs") or 0) + (row.get("epochs") or 0))
+    return epochs, plural(int(epochs), "epoch")
+
+
+def _timed(row: Mapping[str, Any]) -> bool:
+    seconds = row.get("seconds")
+    return seconds is not None and math.isfinite(seconds) and seconds > 0
+
+
+def tie_advice(best: int, rivals: Sequence[int], frame: pd.DataFrame) -> str:
+    """Two configs within noise are a tie: point at the cheaper one, naming it, or say the best is it."""
+    by_number = frame.set_index("number")
+    rows = {n: by_number.loc[n].to_dict() for n in (best, *rivals)}
+    by_time = all(_timed(row) for row in rows.values())  # never seconds against epochs
+    costs = {n: trial_cost(row, by_time) for n, row in rows.items()}
+    names = ", ".join(f"trial {n} ({costs[n][1]})" for n in rivals)
+    head = f"the best trial ({costs[best][1]}) is within noise of {names}"
+    # a tenth cheaper at least: wall times of equal configs differ by a few per cent
+    cheaper = sorted((n for n in rivals if costs[n][0] < CHEAPER * costs[best][0]), key=lambda n: costs[n][0])
+    if cheaper:
+        return (f"{head}: prefer the cheaper trial {cheaper[0]} (pet-sweep export --trial {cheaper[0]}), "
+                "or validate on more items before choosing")
+    if all(costs[best][0] <= costs[n][0] for n in rivals):
+        return f"{head}: it is also the cheapest, so keep it; validate on more items to separate them"
+    return f"{head}: none is clearly cheaper (by a tenth), so keep it; validate on more items to separate them"
