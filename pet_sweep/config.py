@@ -116,6 +116,8 @@ class Experiment:
         if "experiments" not in data:
             data = {"experiments": {name or "experiment": data}}
         parsed = validate_model(data, ExperimentsFile, DICT_SOURCE, section="experiments")
+        for exp_name, cfg in parsed.experiments.items():
+            check_selection(cfg.selection, cfg.budget.n_trials, file=DICT_SOURCE, experiment=exp_name)
         root = Path(base_dir or Path.cwd()).expanduser().resolve()
         return _select(parsed, name, DICT_SOURCE, root, config_path=None)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,6 +46,11 @@ def tiny_experiment(**overrides: Any) -> dict[str, Any]:
 def _shared_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """One materialised digits folder for the whole session; torch on few threads."""
     os.environ["PET_SWEEP_CACHE"] = str(tmp_path_factory.mktemp("pet-sweep-cache"))
+    # A temporary folder of this test process's own (short, for Ray's socket paths): pet-sweep's
+    # lock files live in it, and `list` in another pytest-xdist worker would otherwise clean a
+    # lock file the test in this one is about to look for.
+    os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="ps-")
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
     try:
         import torch
 

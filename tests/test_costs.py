@@ -27,7 +27,10 @@ def test_a_completed_trial_records_its_costs(write_experiments) -> None:
     assert result.exit_code == 0, result.output
     exp = load_experiment(path)
     (trial,) = optuna.load_study(study_name=exp.study_name, storage=exp.storage_url).trials
-    costs = {name: trial.user_attrs[name] for name in COST_ATTRS}
+    # peak_memory_mb is left out (not measured) where the CPU's resident memory cannot see the
+    # trial's tensors; every other cost is always there
+    assert set(COST_ATTRS) - {"peak_memory_mb"} <= set(trial.user_attrs)
+    costs = {name: trial.user_attrs[name] for name in COST_ATTRS if name in trial.user_attrs}
     for name, cost in costs.items():
         assert math.isfinite(cost) and cost > 0, (name, cost)
     # the fit phases only: less than the trial, which also built the learner and measured

@@ -82,3 +82,12 @@ def test_selection_not_yet_acted_on_is_refused(write_experiments, selection, key
     result = CliRunner().invoke(cli, ["run", "--config", str(path)])
     assert result.exit_code == 2
     assert key in result.output and "not acted on" in result.output
+
+
+def test_from_dict_checks_selection_as_the_file_does():
+    from pet_sweep import Experiment
+
+    with pytest.raises(ConfigError) as err:
+        Experiment.from_dict({"data": {"source": "digits"}, "sweep": {"arch": "resnet18"},
+                              "budget": {"n_trials": 2}, "selection": {"confirm_top": 5}})
+    assert err.value.key == "selection.confirm_top"
