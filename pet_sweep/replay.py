@@ -292,10 +292,12 @@ def check_test_split(source: ReplaySource | None, now: SplitFingerprint, *, allo
 
 def without_training_callbacks(learn: Any) -> None:
     """Drop pet-sweep's per-trial callbacks: they would fire again in `validate`, `predict`
-    and in every use of the exported learner (and fail outside a fit)."""
-    from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence  # heavy: fastai
+    and in every use of the exported learner (and fail outside a fit). CPU bf16 goes too: the
+    exported learner is an fp32 model that loads without pet-sweep, and predicts in fp32."""
+    from pet_sweep.train.amp import CpuMixedPrecision  # heavy: fastai
+    from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence
 
-    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (EpochHistory, StopOnDivergence))])
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (EpochHistory, StopOnDivergence, CpuMixedPrecision))])
 
 
 def held_out_predictions(learn: Any, items: tuple[Path, ...]) -> tuple[list[int], list[int]]:

@@ -194,7 +194,8 @@ def predict_ms(learn: Any, precision: str, channels_last: bool = False) -> tuple
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=cuda and dtype is not None):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype,
+                                                     enabled=dtype is not None and (cuda or precision == "bf16")):
             return _median_ms(model, singles, 1, sync), _median_ms(model, batches, BATCH_REPEATS, sync)
     finally:
         model.train(was_training)

@@ -1,7 +1,7 @@
 """The fine-tune recipe of fastbook chapter 5: the only module that drives fastai training.
 
     learn = vision_learner(dls, arch, pretrained=..., metrics=error_rate)
-    [fp16 on CUDA: learn.to_fp16()]
+    [fp16 on CUDA: learn.to_fp16(); bf16 on a CPU that has it: amp.CpuMixedPrecision]
     [optional lr_find: suggestions and plot logged, weights restored]
     learn.freeze();   learn.fit_one_cycle(freeze_epochs, base_lr)        # head only
     learn.unfreeze(); learn.fit_one_cycle(epochs, lr_max=slice(lo, hi))  # discriminative LRs
@@ -31,7 +31,7 @@ from fastai.metrics import error_rate
 from fastai.torch_core import set_seed
 from fastai.vision.learner import model_meta, vision_learner
 
-from pet_sweep.train import costs
+from pet_sweep.train import amp, costs
 from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence
 from pet_sweep.train.checkpoint import CheckpointPlan, EpochCheckpoints
 from pet_sweep.sweep.records import EpochListener, EpochRecord
@@ -47,7 +47,7 @@ class FineTuneResult:
     """What one fine-tune produced."""
 
     history: list[EpochRecord]
-    precision: str  # the precision that really ran: fp32 on a CPU whatever was asked
+    precision: str  # the precision that really ran (`precision_for`)
     device: str
     seconds: float
     valid_preds: list[int] = field(default_factory=list)
@@ -118,13 +118,22 @@ def _notice(message: str) -> None:
 
 
 def precision_for(requested: str, device: Any) -> str:
-    """The precision that really runs: mixed precision only on CUDA, fp32 elsewhere."""
-    cuda = device is not None and torch.device(device).type == "cuda"
-    wanted = ("fp16" if cuda else "fp32") if requested == "auto" else requested
-    if wanted in ("fp16", "bf16") and not cuda:
-        _notice(f"{wanted} needs a CUDA GPU; training runs in fp32 on this machine")
-        return "fp32"
-    return wanted
+    """The precision that really runs: fp16/bf16 on CUDA; on a CPU, bf16 where torch's check
+    says this CPU runs it (`amp.cpu_bf16_supported`), fp32 otherwise (`auto`: `amp.CPU_AUTO`)."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind == "cuda":
+        return "fp16" if requested == "auto" else requested
+    bf16_here = kind == "cpu" and amp.cpu_bf16_supported()
+    if requested == "auto":
+        return amp.CPU_AUTO if bf16_here else "fp32"
+    if requested == "bf16" and bf16_here:
+        return "bf16"
+    if requested == "bf16":
+        _notice("bf16 needs a CUDA GPU or a CPU with bf16 kernels (torch has none for this one: it would "
+                "run many times slower, bench.precision_cpu); training runs in fp32")
+    elif requested == "fp16":
+        _notice("fp16 needs a CUDA GPU; training runs in fp32 on this machine")
+    return "fp32"
 
 
 def apply_precision(learn: Any, model: ModelConfig) -> str:
@@ -133,8 +142,10 @@ def apply_precision(learn: Any, model: ModelConfig) -> str:
     wanted = precision_for(model.precision, learn.dls.device)
     if wanted == "fp16":
         learn.to_fp16()
-    elif wanted == "bf16":
+    elif wanted == "bf16" and torch.device(learn.dls.device).type == "cuda":
         learn.to_bf16()
+    elif wanted == "bf16":
+        learn.add_cb(amp.CpuMixedPrecision())  # fastai's `to_bf16` autocasts on CUDA only
     if model.channels_last:
         learn.add_cb(ChannelsLast())  # the model in NHWC memory format before every fit
     return wanted
@@ -214,6 +225,7 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
             costs=measured, cost_seconds=time.perf_counter() - measuring)
     finally:
         peak.stop()  # again after a failure: ends the fallback sampler's thread
+        amp.leave_autocast(learn)  # a batch that raised under CPU bf16 would leave it on
         if not keep_learner:
             release(learn)
         workdir.cleanup()

@@ -12,7 +12,7 @@ Beside them the deterministic proxies: parameters, and FLOPs per image from torc
 `torch.utils.flop_counter.FlopCounterMode` (one image, one forward pass).
 
 Timed as `train.costs.predict_ms` times a trial: eval mode, `torch.inference_mode`, the
-key's autocast (fp16/bf16 on CUDA) and memory format, `torch.cuda.synchronize` around each
+key's autocast (fp16/bf16 on CUDA, bf16 on a CPU) and memory format, `torch.cuda.synchronize` around each
 pass on CUDA, inputs already on the device (random images of the key's size).
 """
 
@@ -89,7 +89,9 @@ class _Timed:
 
     def run(self, record: bool = True) -> None:
         """One sample of each cost (`record=False`: the warm-up)."""
-        autocast = torch.autocast(self.device_type, dtype=self.dtype, enabled=self.cuda and self.dtype is not None)
+        # CPU trials run only fp32 or bf16 (`recipe.precision_for`): a bf16 key is timed as it trained
+        mixed = self.dtype is not None and (self.cuda or self.key.precision == "bf16")
+        autocast = torch.autocast(self.device_type, dtype=self.dtype, enabled=mixed)
         with torch.inference_mode(), autocast:
             single = self._ms_per_image(self.single, SINGLE_PASSES)
             batch = self._ms_per_image(self.batch, 1)
