@@ -154,7 +154,8 @@ PROXY = """
 import sys
 from pet_sweep.launch.storage_proxy import storage_proxy
 from pet_sweep.config import Experiment
-exp = Experiment.from_dict({"sweep": {"arch": "resnet18"}, "storage": sys.argv[1], "data": {"source": "digits"}}, "proxy")
+space = {"arch": "resnet18", "base_lr": 1e-2, "lr_hi": 1e-2, "lr_mult": 10.0, "freeze_epochs": 1, "epochs": 1}
+exp = Experiment.from_dict({"sweep": space, "storage": sys.argv[1], "data": {"source": "digits"}}, "proxy")
 with storage_proxy(exp, "127.0.0.1") as seen:
     print(seen.storage_url, flush=True)
     sys.stdin.read()
@@ -283,4 +284,5 @@ def main(argv: list[str] | None = None) -> None:
         zygote.close()
         if pg is not None:
             pg.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(pg.data, ignore_errors=True)
+        print(f"# logs (supervisor, workers, mlflow server) kept in {folder}")
