@@ -21,9 +21,11 @@ import optuna
 from pet_sweep.config import Experiment, ModelConfig
 from pet_sweep.params import TrialParams
 from pet_sweep.space import Anchors
+from pet_sweep.sweep import resume
 from pet_sweep.sweep.budget import WorkerRole
 from pet_sweep.sweep.records import EpochListener
 from pet_sweep.tracking import Tracker
+from pet_sweep.train import pretrain
 
 if TYPE_CHECKING:  # heavy: torch, fastai
     from pet_sweep.train.checkpoint import CheckpointPlan
@@ -53,9 +55,8 @@ class Training:
         """The checkpoint of each architecture (a missing one is pretrained first) and, in an
         anchored space, the LR finder's suggestions, found once per (arch, phase) for the study."""
         from pet_sweep.train import lrfind  # heavy: torch, fastai
-        from pet_sweep.train.pretrain import checkpoints_for
 
-        checkpoints = checkpoints_for(exp, echo=echo)
+        checkpoints = pretrain.checkpoints_for(exp, echo=echo)
         anchors = lrfind.study_anchors(study, exp, data, tracker=tracker, parent_run_id=parent,
                                        echo=echo, checkpoints=checkpoints)
         return checkpoints, anchors
@@ -66,8 +67,6 @@ class Training:
         return precision_for(requested, device)
 
     def checkpoint_plan(self, exp: Experiment, trial: optuna.Trial, freeze_epochs: int) -> CheckpointPlan:
-        from pet_sweep.sweep import resume
-
         return resume.plan(exp, trial, freeze_epochs)
 
     def trial_finder(self, tracker: Tracker, run_id: str) -> Callable[[Any, TrialParams], None]:
