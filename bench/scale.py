@@ -19,6 +19,9 @@ Prints one row per (engine, workers):
   trial against the local engine at the same number of workers, also as a share of a
   one-process sweep's time per trial.
 
+`--simulated N[,N...]` runs instead N simulated workers on real stores (PostgreSQL, an MLflow
+server; bench/scale_sim.py says what it measures).
+
 Targets (issue 17): 2 workers >= 1.8x one worker; Ray's overhead <= 5 % of a one-process
 sweep of the same trials.
 """
@@ -126,6 +129,12 @@ def timed_run(engine: str, workers: int, trials: int, limit: int, img_size: int)
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg.startswith("--simulated") for arg in argv):  # many workers, simulated: bench/scale_sim.py
+        from bench.scale_sim import main as simulated
+
+        simulated(argv)
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--workers", default="1,2")

@@ -61,13 +61,13 @@ def test_the_time_budget_starts_after_pretraining(write_experiments, monkeypatch
     budget.timeout still runs a trial: the clock counts trials only."""
     import time
 
-    from pet_sweep.sweep import loop
+    from pet_sweep.train import pretrain
 
     def slow_checkpoints(exp, echo):
         time.sleep(3)  # a pretraining longer than the whole time budget
         return {}
 
-    monkeypatch.setattr(loop, "checkpoints_for", slow_checkpoints)
+    monkeypatch.setattr(pretrain, "checkpoints_for", slow_checkpoints)  # read on each call by sweep.training
     path = write_experiments(budget={"n_trials": 50, "timeout": 2})
     result = _invoke("run", "--config", str(path))
     assert result.exit_code == 0, result.output

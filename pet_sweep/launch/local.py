@@ -31,6 +31,7 @@ from pet_sweep.sweep.loop import run_sweep, split_callbacks
 from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run, tracker_when_needed
 from pet_sweep.sweep.records import StoppedBy, SweepResult, best_of, worker_line
 from pet_sweep.sweep.storage import open_study
+from pet_sweep.sweep.training import Training
 from pet_sweep.tracking import check_server
 from pet_sweep.train.data import check_data
 
@@ -67,12 +68,15 @@ def unpack_experiment(text: str) -> tuple[Experiment, tuple[Any, ...]]:
     return exp, callbacks
 
 
-def work(exp: Experiment, role: str, echo: Echo = print, callbacks: tuple[Any, ...] = ()) -> SweepResult:
+def work(exp: Experiment, role: str, echo: Echo = print, callbacks: tuple[Any, ...] = (),
+         training: Training | None = None) -> SweepResult:
     """One of a supervisor's workers (the hidden `pet-sweep worker` command): `role` as
-    `WorkerRole.encode` wrote it. The supervisor prints the banner, the result and the hints."""
+    `WorkerRole.encode` wrote it. The supervisor prints the banner, the result and the hints.
+    `training`: a benchmark's stand-in (`sweep.training`); fastai's otherwise."""
     listeners, cbs = split_callbacks(callbacks)
     try:
-        return run_sweep(exp, echo=echo, role=WorkerRole.decode(role), epoch_listeners=listeners, fastai_cbs=cbs)
+        return run_sweep(exp, echo=echo, role=WorkerRole.decode(role), epoch_listeners=listeners, fastai_cbs=cbs,
+                         training=training)
     except KeyboardInterrupt:  # before the sweep started
         return nothing_ran(exp)
 
@@ -125,7 +129,7 @@ def worker_command(exp: Experiment, role: WorkerRole) -> list[str]:
 
 def start_workers(exp: Experiment, roles: list[WorkerRole], envs: list[dict[str, str]], echo: Echo,
                   callbacks: tuple[Any, ...] = ()) -> tuple[list[subprocess.Popen], list[threading.Thread]]:
-    """Start the worker processes; a thread per worker prints its lines with a prefix."""
+    """Start the worker processes, a fresh interpreter each; a thread per worker prints its lines with a prefix."""
     # The experiment (with its URLs) travels in the environment, not argv, so no password shows in `ps`.
     secrets = {EXPERIMENT_ENV: pack_experiment(exp, callbacks)}
     procs, pumps = [], []
@@ -184,12 +188,20 @@ def worker_roles(exp: Experiment, n_workers: int, gpus: list[str] | None, parent
     return roles, envs
 
 
+# what starts the workers: `start_workers`, or a benchmark's (bench.simulated forks them);
+# each process it returns has `pid`, `wait`, `poll` and `send_signal`, as a `subprocess.Popen`
+Start = Callable[[Experiment, list[WorkerRole], list[dict[str, str]], Echo, tuple[Any, ...]],
+                 tuple[list[Any], list[threading.Thread]]]
+
+
 def supervise(exp: Experiment, n_workers: int, gpus: list[str] | None, *,
-              echo: Echo = print, warn: Echo = to_stderr, callbacks: tuple[Any, ...] = ()) -> SweepResult:
+              echo: Echo = print, warn: Echo = to_stderr, callbacks: tuple[Any, ...] = (),
+              start: Start = start_workers) -> SweepResult:
     """Run `exp`'s sweep in `n_workers` worker processes sharing one budget.
 
     `echo` gets the workers' lines and the supervisor's notes; `warn` a line per
-    worker that ended with an error.
+    worker that ended with an error; `start` starts the workers (a fresh interpreter
+    each; `bench.scale --simulated` forks them with a stand-in for the training).
     """
     started = time.monotonic()
     pack_experiment(exp, callbacks)  # callbacks that cannot travel: refused before anything starts
@@ -207,7 +219,7 @@ def supervise(exp: Experiment, n_workers: int, gpus: list[str] | None, *,
     status = "FAILED"
     roles[0].own_lock()
     try:
-        procs, pumps = start_workers(exp, roles, envs, echo, callbacks)
+        procs, pumps = start(exp, roles, envs, echo, callbacks)
         exits, interrupted = wait_workers(procs)
         for pump in pumps:
             pump.join(timeout=5)

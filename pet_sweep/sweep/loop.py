@@ -20,7 +20,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.config import Experiment
 from pet_sweep.errors import Preempted, TrackingAway, TrialFailed
-from pet_sweep.space import Anchors
 from pet_sweep.sweep.budget import Budget, Claim, WorkerRole, this_process
 from pet_sweep.sweep.lifecycle import clean_leftovers
 from pet_sweep.sweep.objective import Objective, TrialListener
@@ -38,23 +37,24 @@ from pet_sweep.sweep.records import (
     format_trial,
 )
 from pet_sweep.sweep.storage import StaleTrialHandler, check_split, has_heartbeats, open_study
+from pet_sweep.sweep.training import Training
 from pet_sweep.tracking import Tracker, check_server
-from pet_sweep.train.data import build_data
-from pet_sweep.train.pretrain import Checkpoint, checkpoints_for
 
 
 def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
               epoch_listeners: tuple[Callable[[int, EpochRecord], None], ...] = (),
               trial_listeners: tuple[TrialListener, ...] = (),
-              role: WorkerRole | None = None, fastai_cbs: tuple[Any, ...] = ()) -> SweepResult:
+              role: WorkerRole | None = None, fastai_cbs: tuple[Any, ...] = (),
+              training: Training | None = None) -> SweepResult:
     """Run (or resume) the experiment's study in this process: `budget.n_trials` more trials.
 
     With a `role` from a supervisor (`pet-sweep run --workers N`) this process is one
     of N workers sharing that budget, and the supervisor owns the MLflow parent run.
-    `fastai_cbs` (Callback instances or classes) join every trial's Learner.
+    `fastai_cbs` (Callback instances or classes) join every trial's Learner. `training`: what
+    the trials train with (`sweep.training`: fastai; a benchmark gives a stand-in).
     """
-    role = role or WorkerRole()
-    study, tracker, data = _open(exp, role, echo)
+    role, training = role or WorkerRole(), training or Training()
+    study, tracker, data = _open(exp, role, training, echo)
     owns_parent = role.parent_run_id is None
     parent = _open_parent_run(exp, study, tracker, echo) if owns_parent else role.parent_run_id
     budget = Budget(role, exp.config.budget.n_trials, exp.config.budget.max_trials,
@@ -66,13 +66,16 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     if owns_parent:
         role.own_lock()  # removed in `finally`; left behind only by a kill -9 (clean_leftovers)
     try:
-        checkpoints, anchors = _starting_points(exp, data, study, tracker, parent, budget, echo)
+        # under the claim lock: of the workers starting together on one machine the first
+        # pretrains or runs the LR finder and stores it, the others read it back in their turn
+        with budget.claim():
+            checkpoints, anchors = training.starting_points(exp, data, study, tracker, parent, echo)
         # budget.timeout counts the trials only: a first run that pretrains its bodies or runs
         # the LR finder (minutes, cached or stored for later runs) still gets its full time
         # for trials, rather than possibly none
         started = time.monotonic()
         objective = Objective(exp, data, tracker, parent, epoch_listeners, trial_listeners,
-                              anchors=anchors, checkpoints=checkpoints, fastai_cbs=fastai_cbs)
+                              anchors=anchors, checkpoints=checkpoints, fastai_cbs=fastai_cbs, training=training)
         freeze_long_lived_objects()
         stopped_by = _run_trials(exp, study, objective, budget, trial_ended, started, echo)
         status = "FINISHED"
@@ -98,6 +101,8 @@ def split_callbacks(callbacks: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[
     """`pet_sweep.run(callbacks=...)`: (epoch listeners, fastai callbacks). A fastai `Callback`
     (instance or class) joins each trial's Learner; any other callable is an epoch listener,
     called as `listener(trial_number, EpochRecord)`."""
+    if not callbacks:
+        return (), ()
     from fastai.callback.core import Callback  # heavy: fastai
 
     def is_fastai(cb: Any) -> bool:
@@ -110,18 +115,14 @@ def split_callbacks(callbacks: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[
     return tuple(cb for cb in callbacks if not is_fastai(cb)), tuple(cb for cb in callbacks if is_fastai(cb))
 
 
-def _open(exp: Experiment, role: WorkerRole, echo: Callable[[str], None]) -> tuple[optuna.Study, Tracker, Any]:
+def _open(exp: Experiment, role: WorkerRole, training: Training,
+          echo: Callable[[str], None]) -> tuple[optuna.Study, Tracker, Any]:
     """The study, the MLflow tracker and the data, checked and opened in the order that
     leaves no store behind when a check fails."""
-    if role.threads:
-        import torch  # heavy: torch
-
-        torch.set_num_threads(role.threads)
     check_server(exp.tracking_uri)  # an MLflow server that is down: said in seconds, before the data
-    data = build_data(exp)  # before any store: a missing data folder must not leave a study or run behind
-    from pet_sweep.train.costs import check_measurable  # heavy: torch (loaded by build_data already)
-
-    check_measurable(exp, data.dls.device)  # an objective this device cannot measure: refused before any store
+    # before any store: a missing data folder, or an objective this device cannot measure,
+    # must not leave a study or run behind
+    data = training.open_data(exp, role)
     if role.index == 0:  # one line per sweep, not per worker
         echo(f"data         {data.describe(exp.config.data)}")
     tracker = tracker_when_needed(exp)
@@ -137,24 +138,6 @@ def _open_parent_run(exp: Experiment, study: optuna.Study, tracker: Tracker, ech
     if cleaned:
         echo(cleaned)
     return open_parent_run(exp, study, tracker)
-
-
-def _starting_points(exp: Experiment, data: Any, study: optuna.Study, tracker: Tracker, parent: str,
-                     budget: Budget, echo: Callable[[str], None]) -> tuple[dict[str, Checkpoint], Anchors]:
-    """What every trial starts from: the checkpoint of each architecture (a missing one is
-    pretrained first) and, in an anchored space, the LR finder's suggestions, found once per
-    (arch, phase) for the study.
-
-    Under the claim lock, so of the workers starting together on one machine the first
-    runs the finder and stores it in the study, and the others read it back when it is their turn.
-    """
-    from pet_sweep.train import lrfind  # heavy: torch, fastai
-
-    with budget.claim():
-        checkpoints = checkpoints_for(exp, echo=echo)
-        anchors = lrfind.study_anchors(study, exp, data, tracker=tracker, parent_run_id=parent,
-                                       echo=echo, checkpoints=checkpoints)
-    return checkpoints, anchors
 
 
 def _run_trials(exp: Experiment, study: optuna.Study, objective: Objective, budget: Budget,

@@ -20,6 +20,7 @@ from pet_sweep.errors import Preempted, TrainingDiverged, TrialFailed
 from pet_sweep.params import TrialParams
 from pet_sweep.space import Anchors, anchor_params, suggest
 from pet_sweep.sweep import resume
+from pet_sweep.sweep.training import Training
 from pet_sweep.sweep.records import (
     BATCH_ATTR,
     COST_SECONDS_ATTR,
@@ -47,13 +48,6 @@ def message_of(err: BaseException) -> str:
     if text.startswith("Exception occured in `") and ":\n\t" in text:
         return text.split(":\n\t", 1)[1]
     return text
-
-
-def torch_oom() -> type[BaseException]:
-    """The error type of a CUDA (or other accelerator) out-of-memory."""
-    import torch  # heavy: torch
-
-    return torch.OutOfMemoryError
 
 
 def release_cuda_memory() -> None:
@@ -89,14 +83,16 @@ class Objective:
     """One trial: suggest -> child run -> fine-tune -> report back; never leaves a run RUNNING.
 
     `anchors`: the LR-finder suggestions of an anchored space (`lrfind.study_anchors`);
-    `checkpoints`: arch -> what its trials start from (`pretrain.checkpoints_for`).
+    `checkpoints`: arch -> what its trials start from (`pretrain.checkpoints_for`);
+    `training`: what the trials train with (`sweep.training`; a benchmark's stand-in).
     """
 
     def __init__(self, exp: Experiment, data: Any, tracker: Tracker, parent_run_id: str,
                  listeners: tuple[Callable[[int, EpochRecord], None], ...] = (),
                  trial_listeners: tuple[TrialListener, ...] = (), anchors: Anchors | None = None,
-                 checkpoints: Mapping[str, Checkpoint] | None = None, fastai_cbs: tuple[Any, ...] = ()) -> None:
-        self.fastai_cbs = fastai_cbs
+                 checkpoints: Mapping[str, Checkpoint] | None = None, fastai_cbs: tuple[Any, ...] = (),
+                 training: Training | None = None) -> None:
+        self.fastai_cbs, self.training = fastai_cbs, training or Training()
         self.exp, self.data, self.tracker, self.parent_run_id = exp, data, tracker, parent_run_id
         self.listeners, self.trial_listeners = listeners, trial_listeners
         self.anchors = anchors or {}
@@ -121,8 +117,6 @@ class Objective:
 
         `on_start` is called first, once the trial exists (the sweep loop takes its budget slot there).
         """
-        from pet_sweep.train import lrfind, recipe  # heavy: torch, fastai
-
         if on_start is not None:
             on_start(trial)
         run = self._start(trial)
@@ -130,11 +124,11 @@ class Objective:
         oom_reason: str | None = None
         checkpoints, logger = self._checkpoints(run)
         try:
-            result = recipe.fine_tune(
+            result = self.training.fine_tune(
                 run.dls, run.params, run.model, seed=self.exp.config.seed,
                 listeners=[logger, functools.partial(self._report, run)], checkpoint=checkpoints,
                 cbs=self.fastai_cbs,
-                lr_find=lrfind.trial_finder(self.tracker, run.run_id)
+                lr_find=self.training.trial_finder(self.tracker, run.run_id)
                 if self.exp.config.lr_find and checkpoints.resume is None else None)
         except optuna.TrialPruned as err:
             self._close(run, "PRUNED", message_of(err))
@@ -145,13 +139,13 @@ class Objective:
         except TrialFailed as err:
             self._close(run, "FAIL", message_of(err))
             raise
-        except torch_oom() as err:
-            # a deeper architecture or larger batch than the GPU holds: this trial fails,
-            # the sweep goes on (recipe.fine_tune has already released the learner)
-            oom_reason = f"out of memory: {message_of(err).splitlines()[0][:200] or 'CUDA'}"
         except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL, MLflow agrees
             self._interrupted(run, err)
             raise
+        except self.training.out_of_memory() as err:
+            # a deeper architecture or larger batch than the GPU holds: this trial fails,
+            # the sweep goes on (recipe.fine_tune has already released the learner)
+            oom_reason = f"out of memory: {message_of(err).splitlines()[0][:200] or 'CUDA'}"
         except BaseException as err:  # bugs: close the run, then let them stop the sweep
             self._close(run, "FAIL", f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
             raise
@@ -178,7 +172,7 @@ class Objective:
         """The trial's checkpoint plan (`resume.plan`) and its MLflow epoch logger. A retry's epochs so far
         come from the checkpoint it goes on from, not trained again: its history, MLflow curve, Optuna's values."""
         logger = self.tracker.epoch_logger(run.run_id)
-        checkpoints = resume.plan(self.exp, run.trial, run.params.freeze_epochs)
+        checkpoints = self.training.checkpoint_plan(self.exp, run.trial, run.params.freeze_epochs)
         if checkpoints.resume is not None:
             resume.note_resumed(run.trial, checkpoints.resume, lambda r: (logger(r), self._report(run, r, judge=False)),
                                 lambda text: self.tracker.update_sweep(run.run_id, {}, {resume.RESUMED_TAG: text}))
@@ -202,13 +196,11 @@ class Objective:
 
     def _start(self, trial: optuna.Trial) -> TrialRun:
         """Suggest the trial's parameters, record them on the trial and open its child MLflow run."""
-        from pet_sweep.train.recipe import precision_for  # heavy: torch
-
         exp, model = self.exp, self.exp.config.model
         params = suggest(exp.space, trial, self.anchors)
         batch_size = int(trial.user_attrs.get(BATCH_ATTR, model.batch_size))
         dls = self.loaders(batch_size)
-        precision = precision_for(model.precision, dls.device)
+        precision = self.training.precision(model.precision, dls.device)
         trial.set_user_attr(PARAMS_ATTR, params.as_dict())
         trial.set_user_attr(PRECISION_ATTR, precision)
         trial.set_user_attr(DEVICE_ATTR, str(dls.device))
