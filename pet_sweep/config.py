@@ -206,9 +206,6 @@ def load_experiments_file(path: str | Path = DEFAULT_CONFIG) -> tuple[Experiment
     if not Path(path).expanduser().exists():
         raise ConfigError(f"file not found; {_where_to_look(Path(path))}", file=str(Path(path).expanduser().resolve()))
     parsed, path = read_model(path, ExperimentsFile, "a mapping with `experiments:`", section="experiments")
-    if parsed.default is not None and parsed.default not in parsed.experiments:
-        raise ConfigError(f"default experiment {parsed.default!r} is not defined; valid choices: "
-                          f"{', '.join(parsed.experiments)}", file=str(path), key="default")
     for name, cfg in parsed.experiments.items():
         _check_source(name, cfg.model.pretrained_on, parsed.experiments, path)
         check_selection(cfg.selection, cfg.budget.n_trials, file=str(path), experiment=name)
@@ -277,6 +274,10 @@ def _select(parsed: ExperimentsFile, name: str | None, file: str, base_dir: Path
         if parsed.default is None and len(names) > 1:
             raise ConfigError(f"no experiment named and no `default:`; valid choices: {', '.join(names)}",
                               file=str(path))
+        if parsed.default is not None and parsed.default not in parsed.experiments:
+            # checked only when it is used: an experiment named on the command line needs no default
+            raise ConfigError(f"default experiment {parsed.default!r} is not defined; valid choices: "
+                              f"{', '.join(names)}", file=str(path), key="default")
         name = parsed.default or names[0]
     if name not in parsed.experiments:
         raise ConfigError(f"unknown experiment {name!r}; valid choices: {', '.join(names)}", file=str(path))

@@ -143,6 +143,9 @@ def test_default_must_exist(tmp_path: Path, write_experiments) -> None:
     path.write_text(yaml.safe_dump(doc))
     err = _error(path)
     assert err.key == "default" and "ghost" in str(err)
+    # an experiment named on the command line needs no default: the bad one is not fatal then
+    name = next(iter(doc["experiments"]))
+    assert load_experiment(path, name).name == name
 
 
 GOOD_SWEEP = "arch: resnet18\nbase_lr: 0.01\nlr_hi: 0.01\nlr_mult: 10\nfreeze_epochs: 0\nepochs: 1\n"

@@ -208,8 +208,9 @@ def test_regex_that_does_not_match(write_experiments, tmp_path: Path) -> None:
     (tmp_path / "pets" / "images" / "README.png").write_bytes((tmp_path / "pets" / "images" / "Abyssinian_1.jpg").read_bytes())
     path = write_experiments(data={"source": "folder", "path": "pets", "label": "regex",
                                    "pattern": r"^(.+)_\d+\.jpg$", "limit": None})
-    with pytest.raises(DataError, match=r"data.pattern.*1 file\(s\) do not match.*README.png"):
+    with pytest.raises(DataError, match=r"data.pattern.*1 file\(s\) do not match.*README.png") as info:
         build_data(load_experiment(path))
+    assert r"'^(.+)_\d+\.jpg$'" in str(info.value)  # as written in the file, not a repr's doubled backslashes
 
 
 def test_batch_larger_than_training_split(write_experiments) -> None:

@@ -33,7 +33,7 @@ def test_workers_stopped_by_the_study_cap_say_so_and_exit_0(write_experiments: C
     assert proc.returncode == 0, out + err  # not "the workers stopped early"
     assert [t.state for t in load(exp.storage_url, name).get_trials()] == [TrialState.COMPLETE]
     # the worker that found trial 0 running waited for it rather than start a second one
-    assert "waiting      budget.max_trials 1 is reached counting trial(s) 0: staying" in out, out
+    assert "waiting      for trial(s) 0 (budget.max_trials 1 reached); retries any whose worker dies" in out, out
     assert ("budget       the study's cap is reached (budget.max_trials 1, counting trials finished or running "
             "anywhere): 1 of 3 trials ran here") in out
 
@@ -55,7 +55,7 @@ def test_budget_counts_slots_not_retries() -> None:
     study.add_trial(optuna.create_trial(state=TrialState.RUNNING, user_attrs=mine))
     # budget used, but a trial of ours runs: stay to retry it if its worker dies
     assert budget.next_step(study) == "wait"
-    assert budget.waiting_on == "this run's budget is used; trial(s) 3 of it still running"
+    assert budget.waiting_on == "for trial(s) 3 (this run's budget is used)"
     assert Budget(role, n_trials=2, heartbeats=False).next_step(study) == "stop"
     assert Budget(role, n_trials=5, max_trials=2).next_step(study) == "stop"  # the study-wide cap
 
@@ -71,7 +71,7 @@ def test_max_trials_counts_trials_running_on_other_machines() -> None:
     # one finished + one running elsewhere fill a cap of 2: start nothing, stay in case that worker dies
     capped = Budget(mine, n_trials=5, max_trials=2)
     assert capped.next_step(study) == "wait"
-    assert capped.waiting_on == "budget.max_trials 2 is reached counting trial(s) 1"  # said once when waiting
+    assert capped.waiting_on == "for trial(s) 1 (budget.max_trials 2 reached)"  # said once when waiting
     assert Budget(mine, n_trials=5, max_trials=2, heartbeats=False).next_step(study) == "stop"
     assert Budget(mine, n_trials=5, max_trials=3).next_step(study) == "run"
     over = Budget(mine, n_trials=5, max_trials=1)

@@ -31,7 +31,7 @@ def lr_find(experiment: str | None, config_path: str, archs: tuple[str, ...], ou
 
     \b
     Example:
-      pet-sweep lr-find digits --arch resnet18 --out lr-find
+      pet-sweep lr-find digits --arch xresnet18 --out lr-find
     """
     exp = load(config_path, experiment, tracking_uri=tracking_uri)
     quiet_libraries()

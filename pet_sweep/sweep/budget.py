@@ -182,7 +182,7 @@ class Budget:
                 return "run"
             # the cap is full: stay while those trials run, to retry one whose worker dies
             running = [t.number for t in trials if t.state == TrialState.RUNNING]
-            self.waiting_on = f"budget.max_trials {self.max_trials} is reached counting trial(s) {_numbers(running)}"
+            self.waiting_on = f"for trial(s) {_numbers(running)} (budget.max_trials {self.max_trials} reached)"
             self.capped = not self.heartbeats
             return "wait" if self.heartbeats else "stop"
         mine = [t.number for t in trials if t.state == TrialState.RUNNING
@@ -190,7 +190,7 @@ class Budget:
         # Stay while another worker's trial runs: if that worker dies, its trial is
         # failed after the grace period and retried, and someone must be there to run it.
         # Without heartbeats (journal storage) a dead worker's trial is never failed.
-        self.waiting_on = f"this run's budget is used; trial(s) {_numbers(mine)} of it still running"
+        self.waiting_on = f"for trial(s) {_numbers(mine)} (this run's budget is used)"
         return "wait" if mine and self.heartbeats else "stop"
 
     @contextlib.contextmanager

@@ -165,8 +165,7 @@ def _run_trials(exp: Experiment, study: optuna.Study, objective: Objective, budg
         # "wait": another worker's trial is running; if that worker died, its trial
         # turns stale after the grace period and is failed and retried here.
         if not was_waiting:
-            echo(f"waiting      {budget.waiting_on}: staying to run the retry of any whose worker "
-                 f"dies (no heartbeat for {faults.grace_period}s)")
+            echo(f"waiting      {budget.waiting_on}; retries any whose worker dies")
         time.sleep(min(faults.heartbeat_interval, 5))
         fail_stale_trials(study)
     # the time limit ended it; it cut the run short only with slots left

@@ -218,18 +218,18 @@ def _source(data: DataConfig, exp: Experiment) -> tuple[Path, Callable[[Path], s
         def label(path: Path) -> str:
             return path.parent.name
     else:
-        regex = re.compile(pattern)
+        regex = re.compile(pattern)  # shown as written in messages, not as a repr with doubled backslashes
 
         def label(path: Path) -> str:
             match = regex.search(path.name)
             if match is None:
-                raise DataError(f"file name {path.name!r} does not match the label pattern {pattern!r}")
+                raise DataError(f"file name {path.name!r} does not match the label pattern '{pattern}'")
             return match.group(1)
 
         unmatched = [p for p in items if regex.search(p.name) is None]
         if unmatched:
             raise DataError(f"{exp.where}: experiment '{exp.name}': key 'data.pattern': "
-                            f"{len(unmatched)} file(s) do not match {pattern!r}, first: {unmatched[0]}")
+                            f"{len(unmatched)} file(s) do not match '{pattern}', first: {unmatched[0]}")
     if not items:
         raise DataError(f"{exp.where}: experiment '{exp.name}': no images found in {folder}")
     return folder, label, select_classes(items, label, data, exp)
