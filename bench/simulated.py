@@ -87,6 +87,7 @@ class _Data:
 
     dls: _Loaders
     fingerprint: SplitFingerprint
+    n_valid: int  # the stand-in's "validation items", as `selection` reads them
 
     def describe(self, data: Any) -> str:
         return "simulated: no images (bench.simulated.StandIn)"
@@ -105,6 +106,7 @@ class _Result:
     valid_targets: list[int]
     costs: dict[str, float] = field(default_factory=dict)
     cost_seconds: float = 0.0
+    learner: Any = None  # nothing trained, so nothing for `keep_winner` to keep
 
     @property
     def error_rate(self) -> float:
@@ -125,7 +127,7 @@ class StandIn(Training):
     def open_data(self, exp: Experiment, role: WorkerRole) -> _Data:
         names = tuple(Path(f"{i % 10}_{i}.png") for i in range(10 * self.valid_items))
         splits = Splits(names[self.valid_items:], names[:self.valid_items], ())
-        return _Data(_Loaders(), split_fingerprint(splits, Path(".")))
+        return _Data(_Loaders(), split_fingerprint(splits, Path(".")), len(splits.valid))
 
     def starting_points(self, exp: Experiment, data: Any, study: optuna.Study, tracker: Tracker, parent: str,
                         echo: Callable[[str], None]) -> tuple[dict[str, Any], Anchors]:
@@ -137,9 +139,12 @@ class StandIn(Training):
     def checkpoint_plan(self, exp: Experiment, trial: optuna.Trial, freeze_epochs: int) -> Any:
         return _NoCheckpoints()
 
+    def threads(self) -> int:
+        return 1  # nothing trains: torch stays unimported
+
     def fine_tune(self, dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
                   listeners: Sequence[EpochListener], checkpoint: Any, cbs: Sequence[Any],
-                  lr_find: Any) -> _Result:
+                  lr_find: Any, keep_learner: bool = False) -> _Result:
         def miss(lr: float) -> float:
             return abs(math.log10(lr / 3e-3))
 

@@ -1,7 +1,7 @@
 """Where users look: the MLflow UI and optuna-dashboard on an experiment's stores,
 and a summary of every study (`pet-sweep list`).
 
-The servers are the tools' own (`mlflow server`, `optuna-dashboard`), started as
+The servers are the tools' own (`mlflow server`, optuna-dashboard's `run_server`), started as
 child processes in their own process group so that Ctrl-C stops them and every
 worker they spawned. They bind to 127.0.0.1 unless told otherwise: neither has
 any authentication.
@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 from pet_sweep.config import Experiment, load_experiment, load_experiments_file
 from pet_sweep.errors import PetSweepError, StudyError
 from pet_sweep.invocation import command
+from pet_sweep.selection import BASELINE_ATTR
 from pet_sweep.tracking import artifact_root, experiment_id, open_http, redact_url, redact_url_in, sqlite_path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -124,14 +125,12 @@ def mlflow_command(tracking_uri: str, host: str, port: int) -> Command:
 
 
 DASHBOARD_STORAGE_VAR = "PET_SWEEP_DASHBOARD_STORAGE"
-# optuna-dashboard takes its storage only as an argument: this runs its console script
-# (the `optuna-dashboard` entry point) with the URL put into sys.argv from the environment,
-# so the process's visible command line never holds it.
+# optuna-dashboard's public entry point, `run_server(storage, host, port)`, in a child process of
+# its own (so that stopping it stops all it started); the storage URL comes from the environment,
+# so the process's visible command line never holds it. Host and port are its arguments.
 _DASHBOARD_MAIN = ("import os, sys\n"
-                   "from importlib.metadata import entry_points\n"
-                   f"sys.argv[:1] = ['optuna-dashboard', os.environ.pop({DASHBOARD_STORAGE_VAR!r})]\n"
-                   "[script] = entry_points(group='console_scripts', name='optuna-dashboard')\n"
-                   "sys.exit(script.load()())\n")
+                   "from optuna_dashboard import run_server\n"
+                   f"run_server(os.environ.pop({DASHBOARD_STORAGE_VAR!r}), host=sys.argv[1], port=int(sys.argv[2]))\n")
 
 
 def require_dashboard() -> None:
@@ -141,7 +140,7 @@ def require_dashboard() -> None:
 
 
 def dashboard_command(storage_url: str, host: str, port: int) -> Command:
-    return ([sys.executable, "-c", _DASHBOARD_MAIN, "--host", host, "--port", str(port), "--quiet"],
+    return ([sys.executable, "-c", _DASHBOARD_MAIN, host, str(port)],
             {DASHBOARD_STORAGE_VAR: storage_url})
 
 
@@ -164,6 +163,7 @@ class StudyState:
     best_trial: int | None = None
     study_id: int | None = None
     note: str = ""  # why the study could not be read
+    best_config: str = ""  # the best config over its seeds and the baseline's mean, where the selection ran them
 
 
 def _open_storage_readonly(url: str) -> Any:
@@ -210,12 +210,27 @@ def study_state(exp: Experiment, storages: dict[str, Any] | None = None) -> Stud
         return StudyState(**base, found=False, note=f"cannot read: {redact_url_in(message, url)}")
     counts = {state: sum(t.state == state for t in trials)
               for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values]  # values[0]: the error rate
+    # values[0]: the error rate; the baseline (fastai's fine_tune defaults) is a reference, never the best
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values and not t.user_attrs.get(BASELINE_ATTR)]
     best = min(done, key=lambda t: (t.values[0], t.number)) if done else None
     return StudyState(**base, found=True, complete=counts[TrialState.COMPLETE], pruned=counts[TrialState.PRUNED],
                       failed=counts[TrialState.FAIL], running=counts[TrialState.RUNNING],
                       best_value=None if best is None else float(best.values[0]),
-                      best_trial=None if best is None else best.number, study_id=study_id)
+                      best_trial=None if best is None else best.number, study_id=study_id,
+                      best_config=_best_config(trials, exp.config.seed))
+
+
+def _best_config(trials: list[Any], seed: int) -> str:
+    """``config 3: 12.2% ± 3.1% (sd) over 2 seeds (trials 3, 5); baseline 16.4%``: what `list` shows in the
+    place of the best trial where configs ran on several seeds or a baseline ran."""
+    from pet_sweep.report.seeds import selection_of  # heavy: optuna, through sweep.confirm
+    from pet_sweep.sweep.confirm import completed_runs
+
+    sel = selection_of(completed_runs(trials, seed))
+    if sel is None:
+        return ""
+    base = f"; baseline {sel.baseline.mean:.1%} over {sel.baseline.n_seeds} seed(s)" if sel.baseline else ""
+    return f"{sel.best.name}: {sel.best.text()}{base}"
 
 
 def list_studies(config_path: str, storage: str | None = None) -> tuple[list[StudyState], str | None]:
@@ -242,7 +257,7 @@ def format_states(states: Sequence[StudyState], default: str | None) -> list[str
         if not s.found:
             rows.append((name, s.study_name, "", "", "", "", s.note or "no study yet", s.storage))
             continue
-        best = f"{s.best_value:.4f} (trial {s.best_trial})" if s.best_value is not None else "-"
+        best = s.best_config or (f"{s.best_value:.4f} (trial {s.best_trial})" if s.best_value is not None else "-")
         rows.append((name, s.study_name, str(s.complete), str(s.pruned), str(s.failed), str(s.running),
                      best, s.storage))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]

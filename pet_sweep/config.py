@@ -46,6 +46,8 @@ class ExperimentConfig(Strict):
     study_name: str | None = None
     # a folder every worker reads (path or file:// URI; default beside the storage: `resume.checkpoint_dir`)
     checkpoints: str | None = None
+    # the best trial's and the recommended cheaper one's learners kept as MLflow models (`sweep.keep`)
+    keep_winner: bool = True
     tracking: TrackingConfig = TrackingConfig()
     faults: FaultsConfig = FaultsConfig()
     launch: LaunchConfig = LaunchConfig()
@@ -70,10 +72,13 @@ class ExperimentConfig(Strict):
         return objectives
 
     @model_validator(mode="after")
-    def _nsga2_needs_objectives(self) -> "ExperimentConfig":
+    def _search_fits_objectives(self) -> "ExperimentConfig":
         if self.sampler.name == "nsga2" and len(self.objectives) < 2:
             raise ValueError("sampler nsga2 is for several objectives, but `objectives` names only error_rate; "
                              "add a cost (e.g. objectives: [error_rate, predict_ms]) or use tpe")
+        if len(self.objectives) > 1 and self.sampler.name == "cmaes":
+            raise ValueError("sampler cmaes is for one objective, but `objectives` names "
+                             f"{self.objectives}; use tpe, gp or nsga2")
         return self
 
 
@@ -172,6 +177,9 @@ class Experiment:
             cfg = ExperimentConfig.model_validate(raw, context={COMMAND_LINE: True})
         except ValidationError as err:
             raise _override_error(err.errors()[0], {option: loc for option, (loc, _) in given.items()}) from None
+        if n_trials is not None:  # the selection's repeats must still fit the budget --n-trials gives
+            check_selection(cfg.selection, cfg.budget.n_trials, experiment=self.name,
+                            file=f"--n-trials {n_trials} with {self.config_path or DICT_SOURCE}")
         return Experiment(self.name, cfg, self.space, self.config_path, self.root)
 
 

@@ -28,6 +28,9 @@ from pet_sweep.report.read import HELD_OUT_TAG, N_TEST_METRIC, REPLAY_OF_TAG, RE
     VALID_METRIC, objectives_of, open_existing_study, recommendation_of, trial_costs
 from pet_sweep.params import TrialParams, lr_text, params_from_dict
 from pet_sweep.space import Strict
+from pet_sweep.report.seeds import selection_of
+from pet_sweep.selection import SEED_ATTR
+from pet_sweep.sweep.confirm import completed_runs
 from pet_sweep.sweep.records import BATCH_ATTR, PARAMS_ATTR, SPLIT_ATTR, TARGETS_ATTR, error_of, trial_config
 from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, Tracker, check_server, redact_url, redact_url_in, \
     require_password
@@ -127,13 +130,15 @@ def _cheapest(exp: Experiment, study: Any) -> int:
     return rec.pick
 
 
-def _pick_trial(study: Any, number: int | None) -> Any:
+def _pick_trial(study: Any, number: int | None, seed: int = 0) -> Any:
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state.name == "COMPLETE" and error_of(t) is not None]
     if not done and number is None:
         raise StudyError(f"study {study.study_name!r} has no completed trial to export yet")
-    if number is None:
-        return min(done, key=lambda t: (error_of(t), t.number))
+    if number is None:  # the best config's median run (its seed replays it), or the lowest error
+        sel = selection_of(completed_runs(trials, seed))
+        best = sel.best.median_run.number if sel else min(done, key=lambda t: (error_of(t), t.number)).number
+        return next(t for t in done if t.number == best)
     chosen = next((t for t in trials if t.number == number), None)
     listed = ", ".join(str(t.number) for t in done) or "none"
     if chosen is None:
@@ -152,12 +157,12 @@ def export_config(exp: Experiment, pick: Pick | None = None) -> tuple[dict[str, 
     if pick == "cheapest":
         chosen = _pick_trial(study, _cheapest(exp, study))
     else:
-        chosen = _pick_trial(study, pick if isinstance(pick, int) else None)
+        chosen = _pick_trial(study, pick if isinstance(pick, int) else None, exp.config.seed)
     attrs = chosen.user_attrs
     if PARAMS_ATTR not in attrs:
         raise StudyError(f"trial {chosen.number} has no recorded parameters ({PARAMS_ATTR!r} user attribute); "
                          "was it run by pet-sweep?")
-    base = trial_config(exp, params_from_dict(attrs[PARAMS_ATTR]), attrs.get(BATCH_ATTR))
+    base = trial_config(exp, params_from_dict(attrs[PARAMS_ATTR]), attrs.get(BATCH_ATTR), attrs.get(SEED_ATTR))
     checkpoint = None
     if CHECKPOINT_ATTR in attrs:  # the file the trial started from: the replay needs no source experiment
         found = Checkpoint(**attrs[CHECKPOINT_ATTR])
@@ -220,7 +225,8 @@ def write_config(doc: dict[str, Any], path: Path, *, force: bool = False) -> Pat
         _check_overwrite(doc, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     source = doc.get("source", {})
-    picked = {"best": "the lowest validation error", "cheapest": "the cheapest within noise of the lowest error",
+    picked = {"best": "the best config (lowest mean error over the most seeds; this is its median run) or, with one "
+                      "seed per config, the lowest validation error", "cheapest": "the cheapest within noise of the lowest error",
               "trial": "named by number"}.get(source.get("picked_by"), "")
     header = (f"# pet-sweep: trial {source.get('trial')} of study {source.get('study')!r}, validation error "
               f"{format_rate(source.get('validation_error'), source.get('n_valid'))}"

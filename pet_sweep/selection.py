@@ -67,18 +67,16 @@ class SelectionConfig(Strict):
 
 
 def check_selection(sel: SelectionConfig, n_trials: int, *, file: str, experiment: str) -> None:
-    """`confirm_top` configs confirmed at most: no more than the trials of the budget. The settings are
-    validated, but the sweep loop does not run repeats or the baseline yet: any other value than the
-    default is refused, rather than accepted as a setting that silently does nothing."""
+    """`confirm_top` configs confirmed at most: no more than the trials of the budget, and with the
+    baseline and the repeats they need, at least one trial left to search."""
     if sel.confirm_top > n_trials:
         raise ConfigError(f"confirm_top must be <= budget.n_trials, but got {sel.confirm_top} > {n_trials}",
                           file=file, experiment=experiment, key="selection.confirm_top")
-    for key, value, default in (("seeds", sel.seeds, 1), ("confirm_top", sel.confirm_top, 0),
-                                ("baseline", sel.baseline, False)):
-        if value != default:
-            raise ConfigError(f"selection.{key} is not acted on by the sweep yet (repeats on seeds and the "
-                              f"fine_tune baseline are in progress): leave it at {default!r}, but got {value!r}",
-                              file=file, experiment=experiment, key=f"selection.{key}")
+    if sel.reserved() >= n_trials and (sel.baseline or sel.confirm_top):
+        raise ConfigError(f"the baseline and the confirmations take up to {sel.reserved()} trials, which leaves none of "
+                          f"budget.n_trials {n_trials} to search: raise n_trials or lower selection.seeds "
+                          f"({sel.seeds}) or selection.confirm_top ({sel.confirm_top})",
+                          file=file, experiment=experiment, key="selection.seeds")
 
 
 def _trials(n: int) -> str:
@@ -141,16 +139,18 @@ class Resolution:
     error: float               # the error rate it is measured at (the baseline's)
     seeds: int                 # runs each config's mean is over
     spread: float | None       # standard deviation of one config's error over seeds; None: not known yet
+    of: str = "the baseline's"  # whose error `error` is
 
     def text(self) -> str:
         seeds = (f", seed spread {self.spread:.1%} over {self.seeds} seeds" if self.spread is not None
                  else ", seed spread not measured yet")
         return (f"differences below {self.difference:.1%} in error rate are noise here "
-                f"({self.n_items} validation items at the baseline's {self.error:.1%}{seeds}; "
+                f"({self.n_items} validation items at {self.of} {self.error:.1%}{seeds}; "
                 f"a difference this large is found {POWER:.0%} of the time at p < 0.05)")
 
 
-def resolution(n_items: int, error: float, seeds: int = 1, spread: float | None = None) -> Resolution:
+def resolution(n_items: int, error: float, seeds: int = 1, spread: float | None = None,
+               of: str = "the baseline's") -> Resolution:
     """The difference two configs' mean errors must have to be found beyond noise, 4 times in 5.
 
     Normal approximation of the paired test over items and seeds: each config's mean over
@@ -163,11 +163,13 @@ def resolution(n_items: int, error: float, seeds: int = 1, spread: float | None 
         raise ValueError(f"`n_items > 0` must hold, but got {n_items}")
     p = min(max(error, 1.0 / n_items), 1 - 1.0 / n_items)  # an error of 0 still has item noise
     var = 2 * p * (1 - p) / (n_items * seeds) + (2 * spread ** 2 / seeds if spread else 0.0)
-    return Resolution(_Z * math.sqrt(var), n_items, error, seeds, spread)
+    return Resolution(_Z * math.sqrt(var), n_items, error, seeds, spread, of)
 
 
 def items_needed(error: float, difference: float, seeds: int = 1) -> int:
     """Validation items the item part of `resolution` needs to detect `difference` at `error`."""
+    if difference <= 0:
+        raise ValueError(f"items_needed: the difference to detect must be above 0, got {difference!r}")
     p = min(max(error, 1e-3), 1 - 1e-3)
     return int(math.ceil(2 * p * (1 - p) * _Z ** 2 / (seeds * difference ** 2)))
 
@@ -175,14 +177,22 @@ def items_needed(error: float, difference: float, seeds: int = 1) -> int:
 def resolution_warning(res: Resolution, likely: float, valid_pct: float, n_seeds: int) -> str | None:
     """A warning when the differences the space likely makes (`likely`) are below the resolution, and
     what to change; None when they are not."""
-    if likely >= res.difference:
-        return None
+    if likely >= res.difference or likely <= 0:
+        return None  # no measured difference between configs: nothing to resolve, nothing to advise
     need = items_needed(res.error, likely, res.seeds)
     more_items = (f"data.valid_pct {valid_pct:g} gives {res.n_items} items; about {need} are needed "
                   f"(valid_pct {valid_pct * need / res.n_items:.2g})")
     seeds = "" if res.spread is None else f", or raise selection.seeds (now {n_seeds})"
     return (f"the configs are likely to differ by about {likely:.1%}, below the {res.difference:.1%} this validation "
             f"set resolves: {more_items}{seeds}")
+
+
+def kind_of(attrs: Any, number: int) -> str:
+    """A trial's part in the selection, from its user attributes: "baseline", "repeat" (a run of an
+    earlier trial's config on another seed) or "search"."""
+    if attrs.get(BASELINE_ATTR):
+        return "baseline"
+    return "repeat" if str(attrs.get(CONFIG_ATTR, number)) != str(number) else "search"
 
 
 # Trial user attributes of a sweep's selection (read by the report, `export` and `list`).

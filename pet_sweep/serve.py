@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from pet_sweep.errors import ConfigError
 from pet_sweep.tracking import check_registry, download_model_file, no_artifact_bars, register_model
 from pet_sweep.train.data import cache_dir
 
-__all__ = ["ImageClassifier", "check_registry", "register", "sample_image", "serve_command", "curl_line"]
+__all__ = ["ImageClassifier", "check_registry", "register", "save_pyfunc", "sample_image", "serve_command", "curl_line"]
 
 IMAGE, PATH = "image", "path"
 SIGNATURE = ModelSignature(
@@ -130,17 +131,42 @@ def register(learner: Any, name: str, *, tracking_uri: str, run_id: str, example
     """Save `learner` as a pyfunc model, log it to the (still running) MLflow run `run_id` and
     register it as a new version of `name`; returns the version number."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "learner.pkl"
-        learner.export(path)
-        folder = Path(tmp) / "model"
-        with trusted_learner(), no_artifact_bars(), warnings.catch_warnings():
-            # MLflow warns that a PythonModel defined in a module is pickled by reference: it is,
-            # and the serving environment is this one (`serve` runs `--env-manager local`)
-            warnings.filterwarnings("ignore", message=".*cloudpickle.*")
-            mlflow.pyfunc.save_model(str(folder), python_model=ImageClassifier(), artifacts={"learner": str(path)},
-                                     signature=SIGNATURE, input_example=pd.DataFrame({IMAGE: [example]}),
-                                     pip_requirements=REQUIREMENTS)
+        folder = save_pyfunc(learner, Path(tmp), example)
         return register_model(tracking_uri, run_id, folder, name, tags)
+
+
+class _CloudpickleNotice(logging.Filter):
+    """MLflow's logged warning that a `python_model` object is serialised with CloudPickle."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CloudPickle" not in record.getMessage()
+
+
+@contextmanager
+def _no_cloudpickle_notice() -> Iterator[None]:
+    """Drop that warning (MLflow logs it, not `warnings`) while pet-sweep saves its own model, and
+    only then: any other MLflow message still shows."""
+    logger, notice = logging.getLogger("mlflow.pyfunc"), _CloudpickleNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
+def save_pyfunc(learner: Any, tmp: Path, example: bytes) -> Path:
+    """`learner` saved as a pyfunc model in the folder `tmp`/model (the learner's pickle in `tmp`)."""
+    path = tmp / "learner.pkl"
+    learner.export(path)
+    folder = tmp / "model"
+    with trusted_learner(), no_artifact_bars(), warnings.catch_warnings(), _no_cloudpickle_notice():
+        # MLflow warns that a PythonModel defined in a module is pickled by reference: it is,
+        # and the serving environment is this one (`serve` runs `--env-manager local`)
+        warnings.filterwarnings("ignore", message=".*cloudpickle.*")
+        mlflow.pyfunc.save_model(str(folder), python_model=ImageClassifier(), artifacts={"learner": str(path)},
+                                 signature=SIGNATURE, input_example=pd.DataFrame({IMAGE: [example]}),
+                                 pip_requirements=REQUIREMENTS)
+    return folder
 
 
 def serve_command(name: str, version: str, host: str, port: int, tracking_uri: str) -> tuple[list[str], dict[str, str]]:

@@ -94,11 +94,19 @@ class BudgetConfig(Strict):
 
 class SamplerConfig(Strict):
     """`tpe` handles one objective or several; `nsga2` (Optuna's NSGAIISampler) is for
-    several objectives (`objectives:` with more than one name)."""
+    several objectives (`objectives:` with more than one name). `gp`: Optuna's GPSampler
+    (Gaussian-process Bayesian optimisation, categorical `arch` included). `cmaes`: Optuna's
+    CmaEsSampler, one objective; it samples only the numeric parameters jointly, and a
+    categorical one (`arch` with several choices) is drawn at random (said in the header).
 
-    name: Literal["tpe", "random", "nsga2"] = "tpe"
+    `warm_start`: earlier studies (a study name in this experiment's storage, or an experiment
+    of the same file) whose `top` best configs run first, checked against this space."""
+
+    name: Literal["tpe", "random", "nsga2", "gp", "cmaes"] = "tpe"
     seed: int | None = 0
     n_startup_trials: int = Field(10, ge=0)
+    warm_start: list[str] = []
+    top: int = Field(3, ge=1)
 
 
 class PrunerConfig(Strict):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from pet_sweep.errors import ConfigError, StudyError
+from pet_sweep.tracking_kept import KeptModels, register_version
 from pet_sweep.tracking_spool import Gate, apply, is_server, sync_spool
 # the URL helpers live in `urls` (the spool needs them too); callers import them from this door
 from pet_sweep.urls import REDACTED, is_redacted, open_http, redact_url, redact_url_in, require_password, sqlite_path
@@ -345,18 +346,16 @@ def check_registry(tracking_uri: str) -> None:
 def register_model(tracking_uri: str, run_id: str, folder: Path, name: str, tags: Mapping[str, str]) -> int:
     """Upload a saved MLflow model (`folder`) as the artifacts ``model/`` of run `run_id` and
     register them as a new version of `name` (created if new); the version's number."""
-    from mlflow.exceptions import MlflowException  # heavy: mlflow
-
     client = _client(tracking_uri)
     with no_artifact_bars():
         client.log_artifacts(run_id, str(folder), "model")
-    try:
-        client.create_registered_model(name)
-    except MlflowException as err:
-        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-            raise
     source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"
-    return int(client.create_model_version(name, source, run_id=run_id, tags=dict(tags)).version)
+    return register_version(client, name, source, run_id, tags)
+
+
+def kept_models(tracking_uri: str, experiment_id: str) -> KeptModels:
+    """The kept trial models of an experiment (`sweep.keep`, `pet-sweep register`)."""
+    return KeptModels(_client(tracking_uri), experiment_id)
 
 
 def download_model_file(tracking_uri: str, name: str, version: str, file: str, folder: Path) -> Path | None:

@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import sys
 import threading
+import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -299,3 +300,29 @@ def test_serve_reports_a_server_that_exits_at_once() -> None:
                                                  "Address already in use"):
         browse.serve([sys.executable, "-c", fails], ready_url=f"http://127.0.0.1:{free_port()}/",
                      open_url="-", echo=lambda line: None)
+
+
+def test_dashboard_server_serves_the_study_on_its_port_and_stops(tmp_path: Path) -> None:
+    """optuna-dashboard's `run_server` in the child `dashboard_command` starts: it answers on the
+    port and host given, reads the storage from the environment, and is gone after SIGTERM."""
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    fill_study(storage, "tiny")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    answers: list[Any] = []
+
+    def echo(line: str) -> None:
+        if line.startswith("(Ctrl-C"):  # it answers: ask it for the studies, then stop it as `kill` would
+            with urllib.request.urlopen(f"{base}/api/studies", timeout=30) as answer:
+                answers.append(json.load(answer))
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    cmd, env = browse.dashboard_command(storage, "127.0.0.1", port)
+    assert not [arg for arg in cmd if "optuna.db" in arg]  # the URL travels in the environment only
+    code = browse.serve(cmd, env=env, ready_url=f"{base}/api/studies", open_url=None, echo=echo)
+    assert code == 0
+    [studies] = answers
+    assert [(s["study_name"], s["directions"]) for s in studies["study_summaries"]] == [("tiny", ["minimize"])]
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0  # the server is gone

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import signal
 import threading
 from pathlib import Path
 from typing import Callable
@@ -160,14 +161,22 @@ def test_format_duration() -> None:
 def test_run_verbose_and_quiet_off_a_terminal(write_experiments: Callable[..., Path]) -> None:
     config = write_experiments(budget={"n_trials": 1})
     runner = CliRunner()
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     verbose = runner.invoke(cli, ["run", "--config", str(config), "--verbose"], catch_exceptions=False)
     assert verbose.exit_code == 0, verbose.output
+    # run in-process, the command leaves the signal handlers as it found them (no SIGTERM -> Preempted
+    # handler left behind for the processes this one forks later)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     lines = verbose.stdout.splitlines()
     assert lines[0].startswith("experiment   tiny")
     assert re.match(r"study +tiny  \(\+1 trial[,)]", lines[1]), lines[1]  # not "+1 trials"
     # what the data holds, before the first trial (limit 300 of the 1797 digits)
-    assert lines[4] == "data         1797 images, 10 classes (digits); limit 300; train 210, valid 60, test 30"
-    assert re.fullmatch(r"trial   0 started  arch=resnet18 freeze_epochs=1 epochs=1  \[0/1 done, elapsed (\d+m)?\d+s\]", lines[5])
+    data = next(i for i, line in enumerate(lines) if line.startswith("data "))
+    assert lines[data] == "data         1797 images, 10 classes (digits); limit 300; train 210, valid 60, test 30"
+    assert [line.split()[0] for line in lines[2:data]] == ["storage", "MLflow", "sampler", "selection"]
+    started = next(i for i, line in enumerate(lines) if " started " in line)
+    assert started > data
+    assert re.fullmatch(r"trial   0 started  arch=resnet18 freeze_epochs=1 epochs=1  \[0/1 done, elapsed (\d+m)?\d+s\]", lines[started])
     assert [line.split()[3:5] for line in lines if re.match(r"trial +0 epoch ", line)] == [["0", "(1/2,"], ["1", "(2/2,"]]
     assert any(line.startswith("trial   0 COMPLETE") for line in lines)
     assert lines[-2].startswith("best         trial 0: error_rate ")

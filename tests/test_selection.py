@@ -75,13 +75,13 @@ def test_selection_compares_the_winner_with_the_baseline_over_seeds_and_items():
     assert compare_configs("x", sel.best, summarise(_runs())[1]).n_items == 4  # config 2: seed 0 only
 
 
-@pytest.mark.parametrize("selection, key", [({"seeds": 2}, "selection.seeds"),
-                                            ({"baseline": True}, "selection.baseline")])
-def test_selection_not_yet_acted_on_is_refused(write_experiments, selection, key):
-    path = write_experiments(selection=selection)
+def test_a_selection_that_leaves_nothing_to_search_exits_2(write_experiments):
+    path = write_experiments(selection={"seeds": 2, "baseline": True})  # 2 baseline runs of a 2-trial budget
     result = CliRunner().invoke(cli, ["run", "--config", str(path)])
-    assert result.exit_code == 2
-    assert key in result.output and "not acted on" in result.output
+    assert result.exit_code == 2 and "selection.seeds" in result.output and "none of" in result.output
+    path = write_experiments(selection={"seeds": 2, "baseline": True}, budget={"n_trials": 4})
+    result = CliRunner().invoke(cli, ["run", "--config", str(path), "--n-trials", "2"])
+    assert result.exit_code == 2 and "--n-trials 2" in result.output and "selection.seeds" in result.output
 
 
 def test_from_dict_checks_selection_as_the_file_does():

@@ -214,3 +214,29 @@ def test_the_shared_parent_run_stays_open_while_another_machine_trains() -> None
     assert not close_parent_run(study, Tracker(), "parent", "FINISHED") and closed == []
     study.tell(running, 0.2)
     assert close_parent_run(study, Tracker(), "parent", "FINISHED") and closed == [("parent", "FINISHED")]
+
+
+@pytest.mark.slow
+def test_two_workers_get_their_share_of_the_cores_and_the_users_threads_win(
+        write_experiments: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented default (launch.local.worker_threads): cores // workers torch threads each,
+    read back from what each worker's trials recorded (torch.get_num_threads() in the worker)."""
+    from tests._sweeps import trial_runs
+    from pet_sweep.launch.local import supervise
+
+    for user, expected in ((None, "2"), ("1", "1")):  # 4 cores, 2 workers: 2 each; OMP_NUM_THREADS=1 wins
+        monkeypatch.setattr("os.cpu_count", lambda: 4)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"):
+            monkeypatch.delenv(var, raising=False)
+        if user:
+            monkeypatch.setenv("OMP_NUM_THREADS", user)
+        name = f"t{uuid.uuid4().hex[:8]}"
+        exp = load_experiment(write_experiments(space=RANDOM_SPACE, data=FAST_DATA, faults=FAST_FAULTS,
+                                                study_name=name, budget={"n_trials": 2}))
+        result = supervise(exp, 2, [], echo=lambda line: None, warn=lambda line: None)
+        assert result.finished == 2
+        runs = trial_runs(exp.tracking_uri, exp.tracking_experiment, name)
+        assert sorted(run.data.params["torch_threads"] for run in runs.values()) == [expected, expected]
+    monkeypatch.setenv("OMP_NUM_THREADS", "two")
+    with pytest.raises(ConfigError, match="OMP_NUM_THREADS.*'two'"):
+        worker_envs(2, [])

@@ -25,5 +25,5 @@ def cli() -> None:
 
 
 for command in (run.run, run.worker, prepare.lr_find, prepare.pretrain, results.report, results.export,
-                results.train, results.list_, results.fail_stale, results.sync, browse.ui, browse.dashboard, browse.serve):
+                results.train, results.register, results.list_, results.fail_stale, results.sync, browse.ui, browse.dashboard, browse.serve):
     cli.add_command(command)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import signal
 import warnings
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -56,17 +57,25 @@ def load(config_path: str, experiment: str | None, **overrides: Any) -> Experime
     return load_experiment(config_path, experiment).with_overrides(**overrides)
 
 
-def sigterm_is_interrupt() -> None:
+@contextmanager
+def sigterm_is_interrupt() -> Iterator[None]:
     """SIGTERM (a scheduler, a spot machine's reclaim, `kill`) stops a sweep the way Ctrl-C does,
     the trial closed first, but as `Preempted`: its trial is queued to resume from its checkpoint.
     Raised once: a second SIGTERM (sent to every process of a node, then forwarded) would
-    interrupt the closing."""
+    interrupt the closing. The handlers before are back on leaving (a command run in-process,
+    by a test or a notebook, leaves no handler behind for the processes it forks later)."""
     def interrupt(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Preempted
 
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, interrupt)
     # A shell script that starts `pet-sweep run ... &` leaves SIGINT ignored (POSIX, for
     # background jobs), and the workers inherit that: the supervisor's forwarded Ctrl-C
     # would then not stop them. Interrupts always stop a sweep.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)

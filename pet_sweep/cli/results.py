@@ -1,4 +1,5 @@
-"""After a sweep: `report`, `export`, `train` (replay on the held-out split), `list`, `fail-stale`."""
+"""After a sweep: `report`, `export`, `train` (replay on the held-out split), `register` (a kept model),
+`list`, `fail-stale`."""
 
 from __future__ import annotations
 
@@ -199,6 +200,39 @@ def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_
     if outcome.registered is not None:
         click.echo(f"registered   {register} version {outcome.registered}: "
                    f"{command('serve', shlex.quote(register), '--version', str(outcome.registered))}")
+
+
+@click.command(cls=PickCommand)
+@click.argument("experiment")
+@click.argument("name")
+@config_option
+@click.option("--pick", metavar="best|cheapest|trial N",
+              help="Which trial's kept model: the lowest error (best, the default), the report's "
+                   "recommendation (cheapest), or trial N.")
+@storage_option
+@tracking_option
+@study_name_option
+@fail_clearly
+def register(experiment: str, name: str, config_path: str, pick: str | None, storage: str | None,
+             tracking_uri: str | None, study_name: str | None) -> None:
+    """Register the model the sweep kept of one trial of EXPERIMENT as a new version of NAME in
+    MLflow's Model Registry, with no training (a sweep keeps the best trial's and the
+    recommended one's learners: `keep_winner`). Where it kept none, train it once instead:
+    `pet-sweep train best.yaml --register NAME`.
+
+    \b
+    Example:
+      pet-sweep register digits digits-best                   # then: pet-sweep serve digits-best
+      pet-sweep register digits --pick cheapest digits-small
+    """
+    chosen = parse_pick(pick, None)
+    exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
+    quiet_libraries()
+    from pet_sweep.sweep.keep import register_kept  # heavy: optuna, mlflow
+
+    version, number = register_kept(exp, chosen, name)
+    click.echo(f"registered   {name} version {version}: the kept model of trial {number} of study "
+               f"{exp.study_name}, nothing trained: {command('serve', shlex.quote(name), '--version', str(version))}")
 
 
 @click.command("list")

@@ -79,14 +79,14 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
     ray = launch.RayOptions.resolve(exp, ray_address, cpus_per_worker, gpus_per_worker, gpus=gpus,
                                     storage_proxy=storage_proxy)  # the options given over `launch:`
     quiet_optuna()
-    sigterm_is_interrupt()
     if not quiet:
         _print_banner(exp, workers, None if ray is None else ray.shown)
     progress = Progress(exp.config.budget.n_trials, level="quiet" if quiet else "verbose" if verbose else "normal",
                         timeout=exp.config.budget.timeout, stream=click.get_text_stream("stdout"),
                         err=click.get_text_stream("stderr"))
-    result = launch.run(exp, workers=workers, gpus=gpus, ray=ray, progress=progress, echo=click.echo,
-                        warn=lambda line: click.echo(line, err=True))
+    with sigterm_is_interrupt():
+        result = launch.run(exp, workers=workers, gpus=gpus, ray=ray, progress=progress, echo=click.echo,
+                            warn=lambda line: click.echo(line, err=True))
     _print_result(exp, result, _Hints(click.get_current_context(), exp), quiet)
 
 
@@ -108,9 +108,17 @@ def _print_banner(exp: Experiment, workers: int, ray_address: str | None) -> Non
                f"{_created(exp.tracking_uri)}")
     from pet_sweep.sweep.records import multi_objective_note  # heavy: optuna
 
+    from pet_sweep.sweep.search import sampler_note  # heavy: optuna
+
+    click.echo(f"sampler      {sampler_note(exp)}")
     note = multi_objective_note(exp.config.objectives, exp.config.pruner.name)
     if note:
         click.echo(f"objectives   {note}")
+    click.echo(f"selection    {exp.config.selection.budget_text(budget.n_trials)}")
+    if exp.config.selection.baseline:
+        from pet_sweep.sweep.confirm import baseline_text  # heavy: optuna
+
+        click.echo(f"baseline     {baseline_text(exp)}")
 
 
 def _created(url: str) -> str:
@@ -169,7 +177,7 @@ def _print_result(exp: Experiment, result: SweepResult, hints: _Hints, quiet: bo
         click.echo(f"{lead}interrupted after {result.finished} of {_trials(n_trials)}; "
                    f"resume with: {hints.resume(result.left)}", err=True)
         sys.exit(130)
-    _print_best(result.best, hints, quiet)
+    _print_best(result.best, hints, quiet, result.best_config)
     if result.stopped_by == "tracking":
         _print_tracking_away(exp, result, hints)
     if result.stopped_by == "workers":
@@ -203,11 +211,13 @@ def _print_timeout(timeout: float | None, ran: int, n_trials: int, command: str)
                f" add more with: {command} (--timeout SECONDS for a longer run)")
 
 
-def _print_best(best: tuple[float, int] | None, hints: _Hints, quiet: bool) -> None:
+def _print_best(best: tuple[float, int] | None, hints: _Hints, quiet: bool, best_config: str = "") -> None:
     if best is None:
         click.echo("no trial completed")
         return
     click.echo(f"best         trial {best[1]}: error_rate {best[0]:.4f}")
+    if best_config:
+        click.echo(f"best config  {best_config}")
     if not quiet:
         click.echo(f"next         {hints.next_commands()}")
 
@@ -232,8 +242,8 @@ def worker(role: str, experiment: str) -> None:
                                "is not set)")
     exp, callbacks = unpack_experiment(os.environ[EXPERIMENT_ENV])
     quiet_optuna()
-    sigterm_is_interrupt()
-    stopped_by = work(exp, role, echo=click.echo, callbacks=callbacks).stopped_by
+    with sigterm_is_interrupt():
+        stopped_by = work(exp, role, echo=click.echo, callbacks=callbacks).stopped_by
     if stopped_by == "interrupt":
         sys.exit(130)
     if stopped_by == "tracking":  # the supervisor says so: the workers stopped early

@@ -26,6 +26,7 @@ from typing import Any, Callable
 from pet_sweep.config import Experiment
 from pet_sweep.errors import ConfigError
 from pet_sweep.sweep.budget import Budget, WorkerRole, cap_reached
+from pet_sweep.sweep.confirm import best_config_text, completed_runs
 from pet_sweep.sweep.lifecycle import clean_leftovers, fail_orphans
 from pet_sweep.sweep.loop import run_sweep, split_callbacks
 from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run, tracker_when_needed
@@ -90,8 +91,24 @@ def parse_gpus(text: str | None) -> list[str] | None:
     return gpus
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_threads(share: int) -> int:
+    """Torch threads of one CPU worker: the user's `OMP_NUM_THREADS` where it is set, else its
+    `share` of the cores (at least 1). Two workers with all the cores each fight over them:
+    bench.threads (docs/benchmarks.md, "Threads per worker") measured the split against that."""
+    given = os.environ.get("OMP_NUM_THREADS")
+    if not given:
+        return max(1, share)
+    if not given.strip().isdigit() or int(given) < 1:
+        raise ConfigError(f"environment variable OMP_NUM_THREADS must be a whole number >= 1, but got {given!r}")
+    return int(given)
+
+
 def worker_envs(n_workers: int, gpus: list[str] | None) -> list[dict[str, str]]:
-    """Environment per worker: its own GPU where there are GPUs, a share of the cores otherwise."""
+    """Environment per worker: its own GPU where there are GPUs, a share of the cores otherwise
+    (`worker_threads`), OpenMP's passive wait; the user's own settings of these variables win."""
     if gpus is None:
         import torch  # heavy: only to count the GPUs
 
@@ -99,10 +116,13 @@ def worker_envs(n_workers: int, gpus: list[str] | None) -> list[dict[str, str]]:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = [g for g in visible.split(",") if g] if visible else [str(i) for i in range(count)]
         gpus = ids[:count] if count else []
-    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    threads = worker_threads((os.cpu_count() or 1) // n_workers)
     envs = []
     for i in range(n_workers):
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        env = {var: os.environ.get(var) or str(threads) for var in THREAD_VARS}  # the user's own win
+        # OpenMP threads that wait sleep rather than spin: beside other jobs a spinning thread
+        # steals the core the one it waits for needs (bench.threads: 7x to 18x with 2 threads)
+        env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY") or "PASSIVE"
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]  # more workers than GPUs: they share
         envs.append(env)
@@ -238,7 +258,8 @@ def supervise(exp: Experiment, n_workers: int, gpus: list[str] | None, *,
     stopped_by = why_stopped(exits, interrupted, short=used < budget.n_trials,
                              capped=cap_reached(trials, exp.config.budget.max_trials), timed_out=timed_out)
     return SweepResult(exp.study_name, parent, ran=used, finished=budget.finished(trials), best=best_of(study),
-                       stopped_by=stopped_by, left=budget.left(trials))
+                       stopped_by=stopped_by, left=budget.left(trials),
+                       best_config=best_config_text(completed_runs(trials, exp.config.seed)))
 
 
 def _say_what_went_wrong(exits: list[WorkerExit], closed: int, orphans: list[int], echo: Echo, warn: Echo) -> None:

@@ -194,12 +194,13 @@ def _run_workers(ray: Any, exp: Experiment, n_workers: int, parent: str, cpus: f
     # optional: ray (and the worker side, which imports it)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from pet_sweep.launch.local import worker_threads
     from pet_sweep.launch.ray_worker import Coordinator, RayClaimLock, call, run_worker
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # goes with the driver
     coordinator = ray.remote(Coordinator).options(num_cpus=0, scheduling_strategy=here).remote()
     invocation = WorkerRole().invocation
-    threads = max(1, int(cpus)) if not gpus else None
+    threads = worker_threads(int(cpus)) if not gpus else None  # the user's OMP_NUM_THREADS wins
     roles = [WorkerRole(invocation, i, n_workers, parent, threads, claim_lock=RayClaimLock(coordinator))
              for i in range(n_workers)]
     exp_box = [ray.put(exp)]  # a reference in a list: the task's arguments show no URL

@@ -20,6 +20,7 @@ from pet_sweep.report.costs import CostBook
 from pet_sweep.report.front import NO_PRUNING, SHOWN_COSTS, Recommendation, cheaper_comparisons, compare_records, \
     cost_name, has_costs, pareto_front, recommend
 from pet_sweep.report.advice import converged_step, curve_agrees, learning_failures, tie_advice, trial_cost  # noqa: F401
+from pet_sweep.report.seeds import Run, Selection, representatives, selection_of
 from pet_sweep.report.stats import Comparison, errors_of, holm_corrected, plural, wilson
 from pet_sweep.report.verdicts import FAILED_TO_LEARN, OVERCONFIDENT, OVERFITTING, STILL_IMPROVING, UNDERFIT, VERDICTS, \
     TrialAnalysis, analyse_history
@@ -55,6 +56,7 @@ class TrialRecord:
     costs: Mapping[str, float | None] = field(default_factory=dict)  # COST_ATTRS; None: not recorded
     values: tuple[float, ...] = ()          # every objective's value (error rate first)
     device: str = ""                        # where it ran ("cpu", "cuda:0"); "" before it was recorded
+    run: Run | None = None                  # a completed trial as a run of its config on one seed (`report.seeds`)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class StudyReport:
     recommendation: Recommendation | None = None   # None: no trial recorded a cost
     front: tuple[int, ...] = ()             # trials on the Pareto front (multi-objective studies)
     cost_book: CostBook | None = None       # the trials' cost keys and the study's timing session
+    selection: Selection | None = None      # the best config over its seeds and the baseline; None: one seed, no baseline
 
     @property
     def multi_objective(self) -> bool:
@@ -243,9 +246,21 @@ def recommendation_for(records: Sequence[TrialRecord], objectives: Sequence[str]
                        study_name: str, n_classes: int | None = None,
                        book: CostBook | None = None) -> Recommendation | None:
     """The report's recommendation alone (what `export --pick cheapest` takes)."""
-    done = completed(records, experiment=experiment, study_name=study_name)
-    best = lowest_error(done)
+    best, done, _ = picks(completed(records, experiment=experiment, study_name=study_name))
     return compare_and_recommend(best, done, objectives, analyse_all(records, _n_items(best), n_classes), book)[1]
+
+
+def picks(done: Sequence[TrialRecord]) -> tuple[TrialRecord, list[TrialRecord], Selection | None]:
+    """The best trial, the trials it is compared with and picked among, and the selection. A config run on
+    several seeds stands as its median run, and the best is the best config's (lowest mean over the most
+    seeds); the baseline is a reference, never a pick. Without seeds or a baseline: every completed trial."""
+    runs = [r.run for r in done if r.run is not None]
+    selection = selection_of(runs)
+    if selection is None:
+        return lowest_error(done), list(done), None
+    kept = set(representatives(runs))
+    by_number = {r.number: r for r in done}
+    return by_number[selection.best.median_run.number], [r for r in done if r.number in kept], selection
 
 
 def lowest_error(done: Sequence[TrialRecord]) -> TrialRecord:
@@ -330,7 +345,7 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
     too_few = too_few_for_importances(len(done))
     if too_few:
         importances, importance_note = {}, too_few
-    best = lowest_error(done)
+    best, done, selection = picks(done)
     n_valid = _n_items(best)  # every trial is judged on the same validation items
     analyses = analyse_all(records, n_valid, n_classes)
     frame = with_heldout(trials_frame(records, analyses, n_valid), heldout)
@@ -359,6 +374,7 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
                        verdict_counts=verdict_counts, records={r.number: r for r in records}, notes=notes,
                        test_split=test_split, n_candidates=len(done), importance_note=importance_note,
                        objectives=tuple(objectives), recommendation=recommendation, cost_book=cost_book,
+                       selection=selection,
                        front=tuple(r.number for r in pareto_front(done, len(objectives)))
                        if len(objectives) > 1 else ())
 

@@ -23,6 +23,7 @@ from pet_sweep.report.analysis import HeldOut, StudyReport, TrialRecord, build_r
     recommendation_for, too_few_for_importances
 from pet_sweep.report.costs import CostBook, key_of, session_of
 from pet_sweep.report.front import Recommendation
+from pet_sweep.report.seeds import run_of
 from pet_sweep.report.render import html, markdown
 from pet_sweep.params import inert_params
 from pet_sweep.space import Range, always_inert
@@ -76,11 +77,12 @@ def trial_costs(trial: Any, objectives: Sequence[str]) -> dict[str, float | None
 
 
 def trial_records(study: Any, batch_size: int | None = None,
-                  objectives: Sequence[str] = ("error_rate",)) -> list[TrialRecord]:
+                  objectives: Sequence[str] = ("error_rate",), seed: int = 0) -> list[TrialRecord]:
     """Every trial of the study as a plain `TrialRecord` (running ones with their history so far).
 
     `batch_size`: the experiment's; a trial re-queued after an out-of-memory ran at its own.
-    `objectives`: the study's names (`objectives_of`).
+    `objectives`: the study's names (`objectives_of`); `seed`: the experiment's, the training seed of
+    a trial that recorded none.
     """
     # heavy: sweep.records imports optuna; the study is open by now anyway
     from pet_sweep.sweep.records import BATCH_ATTR, DEVICE_ATTR, HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, \
@@ -100,7 +102,9 @@ def trial_records(study: Any, batch_size: int | None = None,
             precision=str(attrs.get(PRECISION_ATTR, "")), reason=str(attrs.get(REASON_ATTR, "")),
             seconds=seconds, run_id=attrs.get(RUN_ID_ATTR), batch_size=attrs.get(BATCH_ATTR, batch_size),
             costs=trial_costs(t, objectives), values=tuple(float(v) for v in t.values or ()),
-            device=str(attrs.get(DEVICE_ATTR, ""))))
+            device=str(attrs.get(DEVICE_ATTR, "")),
+            run=None if value is None else run_of(t.number, attrs, value, seed, attrs.get(PREDS_ATTR, ()),
+                                                  attrs.get(TARGETS_ATTR, ()))))
     return records
 
 
@@ -115,7 +119,7 @@ def cost_book(exp: Experiment, study: Any, records: Sequence[TrialRecord]) -> Co
 def recommendation_of(exp: Experiment, study: Any) -> Recommendation | None:
     """The report's recommendation for the study (`analysis.recommendation_for`); None: no costs recorded."""
     objectives = objectives_of(study, exp)
-    records = trial_records(study, exp.config.model.batch_size, objectives)
+    records = trial_records(study, exp.config.model.batch_size, objectives, exp.config.seed)
     return recommendation_for(records, objectives, experiment=exp.name, study_name=exp.study_name,
                               n_classes=n_classes(records), book=cost_book(exp, study, records))
 
@@ -217,7 +221,7 @@ def load_report(exp: Experiment) -> ReportBundle:
     """Read the study and the MLflow store and analyse them; writes nothing."""
     study = open_existing_study(exp)
     objectives = objectives_of(study, exp)
-    records = trial_records(study, exp.config.model.batch_size, objectives)
+    records = trial_records(study, exp.config.model.batch_size, objectives, exp.config.seed)
     # checked before MLflow: the clearer message for a study that has just started
     completed(records, experiment=exp.name, study_name=exp.study_name)
     tracking = open_tracking(exp, study)

@@ -46,7 +46,9 @@ def summary_lines(report: StudyReport) -> list[tuple[str, str]]:
     """(label, text) pairs: the short summary the terminal, Markdown and HTML all start with."""
     b, a = report.best, report.best_analysis
     counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(report.counts.items()))
-    lines = [("study", f"{report.study_name} ({report.experiment}): {plural(len(report.trials), 'trial')} ({counts})"),
+    # "was the sweep worth it?" first: the best config over its seeds against fastai's fine_tune defaults
+    lines = [*(report.selection.lines() if report.selection else []),
+             ("study", f"{report.study_name} ({report.experiment}): {plural(len(report.trials), 'trial')} ({counts})"),
              ("best", f"trial {b.number}: {describe_params(b.params)}"
                       + (f"  batch_size={b.batch_size}" if batch_sizes_vary(report) else "")),
              ("valid error", f"{format_rate(b.value, report.n_valid)}  (selected as the best of "

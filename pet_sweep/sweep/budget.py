@@ -175,8 +175,11 @@ class Budget:
                 return "stop"
             # the rest of the cap may be running, on this machine or another: start none beyond it
             cap_full = cap_reached(trials, self.max_trials)
-        if not cap_full and any(t.state == TrialState.WAITING for t in trials):
-            return "run"  # a retry (or an enqueued trial): optimize pops it first, no new slot
+        waiting = [t for t in trials if t.state == TrialState.WAITING]
+        # optimize pops the first queued trial: a retry runs free, any other queued trial (a repeat on
+        # another seed, the baseline) takes a slot like a new one, and none beyond the budget
+        if not cap_full and waiting and (is_retry(waiting[0]) or self.used(trials) < self.n_trials):
+            return "run"
         if self.used(trials) < self.n_trials:
             if not cap_full:
                 return "run"
@@ -192,6 +195,11 @@ class Budget:
         # Without heartbeats (journal storage) a dead worker's trial is never failed.
         self.waiting_on = f"for trial(s) {_numbers(mine)} (this run's budget is used)"
         return "wait" if mine and self.heartbeats else "stop"
+
+    def hold(self, why: str) -> Literal["wait"]:
+        """Wait rather than start a new trial (`why`, in words): the selection keeps the rest of the budget."""
+        self.waiting_on = why
+        return "wait"
 
     @contextlib.contextmanager
     def claim(self) -> Iterator["Claim"]:

@@ -21,6 +21,8 @@ from optuna.trial import FrozenTrial, TrialState
 from pet_sweep.config import Experiment
 from pet_sweep.errors import Preempted, TrackingAway, TrialFailed
 from pet_sweep.sweep.budget import Budget, Claim, WorkerRole, this_process
+from pet_sweep.sweep.confirm import Confirmer, best_config_text, completed_runs, first_resolution, selection_metrics
+from pet_sweep.sweep.keep import KeepWinner
 from pet_sweep.sweep.lifecycle import clean_leftovers
 from pet_sweep.sweep.objective import Objective, TrialListener
 from pet_sweep.sweep.resume import queue_preempted
@@ -36,6 +38,7 @@ from pet_sweep.sweep.records import (
     describe_trial,
     format_trial,
 )
+from pet_sweep.sweep.warm import WarmConfig, enqueue_warm_start, plan_warm_start
 from pet_sweep.sweep.storage import StaleTrialHandler, check_split, has_heartbeats, open_study
 from pet_sweep.sweep.training import Training
 from pet_sweep.tracking import Tracker, check_server
@@ -54,12 +57,12 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
     the trials train with (`sweep.training`: fastai; a benchmark gives a stand-in).
     """
     role, training = role or WorkerRole(), training or Training()
-    study, tracker, data = _open(exp, role, training, echo)
+    study, tracker, data, warm = _open(exp, role, training, echo)
     owns_parent = role.parent_run_id is None
     parent = _open_parent_run(exp, study, tracker, echo) if owns_parent else role.parent_run_id
     budget = Budget(role, exp.config.budget.n_trials, exp.config.budget.max_trials,
                     heartbeats=has_heartbeats(exp.storage_url))
-    trial_ended = TrialEnded(tracker, parent, echo, trial_listeners, tuple(exp.config.objectives))
+    trial_ended = TrialEnded(tracker, parent, echo, trial_listeners, tuple(exp.config.objectives), exp.config.seed)
     status = "FAILED"
     stopped_by: StoppedBy = "budget"
     objective: Objective | None = None
@@ -69,6 +72,7 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         # under the claim lock: of the workers starting together on one machine the first
         # pretrains or runs the LR finder and stores it, the others read it back in their turn
         with budget.claim():
+            enqueue_warm_start(study, warm, echo)  # first in the queue: sweep.confirm queues a baseline at the first claim, after them
             checkpoints, anchors = training.starting_points(exp, data, study, tracker, parent, echo)
         # budget.timeout counts the trials only: a first run that pretrains its bodies or runs
         # the LR finder (minutes, cached or stored for later runs) still gets its full time
@@ -76,8 +80,11 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         started = time.monotonic()
         objective = Objective(exp, data, tracker, parent, epoch_listeners, trial_listeners,
                               anchors=anchors, checkpoints=checkpoints, fastai_cbs=fastai_cbs, training=training)
+        confirmer = Confirmer(exp, anchors, data.n_valid, echo if role.index == 0 else lambda line: None)
+        if role.index == 0:
+            echo(f"resolution   {first_resolution(data.n_valid, completed_runs(study.get_trials(), exp.config.seed))}")
         freeze_long_lived_objects()
-        stopped_by = _run_trials(exp, study, objective, budget, trial_ended, started, echo)
+        stopped_by = _run_trials(exp, study, objective, budget, trial_ended, started, echo, confirmer)
         status = "FINISHED"
     except KeyboardInterrupt as err:
         status, stopped_by = "KILLED", "interrupt"
@@ -94,7 +101,8 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         tracker.close()  # says what waits in the spool while the MLflow server is away
     trials = study.get_trials(deepcopy=False)
     return SweepResult(exp.study_name, parent, ran=budget.used(trials), finished=budget.finished(trials),
-                       best=best_of(study), stopped_by=stopped_by, left=budget.left(trials), trials=trial_ended.seen)
+                       best=best_of(study), stopped_by=stopped_by, left=budget.left(trials), trials=trial_ended.seen,
+                       best_config=best_config_text(completed_runs(trials, exp.config.seed)))
 
 
 def split_callbacks(callbacks: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -116,9 +124,9 @@ def split_callbacks(callbacks: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[
 
 
 def _open(exp: Experiment, role: WorkerRole, training: Training,
-          echo: Callable[[str], None]) -> tuple[optuna.Study, Tracker, Any]:
-    """The study, the MLflow tracker and the data, checked and opened in the order that
-    leaves no store behind when a check fails."""
+          echo: Callable[[str], None]) -> tuple[optuna.Study, Tracker, Any, list[WarmConfig]]:
+    """The study, the MLflow tracker, the data and the warm-start configs, checked and opened
+    in the order that leaves no store behind when a check fails."""
     check_server(exp.tracking_uri)  # an MLflow server that is down: said in seconds, before the data
     # before any store: a missing data folder, or an objective this device cannot measure,
     # must not leave a study or run behind
@@ -129,7 +137,8 @@ def _open(exp: Experiment, role: WorkerRole, training: Training,
     stale = StaleTrialHandler(exp.config.faults.max_retry, tracker=tracker, echo=echo)
     study = open_study(exp, on_stale=stale)  # a bad storage URL: before the MLflow store
     check_split(study, exp, data.fingerprint, echo)  # another split: refused before any run is opened
-    return study, tracker(), data
+    warm = plan_warm_start(exp) if exp.config.sampler.warm_start else []  # a foreign config: refused here too
+    return study, tracker(), data, warm
 
 
 def _open_parent_run(exp: Experiment, study: optuna.Study, tracker: Tracker, echo: Callable[[str], None]) -> str:
@@ -141,17 +150,23 @@ def _open_parent_run(exp: Experiment, study: optuna.Study, tracker: Tracker, ech
 
 
 def _run_trials(exp: Experiment, study: optuna.Study, objective: Objective, budget: Budget,
-                trial_ended: TrialEnded, started: float, echo: Callable[[str], None]) -> StoppedBy:
+                trial_ended: TrialEnded, started: float, echo: Callable[[str], None],
+                confirmer: Confirmer) -> StoppedBy:
     """Run one trial at a time, each in a slot claimed from the budget, or wait while another
-    worker's trial runs, until the budget, the study's cap or budget.timeout ends it (returned)."""
+    worker's trial runs, until the budget, the study's cap or budget.timeout ends it (returned).
+    Before each claim the confirmer queues the baseline and the repeats the selection needs."""
     timeout, faults = exp.config.budget.timeout, exp.config.faults
+    callbacks = [trial_ended, *([KeepWinner(exp, objective, echo)] if exp.config.keep_winner else [])]
     waiting, first = False, True
     # as Optuna's own `timeout`, checked between trials: the first one always starts
     while first or timeout is None or time.monotonic() - started < timeout:
         first = False
         _check_tracking(objective.tracker, exp.config.tracking.max_outage)
         with budget.claim() as claim:
+            hold = confirmer.top_up(study, budget)
             step = budget.next_step(study)
+            if hold and step == "run" and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                step = budget.hold(confirmer.holding)
             if step == "stop":
                 return "cap" if budget.capped else "budget"
             waiting, was_waiting = step == "wait", waiting
@@ -160,7 +175,7 @@ def _run_trials(exp: Experiment, study: optuna.Study, objective: Objective, budg
                 # no gc_after_trial: recipe.release already collects once per trial (a full
                 # collection costs ~0.4 s with fastai loaded)
                 study.optimize(functools.partial(objective, on_start=take_slot), n_trials=1,
-                               callbacks=[trial_ended], catch=(TrialFailed,))
+                               callbacks=callbacks, catch=(TrialFailed,))
                 continue
         # "wait": another worker's trial is running; if that worker died, its trial
         # turns stale after the grace period and is failed and retried here.
@@ -195,9 +210,11 @@ class TrialEnded:
     the parent run's counts and best up to date."""
 
     def __init__(self, tracker: Tracker, parent_run_id: str, echo: Callable[[str], None],
-                 listeners: tuple[TrialListener, ...], objectives: tuple[str, ...] = ("error_rate",)) -> None:
+                 listeners: tuple[TrialListener, ...], objectives: tuple[str, ...] = ("error_rate",),
+                 seed: int = 0) -> None:
         self.tracker, self.parent_run_id, self.echo, self.listeners = tracker, parent_run_id, echo, listeners
         self.objectives = objectives  # the study's: their costs show on each trial's line
+        self.seed = seed              # the experiment's: the training seed of a trial that records none
         self.seen: list[TrialOutcome] = []  # the trials this process saw end
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -207,11 +224,13 @@ class TrialEnded:
         self.echo(format_trial(done, best))
         for listener in self.listeners:
             listener.trial_finished(done, best)
-        self.tracker.update_sweep(self.parent_run_id, *sweep_metrics(study, best))
+        self.tracker.update_sweep(self.parent_run_id, *sweep_metrics(study, best, self.seed))
 
 
-def sweep_metrics(study: optuna.Study, best: tuple[float, int] | None) -> tuple[dict[str, float], dict[str, str]]:
-    """The parent run's metrics (trials complete, pruned and failed; the best error rate) and tags."""
+def sweep_metrics(study: optuna.Study, best: tuple[float, int] | None,
+                  seed: int = 0) -> tuple[dict[str, float], dict[str, str]]:
+    """The parent run's metrics (trials complete, pruned and failed; the best error rate; the best
+    config's mean, spread and seeds, and the baseline's mean, where the selection ran them) and tags."""
     counts = {s.name.lower(): 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     for t in study.get_trials(deepcopy=False):
         if t.state.name.lower() in counts:
@@ -221,7 +240,8 @@ def sweep_metrics(study: optuna.Study, best: tuple[float, int] | None) -> tuple[
     if best:
         metrics.update(best_error_rate=best[0], best_trial=float(best[1]))
         tags["best_trial"] = str(best[1])
-    return metrics, tags
+    selected = selection_metrics(completed_runs(study.get_trials(deepcopy=False), seed))
+    return {**metrics, **selected[0]}, {**tags, **selected[1]}
 
 
 def freeze_long_lived_objects() -> None:

@@ -18,8 +18,9 @@ import yaml
 from pet_sweep.config import Experiment, ModelConfig
 from pet_sweep.errors import Preempted, TrainingDiverged, TrialFailed
 from pet_sweep.params import TrialParams
+from pet_sweep.selection import SEED_ATTR
 from pet_sweep.space import Anchors, anchor_params, suggest
-from pet_sweep.sweep import resume
+from pet_sweep.sweep import confirm, resume
 from pet_sweep.sweep.training import Training
 from pet_sweep.sweep.records import (
     BATCH_ATTR,
@@ -77,6 +78,7 @@ class TrialRun:
     dls: Any                 # the DataLoaders at that batch size
     run_id: str              # its child MLflow run
     history: list[EpochRecord] = field(default_factory=list)
+    seed: int = 0            # its training seed: the experiment's, or a repeat's own (`selection.SEED_ATTR`)
 
 
 class Objective:
@@ -99,6 +101,21 @@ class Objective:
         self.checkpoints = dict(checkpoints or {})
         self._loaders = {exp.config.model.batch_size: data.dls}  # batch size -> DataLoaders
         self.preempted: list[int] = []  # trials SIGTERM stopped, to be queued to resume (`resume.queue_preempted`)
+        self._finished: tuple[int, Any] = (-1, None)  # the last completed trial's learner, for `keep.KeepWinner`
+
+    def _hand_over(self, number: int, learner: Any) -> None:
+        """Hold the completed trial's learner for `take_learner`; one no callback took is released first."""
+        from pet_sweep.train.recipe import release  # heavy: torch, fastai
+
+        if self._finished[1] is not None:  # the trial before failed after its training
+            release(self.take_learner()[1])
+        self._finished = (number, learner)
+
+    def take_learner(self) -> tuple[int, Any]:
+        """(trial number, learner) of the last trial that completed with `keep_winner` on, handed over
+        once: the caller releases it; (-1, None) where there is none."""
+        finished, self._finished = self._finished, (-1, None)
+        return finished
 
     def loaders(self, batch_size: int) -> Any:
         """The worker's DataLoaders at another batch size (an out-of-memory retry), made once."""
@@ -125,9 +142,9 @@ class Objective:
         checkpoints, logger = self._checkpoints(run)
         try:
             result = self.training.fine_tune(
-                run.dls, run.params, run.model, seed=self.exp.config.seed,
+                run.dls, run.params, run.model, seed=run.seed,
                 listeners=[logger, functools.partial(self._report, run)], checkpoint=checkpoints,
-                cbs=self.fastai_cbs,
+                cbs=self.fastai_cbs, keep_learner=self.exp.config.keep_winner,
                 lr_find=self.training.trial_finder(self.tracker, run.run_id)
                 if self.exp.config.lr_find and checkpoints.resume is None else None)
         except optuna.TrialPruned as err:
@@ -157,6 +174,7 @@ class Objective:
             oom_reason += self._requeue_smaller(trial, run.batch_size)
             self._close(run, "FAIL", oom_reason)
             raise TrialFailed(oom_reason)
+        self._hand_over(trial.number, result.learner)
         trial.set_user_attr(PREDS_ATTR, result.valid_preds)
         trial.set_user_attr(TARGETS_ATTR, result.valid_targets)
         for name, cost in result.costs.items():
@@ -197,7 +215,12 @@ class Objective:
     def _start(self, trial: optuna.Trial) -> TrialRun:
         """Suggest the trial's parameters, record them on the trial and open its child MLflow run."""
         exp, model = self.exp, self.exp.config.model
-        params = suggest(exp.space, trial, self.anchors)
+        with confirm.fixed_values_quiet(trial):
+            params = suggest(exp.space, trial, self.anchors)
+        seed = int(trial.user_attrs.get(SEED_ATTR, exp.config.seed))
+        trial.set_user_attr(SEED_ATTR, seed)  # the seed the trial trains on, recorded (a repeat's is its own)
+        # a searched config's trial records no config_id (it is its own number), so the retry of one
+        # (Optuna's heartbeat retry copies the user attrs) stays a searched trial, never a "repeat"
         batch_size = int(trial.user_attrs.get(BATCH_ATTR, model.batch_size))
         dls = self.loaders(batch_size)
         precision = self.training.precision(model.precision, dls.device)
@@ -213,14 +236,14 @@ class Objective:
             self.parent_run_id, exp.study_name, trial.number,
             {**params.as_dict(), "precision": precision, "img_size": model.img_size,
              "batch_size": batch_size, "pretrained": model.pretrained, "channels_last": model.channels_last,
-             "seed": exp.config.seed,
+             "seed": seed, "torch_threads": self.training.threads(),  # launch.local.worker_threads
              "device": str(dls.device), **retry, **anchor_params(exp.space, params, self.anchors),
              **(checkpoint.params() if checkpoint else {})},
-            tags={"arch": params.arch})
+            tags={"arch": params.arch, confirm.KIND_TAG: confirm.kind_of(trial.user_attrs, trial.number)})
         trial.set_user_attr(RUN_ID_ATTR, run_id)
         for listener in self.trial_listeners:
             listener.trial_started(trial.number, params.as_dict())
-        return TrialRun(trial, params, model, batch_size, dls, run_id)
+        return TrialRun(trial, params, model, batch_size, dls, run_id, seed=seed)
 
     def _report(self, run: TrialRun, record: EpochRecord, judge: bool = True) -> None:
         """An epoch ended: record it, tell the listeners, and let Optuna's pruner judge it
@@ -234,7 +257,7 @@ class Objective:
         if len(self.exp.config.objectives) > 1:
             return
         trial.report(record.error_rate, step=record.epoch)
-        if judge and trial.should_prune():
+        if judge and not confirm.scheduled(trial) and trial.should_prune():  # a repeat or the baseline runs whole
             raise optuna.TrialPruned(f"pruned at epoch {record.epoch} with error_rate {record.error_rate:.4f}")
 
     def _close(self, run: TrialRun, state: str, reason: str = "", metrics: dict[str, float] | None = None) -> None:
@@ -262,14 +285,15 @@ class Objective:
             return f" (not re-queued: halved {halvings} time(s) already, faults.oom_retries is {allowed})"
         if smaller < 2:  # batch norm needs two items a batch
             return f" (not re-queued: batch_size {batch_size} cannot be halved)"
-        trial.study.enqueue_trial(dict(trial.params), user_attrs={BATCH_ATTR: smaller, OOM_RETRY_OF: trial.number})
+        carried = {k: trial.user_attrs[k] for k in confirm.SELECTION_ATTRS if k in trial.user_attrs}  # its config and seed
+        trial.study.enqueue_trial(dict(trial.params), user_attrs={**carried, BATCH_ATTR: smaller, OOM_RETRY_OF: trial.number})
         return f"; re-queued at batch_size {smaller}"
 
     def _artifacts(self, folder: Path, run: TrialRun) -> list[Path]:
         from pet_sweep.report.figures import loss_curve  # heavy: matplotlib
 
         config = folder / "trial_config.yaml"
-        config.write_text(yaml.safe_dump(trial_config(self.exp, run.params, run.batch_size), sort_keys=False))
+        config.write_text(yaml.safe_dump(trial_config(self.exp, run.params, run.batch_size, run.seed), sort_keys=False))
         paths = [config]
         if run.history:
             title = f"trial {run.trial.number}: {run.params.arch}, error rate {run.history[-1].error_rate:.4f}"

@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.config import NO_MO_PRUNING, OBJECTIVES, Experiment
 from pet_sweep.params import TrialParams, lr_text
+from pet_sweep.selection import BASELINE_ATTR, CONFIG_ATTR, SEED_ATTR, kind_of
 from pet_sweep.tracking import redact_url
 
 # Trial user attributes pet-sweep writes (the report reads them back).
@@ -89,15 +90,18 @@ def sweep_settings(exp: Experiment) -> dict[str, Any]:
         "channels_last": cfg.model.channels_last,
         "objectives": ",".join(cfg.objectives),
         "sampler": cfg.sampler.name, "sampler_seed": cfg.sampler.seed, "pruner": cfg.pruner.name,
+        "warm_start": ",".join(cfg.sampler.warm_start), "warm_start_top": cfg.sampler.top,
         "n_trials": cfg.budget.n_trials, "timeout": cfg.budget.timeout, "seed": cfg.seed,
         "sweep": cfg.sweep if isinstance(cfg.sweep, str) else "inline",
     }
 
 
-def trial_config(exp: Experiment, params: TrialParams, batch_size: int | None = None) -> dict[str, Any]:
+def trial_config(exp: Experiment, params: TrialParams, batch_size: int | None = None,
+                 seed: int | None = None) -> dict[str, Any]:
     """A trial's complete configuration (what `export` writes and `train` replays).
 
-    `batch_size`: the one the trial really ran with, where an out-of-memory retry halved it.
+    `batch_size`: the one the trial really ran with, where an out-of-memory retry halved it;
+    `seed`: the training seed it ran on (`selection.SEED_ATTR`), the experiment's where None.
     """
     cfg = exp.config
     model = cfg.model.model_dump(exclude_none=True)
@@ -108,7 +112,7 @@ def trial_config(exp: Experiment, params: TrialParams, batch_size: int | None = 
         "data": cfg.data.model_dump(exclude_none=True),
         "model": model,
         "params": params.as_dict(),
-        "seed": cfg.seed,
+        "seed": cfg.seed if seed is None else int(seed),
     }
 
 
@@ -124,6 +128,7 @@ class TrialOutcome:
     oom_retry_of: int | None = None  # the trial that ran out of memory at twice this one's batch size
     batch_size: int | None = None    # set where an out-of-memory retry changed it
     costs: dict[str, float] = field(default_factory=dict)  # the costs its line shows (`describe_trial`)
+    selection: str = ""              # "baseline, seed 1" or "repeat of trial 4, seed 1"; "" for a searched config's first run
 
 
 def error_of(trial: FrozenTrial) -> float | None:
@@ -152,12 +157,24 @@ def describe_trial(trial: FrozenTrial, objectives: Sequence[str] = ("error_rate"
     costs = {name: float(trial.user_attrs[name]) for name in shown if name in trial.user_attrs}
     return TrialOutcome(trial.number, trial.state.name, value, params, seconds,
                         str(trial.user_attrs.get(REASON_ATTR, "")), retried_trial_number(trial),
-                        trial.user_attrs.get(OOM_RETRY_OF), trial.user_attrs.get(BATCH_ATTR), costs)
+                        trial.user_attrs.get(OOM_RETRY_OF), trial.user_attrs.get(BATCH_ATTR), costs,
+                        _selection_label(trial))
+
+
+def _selection_label(trial: FrozenTrial) -> str:
+    """What a trial is to the selection, for its line: the baseline or a repeat, on which seed."""
+    kind, attrs = kind_of(trial.user_attrs, trial.number), trial.user_attrs
+    if kind == "search":
+        return ""
+    what = "baseline (fastai's fine_tune defaults)" if kind == "baseline" else f"repeat of trial {attrs[CONFIG_ATTR]}"
+    return f"{what}, seed {attrs.get(SEED_ATTR, '?')}"
 
 
 def best_of(study: optuna.Study) -> tuple[float, int] | None:
     """(error rate, trial number) of the study's best completed trial; None before one completes."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if error_of(t) is not None]
+    # the baseline (fastai's fine_tune defaults) is a reference, never the sweep's pick
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if error_of(t) is not None and not t.user_attrs.get(BASELINE_ATTR)]
     if not done:
         return None
     top = min(done, key=lambda t: (error_of(t), t.number))
@@ -179,6 +196,8 @@ def format_trial(outcome: TrialOutcome, best: tuple[float, int] | None) -> str:
         line += f"  best={best[0]:.4f} (trial {best[1]})"
     if outcome.retry_of is not None:
         line += f"  [retry of trial {outcome.retry_of}]"
+    if outcome.selection:
+        line += f"  [{outcome.selection}]"
     if outcome.oom_retry_of is not None:
         line += f"  [batch_size {outcome.batch_size}: trial {outcome.oom_retry_of} ran out of memory]"
     if outcome.reason and outcome.state != "COMPLETE":
@@ -219,3 +238,4 @@ class SweepResult:
     stopped_by: StoppedBy
     left: int                         # slots a resume must run to finish the budget (queued retries aside)
     trials: list[TrialOutcome] = field(default_factory=list)  # the trials this process saw end
+    best_config: str = ""             # the best config over its seeds and the verdict against the baseline; "": none

@@ -9,6 +9,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.config import Experiment
+from pet_sweep.space import Choice
 from pet_sweep.sweep.pruners import SchedulePruner
 from pet_sweep.sweep.records import experimental_relied_on
 
@@ -58,14 +59,43 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._inner.reseed_rng()
 
 
+def categorical_keys(exp: Experiment) -> list[str]:
+    """The space's parameters Optuna sees as categorical (a choice of more than one value)."""
+    return [name for name, spec in exp.space.params.items() if isinstance(spec, Choice) and len(spec.choices) > 1]
+
+
+def sampler_note(exp: Experiment) -> str:
+    """What the header says of the sampler: its name, and for cmaes the keys it does not model."""
+    cfg = exp.config.sampler
+    note = cfg.name
+    if cfg.name == "cmaes" and categorical_keys(exp):
+        note += (f" (CMA-ES takes no categorical parameter: {', '.join(categorical_keys(exp))} drawn "
+                 "at random for each trial, the numeric ones sampled jointly)")
+    return note
+
+
 def make_sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
     cfg = exp.config.sampler
+    if cfg.name == "gp":
+        return TrialSeededSampler(lambda seed: _quiet(optuna.samplers.GPSampler, seed=seed,
+                                                      n_startup_trials=cfg.n_startup_trials), cfg.seed)
+    if cfg.name == "cmaes":
+        # its own warning per categorical trial is replaced by the header's line (`sampler_note`)
+        return TrialSeededSampler(lambda seed: optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=cfg.n_startup_trials, warn_independent_sampling=False,
+            independent_sampler=optuna.samplers.RandomSampler(seed=seed)), cfg.seed)
     if cfg.name == "random":
         return TrialSeededSampler(lambda seed: optuna.samplers.RandomSampler(seed=seed), cfg.seed)
     if cfg.name == "nsga2":
         return TrialSeededSampler(lambda seed: optuna.samplers.NSGAIISampler(seed=seed), cfg.seed)
     return TrialSeededSampler(lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials),
                               cfg.seed)
+
+
+def _quiet(make: Callable[..., optuna.samplers.BaseSampler], **kwargs: Any) -> optuna.samplers.BaseSampler:
+    """A sampler Optuna marks experimental (GPSampler), chosen knowingly in the config: no warning per trial."""
+    with experimental_relied_on():
+        return make(**kwargs)
 
 
 def make_pruner(exp: Experiment) -> optuna.pruners.BasePruner:

@@ -76,11 +76,18 @@ class Training:
 
     def fine_tune(self, dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
                   listeners: Sequence[EpochListener], checkpoint: CheckpointPlan | None,
-                  cbs: Sequence[Any], lr_find: Callable[[Any, TrialParams], None] | None) -> FineTuneResult:
+                  cbs: Sequence[Any], lr_find: Callable[[Any, TrialParams], None] | None,
+                  keep_learner: bool = False) -> FineTuneResult:
         from pet_sweep.train import recipe  # heavy: torch, fastai
 
         return recipe.fine_tune(dls, params, model, seed=seed, listeners=listeners, checkpoint=checkpoint,
-                                cbs=cbs, lr_find=lr_find)
+                                cbs=cbs, lr_find=lr_find, keep_learner=keep_learner)
+
+    def threads(self) -> int:
+        """The threads torch trains this worker's trials on (the supervisor's split of the cores)."""
+        import torch  # heavy: torch
+
+        return torch.get_num_threads()
 
     def out_of_memory(self) -> type[BaseException]:
         """The error type of an accelerator running out of memory (the trial fails, the sweep goes on)."""

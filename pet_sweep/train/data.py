@@ -293,25 +293,6 @@ def check_data(exp: Experiment) -> int:
     return len(items)
 
 
-class ImageCache:
-    """Path -> decoded image, each file decoded once per process."""
-
-    def __init__(self) -> None:
-        self._images: dict[Path, Any] = {}
-
-    def __call__(self, path: Path) -> Any:
-        image = self._images.get(path)
-        if image is None:
-            from fastai.vision.core import PILImage  # heavy: this module is imported for its split alone
-
-            image = self._images[path] = PILImage.create(path)
-            image.load()
-        return image
-
-    def __len__(self) -> int:
-        return len(self._images)
-
-
 @dataclass(frozen=True)
 class DataBundle:
     """What a worker builds once and every trial reuses."""
@@ -365,21 +346,21 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
     num_workers = data.num_workers if data.num_workers is not None else (0 if cache else min(8, os.cpu_count() or 1))
 
     train_valid = list(splits.train) + list(splits.valid)
-    x_block, get_x, item_tfms, batch_tfms = ImageBlock, None, [Resize(model.img_size)], None
+    x_block, item_tfms, batch_tfms = ImageBlock, [Resize(model.img_size)], None
+    item_size = (data.item_size or int(model.img_size * 460 / 224)) if data.augment else model.img_size
     if data.augment:
-        item_tfms = [Resize(data.item_size or int(model.img_size * 460 / 224))]
+        item_tfms = [Resize(item_size)]
         batch_tfms = aug_transforms(size=model.img_size, min_scale=0.75, do_flip=data.flip)
-        get_x = ImageCache() if cache else None
-    elif cache:
-        # nothing random is left per item: keep each image as the model's input tensor
+    if cache:
+        # each image kept once per process, presized (uint8 at item_size), for every trial; the
+        # random transforms, if any, run per batch on the device
         from pet_sweep.train.tensor_cache import TensorCache
 
-        cached = TensorCache(model.img_size, keep=train_valid)
+        cached = TensorCache(item_size, keep=train_valid)
         x_block, item_tfms = TransformBlock(type_tfms=cached, batch_tfms=IntToFloatTensor), None
     valid_idx = list(range(len(splits.train), len(train_valid)))
     block = DataBlock(
         blocks=(x_block, CategoryBlock),
-        get_x=get_x,
         get_y=label,
         splitter=IndexSplitter(valid_idx),
         item_tfms=item_tfms,

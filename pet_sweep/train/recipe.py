@@ -195,6 +195,7 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
     reseed(dls, seed)
     workdir = tempfile.TemporaryDirectory(prefix="pet-sweep-")
     learn = create_learner(dls, params.arch, model, Path(workdir.name))
+    handed_over = False
     try:
         precision = apply_precision(learn, model)
         if lr_find is not None:  # before the history callbacks: the finder's mock epochs are not epochs
@@ -218,6 +219,7 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
         measuring = time.perf_counter()
         # measured here, while the learner exists (released below unless kept)
         measured = costs.measure(learn, precision, model.channels_last, measuring - fitting, peak)
+        handed_over = keep_learner  # a failed fine-tune's learner is released below, kept or not
         return FineTuneResult(
             history=list(history.records), precision=precision, device=str(dls.device),
             seconds=time.perf_counter() - started, valid_preds=history.valid_preds,
@@ -226,7 +228,7 @@ def fine_tune(dls: Any, params: TrialParams, model: ModelConfig, *, seed: int,
     finally:
         peak.stop()  # again after a failure: ends the fallback sampler's thread
         amp.leave_autocast(learn)  # a batch that raised under CPU bf16 would leave it on
-        if not keep_learner:
+        if not handed_over:
             release(learn)
         workdir.cleanup()
 
