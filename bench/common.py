@@ -94,17 +94,32 @@ def default_digits() -> dict[str, Any]:
     return shipped_experiment("digits")[0]
 
 
-def shipped_experiment(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+def shipped_experiment(name: str, *, selection: bool = False
+                       ) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
     """A shipped experiment minus its stores and sweep file; its search space; and the shipped
-    experiments it names (the source of `model.pretrained_on`), for `write_experiment(others=)`."""
+    experiments it names (the source of `model.pretrained_on`), for `write_experiment(others=)`.
+
+    Without `selection` (the benchmarks that measure one thing: a pruner, a cost, a front), its
+    `selection:` is left out: one seed per config and no baseline, as their figures were measured,
+    and the baseline and the repeats take no slot of the few trials they run. `bench.selection`,
+    which measures the selection, keeps it (`fit_selection` scales it to a smaller budget)."""
     shipped = yaml.safe_load((ROOT / "experiments.yaml").read_text())["experiments"]
     if name not in shipped:
         raise SystemExit(f"{ROOT / 'experiments.yaml'}: no experiment {name!r} (known: {', '.join(shipped)})")
     exp = shipped[name]
     source = (exp.get("model") or {}).get("pretrained_on")
     space = yaml.safe_load((ROOT / exp["sweep"]).read_text())
-    return ({k: v for k, v in exp.items() if k not in ("sweep", "storage", "tracking")}, space,
+    dropped = ("sweep", "storage", "tracking") + (() if selection else ("selection",))
+    return ({k: v for k, v in exp.items() if k not in dropped}, space,
             {source: shipped[source]} if source else {})
+
+
+def fit_selection(selection: dict[str, Any], n_trials: int) -> dict[str, Any]:
+    """`selection:` cut down to leave a trial of `n_trials` to search, as `--n-trials` cuts it
+    (`pet_sweep.selection.SelectionConfig.fitted`)."""
+    from pet_sweep.selection import SelectionConfig
+
+    return SelectionConfig(**selection).fitted(n_trials).model_dump()
 
 
 def temp_dir(prefix: str) -> Path:

@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import yaml
 
-from bench.common import header, shipped_experiment, temp_dir, wilson_text, write_experiment
+from bench.common import fit_selection, header, shipped_experiment, temp_dir, wilson_text, write_experiment
 
 RETRAIN_SEEDS = [1000, 1001, 1002]   # no sweep seed reaches these
 GOAL_RIVALS = ("optuna-tpe-median", "random")
@@ -130,7 +130,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, space: dict[str, Any]) -> None:
         self.args, self.space, self.root = args, space, temp_dir("selection")
-        self.base, _, self.others = shipped_experiment(args.experiment)
+        self.base, _, self.others = shipped_experiment(args.experiment, selection=True)
         self.replays: dict[str, tuple[list[int], list[int], bool | None]] = {}   # one replay per (config, seed)
         self.targets: list[int] = []
 
@@ -140,6 +140,8 @@ class Bench:
         budget = {"n_trials": self.args.n_trials or self.base["budget"]["n_trials"]}  # no timeout: trials decide
         model = {**self.base["model"], **({"img_size": self.args.img_size} if self.args.img_size else {})}
         data = {**self.base["data"], **({"limit": self.args.limit} if self.args.limit else {})}
+        if "selection" in settings:  # the shipped selection, scaled to a smaller --n-trials
+            settings = {**settings, "selection": fit_selection(settings["selection"], budget["n_trials"])}
         settings = {**settings, "budget": budget, "model": model, "data": data, "seed": seed,
                     "tracking": {"uri": f"sqlite:///{self.root / 'mlflow.db'}", "experiment": f"selection-{name}-{seed}"}}
         return load_experiment(write_experiment(self.root / f"{name}-{seed}", settings, self.space, others=self.others))
@@ -392,6 +394,11 @@ def main(argv: list[str] | None = None) -> None:
         shrunk = [f"{k} {v}" for k, v in (("n_trials", args.n_trials), ("budget_epochs", args.budget_epochs),
                                           ("img_size", args.img_size), ("limit", args.limit), ("space", args.space))
                   if v is not None]
+        shipped = shipped_experiment(args.experiment, selection=True)[0]
+        if args.n_trials and "selection" in shipped:
+            fitted = fit_selection(shipped["selection"], args.n_trials)
+            if fitted != {"seeds": 1, "confirm_top": 0, "baseline": False, **shipped["selection"]}:
+                shrunk.append("selection " + " ".join(f"{k}={v}" for k, v in fitted.items()))
         print(header(f"selection: {args.experiment}, sweep seeds {' '.join(map(str, args.seeds))}, retrain seeds "
                      f"{' '.join(map(str, args.retrain_seeds))}, {args.threads} thread(s)"
                      + (f" (changed from the shipped experiment: {', '.join(shrunk)})" if shrunk else "")))

@@ -177,7 +177,8 @@ class Experiment:
             cfg = ExperimentConfig.model_validate(raw, context={COMMAND_LINE: True})
         except ValidationError as err:
             raise _override_error(err.errors()[0], {option: loc for option, (loc, _) in given.items()}) from None
-        if n_trials is not None:  # the selection's repeats must still fit the budget --n-trials gives
+        if n_trials is not None:  # a smaller --n-trials cuts the selection down to fit (the header says what runs)
+            cfg = cfg.model_copy(update={"selection": cfg.selection.fitted(cfg.budget.n_trials)})
             check_selection(cfg.selection, cfg.budget.n_trials, experiment=self.name,
                             file=f"--n-trials {n_trials} with {self.config_path or DICT_SOURCE}")
         return Experiment(self.name, cfg, self.space, self.config_path, self.root)

@@ -51,6 +51,24 @@ class SelectionConfig(Strict):
         """Trials of the budget the baseline and the confirmations take at most."""
         return (self.seeds if self.baseline else 0) + self.confirm_top * self.repeats
 
+    def fitted(self, n_trials: int) -> "SelectionConfig":
+        """This selection cut down until it leaves a trial of `n_trials` to search, for a command line's
+        `--n-trials` below the file's (a resume's last few trials, `--n-trials 0`): fewer confirmations
+        first, then no baseline, then one seed. Unchanged where it fits."""
+        seeds, top, base = self.seeds, self.confirm_top, self.baseline
+
+        def reserved() -> int:
+            return (seeds if base else 0) + top * (seeds - 1)
+        while top and reserved() >= n_trials:
+            top -= 1
+        if base and reserved() >= n_trials:
+            base = False
+        if not top and not base:
+            seeds = 1
+        if (seeds, top, base) == (self.seeds, self.confirm_top, self.baseline):
+            return self
+        return self.model_copy(update={"seeds": seeds, "confirm_top": top, "baseline": base})
+
     def budget_text(self, n_trials: int) -> str:
         """What the run's header says about the budget the repeats spend."""
         parts = []
@@ -180,8 +198,10 @@ def resolution_warning(res: Resolution, likely: float, valid_pct: float, n_seeds
     if likely >= res.difference or likely <= 0:
         return None  # no measured difference between configs: nothing to resolve, nothing to advise
     need = items_needed(res.error, likely, res.seeds)
+    wanted = valid_pct * need / res.n_items
     more_items = (f"data.valid_pct {valid_pct:g} gives {res.n_items} items; about {need} are needed "
-                  f"(valid_pct {valid_pct * need / res.n_items:.2g})")
+                  + (f"(valid_pct {wanted:.2g})" if wanted <= 0.5 else
+                     f"(valid_pct {wanted:.2g}: more than the data can spare for validation)"))
     seeds = "" if res.spread is None else f", or raise selection.seeds (now {n_seeds})"
     return (f"the configs are likely to differ by about {likely:.1%}, below the {res.difference:.1%} this validation "
             f"set resolves: {more_items}{seeds}")

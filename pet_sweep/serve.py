@@ -136,16 +136,18 @@ def register(learner: Any, name: str, *, tracking_uri: str, run_id: str, example
 
 
 class _CloudpickleNotice(logging.Filter):
-    """MLflow's logged warning that a `python_model` object is serialised with CloudPickle."""
+    """MLflow's logged notices while pet-sweep saves its model: that a `python_model` object is
+    serialised with CloudPickle, and that the input example is being validated (once per kept model)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "CloudPickle" not in record.getMessage()
+        message = record.getMessage()
+        return "CloudPickle" not in message and not message.startswith("Validating input example")
 
 
 @contextmanager
 def _no_cloudpickle_notice() -> Iterator[None]:
-    """Drop that warning (MLflow logs it, not `warnings`) while pet-sweep saves its own model, and
-    only then: any other MLflow message still shows."""
+    """Drop those notices (MLflow logs them, not `warnings`) while pet-sweep saves its own model,
+    and only then: any other MLflow message still shows."""
     logger, notice = logging.getLogger("mlflow.pyfunc"), _CloudpickleNotice()
     logger.addFilter(notice)
     try:

@@ -23,6 +23,13 @@ TINY_SPACE: dict[str, Any] = {
 }
 
 
+def trains(fixture: Callable[..., Any]) -> Callable[..., Any]:
+    """Under `@pytest.fixture`: the fixture trains (once for its scope), so every test that uses it
+    must be marked `train`, not only the first, which pays for it."""
+    fixture.trains = True  # type: ignore[attr-defined]
+    return fixture
+
+
 def tiny_experiment(**overrides: Any) -> dict[str, Any]:
     exp: dict[str, Any] = {
         "data": {"source": "digits", "valid_pct": 0.2, "test_pct": 0.1, "limit": 300, "split_seed": 1},
@@ -100,6 +107,7 @@ def _close_database_connections(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture(scope="session")
+@trains
 def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """experiments.yaml of a finished two-trial tiny study, trained once for the session.
 
@@ -117,3 +125,51 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = CliRunner().invoke(cli, ["run", "--config", str(path), "--quiet"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return path
+
+
+# The `train` marker, kept true: a test that trains a model (fastai's `Learner.fit` runs in this
+# process, in the test or its fixtures) or uses a fixture that trains for the session must be marked
+# `train` or `slow`, so that `pytest -m "not slow and not train"` stays the inner loop of minutes.
+# Training in a subprocess (`python -m pet_sweep`) is not seen here: those tests are marked by hand.
+_fits = {"count": 0}
+
+
+def _training_fixtures(item: pytest.Item) -> list[str]:
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})  # pytest's, stable since 3.x
+    return [name for name, found in defs.items() if any(getattr(d.func, "trains", False) for d in found)]
+
+
+def _count_fits() -> None:
+    from fastai.learner import Learner  # heavy: imported once per test process, at its first test
+
+    if getattr(Learner.fit, "_counted", False):
+        return
+    original = Learner.fit
+
+    def fit(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _fits["count"] += 1
+        return original(self, *args, **kwargs)
+
+    fit._counted = True  # type: ignore[attr-defined]
+    Learner.fit = fit
+
+
+def _marked(item: pytest.Item) -> bool:
+    return any(item.get_closest_marker(name) for name in ("train", "slow"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _count_fits()
+    _fits["count"] = 0
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Any:
+    result = yield  # the fixtures torn down first: a failure here leaks nothing
+    fixtures = _training_fixtures(item)
+    if not _marked(item) and (_fits["count"] or fixtures):
+        why = (f"fastai's Learner.fit ran {_fits['count']} time(s)" if _fits["count"]
+               else f"it uses the fixture {fixtures[0]}, which trains")
+        pytest.fail(f"{item.nodeid} trains a model ({why}) but is not marked: add @pytest.mark.train "
+                    "(or slow), so that `-m \"not slow and not train\"` leaves it out", pytrace=False)
+    return result

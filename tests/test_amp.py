@@ -41,6 +41,7 @@ def test_capability_check_is_torchs_own() -> None:
                                         and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@pytest.mark.train
 def test_callback_trains_and_validates_under_cpu_autocast() -> None:
     model = conv_net()
     seen: list[tuple[bool, torch.dtype]] = []
@@ -56,6 +57,7 @@ def test_callback_trains_and_validates_under_cpu_autocast() -> None:
     assert not torch.is_autocast_enabled("cpu")  # switched off between batches and after the fit
 
 
+@pytest.mark.train
 def test_a_batch_that_raises_does_not_leave_autocast_on() -> None:
     class Failing(torch.nn.Module):
         def __init__(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 
+@pytest.mark.train
 def test_gpu_precision_script_runs_on_the_cpu(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import gpu_precision
@@ -49,6 +50,7 @@ TINY_SPACE = ("arch: xresnet18\nbase_lr: 1.0e-2\nlr_hi: {low: 3.0e-3, high: 3.0e
               "freeze_epochs: 0\nepochs: 1\n")
 
 
+@pytest.mark.train
 def test_pruning_script_judges_each_pruner_on_epochs_and_replayed_held_out_error(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import pruning
@@ -93,6 +95,21 @@ def test_pruning_script_takes_a_shipped_experiment_with_its_source(tmp_path: Pat
     assert shipped_experiment("digits")[2] == {}  # trained from scratch: nothing else written
     with pytest.raises(SystemExit, match=r"experiments.yaml: no experiment 'digitz' \(known: digits, "):
         shipped_experiment("digitz")
+
+
+def test_the_benchmarks_leave_the_selection_out_and_bench_selection_scales_it() -> None:
+    from bench.common import fit_selection, shipped_experiment
+    from pet_sweep.selection import SelectionConfig, check_selection
+
+    shipped = shipped_experiment("digits", selection=True)[0]["selection"]
+    assert shipped == {"seeds": 2, "confirm_top": 2, "baseline": True}
+    assert "selection" not in shipped_experiment("digits")[0]  # one seed per config, as the figures were measured
+    assert fit_selection(shipped, 12) == shipped               # fits: 4 of 12 reserved
+    assert fit_selection(shipped, 4) == {"seeds": 2, "confirm_top": 1, "baseline": True}
+    assert fit_selection(shipped, 3) == {"seeds": 2, "confirm_top": 0, "baseline": True}
+    assert fit_selection(shipped, 2) == {"seeds": 1, "confirm_top": 0, "baseline": False}
+    for n in range(2, 13):  # whatever the budget, what it gives passes the experiment's own check
+        check_selection(SelectionConfig(**fit_selection(shipped, n)), n, file="f", experiment="e")
 
 
 def test_pruning_winner_needs_the_saving_and_the_held_out_error() -> None:
@@ -171,6 +188,7 @@ def test_rates_keep_significant_digits_on_a_slow_machine() -> None:
     assert [significant(v) for v in (0.4, 0.004123, 1.0, 12.345, 1234.4)] == ["0.4", "0.00412", "1", "12.3", "1234"]
 
 
+@pytest.mark.train
 def test_chapter5_script_judges_five_claims_on_the_held_out_items(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import chapter5
@@ -237,7 +255,8 @@ def test_selection_script_replays_each_methods_pick_at_equal_epochs(
                     "--save", str(tmp_path / "s0.json")])
     out = capsys.readouterr().out
     assert re.search(r"^# \d{4}-\d\d-\d\d \d\d:\d\d UTC, commit \S+, \d+ cores", out, re.M)
-    assert "changed from the shipped experiment: n_trials 2, img_size 16, limit 100" in out
+    assert ("changed from the shipped experiment: n_trials 2, img_size 16, limit 100, "
+            "selection seeds=1 confirm_top=0 baseline=False") in out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("0 | ")]
     assert [row[1] for row in rows] == list(selection.METHODS)
     budget = int(rows[0][3])  # pet-sweep's 2 trials of 1 or 2 epochs

@@ -19,6 +19,7 @@ from pet_sweep.sweep.budget import Budget, WorkerRole
 from pet_sweep.sweep.confirm import Confirmer, completed_runs
 from pet_sweep.sweep.records import INVOCATION_ATTR
 from pet_sweep.report.seeds import selection_of
+from tests.conftest import trains
 
 SPACE = {"arch": "resnet18", "base_lr": {"low": 1e-3, "high": 3e-2, "log": True},
          "lr_hi": {"low": 3e-4, "high": 1e-2, "log": True}, "lr_mult": {"low": 1, "high": 100, "log": True},
@@ -99,6 +100,7 @@ def test_a_leader_is_confirmed_only_when_it_beats_the_incumbent():
 
 
 @pytest.fixture(scope="module")
+@trains
 def seeded_study(tmp_path_factory):
     """A real tiny sweep: the baseline on 2 seeds, one searched config and its repeat (4 trials)."""
     from tests.conftest import tiny_experiment
@@ -114,6 +116,7 @@ def seeded_study(tmp_path_factory):
     return path, result.output
 
 
+@pytest.mark.train
 def test_a_seeded_sweep_runs_repeats_and_the_baseline_as_trials(seeded_study):
     path, output = seeded_study
     assert "selection    the baseline (fastai's fine_tune defaults) takes 2 trials" in output
@@ -127,6 +130,7 @@ def test_a_seeded_sweep_runs_repeats_and_the_baseline_as_trials(seeded_study):
     assert [t.user_attrs[SEED_ATTR] for t in trials] == [0, 1, 0, 1]
 
 
+@pytest.mark.train
 def test_the_report_list_and_export_show_the_best_config_over_its_seeds(seeded_study, tmp_path):
     path, _ = seeded_study
     result = CliRunner().invoke(cli, ["report", "--config", str(path), "--out", str(tmp_path / "r")])

@@ -21,6 +21,7 @@ from tests._sweeps import trial_runs
 ONE_EPOCH = {"arch": "resnet18", "base_lr": 1.0e-2, "lr_hi": 1.0e-2, "lr_mult": 10, "freeze_epochs": 0, "epochs": 1}
 
 
+@pytest.mark.train
 def test_a_completed_trial_records_its_costs(write_experiments) -> None:
     path = write_experiments(space=ONE_EPOCH, data={"limit": 150, "test_pct": 0.0}, budget={"n_trials": 1})
     result = CliRunner().invoke(cli, ["run", "--config", str(path)], catch_exceptions=False)

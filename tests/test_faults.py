@@ -90,6 +90,7 @@ def test_sigint_stops_cleanly_and_the_hint_resumes(write_experiments: Callable[.
     assert_nothing_running(exp.storage_url, name, exp.tracking_uri, exp.tracking_experiment)
 
 
+@pytest.mark.train
 def test_nan_loss_prunes_the_trial_with_its_reason(write_experiments: Callable[..., Path]) -> None:
     quiet_optuna()
     space = {**RANDOM_SPACE, "base_lr": 1.0e-3, "lr_hi": 1.0e36, "lr_mult": 1}  # a learning rate that diverges
@@ -104,6 +105,7 @@ def test_nan_loss_prunes_the_trial_with_its_reason(write_experiments: Callable[.
     assert "reason: training loss became" in "\n".join(lines)
 
 
+@pytest.mark.train
 def test_a_loss_that_blows_up_prunes_the_trial_in_its_first_epoch(write_experiments: Callable[..., Path]) -> None:
     quiet_optuna()
     # 1,000x the digits space's learning rates: the loss reaches ~1e4 and stays finite
@@ -123,6 +125,7 @@ def test_a_loss_that_blows_up_prunes_the_trial_in_its_first_epoch(write_experime
     assert f"reason: {reason}" in "\n".join(lines)
 
 
+@pytest.mark.train
 def test_out_of_memory_fails_the_trial_and_the_sweep_goes_on(write_experiments: Callable[..., Path]) -> None:
     import torch
 
@@ -145,6 +148,7 @@ def test_out_of_memory_fails_the_trial_and_the_sweep_goes_on(write_experiments: 
     assert "reason: out of memory" in "\n".join(lines)
 
 
+@pytest.mark.train
 def test_out_of_memory_is_retried_once_at_half_the_batch_size(write_experiments: Callable[..., Path],
                                                                monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import torch

@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from pet_sweep.cli import cli
-from tests.conftest import tiny_experiment
+from tests.conftest import tiny_experiment, trains
 
 SPACE = {"arch": "resnet18", "base_lr": 1.0e-3, "lr_hi": {"low": 1.0e-4, "high": 3.0e-2, "log": True},
          "lr_mult": 10, "freeze_epochs": 0, "epochs": 1}
@@ -18,6 +18,7 @@ N_TRIALS = 4
 
 
 @pytest.fixture(scope="module")
+@trains
 def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """experiments.yaml of a finished study of N_TRIALS tiny trials; the first one's LR too small to learn."""
     from pet_sweep.config import load_experiment
@@ -53,6 +54,7 @@ def _has_model(run: object) -> bool:
     return (Path(local_file_uri_to_path(run.info.artifact_uri)) / "model" / "MLmodel").is_file()
 
 
+@pytest.mark.train
 def test_only_the_best_and_the_recommended_models_stay(swept: Path) -> None:
     from pet_sweep.config import load_experiment
     from pet_sweep.sweep.keep import BOUND, wanted
@@ -69,6 +71,7 @@ def test_only_the_best_and_the_recommended_models_stay(swept: Path) -> None:
         assert runs[0].data.tags.get("pet_sweep.kept_model") == "deleted"
 
 
+@pytest.mark.train
 def test_register_makes_a_version_of_the_kept_model_without_training(swept: Path) -> None:
     import mlflow
     import pandas as pd
@@ -100,6 +103,7 @@ def test_register_makes_a_version_of_the_kept_model_without_training(swept: Path
     assert labels == [str(vocab[i]) for i in best.user_attrs[PREDS_ATTR][:20]]  # as the trial's learner said
 
 
+@pytest.mark.train
 def test_register_without_a_kept_model_says_to_train(swept: Path) -> None:
     from pet_sweep.config import load_experiment
     from pet_sweep.sweep.keep import wanted
@@ -114,6 +118,7 @@ def test_register_without_a_kept_model_says_to_train(swept: Path) -> None:
     assert "pet-sweep train best.yaml --register x" in result.output
 
 
+@pytest.mark.train
 def test_a_sweep_with_keep_winner_off_keeps_none(tmp_path: Path) -> None:
     (tmp_path / "sweeps").mkdir()
     (tmp_path / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(SPACE))

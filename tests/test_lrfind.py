@@ -70,6 +70,7 @@ def test_suggestions_at_the_start_of_a_short_curve_get_a_caution() -> None:
 # -- the finder on tiny digits -------------------------------------------------------------------
 
 
+@pytest.mark.train
 def test_cli_lr_find_prints_plots_and_logs_both_phases(write_experiments: Callable[..., Path],
                                                        tmp_path: Path) -> None:
     from mlflow import MlflowClient
@@ -113,6 +114,7 @@ def test_cli_lr_find_rejects_an_unknown_arch(write_experiments: Callable[..., Pa
     assert "--arch: unknown architecture 'resnet9000'" in result.output
 
 
+@pytest.mark.train
 def test_finder_leaves_weights_and_training_unchanged(write_experiments: Callable[..., Path]) -> None:
     import tempfile
 
@@ -155,6 +157,7 @@ def test_finder_leaves_weights_and_training_unchanged(write_experiments: Callabl
 # -- anchored sweeps and the per-trial finder ------------------------------------------------------
 
 
+@pytest.mark.train
 def test_anchored_sweep_runs_the_finder_once_per_arch_and_phase(
         write_experiments: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
@@ -211,6 +214,7 @@ def test_anchored_sweep_runs_the_finder_once_per_arch_and_phase(
     assert finder_runs[0].data.tags["mlflow.parentRunId"] == study.user_attrs["mlflow_parent_run_id"]
 
 
+@pytest.mark.train
 def test_a_diverging_finder_stops_the_sweep_before_any_trial(
         write_experiments: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from pet_sweep.train import lrfind

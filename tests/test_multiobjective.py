@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from pet_sweep.cli import cli
 from pet_sweep.config import load_experiment
-from tests.conftest import tiny_experiment
+from tests.conftest import tiny_experiment, trains
 
 # two architectures and a range of learning rates: trials whose error rate and predict_ms differ
 SPACE = {"arch": {"choices": ["resnet18", "xresnet18"]}, "base_lr": 1.0e-2,
@@ -38,6 +38,7 @@ def write(folder: Path, **overrides: object) -> Path:
 
 
 @pytest.fixture(scope="module")
+@trains
 def two_objective_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     path = write(tmp_path_factory.mktemp("multi-objective"))
     result = CliRunner().invoke(cli, ["run", "--config", str(path)], catch_exceptions=False)
@@ -45,6 +46,7 @@ def two_objective_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     return path, result.output
 
 
+@pytest.mark.train
 def test_a_two_objective_sweep_completes_every_trial_unpruned(two_objective_sweep) -> None:
     path, output = two_objective_sweep
     assert ("objectives   multi-objective (error_rate, predict_ms): Optuna does not prune multi-objective "
@@ -71,6 +73,7 @@ def test_a_two_objective_sweep_completes_every_trial_unpruned(two_objective_swee
     assert lowest in {t.values[0] for t in front}
 
 
+@pytest.mark.train
 def test_resuming_with_other_objectives_is_refused(two_objective_sweep, tmp_path: Path) -> None:
     path, _ = two_objective_sweep
     for objectives in (["error_rate"], ["error_rate", "params_m"]):

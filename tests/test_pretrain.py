@@ -70,6 +70,7 @@ def _runs(path: Path, experiment: str, role: str) -> list[Any]:
         [found.experiment_id], filter_string=f"tags.`pet_sweep.role` = '{role}'")
 
 
+@pytest.mark.train
 def test_pretrain_writes_checkpoints_that_model_weights_loads_and_reuses_them(transfer: Path) -> None:
     from pet_sweep.train.recipe import create_learner
 
@@ -101,6 +102,7 @@ def test_pretrain_writes_checkpoints_that_model_weights_loads_and_reuses_them(tr
         assert learn.model[-1][-1].out_features == 5
 
 
+@pytest.mark.train
 def test_transfer_sweep_pretrains_first_and_records_the_checkpoint_on_every_trial(
         write_experiments: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     transfer = _transfer(write_experiments, ["xresnet18"], seed=12)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
+import pytest
 from click.testing import CliRunner
 
 from pet_sweep.sweep.records import EpochRecord
@@ -158,6 +159,7 @@ def test_format_duration() -> None:
     assert [format_duration(s) for s in (0, 59.4, 61, 3599, 3720)] == ["0s", "59s", "1m01s", "59m59s", "1h02m"]
 
 
+@pytest.mark.train
 def test_run_verbose_and_quiet_off_a_terminal(write_experiments: Callable[..., Path]) -> None:
     config = write_experiments(budget={"n_trials": 1})
     runner = CliRunner()

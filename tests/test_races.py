@@ -185,6 +185,7 @@ def test_budget_left_gives_back_interrupted_slots_and_keeps_retried_ones() -> No
     assert Budget(WorkerRole("inv"), n_trials=2).left(study.get_trials()) == 0  # only the queued retry is left
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("kind", STORES)
 def test_n_trials_0_runs_only_the_queued_retries(kind: str, write_experiments: Callable[..., Path],
                                                  tmp_path: Path) -> None:

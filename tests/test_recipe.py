@@ -30,6 +30,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return exp, build_data(exp)
 
 
+@pytest.mark.train
 def test_freeze_then_unfreeze_with_global_epochs(tiny) -> None:
     exp, data = tiny
     seen = []
@@ -50,6 +51,7 @@ def test_freeze_then_unfreeze_with_global_epochs(tiny) -> None:
     assert result.group_lrs["frozen"][-1] == pytest.approx(1e-2)
 
 
+@pytest.mark.train
 def test_no_frozen_phase(tiny) -> None:
     exp, data = tiny
     params = TrialParams("resnet18", base_lr=1e-2, lr_lo=1e-3, lr_hi=1e-2, freeze_epochs=0, epochs=1)
@@ -57,6 +59,7 @@ def test_no_frozen_phase(tiny) -> None:
     assert [r.phase for r in result.history] == ["unfrozen"] and "frozen" not in result.group_lrs
 
 
+@pytest.mark.train
 def test_same_seed_same_result(tiny) -> None:
     exp, data = tiny
     params = TrialParams("resnet18", base_lr=1e-2, lr_lo=1e-3, lr_hi=1e-2, freeze_epochs=0, epochs=1)
@@ -66,6 +69,7 @@ def test_same_seed_same_result(tiny) -> None:
     assert a.valid_preds == b.valid_preds
 
 
+@pytest.mark.train
 def test_diverging_loss_stops_with_reason(tiny) -> None:
     exp, data = tiny
     params = TrialParams("resnet18", base_lr=1e6, lr_lo=1e5, lr_hi=1e6, freeze_epochs=1, epochs=1)
@@ -73,6 +77,7 @@ def test_diverging_loss_stops_with_reason(tiny) -> None:
         fine_tune(data.dls, params, exp.config.model, seed=0)
 
 
+@pytest.mark.train
 def test_a_loss_that_blows_up_but_stays_finite_stops_in_its_first_epoch(tiny) -> None:
     exp, data = tiny
     seen = []
@@ -91,6 +96,7 @@ def test_a_loss_that_blows_up_but_stays_finite_stops_in_its_first_epoch(tiny) ->
     (3e-2, 3e-2, 1, 0, 2),   # the digits space's highest learning rates, warm-up over 2 epochs only
     (3e-2, 3e-2, 1, 1, 1),   # ... after a frozen epoch: the unfrozen phase's loss rises above the frozen one's
 ])
+@pytest.mark.train
 def test_a_normal_trial_is_not_stopped_by_its_warm_up(tiny, base_lr: float, lr_hi: float, lr_mult: float,
                                                       freeze_epochs: int, epochs: int) -> None:
     exp, data = tiny
@@ -100,6 +106,7 @@ def test_a_normal_trial_is_not_stopped_by_its_warm_up(tiny, base_lr: float, lr_h
     assert len(result.history) == 2
 
 
+@pytest.mark.train
 def test_channels_last_trains_the_model_in_nhwc(tiny) -> None:
     exp, data = tiny
     params = TrialParams("resnet18", base_lr=1e-2, lr_lo=1e-3, lr_hi=1e-2, freeze_epochs=0, epochs=1)
@@ -120,6 +127,7 @@ def test_precision_recorded_as_run() -> None:
     assert precision_for("bf16", "cuda:0") == "bf16"
 
 
+@pytest.mark.train
 def test_pretrained_weights_from_torch_home_cache(tiny, tmp_path: Path, monkeypatch) -> None:
     """The pretrained path loads torchvision's cached file; no download happens."""
     import torchvision

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tests.conftest import TINY_SPACE, tiny_experiment
+from tests.conftest import TINY_SPACE, tiny_experiment, trains
 from pet_sweep.cli import cli
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "analysis.ipynb"
@@ -39,6 +39,7 @@ def write_config(folder: Path, **overrides: Any) -> Path:
 
 
 @pytest.fixture(scope="module")
+@trains
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """experiments.yaml of a finished two-trial study (trained once per module)."""
     path = write_config(tmp_path_factory.mktemp("study"))
@@ -52,9 +53,11 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
+@pytest.mark.train
 def test_optuna_figures_have_one_title_and_no_white_lines(study: Path) -> None:
     import matplotlib.colors
     import optuna
+    from matplotlib.ticker import PercentFormatter
 
     from pet_sweep.report.figures import optuna_figures
 
@@ -63,15 +66,21 @@ def test_optuna_figures_have_one_title_and_no_white_lines(study: Path) -> None:
     figures, notes = optuna_figures(loaded, ["arch", "base_lr"])
     assert set(figures) == {"param_importances", "parallel_coordinate"}, notes
     assert set(optuna_figures(loaded)[0]) == {"parallel_coordinate"}  # no ranked parameters: no importance figure
-    for fig in figures.values():
-        titled = [(ax.get_title("left"), ax.get_title(), ax.get_title("right")) for ax in fig.axes if ax.get_title()]
-        assert [t[0] + t[2] for t in titled] == [""]  # Optuna's title no longer drawn under ours
+    for name, fig in figures.items():
+        left_right = [ax.get_title("left") + ax.get_title("right") for ax in fig.axes]
+        assert not "".join(left_right)  # Optuna's title no longer drawn under ours
+        titles = [ax.get_title() for ax in fig.axes if ax.get_title()] + ([fig._suptitle.get_text()] if fig._suptitle else [])
+        assert len(titles) == 1, (name, titles)  # one title; the parallel plot's above the figure, clear of its axes
+    assert figures["parallel_coordinate"]._suptitle is not None
+    # the error rate in percent, on its axis and its colour bar
+    assert isinstance(figures["parallel_coordinate"].axes[0].yaxis.get_major_formatter(), PercentFormatter)
     lines = next(c for ax in figures["parallel_coordinate"].axes for c in ax.collections if c.get_array() is not None)
     # the worst trial's line is not drawn near-white: it must show on the plot's background
     worst = matplotlib.colors.to_rgb(lines.get_cmap()(1.0))
     assert min(worst) < 0.5
 
 
+@pytest.mark.train
 def test_report_end_to_end(study: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = invoke("report", "--config", study, "--out", out)
@@ -106,6 +115,7 @@ def test_report_end_to_end(study: Path, tmp_path: Path) -> None:
     assert {"report.html", "report.md", "figures"} <= attached
 
 
+@pytest.mark.train
 def test_report_on_a_running_study(study: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -123,6 +133,7 @@ def test_report_on_a_running_study(study: Path, tmp_path: Path) -> None:
     assert re.search(r"\| 2 \| RUNNING \|.*\| running \|", (tmp_path / "out" / "report.md").read_text())
 
 
+@pytest.mark.train
 def test_report_time_costs_times_the_studys_models_again_and_tables_them(study: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -144,6 +155,7 @@ def test_report_time_costs_times_the_studys_models_again_and_tables_them(study: 
     assert "### Costs by model" in md and f"timed side by side {again['when']}" in md
 
 
+@pytest.mark.train
 def test_export_train_round_trip(study: Path, tmp_path: Path) -> None:
     best_yaml = tmp_path / "best.yaml"
     result = invoke("export", "--config", study, "-o", best_yaml)
@@ -231,6 +243,7 @@ def test_importances_leave_out_inert_parameters_and_need_enough_trials() -> None
                                             "ranking needs to be more than noise")
 
 
+@pytest.mark.train
 def test_no_frozen_phase_leaves_base_lr_out_of_the_trial_mlflow_and_best_yaml(tmp_path: Path) -> None:
     import optuna
     from mlflow import MlflowClient
@@ -267,6 +280,7 @@ def test_no_frozen_phase_leaves_base_lr_out_of_the_trial_mlflow_and_best_yaml(tm
     assert refused.exit_code == 2 and "base_lr" in refused.output, refused.output
 
 
+@pytest.mark.train
 def test_notebook_executes(study: Path) -> None:
     import nbformat
     from nbclient import NotebookClient
@@ -302,6 +316,7 @@ def test_no_study_yet(tmp_path: Path) -> None:
     assert result.exit_code == 2 and not (tmp_path / "best.yaml").exists()
 
 
+@pytest.mark.train
 def test_unknown_study_name(study: Path, tmp_path: Path) -> None:
     result = invoke("report", "--config", study, "--study-name", "nope", "--out", tmp_path / "out")
     assert result.exit_code == 2 and "no study named 'nope'" in result.output
@@ -324,6 +339,7 @@ def test_no_completed_trial(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no completed trial" in result.output
 
 
+@pytest.mark.train
 def test_mlflow_store_lacking_the_runs(study: Path, tmp_path: Path) -> None:
     missing = tmp_path / "elsewhere.db"
     result = invoke("report", "--config", study, "--tracking-uri", f"sqlite:///{missing}", "--out", tmp_path / "out")
@@ -339,6 +355,7 @@ def test_mlflow_store_lacking_the_runs(study: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.train
 def test_export_unknown_or_unfinished_trial(study: Path, tmp_path: Path) -> None:
     result = invoke("export", "--config", study, "--trial", "99", "-o", tmp_path / "best.yaml")
     assert result.exit_code == 2
@@ -363,6 +380,7 @@ def test_train_refuses_a_bad_config(tmp_path: Path) -> None:
     assert not (tmp_path / "stores").exists()
 
 
+@pytest.mark.train
 def test_every_command_reads_the_stores_the_environment_names(study: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A machine of a shared sweep sets PET_SWEEP_STORAGE / PET_SWEEP_TRACKING_URI once (README, Scale out):
@@ -395,6 +413,7 @@ def _breed_images(folder: Path, breeds: tuple[str, ...], numbers: range) -> None
             Image.new("RGB", (16, 16), (80 * k, 255 - 80 * k, (7 * i) % 255)).save(folder / f"{breed}_{i}.png")
 
 
+@pytest.mark.train
 def test_train_refuses_a_changed_test_split(tmp_path: Path) -> None:
     """Sweep a pets-shaped folder, export, add 5 images: `run` and `train` refuse, naming the change;
     with --allow-split-change the test error is measured and labelled "not held out" everywhere."""

@@ -79,9 +79,20 @@ def test_a_selection_that_leaves_nothing_to_search_exits_2(write_experiments):
     path = write_experiments(selection={"seeds": 2, "baseline": True})  # 2 baseline runs of a 2-trial budget
     result = CliRunner().invoke(cli, ["run", "--config", str(path)])
     assert result.exit_code == 2 and "selection.seeds" in result.output and "none of" in result.output
-    path = write_experiments(selection={"seeds": 2, "baseline": True}, budget={"n_trials": 4})
-    result = CliRunner().invoke(cli, ["run", "--config", str(path), "--n-trials", "2"])
-    assert result.exit_code == 2 and "--n-trials 2" in result.output and "selection.seeds" in result.output
+
+
+def test_a_smaller_n_trials_cuts_the_selection_down_to_fit(write_experiments):
+    """`--n-trials` below the file's (a resume's last trials, `--n-trials 0`) runs what fits, not an error."""
+    from pet_sweep.config import load_experiment
+
+    path = write_experiments(selection={"seeds": 2, "baseline": True, "confirm_top": 2}, budget={"n_trials": 8})
+    exp = load_experiment(path)
+    assert exp.with_overrides(n_trials=8).config.selection == exp.config.selection  # fits: 4 of 8 kept
+    cut = {n: exp.with_overrides(n_trials=n).config.selection for n in (4, 3, 2, 0)}
+    assert [(c.seeds, c.confirm_top, c.baseline) for c in cut.values()] == [
+        (2, 1, True), (2, 0, True), (1, 0, False), (1, 0, False)]
+    assert cut[3].budget_text(3) == ("the baseline (fastai's fine_tune defaults) takes 2 trials: up to 2 of the "
+                                     "3 trials, at least 1 left to search")
 
 
 def test_from_dict_checks_selection_as_the_file_does():
@@ -91,3 +102,43 @@ def test_from_dict_checks_selection_as_the_file_does():
         Experiment.from_dict({"data": {"source": "digits"}, "sweep": {"arch": "resnet18"},
                               "budget": {"n_trials": 2}, "selection": {"confirm_top": 5}})
     assert err.value.key == "selection.confirm_top"
+
+
+def test_the_resolution_warning_asks_only_for_what_a_split_can_give() -> None:
+    from pet_sweep.selection import resolution_warning
+
+    res = resolution(90, 0.17, 2, 0.07)
+    assert resolution_warning(res, 0.0, 0.1, 2) is None   # no difference measured: nothing to advise
+    assert resolution_warning(res, res.difference, 0.1, 2) is None
+    far = resolution_warning(res, 0.033, 0.1, 2)          # the default sweep's: 928 items wanted of 896
+    assert "more than the data can spare for validation" in far and "raise selection.seeds (now 2)" in far
+    near = resolution_warning(res, res.difference * 0.8, 0.1, 2)
+    assert "more than the data" not in near and "(valid_pct 0." in near
+    with pytest.raises(ValueError, match="above 0"):
+        items_needed(0.17, 0.0)
+
+
+def test_the_sweeps_closing_line_tests_the_winner_against_the_baseline_on_their_shared_seeds() -> None:
+    """`run`'s `best config` line reads the trials' validation predictions (as the report does)."""
+    import optuna
+
+    from pet_sweep.selection import BASELINE_ATTR, BASELINE_ID, CONFIG_ATTR, SEED_ATTR
+    from pet_sweep.sweep.confirm import best_config_text, completed_runs
+    from pet_sweep.sweep.records import PREDS_ATTR, TARGETS_ATTR
+
+    targets = [i % 5 for i in range(90)]
+
+    def trial(number: int, wrong: int, **attrs):
+        preds = [(t + 1) % 5 if i < wrong else t for i, t in enumerate(targets)]
+        return optuna.trial.create_trial(value=wrong / 90, user_attrs={PREDS_ATTR: preds, TARGETS_ATTR: targets,
+                                                                      **attrs}) , number
+
+    made = [trial(0, 40, **{BASELINE_ATTR: True, CONFIG_ATTR: BASELINE_ID, SEED_ATTR: 0}),
+            trial(1, 38, **{BASELINE_ATTR: True, CONFIG_ATTR: BASELINE_ID, SEED_ATTR: 1}),
+            trial(2, 5, **{SEED_ATTR: 0}), trial(3, 6, **{CONFIG_ATTR: "2", SEED_ATTR: 1})]
+    trials = []
+    for t, number in made:
+        t.number = number
+        trials.append(t)
+    text = best_config_text(completed_runs(trials, 0))
+    assert text.startswith("config 2: ") and "worth it? yes: the sweep's winner beats" in text, text

@@ -20,11 +20,13 @@ from click.testing import CliRunner
 
 from pet_sweep.cli import cli
 from tests._sweeps import closed_port as free_port  # a port nothing listens on, for the server
+from tests.conftest import trains
 
 NAME = "tiny-best"
 
 
 @pytest.fixture(scope="module")
+@trains
 def registered(finished_study: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The finished study's best trial, exported, re-trained and registered as NAME version 1."""
     best = tmp_path_factory.mktemp("serve") / "best.yaml"
@@ -132,6 +134,7 @@ def refused_message(port: int, columns: list[str], data: list[list[str]]) -> str
     return json.loads(refused.value.read())["message"]
 
 
+@pytest.mark.train
 def test_register_on_a_store_without_a_registry_stops_before_training(
         finished_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from tests._sweeps import closed_port
 from pet_sweep.cli import cli
 from pet_sweep.config import load_experiment
+from tests.conftest import trains
 
 
 def _invoke(*args: str):
@@ -22,6 +23,7 @@ def _invoke(*args: str):
 
 
 @pytest.fixture(scope="module")
+@trains
 def swept(tmp_path_factory: pytest.TempPathFactory):
     """One 2-trial sweep, shared by the read-only checks below."""
     import yaml
@@ -39,6 +41,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory):
     return folder, load_experiment(folder / "experiments.yaml"), result
 
 
+@pytest.mark.train
 def test_run_prints_where_things_go_and_one_line_per_trial(swept) -> None:
     folder, exp, result = swept
     assert result.exit_code == 0, result.output
@@ -56,6 +59,7 @@ def test_run_prints_where_things_go_and_one_line_per_trial(swept) -> None:
     assert "%|" not in out and "epoch     train_loss" not in out  # no fastai bars or tables
 
 
+@pytest.mark.train
 def test_the_time_budget_starts_after_pretraining(write_experiments, monkeypatch) -> None:
     """A first run that pretrains its bodies (or runs the LR finder) for longer than
     budget.timeout still runs a trial: the clock counts trials only."""
@@ -77,6 +81,7 @@ def test_the_time_budget_starts_after_pretraining(write_experiments, monkeypatch
     assert f"time budget reached (budget.timeout 2s): {ran} of 50 trials ran" in result.output
 
 
+@pytest.mark.train
 def test_optuna_storage_holds_trials_with_history(swept) -> None:
     _, exp, _ = swept
     study = optuna.load_study(study_name="tiny", storage=exp.storage_url)
@@ -92,6 +97,7 @@ def test_optuna_storage_holds_trials_with_history(swept) -> None:
         assert len(t.user_attrs["valid_preds"]) == 60
 
 
+@pytest.mark.train
 def test_mlflow_parent_and_nested_trial_runs(swept) -> None:
     _, exp, _ = swept
     client = MlflowClient(tracking_uri=exp.tracking_uri)
@@ -127,6 +133,7 @@ def test_mlflow_parent_and_nested_trial_runs(swept) -> None:
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.train
 def test_optuna_cli_lists_the_trials(swept) -> None:
     _, exp, _ = swept
     optuna_cli = Path(sys.executable).parent / "optuna"
@@ -137,6 +144,7 @@ def test_optuna_cli_lists_the_trials(swept) -> None:
     assert out.stdout.count("state: COMPLETE") == 2 and "lr_hi:" in out.stdout
 
 
+@pytest.mark.train
 def test_resume_adds_trials_to_the_same_study(write_experiments) -> None:
     path = write_experiments(budget={"n_trials": 1})
     assert _invoke("run", "--config", str(path)).exit_code == 0
@@ -175,6 +183,7 @@ def test_resume_adds_trials_to_the_same_study(write_experiments) -> None:
             f"pet-sweep ui tiny --config {path}") in renamed.output, renamed.output
 
 
+@pytest.mark.train
 def test_diverging_trials_are_pruned_with_reason_and_the_sweep_goes_on(write_experiments) -> None:
     space = {"arch": "resnet18", "base_lr": 1.0e6, "lr_hi": 1.0e6, "lr_mult": 10, "freeze_epochs": 1,
              "epochs": 1}

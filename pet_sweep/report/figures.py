@@ -1,5 +1,5 @@
-"""Every figure pet-sweep draws: a trial's loss curve and LR-finder plot (written while it
-trains), and the report's figures built from a `StudyReport`.
+"""The report's figures, built from a `StudyReport` (a trial's own loss curve and LR-finder plot,
+drawn while it trains, are in `trial_figures`).
 
 Figures are made with `matplotlib.figure.Figure` (not pyplot), so they never
 touch the backend: the CLI and the trials save them as PNG, a notebook shows them
@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import io
 import math
-import textwrap
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, NullLocator, PercentFormatter
+from matplotlib.ticker import NullLocator, PercentFormatter
 
 from pet_sweep.report.analysis import StudyReport
 from pet_sweep.report.front import UNITS
@@ -117,58 +115,129 @@ def error_curves(report: StudyReport, k: int = 6) -> Figure:
         split = unfreeze_epoch(history)
         if split is not None:
             ax.plot([split], [history[epochs.index(split)]["error_rate"]], "v", color=line.get_color(), ms=9)
-    row = report.trials.set_index("number").loc[report.best.number]
+    by_number = report.trials.set_index("number")
+    held = [(n, float(by_number.loc[n, "heldout_error"])) for n in report.top(k)
+            if "heldout_error" in by_number and report.records[n].history
+            and math.isfinite(float(by_number.loc[n, "heldout_error"]))]
+    for n, error in held:  # a replayed trial's held-out error (pet-sweep train), beside its last epoch
+        last = epoch_numbers(report.records[n].history)[-1]
+        ax.plot([last + 0.25], [error], "D", color="black", ms=7, mfc="white", mew=1.5)
+        ax.annotate(f"{error:.1%}", (last + 0.25, error), textcoords="offset points", xytext=(6, -3), fontsize=8)
+    if held:
+        ax.plot([], [], "D", color="black", mfc="white", mew=1.5, label="held-out error (replayed: pet-sweep train)")
+    row = by_number.loc[report.best.number]
     if row["ci_low"] is not None and not math.isnan(row["ci_low"]):
         ax.axhspan(row["ci_low"], row["ci_high"], color="grey", alpha=0.15,
                    label=f"best trial's 95% interval ({row['n_valid']:.0f} items)")
     ax.plot([], [], "v", color="grey", label="first unfrozen epoch")
     ax.set_xticks(sorted(ticks))
-    _error_axis(ax)
+    _fit_error_limits(ax, [v for line in ax.get_lines() for v in line.get_ydata()]
+                      + [v for v in (row["ci_low"], row["ci_high"]) if v is not None and not math.isnan(v)])
+    _error_axis(ax, from_zero=False)
     ax.set_xlabel(EPOCH_AXIS)
     ax.set_ylabel("validation error rate (log scale above 1%)")
     ax.set_title(f"{report.study_name}: error rate per epoch, top trials")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    # beside the plot, never on the curves' last epochs (where the best point is)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="outside right upper")
     return fig
+
+
+def _fit_error_limits(ax: Any, values: Sequence[float]) -> None:
+    """The error axis spans the values drawn (a little margin), not 0 to 100 %."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if finite:
+        low, high = min(finite), max(finite)
+        ax.set_ylim(max(0.0, low * 0.8), min(1.0, high * 1.15) or 0.01)
 
 
 def error_vs_gap(report: StudyReport) -> Figure:
     """Every analysed trial: final error rate against the final generalisation gap, by verdict."""
     fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
     ax = fig.subplots()
-    frame = report.trials[report.trials["verdict"].isin(VERDICTS)]  # running trials have no verdict yet
+    frame = report.trials[report.trials["verdict"].isin(VERDICTS)].copy()  # running trials have no verdict yet
+    frame["final_gap"], clipped = _clip_gaps(frame)
+    done = frame[frame["state"] == "COMPLETE"]
     for verdict in VERDICTS:
-        rows = frame[frame["verdict"] == verdict]
+        rows = done[done["verdict"] == verdict]
         if rows.empty:
             continue
-        colour = VERDICT_COLOURS[verdict]
-        done = rows[rows["state"] == "COMPLETE"]
-        other = rows[rows["state"] != "COMPLETE"]
-        if not done.empty:
-            low = (done["error_rate"] - done["ci_low"]).fillna(0).clip(lower=0)
-            high = (done["ci_high"] - done["error_rate"]).fillna(0).clip(lower=0)
-            ax.errorbar(done["final_gap"], done["error_rate"], yerr=[low, high], fmt="o", color=colour,
-                        ms=7, capsize=3, alpha=0.85, label=f"{verdict} ({len(rows)})")
-        if not other.empty:
-            ax.scatter(other["final_gap"], other["error_rate"], marker="x", color=colour,
-                       label=None if not done.empty else f"{verdict} ({len(rows)})")
-        for _, r in rows.iterrows():
-            ax.annotate(str(int(r["number"])), (r["final_gap"], r["error_rate"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8, color="#333")
-    if (frame["state"] != "COMPLETE").any():
-        ax.scatter([], [], marker="x", color="grey", label="pruned / failed (its last epoch)")
+        low = (rows["error_rate"] - rows["ci_low"]).fillna(0).clip(lower=0)
+        high = (rows["ci_high"] - rows["error_rate"]).fillna(0).clip(lower=0)
+        ax.errorbar(rows["final_gap"], rows["error_rate"], yerr=[low, high], fmt="o", color=VERDICT_COLOURS[verdict],
+                    ms=7, capsize=3, alpha=0.85, label=f"{verdict} ({len(rows)})")
+    # a pruned or failed trial's verdict is of a curve cut short: drawn apart, in grey, not as its verdict
+    other = frame[frame["state"] != "COMPLETE"]
+    if not other.empty:
+        ax.scatter(other["final_gap"], other["error_rate"], marker="x", color="grey", s=40,
+                   label=f"pruned / failed ({len(other)}): its last epoch")
+    if clipped:  # a diverged trial's gap (1e6) would squeeze every other trial onto x = 0
+        beyond = frame[frame["number"].isin(clipped)]
+        ax.scatter(beyond["final_gap"], beyond["error_rate"], marker=">", facecolors="none", edgecolors="black",
+                   s=90, clip_on=False, label=f"gap off the scale ({len(clipped)}): drawn at the edge")
     ax.axvline(0, color="grey", lw=1, linestyle=":")
+    # linear within a loss unit of 0, where most trials sit; logarithmic beyond (a diverging trial's 100s)
+    ax.set_xscale("symlog", linthresh=1.0, linscale=1.5)
     values = frame[["error_rate", "ci_low", "ci_high"]].astype(float).stack()
     if not values.empty:
         ax.set_ylim(max(0.0, values.min() * 0.8), min(1.0, values.max() * 1.15) or 0.01)
     _error_axis(ax, from_zero=False)
-    ax.set_xlabel("generalisation gap at the last epoch (valid loss − train loss)")
+    ax.set_xlabel("generalisation gap at the last epoch (valid loss − train loss; log scale beyond ±1)")
     ax.set_ylabel("error rate at the last epoch (bars: 95% interval)")
     ax.set_title(f"{report.study_name}: error rate vs generalisation gap (labels: trial numbers)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # none where no trial has a loss curve
-        ax.legend(title="verdict", fontsize=8, loc="best")
+        fig.legend(*ax.get_legend_handles_labels(), title="verdict", fontsize=8, loc="outside right upper")
+    best_first = frame.sort_values(["error_rate", "number"], na_position="last")
+    _place_labels(fig, ax, [(str(int(r["number"])), float(r["final_gap"]), float(r["error_rate"]))
+                            for _, r in best_first.iterrows()
+                            if math.isfinite(float(r["final_gap"])) and math.isfinite(float(r["error_rate"]))])
     return fig
+
+
+def _clip_gaps(frame: Any) -> tuple[Any, list[int]]:
+    """The gaps to draw: within two decades (of the symlog axis) beyond the completed trials' quartiles
+    (all trials' where none completed); a gap past that (a loss that blew up to 1e6) is drawn at the
+    edge. Returns the gaps and the trials clipped."""
+    gaps = frame["final_gap"].astype(float)
+    base = gaps[(frame["state"] == "COMPLETE") & np.isfinite(gaps)]
+    base = base if len(base) else gaps[np.isfinite(gaps)]
+    if base.empty:
+        return gaps, []
+    lo, hi = min(float(base.quantile(0.25)), -1.0) * 100, max(float(base.quantile(0.75)), 1.0) * 100
+    outside = frame["number"][(gaps < lo) | (gaps > hi)].astype(int).tolist()
+    return gaps.clip(lower=lo, upper=hi), outside
+
+
+# Where a point's label may go, in points from it: right, above, left, below, then the diagonals.
+_LABEL_OFFSETS = ((5, 3), (0, 7), (-12, 3), (0, -12), (6, 7), (-12, 7), (6, -11), (-12, -11))
+
+
+def _place_labels(fig: Figure, ax: Any, points: Sequence[tuple[str, float, float]]) -> int:
+    """Label each point (best first) at the first of `_LABEL_OFFSETS` where the text overlaps no label
+    placed before it and no other point; a point with no free place is left unlabelled. Returns how
+    many were labelled. Sizes are the renderer's, so the rule holds at any number of trials."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no backend of pyplot's: only a renderer
+
+    canvas = fig.canvas if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig)
+    fig.draw_without_rendering()  # the layout (constrained) is final before anything is measured
+    renderer = canvas.get_renderer()
+    dots = [ax.transData.transform((x, y)) for _, x, y in points]
+    taken: list[Any] = []
+    placed = 0
+    for i, (text, x, y) in enumerate(points):
+        for dx, dy in _LABEL_OFFSETS:
+            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8, color="#333")
+            box = label.get_window_extent(renderer).expanded(1.1, 1.2)
+            clash = any(box.overlaps(other) for other in taken) or any(
+                j != i and box.x0 - 3 <= px <= box.x1 + 3 and box.y0 - 3 <= py <= box.y1 + 3
+                for j, (px, py) in enumerate(dots))
+            if not clash and ax.bbox.contains(box.x0, box.y0) and ax.bbox.contains(box.x1, box.y1):
+                taken.append(box)
+                placed += 1
+                break
+            label.remove()
+    return placed
 
 
 def optuna_figures(study: Any, importance_params: Sequence[str] = ()) -> tuple[dict[str, Figure], list[str]]:
@@ -214,7 +283,12 @@ def optuna_figures(study: Any, importance_params: Sequence[str] = ()) -> tuple[d
             if name == "parallel_coordinate":
                 _readable_parallel_coordinate(fig)
             fig.set_size_inches(9, 5)
-            fig.tight_layout()
+            if name == "parallel_coordinate":
+                ax.set_title("")
+                fig.suptitle(titles[name])  # above the parameter names Optuna writes over the axes
+                fig.tight_layout(rect=(0, 0, 1, 0.97))
+            else:
+                fig.tight_layout()
             figures[name] = fig
     return figures, notes
 
@@ -223,12 +297,14 @@ def _readable_parallel_coordinate(fig: Figure) -> None:
     """Optuna draws the worst trials near-white (Blues) on a grey background, and each axis's
     tick labels on top of the lines: a colour map dark at the best end and light at the
     worst end that stays visible, and tick labels on a pale box."""
+    fig.axes[0].yaxis.set_major_formatter(PercentFormatter(1.0))  # the error rate's axis, the first
     for ax in fig.axes:
         for collection in ax.collections:
             if collection.get_array() is not None:
                 collection.set_cmap("viridis")  # low error: dark purple; high: yellow, still seen on grey
                 if collection.colorbar is not None:
                     collection.colorbar.update_normal(collection)
+                    collection.colorbar.ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         for label in ax.get_yticklabels() + ax.get_xticklabels():
             label.set_bbox({"facecolor": "white", "alpha": 0.75, "edgecolor": "none", "pad": 1})
 
@@ -300,65 +376,3 @@ def png_bytes(fig: Figure) -> bytes:
     fig.savefig(buffer, format="png", dpi=100)
     _close(fig)
     return buffer.getvalue()
-
-
-# -- one trial, while it trains (the trial's MLflow artifacts) -----------------
-
-
-def loss_curve(history: Sequence[Any], path: Path, title: str = "") -> Path:
-    """Train and validation loss per epoch (fastai's `plot_loss` view), error rate on a second axis."""
-    epochs = epoch_numbers(history)
-    fig = Figure(figsize=(7, 4.2), dpi=110)
-    ax = fig.subplots()
-    ax.plot(epochs, [r.train_loss for r in history], "o-", label="train loss")
-    ax.plot(epochs, [r.valid_loss for r in history], "o-", label="valid loss")
-    ax.set_xlabel(EPOCH_AXIS)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-    ax.set_ylabel("loss")
-    ax2 = ax.twinx()
-    ax2.plot(epochs, [r.error_rate for r in history], "s--", color="tab:red", alpha=0.7, label="error rate")
-    ax2.set_ylabel("error rate")
-    split = unfreeze_epoch(history)
-    if split is not None:
-        ax.axvline(split - 0.5, color="grey", linestyle=":", label="unfreeze")
-    handles = ax.get_legend_handles_labels()
-    handles2 = ax2.get_legend_handles_labels()
-    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="upper right", fontsize=8)
-    ax.set_title(title or "loss per epoch")
-    ax.grid(alpha=0.3)
-    # fixed margins instead of tight_layout, which draws the figure once more just to
-    # measure it (half the cost of a plot that every trial writes)
-    fig.subplots_adjust(left=0.1, right=0.88, bottom=0.12, top=0.92)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-def lr_find_plot(lrs: Sequence[float], losses: Sequence[float], suggestions: dict[str, float],
-                 path: Path, title: str = "") -> Path:
-    """fastai's LR-finder view: smoothed loss against a log-scale learning rate, each suggestion
-    marked on the curve and named (with its value) in the legend."""
-    fig = Figure(figsize=(7, 4.4), dpi=110)
-    ax = fig.subplots()
-    ax.plot(lrs, losses, color="tab:blue", label="smoothed training loss")
-    ax.set_xscale("log")
-    styles = {"minimum": ("v", "tab:green", "minimum (loss min / 10)"), "steep": ("^", "tab:orange", "steep"),
-              "valley": ("o", "tab:red", "valley"), "slide": ("s", "tab:purple", "slide")}
-    # hollow markers, each smaller than the last, so suggestions that coincide stay visible
-    for size, (name, lr) in zip(range(14, 0, -3), suggestions.items()):
-        marker, color, label = styles.get(name, ("o", "grey", name))
-        # the suggested LR itself, read off the curve
-        loss_at = float(np.interp(np.log10(lr), np.log10(lrs), losses))
-        ax.axvline(lr, color=color, alpha=0.4, linestyle=":")
-        ax.plot([lr], [loss_at], marker, color=color, markersize=size, markerfacecolor="none",
-                markeredgewidth=2, label=f"{label}: {lr:.2e}")
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("training loss (smoothed)")
-    lines = (title or "learning-rate finder").split("\n")
-    ax.set_title("\n".join([lines[0]] + [textwrap.fill(line, 80) for line in lines[1:]]), fontsize=10)
-    ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path

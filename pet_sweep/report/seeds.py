@@ -149,6 +149,8 @@ class Selection:
         if self.baseline is None:
             return "not asked: no baseline ran (selection.baseline: true runs fastai's fine_tune defaults)"
         if self.versus is None:
+            if set(self.best.seeds) & set(self.baseline.seeds):
+                return "cannot tell: the runs on the seeds they share recorded no validation items"
             return "cannot tell: the winner and the baseline share no seed"
         if self.versus.best_error < self.versus.other_error and self.versus.verdict == "beyond noise":
             return "yes: the sweep's winner beats fastai's fine_tune defaults beyond noise"

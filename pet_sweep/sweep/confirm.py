@@ -33,7 +33,8 @@ from pet_sweep.selection import (BASELINE_ATTR, BASELINE_ID, CONFIG_ATTR, SEED_A
                                  resolution, resolution_warning, training_seeds)
 from pet_sweep.space import Anchored, Anchors, Choice, Range, SearchSpace, anchor_value
 from pet_sweep.sweep.budget import Budget, is_retry
-from pet_sweep.sweep.records import BATCH_ATTR, INTERRUPTED, INVOCATION_ATTR, REASON_ATTR, error_of
+from pet_sweep.sweep.records import (BATCH_ATTR, INTERRUPTED, INVOCATION_ATTR, PREDS_ATTR, REASON_ATTR,
+                                     TARGETS_ATTR, error_of)
 
 KIND_TAG = "pet_sweep.kind"  # MLflow tag of a trial's run: search, repeat or baseline
 SELECTION_ATTRS = (CONFIG_ATTR, SEED_ATTR, BASELINE_ATTR)  # what a retry of a trial carries over
@@ -86,7 +87,9 @@ def taken(trials: list[FrozenTrial], seed: int) -> set[tuple[str, int]]:
 
 
 def completed_runs(trials: list[FrozenTrial], seed: int) -> list[Run]:
-    return [run_of(t.number, t.user_attrs, error, seed) for t in trials
+    """The completed trials as runs, with their validation predictions (the paired test reads them)."""
+    return [run_of(t.number, t.user_attrs, error, seed, t.user_attrs.get(PREDS_ATTR, ()),
+                   t.user_attrs.get(TARGETS_ATTR, ())) for t in trials
             if t.state == TrialState.COMPLETE and (error := error_of(t)) is not None and math.isfinite(error)]
 
 

@@ -290,7 +290,7 @@ class Objective:
         return f"; re-queued at batch_size {smaller}"
 
     def _artifacts(self, folder: Path, run: TrialRun) -> list[Path]:
-        from pet_sweep.report.figures import loss_curve  # heavy: matplotlib
+        from pet_sweep.report.trial_figures import loss_curve  # heavy: matplotlib
 
         config = folder / "trial_config.yaml"
         config.write_text(yaml.safe_dump(trial_config(self.exp, run.params, run.batch_size, run.seed), sort_keys=False))

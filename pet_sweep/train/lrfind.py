@@ -200,7 +200,7 @@ def find_lrs(dls: Any, arch: str, model: ModelConfig, *, seed: int, phases: Sequ
 
 
 def plot_phase(result: PhaseResult, path: Path) -> Path:
-    from pet_sweep.report.figures import lr_find_plot  # heavy: matplotlib
+    from pet_sweep.report.trial_figures import lr_find_plot  # heavy: matplotlib
 
     title = f"LR finder: {result.arch}, {result.phase} phase" + (f"\n{result.note}" if result.note else "")
     return lr_find_plot(result.lrs, result.losses, result.suggestions, path, title)
