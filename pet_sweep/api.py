@@ -31,6 +31,8 @@ def run(exp: Experiment, *, workers: int = 1, n_trials: int | None = None, callb
     objects passed; with `workers > 1` each worker process gets its own pickled copy (so they
     must pickle, and what they record stays in the worker). `echo` gets the lines the CLI prints.
     """
+    import optuna  # heavy
+
     from pet_sweep.launch import local  # heavy: optuna, the training stack
     from pet_sweep.sweep.loop import run_sweep, split_callbacks
     from pet_sweep.sweep.storage import open_study
@@ -38,11 +40,18 @@ def run(exp: Experiment, *, workers: int = 1, n_trials: int | None = None, callb
     if n_trials is not None:
         exp = exp.with_overrides(n_trials=n_trials)
     callbacks = tuple(callbacks)
-    if workers > 1:
-        result = local.supervise(exp, workers, local.parse_gpus(gpus), echo=echo, callbacks=callbacks)
-    else:
-        listeners, cbs = split_callbacks(callbacks)
-        result = run_sweep(exp, echo=echo, epoch_listeners=listeners, fastai_cbs=cbs)
+    # `echo` gets one line per trial: Optuna's own INFO line per trial (a pruned one carries fastai's
+    # "Exception occured in ..." wrapping) would say it twice. Its level is the caller's again after.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))
+    try:
+        if workers > 1:
+            result = local.supervise(exp, workers, local.parse_gpus(gpus), echo=echo, callbacks=callbacks)
+        else:
+            listeners, cbs = split_callbacks(callbacks)
+            result = run_sweep(exp, echo=echo, epoch_listeners=listeners, fastai_cbs=cbs)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     return result, open_study(exp)
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 
 from tests.conftest import TINY_SPACE, tiny_experiment
@@ -95,7 +96,13 @@ def test_run_in_process_hands_the_callbacks_to_every_trial(tmp_path: Path) -> No
     listener, fits = EpochCounter(), CountFits()
     exp = pet_sweep.Experiment.from_dict({**tiny_experiment(budget={"n_trials": 1}), "sweep": dict(TINY_SPACE)},
                                          "tiny", base_dir=tmp_path)
-    result, study = pet_sweep.run(exp, callbacks=[listener, fits], echo=lambda line: None)
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # a notebook's default
+    seen_levels: list[int] = []
+    listener_levels = lambda number, record: seen_levels.append(optuna.logging.get_verbosity())  # noqa: E731
+    result, study = pet_sweep.run(exp, callbacks=[listener, fits, listener_levels], echo=lambda line: None)
     assert result.finished == 1
+    # Optuna's per-trial INFO lines are off while it runs (pet-sweep's echo says each trial once), then back
+    assert set(seen_levels) == {optuna.logging.WARNING}
+    assert optuna.logging.get_verbosity() == optuna.logging.INFO
     assert listener.seen == [(0, 0), (0, 1)]  # one frozen + one unfrozen epoch, numbered globally
     assert fits.fits == 2  # both phases

@@ -255,8 +255,8 @@ def test_selection_script_replays_each_methods_pick_at_equal_epochs(
                     "--save", str(tmp_path / "s0.json")])
     out = capsys.readouterr().out
     assert re.search(r"^# \d{4}-\d\d-\d\d \d\d:\d\d UTC, commit \S+, \d+ cores", out, re.M)
-    assert ("changed from the shipped experiment: n_trials 2, img_size 16, limit 100, "
-            "selection seeds=1 confirm_top=0 baseline=False") in out
+    assert "changed from the shipped experiment: n_trials 2, img_size 16, limit 100, space " in out
+    assert ", selection seeds=1 confirm_top=0 baseline=False)" in out  # the shipped selection, cut to 2 trials
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("0 | ")]
     assert [row[1] for row in rows] == list(selection.METHODS)
     budget = int(rows[0][3])  # pet-sweep's 2 trials of 1 or 2 epochs

@@ -241,6 +241,12 @@ def record(number: int, arch: str, errors: list[float], *, state: str = "COMPLET
         preds=preds if state == "COMPLETE" else (), targets=targets if state == "COMPLETE" else (), seconds=seconds)
 
 
+def test_a_runner_up_that_is_also_the_best_of_its_architecture_is_one_comparison() -> None:
+    best, other = record(0, "xresnet18", [0.3, 0.09]), record(1, "xresnet34", [0.3, 0.10])
+    comparisons = analysis.comparisons_for(best, [best, other, record(2, "xresnet18", [0.3, 0.2])])
+    assert [(c.label, c.other_trial) for c in comparisons] == [("runner-up and best xresnet34", 1)]
+
+
 def test_build_report_ranks_compares_and_advises() -> None:
     records = [record(0, "resnet18", [0.3, 0.2, 0.10]), record(1, "resnet34", [0.3, 0.12, 0.05], lr=3e-3),
                record(2, "resnet34", [0.3, 0.1, 0.06], lr=1e-2), record(3, "resnet50", [0.5], state="PRUNED"),

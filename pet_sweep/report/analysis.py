@@ -208,7 +208,13 @@ def rival_comparisons(best: TrialRecord, done: Sequence[TrialRecord]) -> list[Co
         if arch not in seen:
             seen.add(arch)
             rivals.append((f"best {arch}", r))
-    return [c for c in (compare_records(label, best, other) for label, other in rivals) if c is not None]
+    # a trial that is both (the runner-up is the best of another architecture) is one test, one line
+    labels: dict[int, list[str]] = {}
+    others: dict[int, TrialRecord] = {}
+    for label, other in rivals:
+        labels.setdefault(other.number, []).append(label)
+        others[other.number] = other
+    return [c for c in (compare_records(" and ".join(labels[n]), best, others[n]) for n in labels) if c is not None]
 
 
 def comparisons_for(best: TrialRecord, done: Sequence[TrialRecord]) -> list[Comparison]:
