@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -66,23 +67,23 @@ def _shared_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
         pass
 
 
+def write_experiments_file(folder: Path, space: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                           **overrides: Any) -> Path:
+    """Write experiments.yaml (default `tiny`, with `overrides`) and sweeps/tiny.yaml (`space`, default
+    TINY_SPACE) into `folder`; `extra`: more experiments by name. Returns the experiments file."""
+    (folder / "sweeps").mkdir(exist_ok=True)
+    (folder / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(space or TINY_SPACE))
+    doc = {"default": "tiny", "experiments": {"tiny": tiny_experiment(**overrides), **(extra or {})}}
+    path = folder / "experiments.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
 @pytest.fixture
 def write_experiments(tmp_path: Path) -> Callable[..., Path]:
-    """Write experiments.yaml (+ sweeps/tiny.yaml) into tmp_path and return its path.
-
-    ``write_experiments(space={...}, tiny={...overrides...}, extra={name: experiment})``
-    """
-
-    def write(space: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-              **overrides: Any) -> Path:
-        (tmp_path / "sweeps").mkdir(exist_ok=True)
-        (tmp_path / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(space or TINY_SPACE))
-        doc = {"default": "tiny", "experiments": {"tiny": tiny_experiment(**overrides), **(extra or {})}}
-        path = tmp_path / "experiments.yaml"
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        return path
-
-    return write
+    """`write_experiments_file` into tmp_path: ``write_experiments(space={...}, extra={name: experiment},
+    **overrides of tiny)``."""
+    return functools.partial(write_experiments_file, tmp_path)
 
 
 @pytest.fixture(autouse=True)
@@ -116,12 +117,7 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from pet_sweep.cli import cli
 
-    folder = tmp_path_factory.mktemp("finished-study")
-    (folder / "sweeps").mkdir()
-    (folder / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(TINY_SPACE))
-    doc = {"default": "tiny", "experiments": {"tiny": tiny_experiment()}}
-    path = folder / "experiments.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    path = write_experiments_file(tmp_path_factory.mktemp("finished-study"))
     result = CliRunner().invoke(cli, ["run", "--config", str(path), "--quiet"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return path

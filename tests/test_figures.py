@@ -32,14 +32,6 @@ def thirty_trials(heldout: tuple[analysis.HeldOut, ...] = ()) -> analysis.StudyR
     return analysis.build_report(records, experiment="e", study_name="s", n_classes=10, heldout=heldout)
 
 
-def _renderer(fig):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = fig.canvas if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig)
-    fig.draw_without_rendering()
-    return canvas.get_renderer()
-
-
 def test_error_vs_gap_draws_pruned_trials_in_grey_and_labels_that_do_not_overlap() -> None:
     rep = thirty_trials()
     fig = figures.error_vs_gap(rep)
@@ -58,7 +50,7 @@ def test_error_vs_gap_draws_pruned_trials_in_grey_and_labels_that_do_not_overlap
     # the diverged trial is drawn at the edge of a scale that still shows the others apart
     assert any(text.startswith("gap off the scale (1)") for text in labels)
     assert ax.get_xscale() == "symlog" and ax.get_xlim()[1] < 1e3
-    renderer = _renderer(fig)
+    renderer = figures.laid_out(fig)
     boxes = [t.get_window_extent(renderer) for t in ax.texts]
     assert len(boxes) >= 15, len(boxes)  # most trials labelled
     assert not [(a, b) for a, b in itertools.combinations(boxes, 2) if a.overlaps(b)]
@@ -71,7 +63,7 @@ def test_error_curves_keep_the_legend_off_the_curves_and_the_axis_fitted() -> No
     rep = thirty_trials()
     fig = figures.error_curves(rep)
     ax = fig.axes[0]
-    renderer = _renderer(fig)
+    renderer = figures.laid_out(fig)
     assert fig.legends and not ax.get_legend()
     assert not fig.legends[0].get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
     drawn = [v for line in ax.get_lines() for v in line.get_ydata()]

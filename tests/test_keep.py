@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from pet_sweep.cli import cli
-from tests.conftest import tiny_experiment, trains
+from tests.conftest import trains, write_experiments_file
 
 SPACE = {"arch": "resnet18", "base_lr": 1.0e-3, "lr_hi": {"low": 1.0e-4, "high": 3.0e-2, "log": True},
          "lr_mult": 10, "freeze_epochs": 0, "epochs": 1}
@@ -24,12 +23,8 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pet_sweep.config import load_experiment
     from pet_sweep.sweep.storage import open_study
 
-    folder = tmp_path_factory.mktemp("keep")
-    (folder / "sweeps").mkdir()
-    (folder / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(SPACE))
-    doc = {"default": "tiny", "experiments": {"tiny": tiny_experiment(budget={"n_trials": N_TRIALS}, data={"limit": 200})}}
-    path = folder / "experiments.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    path = write_experiments_file(tmp_path_factory.mktemp("keep"), SPACE, budget={"n_trials": N_TRIALS},
+                                  data={"limit": 200})
     open_study(load_experiment(path)).enqueue_trial({"lr_hi": 1.0e-4})  # kept first, then superseded
     result = CliRunner().invoke(cli, ["run", "--config", str(path), "--quiet"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -119,12 +114,8 @@ def test_register_without_a_kept_model_says_to_train(swept: Path) -> None:
 
 
 @pytest.mark.train
-def test_a_sweep_with_keep_winner_off_keeps_none(tmp_path: Path) -> None:
-    (tmp_path / "sweeps").mkdir()
-    (tmp_path / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(SPACE))
-    doc = {"default": "tiny", "experiments": {"tiny": tiny_experiment(budget={"n_trials": 1}, keep_winner=False)}}
-    path = tmp_path / "experiments.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+def test_a_sweep_with_keep_winner_off_keeps_none(write_experiments) -> None:
+    path = write_experiments(SPACE, budget={"n_trials": 1}, keep_winner=False)
     assert CliRunner().invoke(cli, ["run", "--config", str(path), "--quiet"], catch_exceptions=False).exit_code == 0
     runs = _trial_runs(path)
     assert len(runs) == 1 and not any(_has_model(r) for r in runs.values())

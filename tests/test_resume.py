@@ -54,15 +54,10 @@ def _checkpointed(storage: str, name: str, epochs: int) -> FrozenTrial | None:
 @trains
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> FrozenTrial:
     """The same trial, run to its end without a stop."""
-    from tests.conftest import tiny_experiment
-    import yaml
+    from tests.conftest import write_experiments_file
 
     folder = tmp_path_factory.mktemp("uninterrupted")
-    (folder / "sweeps").mkdir()
-    (folder / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(FOUR_EPOCHS))
-    exp = tiny_experiment(faults=FAULTS, budget=ONE_TRIAL)
-    (folder / "experiments.yaml").write_text(yaml.safe_dump({"default": "tiny", "experiments": {"tiny": exp}}))
-    proc = _run(folder / "experiments.yaml")
+    proc = _run(write_experiments_file(folder, FOUR_EPOCHS, faults=FAULTS, budget=ONE_TRIAL))
     out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, out + err
     trial, = load(load_experiment(folder / "experiments.yaml").storage_url, "tiny").get_trials()

@@ -131,8 +131,7 @@ def error_curves(report: StudyReport, k: int = 6) -> Figure:
                    label=f"best trial's 95% interval ({row['n_valid']:.0f} items)")
     ax.plot([], [], "v", color="grey", label="first unfrozen epoch")
     ax.set_xticks(sorted(ticks))
-    _fit_error_limits(ax, [v for line in ax.get_lines() for v in line.get_ydata()]
-                      + [v for v in (row["ci_low"], row["ci_high"]) if v is not None and not math.isnan(v)])
+    _fit_error_limits(ax, [v for line in ax.get_lines() for v in line.get_ydata()] + [row["ci_low"], row["ci_high"]])
     _error_axis(ax, from_zero=False)
     ax.set_xlabel(EPOCH_AXIS)
     ax.set_ylabel("validation error rate (log scale above 1%)")
@@ -178,9 +177,7 @@ def error_vs_gap(report: StudyReport) -> Figure:
     ax.axvline(0, color="grey", lw=1, linestyle=":")
     # linear within a loss unit of 0, where most trials sit; logarithmic beyond (a diverging trial's 100s)
     ax.set_xscale("symlog", linthresh=1.0, linscale=1.5)
-    values = frame[["error_rate", "ci_low", "ci_high"]].astype(float).stack()
-    if not values.empty:
-        ax.set_ylim(max(0.0, values.min() * 0.8), min(1.0, values.max() * 1.15) or 0.01)
+    _fit_error_limits(ax, frame[["error_rate", "ci_low", "ci_high"]].astype(float).stack().tolist())
     _error_axis(ax, from_zero=False)
     ax.set_xlabel("generalisation gap at the last epoch (valid loss − train loss; log scale beyond ±1)")
     ax.set_ylabel("error rate at the last epoch (bars: 95% interval)")
@@ -209,6 +206,16 @@ def _clip_gaps(frame: Any) -> tuple[Any, list[int]]:
     return gaps.clip(lower=lo, upper=hi), outside
 
 
+def laid_out(fig: Figure) -> Any:
+    """The figure's renderer (Agg, no pyplot backend), once its layout (constrained) is final: what
+    text and legend extents are measured with."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no backend of pyplot's: only a renderer
+
+    canvas = fig.canvas if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig)
+    fig.draw_without_rendering()
+    return canvas.get_renderer()
+
+
 # Where a point's label may go, in points from it: right, above, left, below, then the diagonals.
 _LABEL_OFFSETS = ((5, 3), (0, 7), (-12, 3), (0, -12), (6, 7), (-12, 7), (6, -11), (-12, -11))
 
@@ -217,11 +224,7 @@ def _place_labels(fig: Figure, ax: Any, points: Sequence[tuple[str, float, float
     """Label each point (best first) at the first of `_LABEL_OFFSETS` where the text overlaps no label
     placed before it and no other point; a point with no free place is left unlabelled. Returns how
     many were labelled. Sizes are the renderer's, so the rule holds at any number of trials."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no backend of pyplot's: only a renderer
-
-    canvas = fig.canvas if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig)
-    fig.draw_without_rendering()  # the layout (constrained) is final before anything is measured
-    renderer = canvas.get_renderer()
+    renderer = laid_out(fig)
     dots = [ax.transData.transform((x, y)) for _, x, y in points]
     taken: list[Any] = []
     placed = 0
