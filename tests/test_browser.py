@@ -117,6 +117,7 @@ def close_assistant(page: Any) -> None:
         close.first.click()
 
 
+@pytest.mark.train  # the tiny sweep it browses is trained here
 def test_mlflow_ui_shows_the_sweep_and_its_trials(write_experiments: Callable[..., Path], browser_page: Any,
                                                   screenshots: Path) -> None:
     config = write_experiments()  # two trials, 1 frozen + 1 unfrozen epoch each
