@@ -128,12 +128,13 @@ def ray_state_text() -> str:
     return repr(list_tasks(detail=True, limit=10_000)) + repr(list_actors(detail=True)) + repr(list_jobs())
 
 
-def experiment(write_experiments: Callable[..., Path], n_trials: int) -> tuple[Any, str, str]:
+def experiment(write_experiments: Callable[..., Path], n_trials: int,
+               faults: dict[str, Any] = FAST_FAULTS) -> tuple[Any, str, str]:
     from pet_sweep.config import load_experiment
 
     storage = with_password(server_url("postgres"), SECRET)
     name = f"r{uuid.uuid4().hex[:10]}"  # the server keeps other tests' studies
-    config = write_experiments(study_name=name, storage=storage, budget={"n_trials": n_trials}, faults=FAST_FAULTS)
+    config = write_experiments(study_name=name, storage=storage, budget={"n_trials": n_trials}, faults=faults)
     return load_experiment(config), storage, name
 
 
@@ -211,17 +212,24 @@ def test_run_with_ray_but_without_it_says_how_to_install_it(monkeypatch: pytest.
 def test_a_killed_worker_is_restarted_and_its_trial_retried(cluster: Any, write_experiments: Callable[..., Path],
                                                             proxy: bool) -> None:
     """On the database Optuna's heartbeats fail the dead worker's trial; through the storage
-    proxy (no heartbeats) the worker's task that Ray started again fails it."""
+    proxy (no heartbeats) the worker's task that Ray started again fails it. Either way the retry,
+    in another worker process, goes on from the checkpoint the dead one wrote after its first epoch."""
     from pet_sweep.launch.ray import run_on_ray
+    from pet_sweep.sweep.resume import CHECKPOINT_EPOCHS_ATTR, RESUMED_ATTR
 
-    exp, storage, name = experiment(write_experiments, 3)
+    every_epoch = {**FAST_FAULTS, "checkpoint_min_seconds": 0, "checkpoint_max_share": 1}
+    exp, storage, name = experiment(write_experiments, 3, faults=every_epoch)
     lines: list[str] = []
     done: dict[str, Any] = {}
     driver = threading.Thread(target=lambda: done.update(result=run_on_ray(exp, 2, storage_proxy=proxy,
                                                                            echo=lines.append)))
     driver.start()
     try:
-        victim = wait_for(lambda: running_trial_with_epoch(storage, name), 300, "a trial's first epoch")
+        def checkpointed() -> Any:  # a RUNNING trial whose first epoch (of 2) is in its checkpoint
+            trial = running_trial_with_epoch(storage, name)
+            return trial if trial is not None and trial.user_attrs.get(CHECKPOINT_EPOCHS_ATTR) == 1 else None
+
+        victim = wait_for(checkpointed, 300, "a trial's checkpoint after its first epoch")
         os.kill(int(victim.user_attrs["worker"].rpartition(":")[2]), signal.SIGKILL)
     finally:
         driver.join(timeout=600)
@@ -231,6 +239,12 @@ def test_a_killed_worker_is_restarted_and_its_trial_retried(cluster: Any, write_
     assert [t.state for t in trials if t.number == victim.number] == [TrialState.FAIL]
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert [t.state for t in retries] == [TrialState.COMPLETE], lines
+    retry, victim = retries[0], next(t for t in trials if t.number == victim.number)
+    # a worker that is not the dead one read the checkpoint from storage and trained only the second epoch
+    assert retry.user_attrs["worker"] != victim.user_attrs["worker"]
+    assert retry.user_attrs[RESUMED_ATTR] == {"trial": victim.number, "epoch": 0}
+    assert [r["epoch"] for r in retry.user_attrs["history"]] == [0, 1]
+    assert retry.user_attrs["history"][0] == victim.user_attrs["history"][0]  # the dead trial's record, not retrained
     from ray.util.state import list_tasks
 
     # Ray started the killed worker's task again (its second attempt)
@@ -310,6 +324,12 @@ def test_a_removed_node_is_replaced_by_the_other(cluster: Any, write_experiments
     trials = check_the_stores(exp, storage, name, 3)
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert [t.state for t in retries] == [TrialState.COMPLETE], lines
+    retry, victim = retries[0], next(t for t in trials if t.number == victim.number)
+    # a worker that is not the dead one read the checkpoint from storage and trained only the second epoch
+    assert retry.user_attrs["worker"] != victim.user_attrs["worker"]
+    assert retry.user_attrs[RESUMED_ATTR] == {"trial": victim.number, "epoch": 0}
+    assert [r["epoch"] for r in retry.user_attrs["history"]] == [0, 1]
+    assert retry.user_attrs["history"][0] == victim.user_attrs["history"][0]  # the dead trial's record, not retrained
     assert retries[0].user_attrs[NODE_ID_ATTR] != node.node_id  # the node is gone: the other one ran it
 
 
