@@ -121,3 +121,117 @@ def test_a_sweep_with_keep_winner_off_keeps_none(write_experiments) -> None:
     assert len(runs) == 1 and not any(_has_model(r) for r in runs.values())
     result = CliRunner().invoke(cli, ["register", "--config", str(path), "tiny", "x"])
     assert result.exit_code == 2 and "no kept model" in result.output
+
+
+
+class _Learner:
+    """What `KeepWinner` does with a learner besides saving it: its callbacks removed, then released.
+    `order`: where its trial came in the order the two workers told theirs."""
+
+    cbs: list = []
+
+    def __init__(self, order: int) -> None:
+        self.order = order
+
+    def remove_cbs(self, cbs: list) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_two_workers_finishing_together_keep_only_the_bound_on_an_mlflow_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers tell their trials at once, five times, against a real `mlflow server` (its artifacts
+    proxied over HTTP, so each superseded model is deleted through the server) and a real Optuna store.
+
+    Each round is the race `sweep.keep` guards against: the first worker tells its trial and reads
+    the study (its trial the best so far), the second tells a better one a moment later, and the first
+    one's upload is the slower, so the second lists the kept models before the first has tagged its own.
+    Only the first worker's read after its tag sees that its model is superseded."""
+    import itertools
+    import threading
+    import time
+
+    import optuna
+    from mlflow import MlflowClient
+
+    from pet_sweep.config import load_experiment
+    from pet_sweep.sweep.keep import BOUND, KeepWinner, wanted
+    from pet_sweep.sweep.storage import open_study
+    from pet_sweep.tracking import RUN_ID_ATTR, kept_models
+    from pet_sweep.tracking_kept import DELETED, KEPT_TAG, MODEL_DIR
+    from tests.test_tracking_outage import MlflowServer
+
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        exp = load_experiment(write_experiments_file(tmp_path, SPACE, tracking={"uri": server.uri}))
+        client = MlflowClient(server.uri)
+        eid = client.create_experiment(exp.tracking_experiment)
+
+        def save(learner: _Learner, tmp: Path, example: bytes) -> Path:  # a model folder; the first of a round slow
+            time.sleep(1.0 if learner.order % 2 == 0 else 0.0)
+            (tmp / "model").mkdir()
+            (tmp / "model" / "MLmodel").write_text("flavors: {}\n")
+            (tmp / "model" / "weights.bin").write_bytes(bytes(2048))
+            return tmp / "model"
+
+        monkeypatch.setattr("pet_sweep.serve.save_pyfunc", save)
+        told, tell_lock, barrier = itertools.count(), threading.Lock(), threading.Barrier(2)
+        lines: list[str] = []
+        failures: list[BaseException] = []
+
+        class Objective:
+            def __init__(self) -> None:
+                self.number = self.order = -1
+                self.tracker = type("Tracker", (), {"experiment_id": eid, "down_for": lambda self: 0.0})()
+
+            def take_learner(self) -> tuple[int, _Learner]:
+                return self.number, _Learner(self.order)
+
+        def worker() -> None:
+            try:
+                study, objective = open_study(exp, create=False), Objective()
+                keeper = KeepWinner(exp, objective, lines.append)
+                keeper._example = b"an image"
+                for _ in range(5):
+                    trial = study.ask()
+                    run = client.create_run(eid, tags={"pet_sweep.study": exp.study_name, "pet_sweep.role": "trial",
+                                                       "optuna.trial": str(trial.number)})
+                    trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+                    barrier.wait(timeout=120)  # both finish together
+                    with tell_lock:
+                        order = next(told)
+                        if order % 2:
+                            time.sleep(0.3)  # the second tells once the first has read the study
+                        frozen = study.tell(trial, 1.0 - 0.05 * order)  # each the best when told
+                    objective.number, objective.order = trial.number, order
+                    keeper(study, frozen)
+            except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+                failures.append(err)
+                barrier.abort()
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        open_study(exp)
+        threads = [threading.Thread(target=worker) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+        assert failures == [] and lines == [], (failures, lines)
+
+        study = open_study(exp, create=False)
+        want, done = wanted(exp, study)
+        assert len(done) == 10 and 1 <= len(want) <= BOUND
+        kept = kept_models(server.uri, eid).kept(exp.study_name)
+        assert {k.number for k in kept} == want
+        runs = {int(r.data.tags["optuna.trial"]): r for r in client.search_runs([eid])}
+        assert len([r for r in runs.values() if r.data.tags.get(KEPT_TAG) == DELETED]) >= 5
+        for number, run in runs.items():  # what the server lists, and what is on its disk
+            listed = [f.path for f in client.list_artifacts(run.info.run_id, MODEL_DIR)]
+            on_disk = list((tmp_path / "server" / "artifacts").glob(f"*/{run.info.run_id}/artifacts/{MODEL_DIR}/*"))
+            if number in want:
+                assert sorted(Path(p).name for p in listed) == ["MLmodel", "weights.bin"] and len(on_disk) == 2
+            else:
+                assert listed == [] and on_disk == [], (number, listed, on_disk)
+    finally:
+        server.kill()

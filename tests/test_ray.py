@@ -22,6 +22,8 @@ from tests.test_databases import server_url, with_password
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[ray]'")
 
 SECRET = "s3cret-ray"
+# a checkpoint after every epoch, however short: a killed trial's retry goes on from it
+EVERY_EPOCH = {**FAST_FAULTS, "checkpoint_min_seconds": 0, "checkpoint_max_share": 1}
 
 
 def test_without_ray_the_engine_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,8 +219,7 @@ def test_a_killed_worker_is_restarted_and_its_trial_retried(cluster: Any, write_
     from pet_sweep.launch.ray import run_on_ray
     from pet_sweep.sweep.resume import CHECKPOINT_EPOCHS_ATTR, RESUMED_ATTR
 
-    every_epoch = {**FAST_FAULTS, "checkpoint_min_seconds": 0, "checkpoint_max_share": 1}
-    exp, storage, name = experiment(write_experiments, 3, faults=every_epoch)
+    exp, storage, name = experiment(write_experiments, 3, faults=EVERY_EPOCH)
     lines: list[str] = []
     done: dict[str, Any] = {}
     driver = threading.Thread(target=lambda: done.update(result=run_on_ray(exp, 2, storage_proxy=proxy,
@@ -299,21 +300,22 @@ def test_ctrl_c_on_the_driver_stops_every_worker_cleanly(cluster: Any, write_exp
 def test_a_removed_node_is_replaced_by_the_other(cluster: Any, write_experiments: Callable[..., Path]) -> None:
     from pet_sweep.launch.ray import run_on_ray
     from pet_sweep.launch.ray_worker import NODE_ID_ATTR
+    from pet_sweep.sweep.resume import CHECKPOINT_EPOCHS_ATTR, RESUMED_ATTR
 
-    exp, storage, name = experiment(write_experiments, 3)
+    exp, storage, name = experiment(write_experiments, 3, faults=EVERY_EPOCH)
     node = next(iter(cluster.worker_nodes))
 
-    def training_there() -> Any:
+    def training_there() -> Any:  # a trial on that node with its first epoch (of 2) in its checkpoint
         trials = load(storage, name).get_trials(states=(TrialState.RUNNING,))
-        return next((t for t in trials if t.user_attrs.get("history") and t.user_attrs.get(NODE_ID_ATTR) == node.node_id),
-                    None)
+        return next((t for t in trials if t.user_attrs.get(CHECKPOINT_EPOCHS_ATTR) == 1
+                     and t.user_attrs.get(NODE_ID_ATTR) == node.node_id), None)
 
     lines: list[str] = []
     done: dict[str, Any] = {}
     driver = threading.Thread(target=lambda: done.update(result=run_on_ray(exp, 2, echo=lines.append)))
     driver.start()
     try:
-        wait_for(lambda: load_or_none(storage, name) and training_there(), 300, "a trial's first epoch on the node")
+        wait_for(lambda: load_or_none(storage, name) and training_there(), 300, "a trial's checkpoint on the node")
         victim = training_there()
         cluster.remove_node(node, allow_graceful=False)
     finally:
@@ -325,12 +327,11 @@ def test_a_removed_node_is_replaced_by_the_other(cluster: Any, write_experiments
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert [t.state for t in retries] == [TrialState.COMPLETE], lines
     retry, victim = retries[0], next(t for t in trials if t.number == victim.number)
-    # a worker that is not the dead one read the checkpoint from storage and trained only the second epoch
-    assert retry.user_attrs["worker"] != victim.user_attrs["worker"]
+    assert retry.user_attrs[NODE_ID_ATTR] != node.node_id  # the node is gone: the other one ran it ...
+    # ... from the checkpoint the removed node wrote: only the second epoch trained again
     assert retry.user_attrs[RESUMED_ATTR] == {"trial": victim.number, "epoch": 0}
     assert [r["epoch"] for r in retry.user_attrs["history"]] == [0, 1]
-    assert retry.user_attrs["history"][0] == victim.user_attrs["history"][0]  # the dead trial's record, not retrained
-    assert retries[0].user_attrs[NODE_ID_ATTR] != node.node_id  # the node is gone: the other one ran it
+    assert retry.user_attrs["history"][0] == victim.user_attrs["history"][0]
 
 
 def load_or_none(storage: str, name: str) -> Any:
