@@ -1,4 +1,3 @@
-# size: over 400 lines since issue 25 (checkpoints, registry); to split along the data flow next
 """MLflow at the edge: one experiment per pet-sweep experiment, one parent run per
 study (the sweep), one nested child run ``trial-<n>`` per Optuna trial.
 
@@ -7,8 +6,9 @@ fluent ``mlflow.start_run`` stack, so several workers in one process tree, or
 a crash in the middle of a trial, cannot leave the wrong run active.
 
 This module is the one door to MLflow: `Tracker` writes (sweeps, trials, the
-finder's, pretraining's and replays' runs), `experiment_id` and `SweepRuns` read.
-No other module holds an `MlflowClient`. mlflow itself is imported inside the
+finder's, pretraining's and replays' runs), `experiment_id` and `open_sweep_runs` read
+(`tracking_read`), `kept_models` and the registry's functions keep and register models
+(`tracking_kept`). No other module holds an `MlflowClient`: those parts get this one's. mlflow itself is imported inside the
 functions that use it, so `pet-sweep --help`, `list` and `export` never load it.
 """
 
@@ -19,26 +19,23 @@ import math
 import os
 import time
 import urllib.error
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from pet_sweep.errors import ConfigError, StudyError
-from pet_sweep.tracking_kept import KeptModels, register_version
+from pet_sweep.tracking_kept import KeptModels, model_file, no_artifact_bars, register_version
+from pet_sweep.tracking_read import RUN_STATUS, RunRecord, SweepRuns
 from pet_sweep.tracking_spool import Gate, apply, is_server, sync_spool
 # the URL helpers live in `urls` (the spool needs them too); callers import them from this door
 from pet_sweep.urls import REDACTED, is_redacted, open_http, redact_url, redact_url_in, require_password, sqlite_path
 
-__all__ = ["REDACTED", "is_redacted", "open_http", "redact_url", "redact_url_in", "require_password", "sqlite_path"]
+__all__ = ["REDACTED", "is_redacted", "open_http", "redact_url", "redact_url_in", "require_password", "sqlite_path",
+           "RUN_STATUS", "RunRecord", "SweepRuns", "no_artifact_bars"]
 
 if TYPE_CHECKING:  # sweep.records imports this module (and optuna): for annotations only
     from pet_sweep.sweep.records import EpochRecord
 
-# MLflow run statuses for Optuna trial states: a pruned trial was stopped on
-# purpose (KILLED), a failed one FAILED; no trial run is ever left RUNNING.
-RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 # How long a new parent run waits for those other machines create at the same moment to be
 # stored (well above one insert, even on a loaded database) before the earliest is kept.
@@ -312,24 +309,6 @@ def send_spooled(tracking_uri: str, spool: Path) -> tuple[int, int]:
 # -- the Model Registry (`train --register`, `serve`) --------------------------------------------
 
 
-_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # mlflow.environment_variables, read at each bar
-
-
-@contextmanager
-def no_artifact_bars() -> Iterator[None]:
-    """Within: no "Downloading artifacts" progress bars from MLflow (it draws one for each model
-    it loads or copies, a local folder too); the variable as it was, after."""
-    before = os.environ.get(_BARS)
-    os.environ[_BARS] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(_BARS, None)
-        else:
-            os.environ[_BARS] = before
-
-
 def check_registry(tracking_uri: str) -> None:
     """Refuse `--register` before any training where the store has no Model Registry that answers."""
     from mlflow.environment_variables import MLFLOW_REGISTRY_URI  # heavy: mlflow
@@ -360,20 +339,7 @@ def kept_models(tracking_uri: str, experiment_id: str) -> KeptModels:
 
 def download_model_file(tracking_uri: str, name: str, version: str, file: str, folder: Path) -> Path | None:
     """One file of a registered model version, downloaded into `folder`; None where it has none."""
-    from mlflow.artifacts import download_artifacts  # heavy: mlflow
-
-    client = _client(tracking_uri)
-    try:
-        if version == "latest":
-            version = str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
-        # the version's own artifact URI: a models:/ URI would be resolved in the default registry, not this store's
-        source = client.get_model_version_download_uri(name, version).rstrip("/")
-        with no_artifact_bars():
-            found = Path(download_artifacts(artifact_uri=f"{source}/{file}", dst_path=str(folder),
-                                            tracking_uri=tracking_uri))
-        return found if found.is_file() else None
-    except Exception:  # no such file (a model registered before it was written), or no such version
-        return None
+    return model_file(_client(tracking_uri), tracking_uri, name, version, file, folder)
 
 
 # -- readers (`report`, `ui`): they never create a store, an experiment or a run ----------------
@@ -383,53 +349,6 @@ def experiment_id(tracking_uri: str, experiment_name: str) -> str | None:
     """The id of the MLflow experiment of that name in the store, None when it has none."""
     found = _client(tracking_uri).get_experiment_by_name(experiment_name)
     return None if found is None else str(found.experiment_id)
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """What a reader needs of one MLflow run."""
-
-    run_id: str
-    metrics: Mapping[str, float]
-    tags: Mapping[str, str]
-
-
-class SweepRuns:
-    """A sweep's runs in an MLflow store, found from its parent run: read them, attach files to it.
-
-    `open_sweep_runs` builds one; it is None where the store lacks the parent run.
-    """
-
-    def __init__(self, client: Any, experiment_id: str, parent_run_id: str) -> None:
-        self._client, self.experiment_id, self.parent_run_id = client, experiment_id, parent_run_id
-
-    def finished_runs(self, study_name: str, role: str) -> list[RunRecord]:
-        """Finished runs of the study with tag ``pet_sweep.role`` = `role`, oldest first."""
-        runs = self._client.search_runs(
-            [self.experiment_id], order_by=["attributes.start_time ASC"],
-            filter_string=f"tags.`pet_sweep.role` = '{role}' and tags.`pet_sweep.study` = '{study_name}'"
-                          " and attributes.status = 'FINISHED'")
-        return [RunRecord(run.info.run_id, dict(run.data.metrics), dict(run.data.tags)) for run in runs]
-
-    def incomplete_trials(self, study_name: str, states: Mapping[int, str]) -> list[int]:
-        """The trials (number -> Optuna state) whose MLflow run is missing, or not closed as Optuna
-        closed the trial (a sweep that ended while the server was away, its writes still spooled)."""
-        runs = {}
-        for run in self._client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`pet_sweep.role` = 'trial' and "
-                                                    f"tags.`pet_sweep.study` = '{study_name}'"):
-            runs[int(run.data.tags.get("optuna.trial", -1))] = run
-        out = []
-        for number, state in sorted(states.items()):
-            run = runs.get(number)
-            if state in RUN_STATUS and (run is None or run.info.status != RUN_STATUS[state]
-                                        or run.data.tags.get("optuna.state") != state):
-                out.append(number)
-        return out
-
-    def attach(self, folder: Path, artifact_path: str) -> None:
-        """Every file under `folder` as artifacts of the parent run, under `artifact_path`."""
-        self._client.log_artifacts(self.parent_run_id, str(folder), artifact_path=artifact_path)
 
 
 def open_sweep_runs(tracking_uri: str, parent_run_id: str) -> SweepRuns | None:

@@ -1,5 +1,6 @@
-"""The kept models in MLflow (`sweep.keep`): a trial run's artifacts ``model/`` hold its learner as
-a pyfunc model, and the run's tag `KEPT_TAG` says whether they are there.
+"""The kept and registered models in MLflow (`sweep.keep`, `register`, `serve`): a trial run's
+artifacts ``model/`` hold its learner as a pyfunc model, and the run's tag `KEPT_TAG` says whether
+they are there.
 
 A part of the one door to MLflow, as `tracking_spool` is: `tracking.kept_models` hands it the
 store's client; no other module holds one. Tag values:
@@ -12,13 +13,31 @@ store's client; no other module holds one. Tag values:
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 KEPT_TAG = "pet_sweep.kept_model"
 MODEL_DIR = "model"  # the artifacts' folder, as `train --register` logs it
 KEPT, DELETED, REGISTERED = "true", "deleted", "registered"
+_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # mlflow.environment_variables, read at each bar
+
+
+@contextmanager
+def no_artifact_bars() -> Iterator[None]:
+    """Within: no "Downloading artifacts" progress bars from MLflow (it draws one for each model
+    it loads or copies, a local folder too); the variable as it was, after."""
+    before = os.environ.get(_BARS)
+    os.environ[_BARS] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_BARS, None)
+        else:
+            os.environ[_BARS] = before
 
 
 @dataclass(frozen=True)
@@ -93,3 +112,21 @@ def register_version(client: Any, name: str, source: str, run_id: str, tags: Map
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
     return int(client.create_model_version(name, source, run_id=run_id, tags=dict(tags)).version)
+
+
+def model_file(client: Any, tracking_uri: str, name: str, version: str, file: str, folder: Path) -> Path | None:
+    """One file of a registered model version ("latest": the newest), downloaded into `folder`;
+    None where it has none (`serve` reads the input example and the labels so)."""
+    from mlflow.artifacts import download_artifacts  # heavy: mlflow
+
+    try:
+        if version == "latest":
+            version = str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
+        # the version's own artifact URI: a models:/ URI would be resolved in the default registry, not this store's
+        source = client.get_model_version_download_uri(name, version).rstrip("/")
+        with no_artifact_bars():
+            found = Path(download_artifacts(artifact_uri=f"{source}/{file}", dst_path=str(folder),
+                                            tracking_uri=tracking_uri))
+        return found if found.is_file() else None
+    except Exception:  # no such file (a model registered before it was written), or no such version
+        return None
