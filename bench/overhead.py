@@ -19,11 +19,14 @@ bench.profile; it is printed as its own line, from each trial's `cost_measure_se
 `--checkpoints` times epoch checkpoints (`train.checkpoint`): the same enqueued configs run
 by pet-sweep with none, with one after every epoch, and with `faults.checkpoint_max_share`'s
 default alone (no `checkpoint_min_seconds`, whose default of 30 s saves none on digits), interleaved; it prints the median ratios, the seconds per
-save (each trial's `checkpoint_seconds`) and the size of a checkpoint file.
+save (each trial's `checkpoint_seconds`) and the size of a checkpoint file. `--keep-winner` times
+keeping the winner's model (`sweep.keep`) the same way, off against on, with the seconds its calls
+took and the kept models' count and size in MLflow after each sweep.
 
     python -m bench.overhead [--reps 5] [--img-size 32]
     python -m bench.overhead --costs [--img-size 32]
     python -m bench.overhead --checkpoints [--reps 3] [--img-size 32]
+    python -m bench.overhead --keep-winner [--reps 3] [--img-size 32]
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -107,9 +110,36 @@ def cost_measurement(folder: Path, experiment: dict[str, Any], epochs: int) -> N
         print(f"{arch} | {measuring:.2f} | {trial:.1f} | {100 * measuring / trial:.1f} %")
 
 
-CHECKPOINT_ARMS = {"none": {"checkpoint_every": 0},
-                   "every epoch": {"checkpoint_min_seconds": 0, "checkpoint_max_share": 1.0},
-                   "share rule": {"checkpoint_min_seconds": 0}}  # faults.checkpoint_max_share's default alone
+CHECKPOINT_ARMS = {"none": {"faults": {"checkpoint_every": 0}},
+                   "every epoch": {"faults": {"checkpoint_min_seconds": 0, "checkpoint_max_share": 1.0}},
+                   "share rule": {"faults": {"checkpoint_min_seconds": 0}}}  # faults.checkpoint_max_share's default alone
+KEEP_ARMS = {"keep off": {"keep_winner": False}, "keep on": {"keep_winner": True}}
+
+
+def compare_arms(folder: Path, experiment: dict[str, Any], reps: int, arms: dict[str, dict[str, Any]],
+                 spent: Callable[[Path, str], float]) -> dict[str, Path]:
+    """CONFIGS run by pet-sweep once per arm (`experiment` with the arm's settings) and repetition,
+    each arm first in turn; prints each run's seconds, its ratio to the first arm, and the medians.
+    `spent(path, study)`: the seconds of that run the arm's own work took. The arms' experiments files."""
+    paths = {arm: write_experiment(folder / arm.replace(" ", "-"), {**experiment, **settings}, SPACE)
+             for arm, settings in arms.items()}
+    names = list(paths)
+    times: dict[str, list[float]] = {arm: [] for arm in names}
+    used: dict[str, float] = {arm: 0.0 for arm in names}
+    with_pet_sweep(paths[names[0]], "warm-up")  # untimed: the data cache, imports
+    print("rep | " + " | ".join(f"{arm} s" for arm in names) + " | "
+          + " | ".join(f"{arm}/{names[0]}" for arm in names[1:]))
+    for rep in range(reps):
+        for arm in names[rep % len(names):] + names[:rep % len(names)]:
+            times[arm].append(with_pet_sweep(paths[arm], f"arm-{rep}"))
+            used[arm] += spent(paths[arm], f"arm-{rep}")
+        row = [times[arm][-1] for arm in names]
+        print(f"{rep} | " + " | ".join(f"{v:.1f}" for v in row) + " | "
+              + " | ".join(f"{v / row[0]:.3f}" for v in row[1:]), flush=True)
+    for arm in names[1:]:
+        ratio = median([a / b for a, b in zip(times[arm], times[names[0]])])
+        print(f"median {arm}/{names[0]} {ratio:.3f} over {reps} repetitions; its own work took {used[arm]:.1f}s in all")
+    return paths
 
 
 def checkpoint_cost(folder: Path, experiment: dict[str, Any], reps: int) -> None:
@@ -121,26 +151,12 @@ def checkpoint_cost(folder: Path, experiment: dict[str, Any], reps: int) -> None
     from pet_sweep.sweep.storage import open_study
     from pet_sweep.train import checkpoint
 
-    paths = {arm: write_experiment(folder / arm.replace(" ", "-"), {**experiment, "faults": faults}, SPACE)
-             for arm, faults in CHECKPOINT_ARMS.items()}
-    times: dict[str, list[float]] = {arm: [] for arm in paths}
-    saves: dict[str, list[float]] = {arm: [] for arm in paths}
-    with_pet_sweep(paths["none"], "warm-up")  # untimed: the data cache, imports
-    print("rep | " + " | ".join(f"{arm} s" for arm in paths) + " | every epoch/none | share rule/none")
-    for rep in range(reps):
-        arms = list(paths)[rep % 3:] + list(paths)[:rep % 3]  # each arm first in turn
-        for arm in arms:
-            path = paths[arm]
-            times[arm].append(with_pet_sweep(path, f"ckpt-{rep}"))
-            study = open_study(load_experiment(path).with_overrides(study_name=f"ckpt-{rep}"), create=False)
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                saves[arm].append(t.user_attrs.get(CHECKPOINT_SECONDS_ATTR, 0.0))
-        row = [times[arm][-1] for arm in paths]
-        print(f"{rep} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {row[1] / row[0]:.3f} | {row[2] / row[0]:.3f}",
-              flush=True)
-    for arm in ("every epoch", "share rule"):
-        ratio = median([a / b for a, b in zip(times[arm], times["none"])])
-        print(f"median {arm}/none {ratio:.3f}; its saves took {sum(saves[arm]):.1f}s in all")
+    def saves(path: Path, name: str) -> float:  # the trials' checkpoint saves, as each recorded them
+        study = open_study(load_experiment(path).with_overrides(study_name=name), create=False)
+        return sum(t.user_attrs.get(CHECKPOINT_SECONDS_ATTR, 0.0)
+                   for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    paths = compare_arms(folder, experiment, reps, CHECKPOINT_ARMS, saves)
     # one checkpoint of each arch alone: its file's size and what writing it takes
     from optuna.trial import FixedTrial
 
@@ -158,6 +174,42 @@ def checkpoint_cost(folder: Path, experiment: dict[str, Any], reps: int) -> None
         params = suggest(exp.space, FixedTrial({**cfg, "freeze_epochs": 0, "epochs": 2}))
         recipe.fine_tune(data.dls, params, exp.config.model, seed=0, checkpoint=plan)
         print(f"{cfg['arch']}: checkpoint file {target.stat().st_size / 2**20:.0f} MiB, one save {seconds[0]:.2f}s")
+
+
+def keep_cost(folder: Path, experiment: dict[str, Any], reps: int) -> None:
+    """`--keep-winner`: CONFIGS run with `keep_winner` off and on; what keeping took (each
+    `KeepWinner` call: save, upload, the superseded deleted) and what stays kept."""
+    from pet_sweep.config import load_experiment
+    from pet_sweep.sweep import keep
+    from pet_sweep.tracking import experiment_id, kept_models
+
+    calls: list[float] = []
+    original = keep.KeepWinner.__call__
+
+    def timed(self: Any, study: Any, trial: Any) -> None:
+        started = time.perf_counter()
+        try:
+            original(self, study, trial)
+        finally:
+            calls.append(time.perf_counter() - started)
+
+    def spent(path: Path, name: str) -> float:
+        seconds = sum(calls)
+        calls.clear()
+        return seconds
+
+    keep.KeepWinner.__call__ = timed
+    try:
+        paths = compare_arms(folder, experiment, reps, KEEP_ARMS, spent)
+    finally:
+        keep.KeepWinner.__call__ = original
+    exp = load_experiment(paths["keep on"])
+    kept = kept_models(exp.tracking_uri, experiment_id(exp.tracking_uri, exp.tracking_experiment))
+    for rep in range(reps):
+        models = kept.kept(f"arm-{rep}")
+        size = sum(kept.size(m.run_id) for m in models)
+        print(f"arm-{rep}: {len(CONFIGS)} trials, {len(models)} kept (at most {keep.BOUND}), "
+              f"{size / 2**20:.1f} MiB in MLflow's artifacts")
 
 
 def bare_fastai(img_size: int, batch_size: int, seed: int, dls: Any = None) -> float:
@@ -199,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=CONFIGS[1]["epochs"], help="with --costs: epochs of each trial")
     parser.add_argument("--checkpoints", action="store_true", help="only time epoch checkpoints: none, after every "
                                                                    "epoch, and the share rule")
+    parser.add_argument("--keep-winner", action="store_true", help="only time keeping the winner's model: off, on")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     from pet_sweep.sweep.storage import quiet_optuna
@@ -219,6 +272,11 @@ def main(argv: list[str] | None = None) -> None:
         print(header(f"overhead: epoch checkpoints, {len(CONFIGS)} enqueued configs ({epochs} epochs), digits "
                      f"{args.img_size}px ({args.limit or 'all'} images), {args.reps} interleaved repetitions"))
         checkpoint_cost(folder, experiment, args.reps)
+        return
+    if args.keep_winner:
+        print(header(f"overhead: keeping the winner's model, {len(CONFIGS)} enqueued configs, digits "
+                     f"{args.img_size}px ({args.limit or 'all'} images), {args.reps} interleaved repetitions"))
+        keep_cost(folder, experiment, args.reps)
         return
     path = write_experiment(folder, experiment, SPACE)
     from pet_sweep.config import load_experiment

@@ -181,6 +181,35 @@ def test_overhead_is_judged_on_the_median_a_c_of_five_repetitions(
     assert verdict in out.splitlines()[-1]
 
 
+@pytest.mark.slow
+@pytest.mark.train
+def test_overhead_times_checkpoints_and_keeping_the_winner_arm_by_arm(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--checkpoints` and `--keep-winner` for real, one tiny repetition each: every arm ran, its own
+    work was timed, and what it leaves (a checkpoint file, the kept models) was measured."""
+    from bench import overhead
+
+    monkeypatch.setattr(overhead, "temp_dir", lambda prefix: tmp_path / prefix)
+    tiny = ["--reps", "1", "--limit", "100", "--img-size", "16"]
+    overhead.main(["--checkpoints", *tiny])
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"0 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+", out[-5]), out
+    every, share = (re.fullmatch(rf"median {arm}/none [\d.]+ over 1 repetitions; its own work took ([\d.]+)s in all",
+                                 line) for arm, line in zip(("every epoch", "share rule"), out[-4:-2]))
+    assert every and float(every[1]) > 0 and share, out  # 10 epochs saved
+    assert [re.fullmatch(rf"{arch}: checkpoint file \d+ MiB, one save [\d.]+s", line) is not None
+            for arch, line in zip(("resnet18", "xresnet18"), out[-2:])] == [True, True], out
+
+    overhead.main(["--keep-winner", *tiny])
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"0 \| [\d.]+ \| [\d.]+ \| [\d.]+", out[-3]), out
+    spent = re.fullmatch(r"median keep on/keep off [\d.]+ over 1 repetitions; its own work took ([\d.]+)s in all",
+                         out[-2])
+    assert spent and float(spent[1]) > 0, out
+    kept = re.fullmatch(r"arm-0: 3 trials, (\d) kept \(at most 2\), ([\d.]+) MiB in MLflow's artifacts", out[-1])
+    assert kept and 1 <= int(kept[1]) <= 2 and float(kept[2]) > 1, out
+
+
 def test_rates_keep_significant_digits_on_a_slow_machine() -> None:
     from bench.gpu_precision import significant
 
