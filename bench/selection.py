@@ -23,10 +23,14 @@ runs trials (resuming its study, as `pet-sweep run` again does) until it has tra
 many: it may overshoot by one trial, never fall short. `--budget-epochs N` gives every search N.
 
 Figures: per method, the mean held-out error of its picks over sweep seeds x retrain seeds x items
-(Wilson 95 %) and over sweep seeds (t 95 %: the sweep's own noise); the paired exact McNemar test of
-`report.stats` on (sweep seed, retrain seed, item) pairs, Holm across the method pairs; the regret
-against the best config any method picked (its mean held-out error over the retrain seeds; the
-minimum of noisy means, so the regrets lean high).
+(Wilson 95 %) and over sweep seeds (t 95 %: the sweep's own noise); the regret against the best
+config any method picked (its mean held-out error over the retrain seeds; the minimum of noisy
+means, so the regrets lean high). Per pair of methods, two tests, each Holm across the pairs:
+the paired exact McNemar test of `report.stats` on (sweep seed, retrain seed, item) pairs (item
+and retrain-seed noise: are these picks different?), and a paired t-test of the per-sweep-seed
+mean errors (sweep noise: would another sweep seed pick as well?). A method beats another
+"beyond noise" only where both say so: a pooled count can be decided by one sweep seed whose
+pick was unlucky, when the searches shared their picks on the others.
 
     python -m bench.selection --experiment digits-transfer --seeds 0 1 2 3 4
     python -m bench.selection --seeds 1 --threads 1 --save s1.json   # one sweep seed a process, then:
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -306,6 +311,66 @@ def compare(runs: dict[int, dict[str, Pick]], targets: list[int], pairs: list[tu
                            for i, (a, b) in enumerate(pairs, start=1)])
 
 
+def seed_p_value(diffs: list[float]) -> float:
+    """Two-sided paired t-test of per-sweep-seed differences against 0 (nan below two seeds; 0 where
+    every seed differs by the same nonzero amount, 1 where none differs)."""
+    from scipy.stats import t  # heavy: scipy.stats
+
+    if len(diffs) < 2:
+        return float("nan")
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    if sd == 0:
+        return 0.0 if mean != 0 else 1.0
+    return float(2 * t.sf(abs(mean) / (sd / len(diffs) ** 0.5), len(diffs) - 1))
+
+
+def seeds_needed(diffs: list[float], family: int, power: float = 0.8) -> str:
+    """Sweep seeds for a paired t-test (normal approximation) to find the mean of `diffs` at their
+    spread, at Holm's strictest level over `family` pairs; "-" where the seeds never differ, or all by the same."""
+    from scipy.stats import norm  # heavy: scipy.stats
+
+    from pet_sweep.report.stats import ALPHA
+
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    if mean == 0 or sd == 0:
+        return "-"
+    z = norm.ppf(1 - ALPHA / family / 2) + norm.ppf(power)
+    return str(max(2, math.ceil((z * sd / abs(mean)) ** 2)))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One pair's tests: `pooled` (McNemar, Holm), the per-sweep-seed differences a - b, their paired
+    t-test's Holm p, and the verdict of both."""
+
+    pooled: Any
+    diffs: list[float]
+    seed_p: float
+    verdict: str
+
+    def beats(self) -> bool:
+        """a's pick beats b's beyond noise."""
+        return self.verdict == "beyond noise" and self.pooled.best_error < self.pooled.other_error
+
+
+def verdicts(runs: dict[int, dict[str, Pick]], targets: list[int], pairs: list[tuple[str, str]]) -> list[Verdict]:
+    """Per pair: the pooled McNemar comparison, the sweep seeds' paired t-test (Holm across the pairs)
+    and the verdict of both."""
+    from pet_sweep.report.stats import ALPHA, holm
+
+    seeds = sorted(runs)
+    diffs = [[runs[s][a].mean_error(targets) - runs[s][b].mean_error(targets) for s in seeds] for a, b in pairs]
+    raw = [seed_p_value(d) for d in diffs]
+    seed_p = [float("nan") if r != r else p for r, p in zip(raw, holm([1.0 if r != r else r for r in raw]))]
+    out = []
+    for c, d, p in zip(compare(runs, targets, pairs), diffs, seed_p):  # nan (one sweep seed): never beyond
+        items = c.verdict == "beyond noise"
+        verdict = ("beyond noise" if items and p < ALPHA else "within noise (items)" if not items
+                   else "within noise (sweep seeds)")
+        out.append(Verdict(c, d, p, verdict))
+    return out
+
+
 def loses_on_a_seed(runs: dict[int, dict[str, Pick]], targets: list[int], name: str, baseline: str) -> list[int]:
     """The sweep seeds where `baseline`'s pick beats `name`'s beyond noise (McNemar over that seed's
     retrain seeds x items, Holm across the sweep seeds)."""
@@ -339,34 +404,41 @@ def report(runs: dict[int, dict[str, Pick]], targets: list[int]) -> list[str]:
                      f"{' '.join(str(runs[s][name].trials) for s in seeds)} |")
     lines.append(f"# the best config any method picked: mean held-out error {best:.4f}")
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-    comparisons = compare(runs, targets, pairs)
-    lines += ["| pair (a vs b) | a | b | only a wrong / only b wrong | McNemar p | Holm p | verdict | "
-              "sweep seeds a lower / tie / higher |", "|---|---|---|---|---|---|---|---|"]
-    for (a, b), c in zip(pairs, comparisons):
-        diffs = [runs[s][a].mean_error(targets) - runs[s][b].mean_error(targets) for s in seeds]
-        tally = f"{sum(d < 0 for d in diffs)} / {sum(d == 0 for d in diffs)} / {sum(d > 0 for d in diffs)}"
+    found = verdicts(runs, targets, pairs)
+    lines += ["| pair (a vs b) | a | b | only a wrong / only b wrong | McNemar p | Holm p | "
+              "sweep seeds a lower / tie / higher | sweep seeds paired t, Holm p | verdict |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for (a, b), v in zip(pairs, found):
+        c, d = v.pooled, v.diffs
+        tally = f"{sum(x < 0 for x in d)} / {sum(x == 0 for x in d)} / {sum(x > 0 for x in d)}"
         lines.append(f"| {a} vs {b} | {c.best_error:.4f} | {c.other_error:.4f} | {c.only_best_wrong} / "
-                     f"{c.only_other_wrong} | {c.p_value:.3g} | {c.adjusted[1]:.3g} | {c.verdict} | {tally} |")
-    lines += goal(runs, targets, names, dict(zip(pairs, comparisons)))
+                     f"{c.only_other_wrong} | {c.p_value:.3g} | {c.adjusted[1]:.3g} | {tally} | {'-' if v.seed_p != v.seed_p else f'{v.seed_p:.3g}'} | "
+                     f"{v.verdict} |")
+    needed = [f"{b} {seeds_needed(v.diffs, len(pairs))}" for (a, b), v in zip(pairs, found) if a == "pet-sweep"]
+    if needed and len(seeds) >= 2:
+        lines.append("# sweep seeds a paired t-test would need at these spreads to call each pet-sweep pair "
+                     f"(power 0.8, Holm's strictest level): {', '.join(needed)}")
+    lines += goal(runs, targets, names, dict(zip(pairs, found)))
     return lines
 
 
 def goal(runs: dict[int, dict[str, Pick]], targets: list[int], names: list[str],
-         comparisons: dict[tuple[str, str], Any]) -> list[str]:
+         comparisons: dict[tuple[str, str], Verdict]) -> list[str]:
     """The issue's goal, each part checked here: pet-sweep's pick beats each rival's beyond noise
-    (Holm-adjusted pooled McNemar, lower error), and on no sweep seed loses to fine_tune beyond noise."""
+    (lower error; Holm-adjusted pooled McNemar and sweep seeds' paired t both below 0.05), and loses
+    to fine_tune beyond noise neither so nor on any one sweep seed."""
     if "pet-sweep" not in names or len(runs) < 5:
         return [f"goal: not judged ({'no pet-sweep arm' if 'pet-sweep' not in names else f'{len(runs)} < 5 sweep seeds'})"]
     lines = []
     for rival in (r for r in GOAL_RIVALS if r in names):
-        c = comparisons.get(("pet-sweep", rival))
-        met = c is not None and c.verdict == "beyond noise" and c.best_error < c.other_error
-        lines.append(f"goal: pet-sweep's pick beats {rival}'s beyond noise (pooled, Holm p < 0.05): "
-                     f"{'met' if met else 'not met'}")
+        v = comparisons.get(("pet-sweep", rival))
+        met = v is not None and v.beats()
+        lines.append(f"goal: pet-sweep's pick beats {rival}'s beyond noise (pooled and over sweep seeds, "
+                     f"Holm p < 0.05): {'met' if met else 'not met'}")
     if BASELINE in names:
-        c = comparisons.get(("pet-sweep", BASELINE))
+        v = comparisons.get(("pet-sweep", BASELINE))
         lost = loses_on_a_seed(runs, targets, "pet-sweep", BASELINE)
-        pooled_loss = c is not None and c.verdict == "beyond noise" and c.best_error > c.other_error
+        pooled_loss = v is not None and v.pooled.verdict == "beyond noise" and v.pooled.best_error > v.pooled.other_error
         lines.append(f"goal: pet-sweep's pick never loses to {BASELINE} beyond noise (pooled, and on each sweep seed, "
                      f"Holm across seeds): {'not met' if lost or pooled_loss else 'met'}"
                      + (f" (loses on sweep seeds {' '.join(map(str, lost))})" if lost else ""))

@@ -328,10 +328,23 @@ def test_selection_goal_is_checked_on_the_pooled_and_the_per_seed_tests() -> Non
     targets = [0] * 100
     wins = report(_picks({"pet-sweep": [5] * 5, "optuna-tpe-median": [30] * 5, "random": [5, 5, 5, 5, 6],
                           "fine_tune": [40] * 5}), targets)
-    assert "goal: pet-sweep's pick beats optuna-tpe-median's beyond noise (pooled, Holm p < 0.05): met" in wins
-    assert "goal: pet-sweep's pick beats random's beyond noise (pooled, Holm p < 0.05): not met" in wins
+    assert "goal: pet-sweep's pick beats optuna-tpe-median's beyond noise (pooled and over sweep seeds, " \
+           "Holm p < 0.05): met" in wins
+    assert "goal: pet-sweep's pick beats random's beyond noise (pooled and over sweep seeds, Holm p < 0.05): " \
+           "not met" in wins
+    assert any(line.startswith("| pet-sweep vs random | ") and line.endswith(" | within noise (items) |")
+               for line in wins)
     assert wins[-1].endswith("never loses to fine_tune beyond noise (pooled, and on each sweep seed, "
                              "Holm across seeds): met")
+    # the same picks on four sweep seeds and a far better one on the fifth: beyond the items' noise, not the seeds'
+    one_seed = report(_picks({"pet-sweep": [5, 5, 5, 5, 5], "random": [5, 5, 5, 5, 40]}), targets)
+    row = next(line for line in one_seed if line.startswith("| pet-sweep vs random | "))
+    assert " | 0 / 0 | " not in row and row.endswith(" | 1 / 4 / 0 | 0.374 | within noise (sweep seeds) |"), row
+    assert "goal: pet-sweep's pick beats random's beyond noise (pooled and over sweep seeds, Holm p < 0.05): " \
+           "not met" in one_seed
+    # at that spread (sd 0.157 of a mean 0.07) a paired t-test would find it at power 0.8 from 40 sweep seeds
+    assert any(line.startswith("# sweep seeds a paired t-test would need") and line.endswith(": random 40")
+               for line in one_seed)
     # better pooled, but far worse than fine_tune on sweep seed 3: it lost there
     lost = report(_picks({"pet-sweep": [5, 5, 5, 60, 5], "fine_tune": [20] * 5}), targets)
     assert lost[-1].endswith(": not met (loses on sweep seeds 3)")
