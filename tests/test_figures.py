@@ -81,3 +81,23 @@ def test_error_curves_mark_a_replayed_trials_held_out_error() -> None:
     assert "held-out error (replayed: pet-sweep train)" in ax.get_legend_handles_labels()[1]
     assert [t.get_text() for t in ax.texts] == ["21.0%"]
     assert "held-out" not in " ".join(figures.error_curves(thirty_trials()).axes[0].get_legend_handles_labels()[1])
+
+
+def test_the_baseline_and_the_repeats_are_told_apart_from_the_searched_trials() -> None:
+    from pet_sweep.report.seeds import Run
+
+    rep = thirty_trials()
+    first, second, third = rep.top(6)[:3]
+    rep.records[first] = dataclasses.replace(rep.records[first], run=Run(first, "baseline", 1, 0.1, baseline=True))
+    rep.records[second] = dataclasses.replace(rep.records[second], run=Run(second, str(third), 1, 0.1))
+    rep.records[third] = dataclasses.replace(rep.records[third], run=Run(third, str(third), 0, 0.1))  # searched
+    labels = figures.error_curves(rep).axes[0].get_legend_handles_labels()[1]
+    assert [label for label in labels if "baseline" in label or "repeat" in label] == [
+        f"trial {first} ({rep.records[first].params['arch']}, {rep.analyses[first].verdict}, fine_tune baseline, seed 1)",
+        f"trial {second} ({rep.records[second].params['arch']}, {rep.analyses[second].verdict}, "
+        f"repeat of trial {third}, seed 1)"]
+    ax = figures.error_vs_gap(rep).axes[0]
+    ringed = {c.get_label(): len(c.get_offsets()) for c in ax.collections if c.get_label().startswith(("fastai", "a repeat"))}
+    assert ringed == {"fastai's fine_tune baseline (1)": 1, "a repeat on another seed (1)": 1}
+    plain = figures.error_vs_gap(thirty_trials()).axes[0]  # a study without selection: nothing ringed
+    assert not [c for c in plain.collections if c.get_label().startswith(("fastai", "a repeat"))]

@@ -49,10 +49,22 @@ def _error_axis(ax: Any, floor: float = 0.01, from_zero: bool = True) -> None:
     ax.yaxis.set_minor_locator(NullLocator())
 
 
+def _role(record: Any) -> str:
+    """What a trial is besides a searched one: fastai's fine_tune baseline, or a repeat of a searched
+    config on another seed (`selection`); "" for a searched trial."""
+    run = record.run
+    if run is None:
+        return ""
+    if run.baseline:
+        return f"fine_tune baseline, seed {run.seed}"
+    return f"repeat of trial {run.config_id}, seed {run.seed}" if run.config_id != str(record.number) else ""
+
+
 def _label(report: StudyReport, number: int) -> str:
     record, analysis = report.records[number], report.analyses.get(number)
     verdict = f", {analysis.verdict}" if analysis else ""
-    return f"trial {number} ({record.params.get('arch')}{verdict})"
+    role = _role(record)
+    return f"trial {number} ({record.params.get('arch')}{verdict}{', ' + role if role else ''})"
 
 
 def loss_curves(report: StudyReport, k: int = 4) -> Figure:
@@ -170,6 +182,12 @@ def error_vs_gap(report: StudyReport) -> Figure:
     if not other.empty:
         ax.scatter(other["final_gap"], other["error_rate"], marker="x", color="grey", s=40,
                    label=f"pruned / failed ({len(other)}): its last epoch")
+    roles = {int(n): _role(report.records[int(n)]) for n in frame["number"]}
+    for prefix, marker, what in (("fine_tune", "s", "fastai's fine_tune baseline"), ("repeat", "o", "a repeat on another seed")):
+        rows = frame[frame["number"].isin([n for n, role in roles.items() if role.startswith(prefix)])]
+        if not rows.empty:  # not searched trials: ringed, so the eye does not count them as the search's
+            ax.scatter(rows["final_gap"], rows["error_rate"], marker=marker, s=170, facecolors="none",
+                       edgecolors="black", linewidths=1.2, label=f"{what} ({len(rows)})")
     if clipped:  # a diverged trial's gap (1e6) would squeeze every other trial onto x = 0
         beyond = frame[frame["number"].isin(clipped)]
         ax.scatter(beyond["final_gap"], beyond["error_rate"], marker=">", facecolors="none", edgecolors="black",
