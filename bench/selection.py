@@ -414,8 +414,9 @@ def report(runs: dict[int, dict[str, Pick]], targets: list[int]) -> list[str]:
         lines.append(f"| {a} vs {b} | {c.best_error:.4f} | {c.other_error:.4f} | {c.only_best_wrong} / "
                      f"{c.only_other_wrong} | {c.p_value:.3g} | {c.adjusted[1]:.3g} | {tally} | {'-' if v.seed_p != v.seed_p else f'{v.seed_p:.3g}'} | "
                      f"{v.verdict} |")
-    needed = [f"{b} {seeds_needed(v.diffs, len(pairs))}" for (a, b), v in zip(pairs, found) if a == "pet-sweep"]
-    if needed and len(seeds) >= 2:
+    needed = [f"{b} {seeds_needed(v.diffs, len(pairs))}" for (a, b), v in zip(pairs, found)
+              if a == "pet-sweep"] if len(seeds) >= 2 else []
+    if needed:
         lines.append("# sweep seeds a paired t-test would need at these spreads to call each pet-sweep pair "
                      f"(power 0.8, Holm's strictest level): {', '.join(needed)}")
     lines += goal(runs, targets, names, dict(zip(pairs, found)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,7 @@ def test_a_notebook_cell_builds_runs_with_two_workers_and_reads_the_report(
     assert not [p for p in tmp_path.rglob("*.yaml") if "mlartifacts" not in p.parts]
     assert result.finished == 2 and len(study.trials) == 2
     # the supervisor's lines, each prefixed by its worker (on a loaded machine one worker can take both trials)
-    prefixes = {line[:3] for line in lines if line.startswith("w")}
+    prefixes = {line[:3] for line in lines if re.match(r"w\d\|", line)}
     assert prefixes and prefixes <= {"w0|", "w1|"}, lines
     analysis = pet_sweep.report(exp)
     assert analysis.study_name == "tiny" and len(analysis.trials) == 2 and analysis.counts.get("COMPLETE") == 2

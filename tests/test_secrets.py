@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import uuid
@@ -95,7 +96,12 @@ def serve_until_open(*args: str, watch: ArgvWatch) -> tuple[str, dict[int, str]]
     argv = descendants_argv(os.getpid())
     watch.sample()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=600)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # it should stop in seconds: say what it printed, not wait on
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{args[0]} did not stop on SIGINT within 120 s:\n" + "".join(lines) + out + err) from None
     output = "".join(lines) + out + err
     assert any(line.startswith("open ") for line in lines), output
     return output, argv
