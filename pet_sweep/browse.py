@@ -360,6 +360,9 @@ def serve(cmd: list[str], *, env: dict[str, str] | None = None, ready_url: str, 
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate)
+    # started from a script in the background (`pet-sweep ui &`), SIGINT comes ignored (POSIX): Ctrl-C,
+    # or the SIGINT a supervisor sends, must still stop the server
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         wait_until_up(ready_url, proc, startup_timeout, log, env.values())
         if open_url is not None:
@@ -377,4 +380,5 @@ def serve(cmd: list[str], *, env: dict[str, str] | None = None, ready_url: str, 
     finally:
         stop(proc)
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         log.unlink(missing_ok=True)

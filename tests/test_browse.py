@@ -326,3 +326,42 @@ def test_dashboard_server_serves_the_study_on_its_port_and_stops(tmp_path: Path)
     assert [(s["study_name"], s["directions"]) for s in studies["study_summaries"]] == [("tiny", ["minimize"])]
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0  # the server is gone
+
+
+SERVE_IGNORING_SIGINT = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a shell gives a job it starts in the background
+from pet_sweep.browse import serve
+port = sys.argv[1]
+code = serve([sys.executable, "-m", "http.server", port, "--bind", "127.0.0.1"],
+             ready_url=f"http://127.0.0.1:{port}/", open_url=f"http://127.0.0.1:{port}/",
+             echo=lambda line: print(line, flush=True))
+print("exit", code, signal.getsignal(signal.SIGINT) == signal.SIG_IGN, flush=True)
+"""
+
+
+def test_a_ui_started_in_the_background_still_stops_on_sigint() -> None:
+    import subprocess
+
+    from tests._sweeps import PROJECT
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{PROJECT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_IGNORING_SIGINT, str(port)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        if line.startswith("open "):
+            break
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    lines += out.splitlines()
+    assert proc.returncode == 0 and "stopping the server" in lines, lines
+    assert lines[-1] == "exit 0 True", lines  # stopped, and the ignored SIGINT put back as it was
+    with socket.socket() as sock:  # the server went with it
+        assert sock.connect_ex(("127.0.0.1", port)) != 0

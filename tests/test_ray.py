@@ -274,8 +274,10 @@ def test_ctrl_c_on_the_driver_stops_every_worker_cleanly(cluster: Any, write_exp
 
     exp, storage, name = experiment(write_experiments, 3)
     env = {**os.environ, "PYTHONPATH": f"{PROJECT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # as from a terminal: SIGINT handled even where this suite runs in the background (which ignores it)
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(exp.config_path), cluster.address], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: running_trial_with_epoch(storage, name), 300, "a trial's first epoch", driver)
         driver.send_signal(signal.SIGINT)
