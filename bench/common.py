@@ -163,7 +163,7 @@ def replay_best(exp: Any, folder: Path) -> Any:
     """Export the study's best trial and replay it with pet-sweep's own `train`, as a user does
     (`pet-sweep export` then `pet-sweep train best.yaml`): a `replay.ReplayOutcome` whose
     `test_error` is measured on the held-out split no trial saw."""
-    from pet_sweep.export import export_config, write_config
+    from pet_sweep.exported import export_config, write_config
     from pet_sweep.replay import train
 
     doc, _ = export_config(exp)

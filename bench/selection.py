@@ -154,7 +154,7 @@ class Bench:
     def search(self, name: str, method: Method, seed: int, budget: int | None) -> tuple[Pick, dict[str, Any]]:
         """The method's sweep (to `budget` epochs, or as configured) and its exported pick."""
         from bench.common import epochs_trained
-        from pet_sweep.export import export_config
+        from pet_sweep.exported import export_config
         from pet_sweep.sweep.loop import run_sweep
         from pet_sweep.sweep.storage import open_study, quiet_optuna
 
@@ -194,7 +194,7 @@ class Bench:
     def retrain(self, name: str, sweep_seed: int, doc: dict[str, Any], pick: Pick) -> None:
         """`pet-sweep train` of the pick's exported config once per retrain seed (a config already
         replayed on that seed by another method is not trained again)."""
-        from pet_sweep.export import write_config
+        from pet_sweep.exported import write_config
         from pet_sweep.replay import train
 
         for seed in self.args.retrain_seeds:

@@ -70,7 +70,7 @@ def export(exp: Experiment, pick: str | int | None = None, *, output: str | Path
     """One trial of `exp` as a standalone `pet-sweep train` config: `pick` "best" (default),
     "cheapest" (the cheapest within noise of the best) or a trial number. With `output`,
     also write it there (passwords replaced, as `pet-sweep export` does)."""
-    from pet_sweep.export import export_config, write_config  # heavy: optuna
+    from pet_sweep.exported import export_config, write_config  # heavy: optuna
 
     doc, _number = export_config(exp, pick)
     if output is not None:

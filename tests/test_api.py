@@ -109,3 +109,14 @@ def test_run_in_process_hands_the_callbacks_to_every_trial(tmp_path: Path) -> No
     assert optuna.logging.get_verbosity() == optuna.logging.INFO
     assert listener.seen == [(0, 0), (0, 1)]  # one frozen + one unfrozen epoch, numbered globally
     assert fits.fits == 2  # both phases
+
+
+def test_no_submodule_hides_a_function_of_the_api() -> None:
+    """Importing `pet_sweep.X` sets the package's attribute X: a module named like `run`, `report` or
+    `export` would replace that function for every caller after it was first imported."""
+    import pkgutil
+
+    import pet_sweep
+
+    assert not {m.name for m in pkgutil.iter_modules(pet_sweep.__path__)} & set(pet_sweep.__all__)
+    assert all(callable(getattr(pet_sweep, name)) for name in pet_sweep.__all__)

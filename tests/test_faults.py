@@ -155,7 +155,7 @@ def test_out_of_memory_is_retried_once_at_half_the_batch_size(write_experiments:
     import yaml
 
     from pet_sweep.train import recipe
-    from pet_sweep.export import export_config
+    from pet_sweep.exported import export_config
     from pet_sweep.report.render import ranked, summary_text
     from pet_sweep.report.read import load_report
 

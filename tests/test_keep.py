@@ -73,7 +73,7 @@ def test_register_makes_a_version_of_the_kept_model_without_training(swept: Path
     from mlflow import MlflowClient
 
     from pet_sweep.config import load_experiment
-    from pet_sweep.export import _pick_trial
+    from pet_sweep.exported import _pick_trial
     from pet_sweep.sweep.records import PREDS_ATTR
     from pet_sweep.sweep.storage import open_study
     from pet_sweep.train.data import build_data

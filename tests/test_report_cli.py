@@ -522,7 +522,7 @@ def test_export_writes_flip_only_where_the_run_used_it_or_the_experiment_set_it(
     import optuna
 
     from pet_sweep.config import load_experiment
-    from pet_sweep.export import export_config
+    from pet_sweep.exported import export_config
     from pet_sweep.sweep.records import PARAMS_ATTR
 
     exp = load_experiment(write_experiments(data=data))

@@ -139,7 +139,7 @@ def export(experiment: str | None, config_path: str, output: str | None, force: 
     chosen = parse_pick(pick, trial)
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
     quiet_libraries()
-    from pet_sweep.export import default_output, export_config, write_config  # heavy: optuna
+    from pet_sweep.exported import default_output, export_config, write_config  # heavy: optuna
 
     doc, number = export_config(exp, chosen)
     output = output or default_output(chosen)

@@ -105,7 +105,7 @@ class KeepWinner:
 def register_kept(exp: Experiment, pick: Any, name: str) -> tuple[int, int]:
     """`pet-sweep register`: a new version of `name` from the kept model of the trial `pick` names
     (as export's --pick), nothing trained; (the version, the trial)."""
-    from pet_sweep.export import export_config  # heavy: optuna, yaml
+    from pet_sweep.exported import export_config  # heavy: optuna, yaml
 
     doc, number = export_config(exp, pick)
     source = doc["source"]
