@@ -134,8 +134,8 @@ def experiments_for(folder: Path, args: argparse.Namespace) -> Path:
 
 def write_arm(folder: Path, name: str, exp: Any, model: Any, params: dict[str, Any], seed: int) -> Path:
     """The arm as the standalone config `pet-sweep export` writes (`pet-sweep train` replays it)."""
-    from pet_sweep.params import params_from_dict
     from pet_sweep.exported import write_config
+    from pet_sweep.params import params_from_dict
     from pet_sweep.replay import FORMAT, ReplayConfig
 
     params = params_from_dict(params).as_dict()  # as export writes them: no base_lr without a frozen phase

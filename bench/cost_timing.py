@@ -25,10 +25,10 @@ BUSY_LOOP = "while True:\n    pass\n"
 
 def keys_of(name: str) -> tuple[list[Any], int]:
     """The cost keys a sweep of the shipped experiment ends with, and its number of classes."""
+    from fastai.torch_core import default_device
+
     from pet_sweep.report.costs import CostKey, device_type
     from pet_sweep.train.recipe import precision_for
-
-    from fastai.torch_core import default_device
 
     exp, space, _ = shipped_experiment(name)
     model, data = exp["model"], exp["data"]

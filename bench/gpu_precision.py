@@ -89,9 +89,9 @@ def busy_share_of_a_trial(arch: str, batch: int, device: str = "cuda", size: int
     """Fraction of a real trial's wall time the GPU was busy (NVML utilisation samples; nan
     without a counter), and the trial's seconds. `limit`: images of digits to use (all: None)."""
     from pet_sweep.config import load_experiment
+    from pet_sweep.params import TrialParams
     from pet_sweep.train.data import build_data
     from pet_sweep.train.recipe import fine_tune
-    from pet_sweep.params import TrialParams
 
     base = default_digits()
     experiment = {**base, "model": {**base["model"], "img_size": size, "batch_size": batch, "precision": "fp16"},

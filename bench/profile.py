@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--callbacks", action="store_true", help="also profile pet-sweep's callbacks in training")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    from pet_sweep.train import recipe
     from pet_sweep.sweep.loop import run_sweep
     from pet_sweep.sweep.storage import open_study, quiet_optuna
     from pet_sweep.tracking import Tracker
+    from pet_sweep.train import recipe
 
     quiet_optuna()
     base = default_digits()

@@ -36,8 +36,16 @@ from typing import Any
 import torch
 import yaml
 
-from bench.common import (epochs_trained, header, median, replay_best, shipped_experiment, temp_dir, wilson_text,
-                          write_experiment)
+from bench.common import (
+    epochs_trained,
+    header,
+    median,
+    replay_best,
+    shipped_experiment,
+    temp_dir,
+    wilson_text,
+    write_experiment,
+)
 
 PRUNERS = ["median", "percentile", "hyperband", "wilcoxon", "schedule"]
 TARGET_SAVING = 0.40

@@ -61,9 +61,9 @@ def experiments_for(folder: Path, split_seed: int, args: argparse.Namespace) -> 
 
 def one_seed(split_seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from pet_sweep.config import load_experiment
-    from pet_sweep.train.data import build_data
     from pet_sweep.report.stats import errors_of
     from pet_sweep.sweep.storage import open_study
+    from pet_sweep.train.data import build_data
 
     folder = temp_dir(f"quality-{split_seed}")
     experiments_for(folder, split_seed, args)

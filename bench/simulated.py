@@ -40,7 +40,7 @@ from pet_sweep.sweep.budget import WorkerRole
 from pet_sweep.sweep.records import EpochListener, EpochRecord
 from pet_sweep.sweep.training import Training
 from pet_sweep.tracking import Tracker
-from pet_sweep.train.data import SplitFingerprint, split_fingerprint, Splits
+from pet_sweep.train.data import SplitFingerprint, Splits, split_fingerprint
 
 
 class Probe:

@@ -17,8 +17,16 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pet_sweep.errors import ConfigError
 from pet_sweep.selection import SelectionConfig, check_selection
 from pet_sweep.settings import (  # noqa: F401  (re-exported: the sections are part of the config)
-    COMMAND_LINE, BudgetConfig, DataConfig, FaultsConfig, LaunchConfig, ModelConfig, PretrainConfig,
-    PrunerConfig, SamplerConfig, TrackingConfig,
+    COMMAND_LINE,
+    BudgetConfig,
+    DataConfig,
+    FaultsConfig,
+    LaunchConfig,
+    ModelConfig,
+    PretrainConfig,
+    PrunerConfig,
+    SamplerConfig,
+    TrackingConfig,
 )
 from pet_sweep.space import SearchSpace, Strict, parse_space
 from pet_sweep.yaml_files import read_model, read_yaml, validate_model

@@ -19,9 +19,9 @@ from typing import Any, Callable, Literal
 
 from pet_sweep.config import DataConfig, Experiment, ExperimentConfig, ModelConfig, TrackingConfig, load_space
 from pet_sweep.errors import ConfigError, DataError
-from pet_sweep.report.stats import errors_of, wilson
-from pet_sweep.report.read import HELD_OUT_TAG, N_TEST_METRIC, REPLAY_OF_TAG, REPLAY_ROLE, TEST_METRIC, VALID_METRIC
 from pet_sweep.params import TrialParams, lr_text, params_from_dict
+from pet_sweep.report.read import HELD_OUT_TAG, N_TEST_METRIC, REPLAY_OF_TAG, REPLAY_ROLE, TEST_METRIC, VALID_METRIC
+from pet_sweep.report.stats import errors_of, wilson
 from pet_sweep.space import Strict
 from pet_sweep.tracking import Tracker, check_server, redact_url_in, require_password
 from pet_sweep.train.data import SplitFingerprint

@@ -9,22 +9,19 @@ A space file (``sweeps/*.yaml``) gives each recipe parameter as one of
 * a learning rate anchored on an LR-finder suggestion:
                             ``base_lr: {anchor: frozen.valley, factor: [0.3, 3], log: true}``
 
-An anchored learning rate is ``anchor x factor``: Optuna searches the factor
-(param ``<name>_factor``, a static distribution, which TPE needs), and the
-anchor is the suggestion (``minimum``, ``steep``, ``valley`` or ``slide``) of
-fastai's ``lr_find`` for the trial's architecture in the ``frozen`` phase (fresh
-head) or the ``unfrozen`` one (after the frozen epochs). `pet_sweep.train.lrfind` runs
-the finder once per architecture and phase and hands the results in as
-`Anchors`.
+An anchored learning rate is ``anchor x factor``: Optuna searches the factor (param
+``<name>_factor``, a static distribution, which TPE needs), and the anchor is the suggestion
+(``minimum``, ``steep``, ``valley`` or ``slide``) of fastai's ``lr_find`` for the trial's
+architecture in the ``frozen`` phase (fresh head) or the ``unfrozen`` one (after the frozen
+epochs). `pet_sweep.train.lrfind` runs the finder once per architecture and phase and hands the
+results in as `Anchors`.
 
-The unfrozen phase trains with ``lr_max=slice(lr_lo, lr_hi)``. Give either
-``lr_lo`` (whose range must lie below ``lr_hi``'s, so ``lr_lo <= lr_hi`` always
-holds) or ``lr_mult`` (``lr_lo = lr_hi / lr_mult``, fastai's ``fine_tune``
-convention, which lets both ends move together).
+The unfrozen phase trains with ``lr_max=slice(lr_lo, lr_hi)``. Give either ``lr_lo`` (whose range
+must lie below ``lr_hi``'s, so ``lr_lo <= lr_hi`` always holds) or ``lr_mult`` (``lr_lo = lr_hi /
+lr_mult``, fastai's ``fine_tune`` convention, which lets both ends move together).
 
-This module does no I/O and imports neither fastai nor mlflow: `config` reads
-the YAML, and `suggest` works with any Optuna trial, including
-``optuna.trial.FixedTrial`` in tests.
+This module does no I/O and imports neither fastai nor mlflow: `config` reads the YAML, and
+`suggest` works with any Optuna trial, including ``optuna.trial.FixedTrial`` in tests.
 """
 
 from __future__ import annotations
@@ -32,8 +29,16 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pet_sweep.errors import ConfigError, validation_reason
 from pet_sweep.params import FROZEN_ONLY, TrialParams, inert_params

@@ -27,6 +27,7 @@ from pet_sweep.errors import ConfigError, StudyError
 from pet_sweep.tracking_kept import KeptModels, model_file, no_artifact_bars, register_version
 from pet_sweep.tracking_read import RUN_STATUS, RunRecord, SweepRuns
 from pet_sweep.tracking_spool import Gate, apply, is_server, sync_spool
+
 # the URL helpers live in `urls` (the spool needs them too); callers import them from this door
 from pet_sweep.urls import REDACTED, is_redacted, open_http, redact_url, redact_url_in, require_password, sqlite_path
 

@@ -6,9 +6,9 @@ import os
 import shlex
 import shutil
 import subprocess
-import uuid
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 

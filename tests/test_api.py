@@ -45,8 +45,8 @@ def test_from_dict_needs_no_file_and_resolves_relative_paths_against_its_base(tm
 
 def test_workers_receive_the_experiment_built_in_python_not_a_path(tmp_path: Path) -> None:
     import pet_sweep
-    from pet_sweep.launch.local import EXPERIMENT_ENV, pack_experiment, unpack_experiment, worker_command
     from pet_sweep.errors import ConfigError
+    from pet_sweep.launch.local import EXPERIMENT_ENV, pack_experiment, unpack_experiment, worker_command
     from pet_sweep.sweep.budget import WorkerRole
 
     exp = pet_sweep.Experiment.from_dict({**tiny_experiment(), "sweep": dict(TINY_SPACE)}, "tiny", base_dir=tmp_path)
@@ -86,8 +86,9 @@ def test_a_notebook_cell_builds_runs_with_two_workers_and_reads_the_report(
 
 @pytest.mark.train
 def test_run_in_process_hands_the_callbacks_to_every_trial(tmp_path: Path) -> None:
-    import pet_sweep
     from fastai.callback.core import Callback
+
+    import pet_sweep
 
     class CountFits(Callback):
         def __init__(self) -> None:

@@ -201,7 +201,6 @@ def test_a_duplicate_key_creates_nothing(write_experiments) -> None:
     from click.testing import CliRunner
 
     from pet_sweep.cli import cli
-
     from tests.conftest import tiny_experiment
 
     path = write_experiments()  # `experiments:` comes last: append a second `tiny` under it

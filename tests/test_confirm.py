@@ -13,12 +13,12 @@ from click.testing import CliRunner
 
 from pet_sweep import Experiment
 from pet_sweep.cli import cli
+from pet_sweep.report.seeds import selection_of
 from pet_sweep.selection import BASELINE_ATTR, CONFIG_ATTR, SEED_ATTR
 from pet_sweep.space import suggest
 from pet_sweep.sweep.budget import Budget, WorkerRole
 from pet_sweep.sweep.confirm import Confirmer, completed_runs
 from pet_sweep.sweep.records import INVOCATION_ATTR
-from pet_sweep.report.seeds import selection_of
 from tests.conftest import trains
 
 SPACE = {"arch": "resnet18", "base_lr": {"low": 1e-3, "high": 3e-2, "log": True},

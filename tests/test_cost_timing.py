@@ -18,8 +18,16 @@ from typing import Any, Iterator
 import pytest
 
 from pet_sweep.report import analysis, render
-from pet_sweep.report.costs import TIMINGS_ATTR, CostBook, CostKey, Interval, KeyTiming, TimingSession, \
-    interval_coverage, median_interval
+from pet_sweep.report.costs import (
+    TIMINGS_ATTR,
+    CostBook,
+    CostKey,
+    Interval,
+    KeyTiming,
+    TimingSession,
+    interval_coverage,
+    median_interval,
+)
 from tests.test_front import cost, make_study
 from tests.test_report import record
 from tests.test_report_cli import invoke

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from pet_sweep.config import load_experiment
-from pet_sweep.train.data import Splits, build_data, digits_folder, split_fingerprint, split_items
 from pet_sweep.errors import DataError
+from pet_sweep.train.data import Splits, build_data, digits_folder, split_fingerprint, split_items
 
 
 def test_digits_written_once_with_label_names(tmp_path: Path) -> None:

@@ -14,13 +14,24 @@ import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState
 
-from tests._sweeps import (FAST_DATA, FAST_FAULTS, RANDOM_SPACE, assert_nothing_running, load, mlflow_runs, pet_sweep,
-                     printed_command, running_trial_with_epoch, trial_runs, wait_for)
 from pet_sweep.cli import cli
 from pet_sweep.config import load_experiment
 from pet_sweep.sweep.loop import run_sweep
-from pet_sweep.sweep.storage import quiet_optuna
 from pet_sweep.sweep.records import STALE_REASON
+from pet_sweep.sweep.storage import quiet_optuna
+from tests._sweeps import (
+    FAST_DATA,
+    FAST_FAULTS,
+    RANDOM_SPACE,
+    assert_nothing_running,
+    load,
+    mlflow_runs,
+    pet_sweep,
+    printed_command,
+    running_trial_with_epoch,
+    trial_runs,
+    wait_for,
+)
 
 LONG_TRIALS = {**RANDOM_SPACE, "epochs": 3}  # long enough to be stopped after its first epoch
 
@@ -154,10 +165,10 @@ def test_out_of_memory_is_retried_once_at_half_the_batch_size(write_experiments:
     import torch
     import yaml
 
-    from pet_sweep.train import recipe
     from pet_sweep.exported import export_config
-    from pet_sweep.report.render import ranked, summary_text
     from pet_sweep.report.read import load_report
+    from pet_sweep.report.render import ranked, summary_text
+    from pet_sweep.train import recipe
 
     quiet_optuna()
     real_fine_tune, seen = recipe.fine_tune, []

@@ -157,7 +157,8 @@ def test_an_old_study_without_costs_reports_as_before() -> None:
 
 
 def test_a_two_objective_study_gets_a_front_table_and_figure(tmp_path: Path) -> None:
-    from pet_sweep.report.read import ReportBundle, render as render_files
+    from pet_sweep.report.read import ReportBundle
+    from pet_sweep.report.read import render as render_files
 
     objectives = ["error_rate", "predict_ms"]
     # front: 0 (2 wrong, 8 ms), 1 (4 wrong, 2 ms), 3 (30 wrong, 0.5 ms); 2 is dominated by 1

@@ -13,8 +13,9 @@ from click.testing import CliRunner
 
 from pet_sweep.config import load_experiment
 from pet_sweep.errors import LRFindError
-from tests.test_space import ANCHORED_SPACE
 from pet_sweep.sweep.budget import WorkerRole
+from tests.test_space import ANCHORED_SPACE
+
 
 @pytest.fixture(autouse=True)
 def _short_finder(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,10 +121,10 @@ def test_finder_leaves_weights_and_training_unchanged(write_experiments: Callabl
 
     import torch
 
-    from pet_sweep.train import lrfind, recipe
-    from pet_sweep.train.data import build_data
     from pet_sweep.params import TrialParams
     from pet_sweep.tracking import Tracker
+    from pet_sweep.train import lrfind, recipe
+    from pet_sweep.train.data import build_data
 
     exp = load_experiment(write_experiments())
     data = build_data(exp)
@@ -162,9 +163,9 @@ def test_anchored_sweep_runs_the_finder_once_per_arch_and_phase(
         write_experiments: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
-    from pet_sweep.train import lrfind
     from pet_sweep.sweep.loop import run_sweep
     from pet_sweep.sweep.storage import open_study
+    from pet_sweep.train import lrfind
 
     calls: list[tuple[str, tuple[str, ...]]] = []
     real_find = lrfind.find_lrs
@@ -217,9 +218,9 @@ def test_anchored_sweep_runs_the_finder_once_per_arch_and_phase(
 @pytest.mark.train
 def test_a_diverging_finder_stops_the_sweep_before_any_trial(
         write_experiments: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    from pet_sweep.train import lrfind
     from pet_sweep.cli import cli
     from pet_sweep.sweep.storage import open_study
+    from pet_sweep.train import lrfind
 
     monkeypatch.setattr(lrfind, "START_LR", 1e4)  # the loss explodes from the first step
     path = write_experiments(space=ANCHORED_SPACE)

@@ -16,9 +16,8 @@ from mlflow import MlflowClient
 
 from pet_sweep.cli import cli
 from pet_sweep.config import load_experiment
-from pet_sweep.train.data import build_data
 from pet_sweep.errors import ConfigError
-from pet_sweep.train.data import local_path, portable_path
+from pet_sweep.train.data import build_data, local_path, portable_path
 from pet_sweep.train.pretrain import CHECKPOINT_ATTR, file_sha256, find_checkpoint
 
 SOURCE_CLASSES = ["0", "1", "2", "3", "4"]

@@ -13,10 +13,9 @@ import optuna
 import pytest
 from click.testing import CliRunner
 
-from pet_sweep.sweep.records import EpochRecord
 from pet_sweep.cli import cli
 from pet_sweep.progress import Level, Progress, format_duration
-from pet_sweep.sweep.records import TrialOutcome
+from pet_sweep.sweep.records import EpochRecord, TrialOutcome
 
 PARAMS = {"arch": "resnet18", "base_lr": 1e-2, "lr_lo": 1e-3, "lr_hi": 1e-2, "freeze_epochs": 1, "epochs": 2}
 

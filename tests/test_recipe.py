@@ -10,17 +10,18 @@ import pytest
 import torch
 
 from pet_sweep.config import load_experiment
-from pet_sweep.train.data import build_data
 from pet_sweep.errors import PetSweepError, TrainingDiverged
-from pet_sweep.train.recipe import fine_tune, precision_for
 from pet_sweep.params import TrialParams
 from pet_sweep.sweep.objective import message_of
+from pet_sweep.train.data import build_data
+from pet_sweep.train.recipe import fine_tune, precision_for
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
-    from tests.conftest import TINY_SPACE, tiny_experiment
     import yaml
+
+    from tests.conftest import TINY_SPACE, tiny_experiment
 
     folder = tmp_path_factory.mktemp("recipe")
     (folder / "sweeps").mkdir()

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tests.conftest import TINY_SPACE, tiny_experiment, trains
 from pet_sweep.cli import cli
+from tests.conftest import TINY_SPACE, tiny_experiment, trains
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "analysis.ipynb"
 
@@ -104,9 +104,8 @@ def test_report_end_to_end(study: Path, tmp_path: Path) -> None:
     assert "## Trials, best first" in md and "(figures/loss_curves.png)" in md
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-")]  # temp folder cleaned up
 
-    from mlflow import MlflowClient
-
     import optuna
+    from mlflow import MlflowClient
 
     storage = f"sqlite:///{study.parent / 'stores' / 'optuna.db'}"
     parent = optuna.load_study(study_name="tiny", storage=storage).user_attrs["mlflow_parent_run_id"]
@@ -468,9 +467,9 @@ def test_train_refuses_a_changed_test_split(tmp_path: Path) -> None:
 
 
 def test_check_test_split_matched_changed_or_unverifiable() -> None:
-    from pet_sweep.train.data import split_fingerprint, split_items
     from pet_sweep.errors import DataError
     from pet_sweep.replay import ReplaySource, check_test_split
+    from pet_sweep.train.data import split_fingerprint, split_items
 
     root = Path("/data")
     items = [root / f"{i % 3}_{i}.png" for i in range(100)]
@@ -497,9 +496,9 @@ def test_a_study_that_predates_fingerprints_is_left_unrecorded(tmp_path: Path) -
     import optuna
 
     from pet_sweep.config import load_experiment
-    from pet_sweep.train.data import split_fingerprint, split_items
-    from pet_sweep.sweep.storage import check_split
     from pet_sweep.sweep.records import SPLIT_ATTR
+    from pet_sweep.sweep.storage import check_split
+    from pet_sweep.train.data import split_fingerprint, split_items
 
     exp = load_experiment(write_config(tmp_path))
     fp = split_fingerprint(split_items([Path(f"/d/0_{i}.png") for i in range(50)], 0.2, 0.1, 1), Path("/d"))

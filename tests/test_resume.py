@@ -20,8 +20,8 @@ from optuna.trial import FrozenTrial, TrialState
 from pet_sweep.config import load_experiment
 from pet_sweep.sweep.resume import CHECKPOINT_EPOCHS_ATTR, EPOCH_LRS_ATTR, RESUMED_ATTR, RESUMED_TAG, checkpoint_path
 from tests._sweeps import FAST_FAULTS, load, pet_sweep, trial_runs, wait_for
-from tests.test_databases import server_url
 from tests.conftest import trains
+from tests.test_databases import server_url
 
 # 1 frozen + 3 unfrozen epochs; fixed parameters, so every study trains the same trial
 FOUR_EPOCHS = {"arch": "resnet18", "base_lr": 1.0e-2, "lr_hi": 1.0e-2, "lr_mult": 10, "freeze_epochs": 1, "epochs": 3}

@@ -10,9 +10,9 @@ import re
 import subprocess
 import sys
 import time
-import warnings
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from tests._sweeps import closed_port
 from pet_sweep.cli import cli
 from pet_sweep.config import load_experiment
+from tests._sweeps import closed_port
 from tests.conftest import trains
 
 

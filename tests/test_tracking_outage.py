@@ -21,7 +21,7 @@ from pet_sweep.cli import cli
 from pet_sweep.config import load_experiment
 from pet_sweep.sweep.loop import run_sweep
 from pet_sweep.sweep.storage import quiet_optuna
-from pet_sweep.tracking import RUN_STATUS, RUN_ID_ATTR
+from pet_sweep.tracking import RUN_ID_ATTR, RUN_STATUS
 from pet_sweep.tracking_spool import CLIENT_BOUNDS, LOCAL_PREFIX, SpoolFile, spool_dir
 from tests._sweeps import FAST_DATA, closed_port, load, pet_sweep, running_trial_with_epoch, trial_runs, wait_for
 

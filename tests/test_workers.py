@@ -9,12 +9,12 @@ from typing import Callable
 import pytest
 from optuna.trial import TrialState
 
-from tests._sweeps import FAST_DATA, FAST_FAULTS, RANDOM_SPACE, load, pet_sweep, two_workers_finish_the_budget
 from pet_sweep.config import load_experiment
 from pet_sweep.errors import ConfigError, PetSweepError
 from pet_sweep.launch.local import parse_gpus, worker_envs
 from pet_sweep.sweep.budget import Budget, WorkerRole
 from pet_sweep.sweep.records import INVOCATION_ATTR
+from tests._sweeps import FAST_DATA, FAST_FAULTS, RANDOM_SPACE, load, pet_sweep, two_workers_finish_the_budget
 
 
 @pytest.mark.slow
@@ -221,8 +221,8 @@ def test_two_workers_get_their_share_of_the_cores_and_the_users_threads_win(
         write_experiments: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """The documented default (launch.local.worker_threads): cores // workers torch threads each,
     read back from what each worker's trials recorded (torch.get_num_threads() in the worker)."""
-    from tests._sweeps import trial_runs
     from pet_sweep.launch.local import supervise
+    from tests._sweeps import trial_runs
 
     for user, expected in ((None, "2"), ("1", "1")):  # 4 cores, 2 workers: 2 each; OMP_NUM_THREADS=1 wins
         monkeypatch.setattr("os.cpu_count", lambda: 4)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import signal
-import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -13,6 +12,7 @@ import click
 
 from pet_sweep.config import DEFAULT_CONFIG, Experiment, load_experiment
 from pet_sweep.errors import PetSweepError, Preempted
+from pet_sweep.train import quiet_fastai_import
 
 
 class CliError(click.ClickException):
@@ -34,9 +34,9 @@ def fail_clearly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def quiet_libraries() -> None:
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*Consider using tensor.detach.*")
+    """What a command hides of its libraries: one upstream warning (`quiet_fastai_import`);
+    the rest stays as Python shows it (deprecations hidden outside __main__ by default)."""
+    quiet_fastai_import()
 
 
 config_option = click.option(

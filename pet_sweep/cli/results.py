@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from pet_sweep.browse import format_states, list_studies
-from pet_sweep.invocation import command
 from pet_sweep.cli.common import (
     config_option,
     fail_clearly,
@@ -20,6 +20,7 @@ from pet_sweep.cli.common import (
     study_name_option,
     tracking_option,
 )
+from pet_sweep.invocation import command
 from pet_sweep.tracking import redact_url, send_spooled
 from pet_sweep.tracking_spool import spool_dir
 
@@ -180,9 +181,9 @@ def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_
     from pet_sweep.report.stats import format_rate
 
     # as `run` shows a sweep: a status line in a terminal, else a line per epoch (a replay has few)
-    stdout = click.get_text_stream("stdout")
+    stdout = sys.stdout
     progress = Progress(1, level="normal" if shows_status_line(stdout) else "verbose", stream=stdout,
-                        err=click.get_text_stream("stderr"))
+                        err=sys.stderr)
     outcome = replay(config_file, export_model=export_model, tracking_uri=tracking_uri,
                      allow_split_change=allow_split_change, register=register, echo=progress.echo,
                      progress=progress)

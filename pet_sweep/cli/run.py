@@ -82,8 +82,8 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
     if not quiet:
         _print_banner(exp, workers, None if ray is None else ray.shown)
     progress = Progress(exp.config.budget.n_trials, level="quiet" if quiet else "verbose" if verbose else "normal",
-                        timeout=exp.config.budget.timeout, stream=click.get_text_stream("stdout"),
-                        err=click.get_text_stream("stderr"))
+                        timeout=exp.config.budget.timeout, stream=sys.stdout,
+                        err=sys.stderr)
     with sigterm_is_interrupt():
         result = launch.run(exp, workers=workers, gpus=gpus, ray=ray, progress=progress, echo=click.echo,
                             warn=lambda line: click.echo(line, err=True))
@@ -107,7 +107,6 @@ def _print_banner(exp: Experiment, workers: int, ray_address: str | None) -> Non
     click.echo(f"MLflow       {redact_url(exp.tracking_uri)}  experiment '{exp.tracking_experiment}'"
                f"{_created(exp.tracking_uri)}")
     from pet_sweep.sweep.records import multi_objective_note  # heavy: optuna
-
     from pet_sweep.sweep.search import sampler_note  # heavy: optuna
 
     click.echo(f"sampler      {sampler_note(exp)}")

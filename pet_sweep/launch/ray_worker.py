@@ -18,12 +18,10 @@ import socket
 import threading
 import time
 import uuid
-import warnings
 from typing import Any
 
-import ray
-
 import optuna
+import ray
 from optuna.trial import TrialState
 
 from pet_sweep.sweep.budget import WorkerRole, this_process
@@ -32,6 +30,7 @@ from pet_sweep.sweep.loop import run_sweep
 from pet_sweep.sweep.records import WORKER_ATTR, EpochRecord, SweepResult, TrialOutcome
 from pet_sweep.sweep.storage import StaleTrialHandler, has_heartbeats, make_storage, quiet_optuna
 from pet_sweep.tracking import RUN_ID_ATTR, Tracker
+from pet_sweep.train import quiet_fastai_import
 
 LEASE_S = 20.0  # a claim whose holder stopped renewing for this long is free again (holder killed)
 RENEW_S = 2.0
@@ -255,8 +254,7 @@ def run_worker(exp_box: list[Any], role: WorkerRole, coordinator: Any) -> SweepR
     reference over instead of the value, and the task's arguments show no URL.
     """
     quiet_optuna()  # the driver prints one line per trial, as a local run does
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    quiet_fastai_import()
     exp = ray.get(exp_box[0])
     me = this_process()
     events = Events(coordinator, role.index)

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import grpc  # optional: comes with ray[default] (the `ray` extra), as this module is only used with Ray
 import optuna
+
 # Private, wrapped in `storage_proxy` alone and pinned by tests/test_ray.py (the proxy serves,
 # then stops): the public optuna.storages.run_grpc_proxy_server cannot serve here, as it blocks
 # in server.wait_for_termination() with no handle to stop the server, so in a thread it would

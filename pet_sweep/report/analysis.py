@@ -15,16 +15,16 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+import pet_sweep.report.front as front
+import pet_sweep.report.verdicts as verdicts
 from pet_sweep.errors import StudyError
-from pet_sweep.report.costs import CostBook
-from pet_sweep.report.front import NO_PRUNING, SHOWN_COSTS, Recommendation, cheaper_comparisons, compare_records, \
-    cost_name, has_costs, pareto_front, recommend
+from pet_sweep.params import inert_params
 from pet_sweep.report.advice import converged_step, curve_agrees, learning_failures, tie_advice, trial_cost  # noqa: F401
+from pet_sweep.report.costs import CostBook
+from pet_sweep.report.front import Recommendation, recommend
 from pet_sweep.report.seeds import Run, Selection, representatives, selection_of
 from pet_sweep.report.stats import Comparison, errors_of, holm_corrected, plural, wilson
-from pet_sweep.report.verdicts import FAILED_TO_LEARN, OVERCONFIDENT, OVERFITTING, STILL_IMPROVING, UNDERFIT, VERDICTS, \
-    TrialAnalysis, analyse_history
-from pet_sweep.params import inert_params
+from pet_sweep.report.verdicts import TrialAnalysis
 from pet_sweep.space import ARCHITECTURES, PARAMS
 
 UNFINISHED = ("RUNNING", "WAITING")
@@ -142,7 +142,7 @@ def trials_frame(records: Sequence[TrialRecord], analyses: Mapping[int, TrialAna
             # the recipe's `epochs`: unfrozen epochs, like the "epochs" column (epochs_run counts both phases)
             "rec_unfrozen_epochs": a.recommended_epochs if a and r.state == "COMPLETE" else None,
             "seconds": r.seconds, "precision": r.precision, "reason": r.reason, "batch_size": r.batch_size,
-            **{name: r.costs.get(name) for name in SHOWN_COSTS},
+            **{name: r.costs.get(name) for name in front.SHOWN_COSTS},
         })
     return pd.DataFrame(rows)
 
@@ -214,7 +214,7 @@ def rival_comparisons(best: TrialRecord, done: Sequence[TrialRecord]) -> list[Co
     for label, other in rivals:
         labels.setdefault(other.number, []).append(label)
         others[other.number] = other
-    return [c for c in (compare_records(" and ".join(labels[n]), best, others[n]) for n in labels) if c is not None]
+    return [c for c in (front.compare_records(" and ".join(labels[n]), best, others[n]) for n in labels) if c is not None]
 
 
 def comparisons_for(best: TrialRecord, done: Sequence[TrialRecord]) -> list[Comparison]:
@@ -229,12 +229,12 @@ def compare_and_recommend(best: TrialRecord, done: Sequence[TrialRecord], object
     Holm-corrected together; no recommendation where no trial recorded a cost. A trial that
     diverged or never learned (no better than chance) is never recommended."""
     rivals = rival_comparisons(best, done)
-    if not has_costs(done):
+    if not front.has_costs(done):
         return holm_corrected(rivals), None
-    cost, why = cost_name(objectives)
+    cost, why = front.cost_name(objectives)
     diverged = {r.number for r in done
-                if r is not best and getattr(analyses.get(r.number), "verdict", "") in FAILED_TO_LEARN}
-    compared = cheaper_comparisons(best, done, cost, book)
+                if r is not best and getattr(analyses.get(r.number), "verdict", "") in verdicts.FAILED_TO_LEARN}
+    compared = front.cheaper_comparisons(best, done, cost, book)
     cheaper = [c for c in compared if c.other_trial not in diverged]
     left_out = len(compared) - len(cheaper)
     corrected = holm_corrected([*rivals, *cheaper])
@@ -244,7 +244,7 @@ def compare_and_recommend(best: TrialRecord, done: Sequence[TrialRecord], object
 def analyse_all(records: Sequence[TrialRecord], n_valid: int | None,
                 n_classes: int | None) -> dict[int, TrialAnalysis]:
     """The verdict of every trial with a history, but those still running (their curve is not a verdict yet)."""
-    return {r.number: analyse_history(r.history, n_valid=n_valid, n_classes=n_classes)
+    return {r.number: verdicts.analyse_history(r.history, n_valid=n_valid, n_classes=n_classes)
             for r in records if r.history and r.state not in UNFINISHED}
 
 
@@ -283,13 +283,13 @@ def next_steps(report_best: TrialRecord, analysis: TrialAnalysis | None, compari
     p = report_best.params
     if analysis is not None:
         rec = analysis.recommended_epochs
-        if analysis.verdict in (STILL_IMPROVING, UNDERFIT):
+        if analysis.verdict in (verdicts.STILL_IMPROVING, verdicts.UNDERFIT):
             steps.append(f"best trial {analysis.verdict} at its last epoch: raise epochs "
                          f"(try epochs={rec} instead of {p.get('epochs')})")
-        elif analysis.verdict == OVERFITTING:
+        elif analysis.verdict == verdicts.OVERFITTING:
             steps.append(f"best trial overfits after epoch {analysis.best_epoch}: train fewer epochs "
                          f"(epochs={rec}) or add augmentation")
-        elif analysis.verdict == OVERCONFIDENT:
+        elif analysis.verdict == verdicts.OVERCONFIDENT:
             steps.append(f"best trial is overconfident (valid loss up, error rate not): judge by the error rate; "
                          f"epochs={rec} reaches its best")
     converged = converged_step(analysis, p)
@@ -360,7 +360,7 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
     # verdicts of the trials that ran their course: a pruned trial was cut short on purpose, so
     # "still improving" or an epoch count read off its curve says nothing about its config
     complete = frame[frame["state"] == "COMPLETE"]
-    verdict_counts = {v: int((complete["verdict"] == v).sum()) for v in VERDICTS if (complete["verdict"] == v).any()}
+    verdict_counts = {v: int((complete["verdict"] == v).sum()) for v in verdicts.VERDICTS if (complete["verdict"] == v).any()}
     mine = [h for h in heldout if h.trial == best.number]
     held = mine[-1] if mine else (heldout[-1] if heldout else None)
     steps = next_steps(best, analyses.get(best.number), comparisons, verdict_counts, frame, bounds or {}, held,
@@ -372,7 +372,7 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
     notes += [f"{name} does nothing in this space: freeze_epochs is 0 in every trial, so there is no frozen phase; "
               f"it is not sampled, and can be dropped from the space" for name in always_inert]
     if len(objectives) > 1:
-        notes.append(f"{len(objectives)} objectives ({', '.join(objectives)}): {NO_PRUNING}; the best trial is "
+        notes.append(f"{len(objectives)} objectives ({', '.join(objectives)}): {front.NO_PRUNING}; the best trial is "
                      "the lowest error_rate, the front is over all objectives")
     return StudyReport(experiment=experiment, study_name=study_name, trials=frame, analyses=analyses, best=best,
                        n_valid=_n_items(best), comparisons=comparisons, tables=study_tables(frame),
@@ -381,7 +381,7 @@ def build_report(records: Sequence[TrialRecord], *, experiment: str, study_name:
                        test_split=test_split, n_candidates=len(done), importance_note=importance_note,
                        objectives=tuple(objectives), recommendation=recommendation, cost_book=cost_book,
                        selection=selection,
-                       front=tuple(r.number for r in pareto_front(done, len(objectives)))
+                       front=tuple(r.number for r in front.pareto_front(done, len(objectives)))
                        if len(objectives) > 1 else ())
 
 

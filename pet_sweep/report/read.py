@@ -19,16 +19,31 @@ from typing import Any, Sequence
 
 from pet_sweep.config import Experiment
 from pet_sweep.errors import StudyError
-from pet_sweep.report.analysis import HeldOut, StudyReport, TrialRecord, build_report, completed, \
-    recommendation_for, too_few_for_importances
+from pet_sweep.params import inert_params
+from pet_sweep.report.analysis import (
+    HeldOut,
+    StudyReport,
+    TrialRecord,
+    build_report,
+    completed,
+    recommendation_for,
+    too_few_for_importances,
+)
 from pet_sweep.report.costs import CostBook, key_of, session_of
 from pet_sweep.report.front import Recommendation
-from pet_sweep.report.seeds import run_of
 from pet_sweep.report.render import html, markdown
-from pet_sweep.params import inert_params
+from pet_sweep.report.seeds import run_of
 from pet_sweep.space import Range, always_inert
-from pet_sweep.tracking import PARENT_RUN_ATTR, RUN_ID_ATTR, SweepRuns, check_server, open_sweep_runs, redact_url, \
-    send_spooled, sqlite_path
+from pet_sweep.tracking import (
+    PARENT_RUN_ATTR,
+    RUN_ID_ATTR,
+    SweepRuns,
+    check_server,
+    open_sweep_runs,
+    redact_url,
+    send_spooled,
+    sqlite_path,
+)
 from pet_sweep.tracking_spool import spool_dir
 
 REPLAY_ROLE = "replay"              # tag pet_sweep.role of a `pet-sweep train` run
@@ -85,8 +100,17 @@ def trial_records(study: Any, batch_size: int | None = None,
     a trial that recorded none.
     """
     # heavy: sweep.records imports optuna; the study is open by now anyway
-    from pet_sweep.sweep.records import BATCH_ATTR, DEVICE_ATTR, HISTORY_ATTR, PARAMS_ATTR, PRECISION_ATTR, PREDS_ATTR, \
-        REASON_ATTR, TARGETS_ATTR, error_of
+    from pet_sweep.sweep.records import (
+        BATCH_ATTR,
+        DEVICE_ATTR,
+        HISTORY_ATTR,
+        PARAMS_ATTR,
+        PRECISION_ATTR,
+        PREDS_ATTR,
+        REASON_ATTR,
+        TARGETS_ATTR,
+        error_of,
+    )
 
     records = []
     for t in study.get_trials(deepcopy=False):

@@ -12,12 +12,12 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from pet_sweep.params import lr_text
 from pet_sweep.report.analysis import StudyReport
 from pet_sweep.report.costs import NOT_MEASURED, cost_table
 from pet_sweep.report.front import COSTS_LEGEND, SHOWN_COSTS, front_table
 from pet_sweep.report.stats import format_rate, plural
 from pet_sweep.report.verdicts import ADVICE
-from pet_sweep.params import lr_text
 
 
 def describe_params(params: Mapping[str, Any]) -> str:

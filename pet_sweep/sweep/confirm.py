@@ -29,12 +29,28 @@ from optuna.trial import FrozenTrial, TrialState
 from pet_sweep.config import Experiment
 from pet_sweep.params import TrialParams, inert_params
 from pet_sweep.report.seeds import Run, best_config, run_of, seed_spread, selection_of, summarise
-from pet_sweep.selection import (BASELINE_ATTR, BASELINE_ID, CONFIG_ATTR, SEED_ATTR, baseline_params, kind_of,
-                                 resolution, resolution_warning, training_seeds)
+from pet_sweep.selection import (
+    BASELINE_ATTR,
+    BASELINE_ID,
+    CONFIG_ATTR,
+    SEED_ATTR,
+    baseline_params,
+    kind_of,
+    resolution,
+    resolution_warning,
+    training_seeds,
+)
 from pet_sweep.space import Anchored, Anchors, Choice, Range, SearchSpace, anchor_value
 from pet_sweep.sweep.budget import Budget, is_retry
-from pet_sweep.sweep.records import (BATCH_ATTR, INTERRUPTED, INVOCATION_ATTR, PREDS_ATTR, REASON_ATTR,
-                                     TARGETS_ATTR, error_of)
+from pet_sweep.sweep.records import (
+    BATCH_ATTR,
+    INTERRUPTED,
+    INVOCATION_ATTR,
+    PREDS_ATTR,
+    REASON_ATTR,
+    TARGETS_ATTR,
+    error_of,
+)
 
 KIND_TAG = "pet_sweep.kind"  # MLflow tag of a trial's run: search, repeat or baseline
 SELECTION_ATTRS = (CONFIG_ATTR, SEED_ATTR, BASELINE_ATTR)  # what a retry of a trial carries over

@@ -15,7 +15,13 @@ from pet_sweep.config import Experiment
 from pet_sweep.errors import PetSweepError, StudyError
 from pet_sweep.sweep.budget import _numbers, clean_stale_locks, process_gone
 from pet_sweep.sweep.parent import close_dead_runs, tracker_when_needed
-from pet_sweep.sweep.records import PARENT_OPEN_ATTR, STALE_REASON, WORKER_ATTR, retried_trial_number
+from pet_sweep.sweep.records import (
+    PARENT_OPEN_ATTR,
+    STALE_REASON,
+    WORKER_ATTR,
+    experimental_relied_on,
+    retried_trial_number,
+)
 from pet_sweep.sweep.storage import StaleTrialHandler, missing_store_file, open_study
 from pet_sweep.tracking import PARENT_RUN_ATTR, Tracker
 
@@ -160,7 +166,8 @@ def _fail_silent_trials(exp: Experiment, study: optuna.Study, echo: Callable[[st
         raise StudyError(f"{exp.storage_url.split(':', 1)[0]} storage has no heartbeats, so no trial is known "
                          f"stale; name the trial whose worker is gone: --trial N (running: "
                          f"{_numbers(sorted(running)) or 'none'})")
-    fail_stale_trials(study)  # calls the study's StaleTrialHandler for each trial it failed
+    with experimental_relied_on():  # experimental since Optuna 2.9
+        fail_stale_trials(study)  # calls the study's StaleTrialHandler for each trial it failed
     now = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     failed = sorted(n for n in stale if now[n] == TrialState.FAIL)
     alive = sorted(set(running) - set(failed))

@@ -25,7 +25,6 @@ from pet_sweep.sweep.confirm import Confirmer, best_config_text, completed_runs,
 from pet_sweep.sweep.keep import KeepWinner
 from pet_sweep.sweep.lifecycle import clean_leftovers
 from pet_sweep.sweep.objective import Objective, TrialListener
-from pet_sweep.sweep.resume import queue_preempted
 from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run, tracker_when_needed
 from pet_sweep.sweep.records import (
     INVOCATION_ATTR,
@@ -36,11 +35,13 @@ from pet_sweep.sweep.records import (
     TrialOutcome,
     best_of,
     describe_trial,
+    experimental_relied_on,
     format_trial,
 )
-from pet_sweep.sweep.warm import WarmConfig, enqueue_warm_start, plan_warm_start
+from pet_sweep.sweep.resume import queue_preempted
 from pet_sweep.sweep.storage import StaleTrialHandler, check_split, has_heartbeats, open_study
 from pet_sweep.sweep.training import Training
+from pet_sweep.sweep.warm import WarmConfig, enqueue_warm_start, plan_warm_start
 from pet_sweep.tracking import Tracker, check_server
 
 
@@ -182,7 +183,8 @@ def _run_trials(exp: Experiment, study: optuna.Study, objective: Objective, budg
         if not was_waiting:
             echo(f"waiting      {budget.waiting_on}; retries any whose worker dies")
         time.sleep(min(faults.heartbeat_interval, 5))
-        fail_stale_trials(study)
+        with experimental_relied_on():  # experimental since Optuna 2.9
+            fail_stale_trials(study)
     # the time limit ended it; it cut the run short only with slots left
     return "timeout" if budget.used(study.get_trials(deepcopy=False)) < exp.config.budget.n_trials else "budget"
 

@@ -21,7 +21,6 @@ from pet_sweep.params import TrialParams
 from pet_sweep.selection import SEED_ATTR
 from pet_sweep.space import Anchors, anchor_params, suggest
 from pet_sweep.sweep import confirm, resume
-from pet_sweep.sweep.training import Training
 from pet_sweep.sweep.records import (
     BATCH_ATTR,
     COST_SECONDS_ATTR,
@@ -39,6 +38,7 @@ from pet_sweep.sweep.records import (
     TrialOutcome,
     trial_config,
 )
+from pet_sweep.sweep.training import Training
 from pet_sweep.tracking import RUN_ID_ATTR, Tracker
 from pet_sweep.train.pretrain import CHECKPOINT_ATTR, Checkpoint, starting_model
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -82,7 +81,8 @@ def make_storage(url: str, faults: FaultsConfig | None = None,
     try:
         if url.startswith(GRPC_PREFIX):
             host, _, port = url[len(GRPC_PREFIX):].rpartition(":")
-            proxy = optuna.storages.GrpcStorageProxy(host=host.strip("[]"), port=int(port))
+            with experimental_relied_on():  # experimental since Optuna 4.2
+                proxy = optuna.storages.GrpcStorageProxy(host=host.strip("[]"), port=int(port))
             proxy.wait_server_ready(timeout=30)
             return proxy
         if url.startswith(JOURNAL_PREFIX):
@@ -231,5 +231,3 @@ def quiet_optuna() -> None:
     optimize_log = logging.getLogger("optuna.study._optimize")
     if not any(isinstance(f, _NoInterruptTraceback) for f in optimize_log.filters):
         optimize_log.addFilter(_NoInterruptTraceback())
-    # heartbeats and their retry callback are marked experimental; they are what we rely on
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

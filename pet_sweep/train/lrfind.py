@@ -39,12 +39,12 @@ from fastai.callback.schedule import minimum, slide, steep, valley
 
 from pet_sweep.config import Experiment, ModelConfig
 from pet_sweep.errors import ConfigError, LRFindError
+from pet_sweep.params import TrialParams
+from pet_sweep.space import PHASES, Anchored, Anchors, Choice, Range, SearchSpace, check_anchors, known_architecture
 from pet_sweep.tracking import Tracker
 from pet_sweep.train.data import build_data
 from pet_sweep.train.pretrain import Checkpoint, checkpoints_for, starting_model
 from pet_sweep.train.recipe import apply_precision, create_learner, release, reseed
-from pet_sweep.params import TrialParams
-from pet_sweep.space import PHASES, Anchored, Anchors, Choice, Range, SearchSpace, check_anchors, known_architecture
 
 # fastai's defaults: 100 mock-training steps from 1e-7 to 10, stopped once the loss is 4x its best.
 NUM_IT = 100

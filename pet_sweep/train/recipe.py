@@ -21,24 +21,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 # fastai adds fit_one_cycle, lr_find, to_fp16 and no_bar to Learner in these modules
 import fastai.callback.fp16  # noqa: F401
-from fastai.callback.channelslast import ChannelsLast
 import fastai.callback.progress  # noqa: F401
 import fastai.callback.schedule  # noqa: F401
+import torch
+from fastai.callback.channelslast import ChannelsLast
 from fastai.metrics import error_rate
 from fastai.torch_core import set_seed
 from fastai.vision.learner import model_meta, vision_learner
 
-from pet_sweep.train import amp, costs
-from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence
-from pet_sweep.train.checkpoint import CheckpointPlan, EpochCheckpoints
-from pet_sweep.sweep.records import EpochListener, EpochRecord
 from pet_sweep.config import ModelConfig
 from pet_sweep.errors import PetSweepError
 from pet_sweep.params import TrialParams
 from pet_sweep.space import ARCHITECTURES
+from pet_sweep.sweep.records import EpochListener, EpochRecord
+from pet_sweep.train import amp, costs
+from pet_sweep.train.callbacks import EpochHistory, StopOnDivergence
+from pet_sweep.train.checkpoint import CheckpointPlan, EpochCheckpoints
 from pet_sweep.train.data import local_path
 
 

@@ -25,8 +25,16 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pet_sweep.report.costs import TIMED_COSTS, TIMINGS_ATTR, CostKey, KeyTiming, TimingSession, device_type, \
-    key_of, median_interval
+from pet_sweep.report.costs import (
+    TIMED_COSTS,
+    TIMINGS_ATTR,
+    CostKey,
+    KeyTiming,
+    TimingSession,
+    device_type,
+    key_of,
+    median_interval,
+)
 from pet_sweep.report.stats import plural
 from pet_sweep.train.costs import params_m
 
