@@ -18,6 +18,7 @@ for the training alone.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import math
 import os
@@ -88,6 +89,7 @@ class _Data:
     dls: _Loaders
     fingerprint: SplitFingerprint
     n_valid: int  # the stand-in's "validation items", as `selection` reads them
+    loader_workers: int = 0
 
     def describe(self, data: Any) -> str:
         return "simulated: no images (bench.simulated.StandIn)"
@@ -261,6 +263,9 @@ def _serve(command_r: int, reply_w: int, folder: Path, pace: float, valid_items:
     import pickle
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards signals to the workers
+    # The imported modules' objects out of the collector's reach: a collection writes to every
+    # object it visits, which copies the page it lies on into each forked worker (copy-on-write)
+    gc.freeze()
     commands, children, buffer, closed = os.fdopen(command_r, "rb", buffering=0), set(), b"", False
     while not closed or children:
         ready, _, _ = select.select([] if closed else [commands], [], [], 0.2)

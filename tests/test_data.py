@@ -11,7 +11,7 @@ from PIL import Image
 
 from pet_sweep.config import load_experiment
 from pet_sweep.errors import DataError
-from pet_sweep.train.data import Splits, build_data, digits_folder, split_fingerprint, split_items
+from pet_sweep.train.data import Splits, build_data, digits_folder, loader_workers, split_fingerprint, split_items
 
 
 def test_digits_written_once_with_label_names(tmp_path: Path) -> None:
@@ -217,3 +217,18 @@ def test_batch_larger_than_training_split(write_experiments) -> None:
     path = write_experiments(model={"batch_size": 512})
     with pytest.raises(DataError, match="model.batch_size.*512 is larger than the training split"):
         build_data(load_experiment(path))
+
+
+@pytest.mark.parametrize(("given", "cache", "threads", "expected"), [
+    (None, False, 3, 3),    # the worker's share of the cores (its torch threads)
+    (None, False, 32, 8),   # at most 8
+    (None, True, 4, 0),     # cached items are a lookup: no loader process
+    (5, False, 2, 5),       # data.num_workers wins
+    (2, True, 2, 2),
+])
+def test_loader_workers_follow_the_worker_share_of_the_cores(monkeypatch: pytest.MonkeyPatch, given: int | None,
+                                                             cache: bool, threads: int, expected: int) -> None:
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert loader_workers(given, cache) == expected

@@ -237,6 +237,8 @@ def test_two_workers_get_their_share_of_the_cores_and_the_users_threads_win(
         assert result.finished == 2
         runs = trial_runs(exp.tracking_uri, exp.tracking_experiment, name)
         assert sorted(run.data.params["torch_threads"] for run in runs.values()) == [expected, expected]
+        # cached digits: no DataLoader process (train.data.loader_workers), logged beside the threads
+        assert [run.data.params["loader_workers"] for run in runs.values()] == ["0", "0"]
     monkeypatch.setenv("OMP_NUM_THREADS", "two")
     with pytest.raises(ConfigError, match="OMP_NUM_THREADS.*'two'"):
         worker_envs(2, [])

@@ -61,8 +61,6 @@ class KeepWinner:
         self.seconds: list[float] = []  # what each save and upload took (bench.overhead --keep-winner)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        from pet_sweep.train.recipe import release  # heavy: torch, fastai
-
         number, learner = self.objective.take_learner()
         try:
             if learner is not None and number == trial.number and trial.state == TrialState.COMPLETE:
@@ -71,6 +69,8 @@ class KeepWinner:
             self.echo(f"keep         trial {trial.number}'s model not kept: {type(err).__name__}: {str(err)[:200]}")
         finally:
             if learner is not None:
+                from pet_sweep.train.recipe import release  # heavy: torch, fastai (only with a learner)
+
                 release(learner)
 
     @property

@@ -105,9 +105,9 @@ class Objective:
 
     def _hand_over(self, number: int, learner: Any) -> None:
         """Hold the completed trial's learner for `take_learner`; one no callback took is released first."""
-        from pet_sweep.train.recipe import release  # heavy: torch, fastai
-
         if self._finished[1] is not None:  # the trial before failed after its training
+            from pet_sweep.train.recipe import release  # heavy: torch, fastai (only with a learner to free)
+
             release(self.take_learner()[1])
         self._finished = (number, learner)
 
@@ -237,6 +237,7 @@ class Objective:
             {**params.as_dict(), "precision": precision, "img_size": model.img_size,
              "batch_size": batch_size, "pretrained": model.pretrained, "channels_last": model.channels_last,
              "seed": seed, "torch_threads": self.training.threads(),  # launch.local.worker_threads
+             "loader_workers": self.data.loader_workers,  # train.data.loader_workers
              "device": str(dls.device), **retry, **anchor_params(exp.space, params, self.anchors),
              **(checkpoint.params() if checkpoint else {})},
             tags={"arch": params.arch, confirm.KIND_TAG: confirm.kind_of(trial.user_attrs, trial.number)})

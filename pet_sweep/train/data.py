@@ -303,6 +303,7 @@ class DataBundle:
     label: Callable[[Path], str]
     fingerprint: SplitFingerprint  # of `splits`: which items each part holds
     n_found: int = 0               # images found (of the chosen classes), before `data.limit`
+    loader_workers: int = 0        # DataLoader processes (`loader_workers`)
 
     @property
     def n_valid(self) -> int:
@@ -318,6 +319,21 @@ class DataBundle:
         if data.per_class is not None:
             text += f" (per_class {data.per_class}: at most {data.per_class} training images of each class)"
         return text
+
+
+def loader_workers(given: int | None, cache: bool) -> int:
+    """DataLoader processes of one worker: `data.num_workers` where given; none for cached items
+    (a lookup, cheaper than handing a batch between processes); else this worker's share of the
+    cores (its torch threads, which the supervisor sets to cores // workers), at most 8. Each
+    worker taking every core would start workers x cores loader processes, the oversubscription
+    that "Threads per worker" in docs/benchmarks.md measured at 4-18x slower."""
+    if given is not None:
+        return given
+    if cache:
+        return 0
+    import torch  # heavy: torch
+
+    return min(8, max(1, torch.get_num_threads()))
 
 
 def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = None) -> DataBundle:
@@ -343,7 +359,7 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
         raise DataError(f"{exp.where}: experiment '{exp.name}': key 'model.batch_size': "
                         f"{model.batch_size} is larger than the training split ({len(splits.train)} items)")
     cache = data.cache if data.cache is not None else data.source == "digits"
-    num_workers = data.num_workers if data.num_workers is not None else (0 if cache else min(8, os.cpu_count() or 1))
+    num_workers = loader_workers(data.num_workers, cache)
 
     train_valid = list(splits.train) + list(splits.valid)
     x_block, item_tfms, batch_tfms = ImageBlock, [Resize(model.img_size)], None
@@ -373,4 +389,4 @@ def build_data(exp: Experiment, model: ModelConfig | None = None, device: Any = 
         raise DataError(f"{exp.where}: experiment '{exp.name}': classes {missing} appear only in the "
                         "validation split; use more data or a different split_seed")
     return DataBundle(dls=dls, splits=splits, vocab=vocab, label=label, fingerprint=split_fingerprint(splits, folder),
-                      n_found=n_found)
+                      n_found=n_found, loader_workers=num_workers)
