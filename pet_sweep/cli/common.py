@@ -12,7 +12,6 @@ import click
 
 from pet_sweep.config import DEFAULT_CONFIG, Experiment, load_experiment
 from pet_sweep.errors import PetSweepError, Preempted
-from pet_sweep.train import quiet_fastai_import
 
 
 class CliError(click.ClickException):
@@ -31,12 +30,6 @@ def fail_clearly(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise CliError(str(err)) from None
 
     return wrapper
-
-
-def quiet_libraries() -> None:
-    """What a command hides of its libraries: one upstream warning (`quiet_fastai_import`);
-    the rest stays as Python shows it (deprecations hidden outside __main__ by default)."""
-    quiet_fastai_import()
 
 
 config_option = click.option(

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from pet_sweep.cli.common import config_option, fail_clearly, load, quiet_libraries, tracking_option
+from pet_sweep.cli.common import config_option, fail_clearly, load, tracking_option
 from pet_sweep.tracking import redact_url
+from pet_sweep.train import quiet_fastai_import
 
 
 @click.command("lr-find")
@@ -34,7 +35,7 @@ def lr_find(experiment: str | None, config_path: str, archs: tuple[str, ...], ou
       pet-sweep lr-find digits --arch xresnet18 --out lr-find
     """
     exp = load(config_path, experiment, tracking_uri=tracking_uri)
-    quiet_libraries()
+    quiet_fastai_import()
     from pet_sweep.train.lrfind import find_for_experiment  # heavy: torch, fastai
 
     click.echo(f"experiment   {exp.name}  ({exp.config_path})")
@@ -65,7 +66,7 @@ def pretrain(experiment: str | None, config_path: str, archs: tuple[str, ...], t
       pet-sweep pretrain digits-source
     """
     exp = load(config_path, experiment, tracking_uri=tracking_uri)
-    quiet_libraries()
+    quiet_fastai_import()
     from pet_sweep.train.pretrain import pretrain as pretrain_bodies  # heavy: torch, fastai, optuna
 
     click.echo(f"experiment   {exp.name}  ({exp.config_path})")

@@ -15,7 +15,6 @@ from pet_sweep.cli.common import (
     config_option,
     fail_clearly,
     load,
-    quiet_libraries,
     storage_option,
     study_name_option,
     tracking_option,
@@ -23,6 +22,7 @@ from pet_sweep.cli.common import (
 from pet_sweep.invocation import command
 from pet_sweep.tracking import redact_url, send_spooled
 from pet_sweep.tracking_spool import spool_dir
+from pet_sweep.train import quiet_fastai_import
 
 
 @click.command()
@@ -52,7 +52,7 @@ def report(experiment: str | None, config_path: str, out_dir: str | None, storag
       pet-sweep report digits --out reports/digits
     """
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
-    quiet_libraries()
+    quiet_fastai_import()
     from pet_sweep.report.read import load_report, write_report  # heavy: optuna, matplotlib, mlflow
     from pet_sweep.report.render import summary_text
 
@@ -139,7 +139,7 @@ def export(experiment: str | None, config_path: str, output: str | None, force: 
     """
     chosen = parse_pick(pick, trial)
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
-    quiet_libraries()
+    quiet_fastai_import()
     from pet_sweep.exported import default_output, export_config, write_config  # heavy: optuna
 
     doc, number = export_config(exp, chosen)
@@ -175,7 +175,7 @@ def train(config_file: str, export_model: bool, tracking_uri: str | None, allow_
       pet-sweep train best.yaml --export-model
       pet-sweep train best.yaml --register digits-best   # then: pet-sweep serve digits-best
     """
-    quiet_libraries()
+    quiet_fastai_import()
     from pet_sweep.progress import Progress, shows_status_line  # heavy: optuna (trial records)
     from pet_sweep.replay import train as replay  # heavy: optuna; the training stack on demand
     from pet_sweep.report.stats import format_rate
@@ -228,7 +228,7 @@ def register(experiment: str, name: str, config_path: str, pick: str | None, sto
     """
     chosen = parse_pick(pick, None)
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
-    quiet_libraries()
+    quiet_fastai_import()
     from pet_sweep.sweep.keep import register_kept  # heavy: optuna, mlflow
 
     version, number = register_kept(exp, chosen, name)
@@ -291,7 +291,7 @@ def fail_stale(experiment: str | None, config_path: str, number: int | None, yes
       pet-sweep fail-stale digits --storage journal:///shared/optuna.log --trial 7 --yes
     """
     exp = load(config_path, experiment, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
-    quiet_libraries()
+    quiet_fastai_import()
     from pet_sweep.sweep.lifecycle import fail_stale as fail  # heavy: optuna
     from pet_sweep.sweep.storage import quiet_optuna
 

@@ -13,7 +13,6 @@ from pet_sweep.cli.common import (
     config_option,
     fail_clearly,
     load,
-    quiet_libraries,
     sigterm_is_interrupt,
     tracking_option,
 )
@@ -21,6 +20,7 @@ from pet_sweep.config import DEFAULT_CONFIG, Experiment
 from pet_sweep.invocation import command
 from pet_sweep.tracking import redact_url
 from pet_sweep.tracking_spool import spool_dir
+from pet_sweep.train import quiet_fastai_import
 
 if TYPE_CHECKING:
     from pet_sweep.sweep.records import SweepResult
@@ -71,7 +71,7 @@ def run(experiment: str | None, config_path: str, n_trials: int | None, timeout:
         raise CliError("--quiet and --verbose exclude each other; choose one")
     exp = load(config_path, experiment, n_trials=n_trials, timeout=timeout, storage=storage,
                tracking_uri=tracking_uri, study_name=study_name)
-    quiet_libraries()
+    quiet_fastai_import()
     from pet_sweep import launch  # heavy: optuna, SQLAlchemy, the training stack on demand
     from pet_sweep.progress import Progress  # heavy: optuna (trial records)
     from pet_sweep.sweep.storage import quiet_optuna  # heavy: optuna
@@ -232,7 +232,7 @@ def worker(role: str, experiment: str) -> None:
     (EXPERIMENT is its name, for `ps`); the supervisor prints the banner, the result and
     the hints. Exit code 130 after Ctrl-C.
     """
-    quiet_libraries()
+    quiet_fastai_import()
     from pet_sweep.launch.local import EXPERIMENT_ENV, unpack_experiment, work  # heavy: optuna, the training stack
     from pet_sweep.sweep.storage import quiet_optuna  # heavy: optuna
 

@@ -8,7 +8,6 @@ import time
 from typing import Any, Callable, Iterable
 
 import optuna
-from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.config import Experiment
@@ -19,7 +18,7 @@ from pet_sweep.sweep.records import (
     PARENT_OPEN_ATTR,
     STALE_REASON,
     WORKER_ATTR,
-    experimental_relied_on,
+    fail_stale_trials,
     retried_trial_number,
 )
 from pet_sweep.sweep.storage import StaleTrialHandler, missing_store_file, open_study
@@ -166,8 +165,7 @@ def _fail_silent_trials(exp: Experiment, study: optuna.Study, echo: Callable[[st
         raise StudyError(f"{exp.storage_url.split(':', 1)[0]} storage has no heartbeats, so no trial is known "
                          f"stale; name the trial whose worker is gone: --trial N (running: "
                          f"{_numbers(sorted(running)) or 'none'})")
-    with experimental_relied_on():  # experimental since Optuna 2.9
-        fail_stale_trials(study)  # calls the study's StaleTrialHandler for each trial it failed
+    fail_stale_trials(study)  # calls the study's StaleTrialHandler for each trial it failed
     now = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     failed = sorted(n for n in stale if now[n] == TrialState.FAIL)
     alive = sorted(set(running) - set(failed))

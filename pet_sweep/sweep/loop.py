@@ -15,7 +15,6 @@ import time
 from typing import Any, Callable
 
 import optuna
-from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.config import Experiment
@@ -35,7 +34,7 @@ from pet_sweep.sweep.records import (
     TrialOutcome,
     best_of,
     describe_trial,
-    experimental_relied_on,
+    fail_stale_trials,
     format_trial,
 )
 from pet_sweep.sweep.resume import queue_preempted
@@ -183,8 +182,7 @@ def _run_trials(exp: Experiment, study: optuna.Study, objective: Objective, budg
         if not was_waiting:
             echo(f"waiting      {budget.waiting_on}; retries any whose worker dies")
         time.sleep(min(faults.heartbeat_interval, 5))
-        with experimental_relied_on():  # experimental since Optuna 2.9
-            fail_stale_trials(study)
+        fail_stale_trials(study)
     # the time limit ended it; it cut the run short only with slots left
     return "timeout" if budget.used(study.get_trials(deepcopy=False)) < exp.config.budget.n_trials else "budget"
 

@@ -67,6 +67,13 @@ def experimental_relied_on() -> Iterator[None]:
         yield
 
 
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Optuna's `fail_stale_trials` (experimental since Optuna 2.9): fail the trials whose heartbeat
+    stopped, calling the study's stale-trial callback for each."""
+    with experimental_relied_on():
+        optuna.storages.fail_stale_trials(study)
+
+
 def retried_trial_number(trial: FrozenTrial) -> int | None:
     """The trial of a dead worker that `trial` runs again (Optuna's heartbeat retry); None if not a retry."""
     with experimental_relied_on():  # experimental since Optuna 2.8
