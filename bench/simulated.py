@@ -303,6 +303,8 @@ def _worker(exp: Experiment, role: str, folder: Path, pace: float, valid_items: 
     log = (folder / f"worker-{index}.log").open("a", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
+    if "torch" in sys.modules:  # forked from a process that ran torch (a test's): its OpenMP pool did not
+        sys.modules["torch"].set_num_threads(1)  # come with the fork, and a parallel op would wait on it forever
     probe = Probe(folder / f"timings-{os.getpid()}.jsonl")
     probe.install()
     quiet_optuna()

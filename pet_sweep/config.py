@@ -87,6 +87,9 @@ class ExperimentConfig(Strict):
         if len(self.objectives) > 1 and self.sampler.name == "cmaes":
             raise ValueError("sampler cmaes is for one objective, but `objectives` names "
                              f"{self.objectives}; use tpe, gp or nsga2")
+        if len(self.objectives) > 1 and self.budget.stop_when == "converged":
+            raise ValueError("budget.stop_when: converged is for one objective (Optuna's Terminator bounds the "
+                             f"regret of one value), but `objectives` names {self.objectives}; use stop_when: budget")
         return self
 
 

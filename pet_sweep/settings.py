@@ -79,9 +79,18 @@ class PretrainConfig(Strict):
 
 
 class BudgetConfig(Strict):
+    """`n_trials` per invocation, shared by its workers; `max_trials` caps the whole study.
+
+    `stop_when: converged` ends the search early once Optuna's Terminator rule says the rest of the
+    space holds less than the noise of the error (`sweep.converge`), checked once `min_trials`
+    searched trials have completed (20: Optuna's own default); the baseline and the confirmations
+    still run."""
+
     n_trials: int = Field(10, ge=0)
     timeout: float | None = Field(None, gt=0)
     max_trials: int | None = Field(None, ge=1)
+    stop_when: Literal["budget", "converged"] = "budget"
+    min_trials: int = Field(20, ge=2)
 
     @field_validator("n_trials")
     @classmethod

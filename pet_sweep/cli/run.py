@@ -114,6 +114,10 @@ def _print_banner(exp: Experiment, workers: int, ray_address: str | None) -> Non
     if note:
         click.echo(f"objectives   {note}")
     click.echo(f"selection    {exp.config.selection.budget_text(budget.n_trials)}")
+    if budget.stop_when == "converged":
+        click.echo(f"stop when    converged: Optuna's Terminator rule (regret bound below the error's noise), checked "
+                   f"once {budget.min_trials} searched trials have completed in the study; the baseline and the "
+                   "confirmations still run")
     if exp.config.selection.baseline:
         from pet_sweep.sweep.confirm import baseline_text  # heavy: optuna
 
@@ -182,6 +186,8 @@ def _print_result(exp: Experiment, result: SweepResult, hints: _Hints, quiet: bo
     if result.stopped_by == "workers":
         click.echo(f"the workers stopped early; resume with: {hints.resume(result.left)}", err=True)
         sys.exit(1)
+    if result.stopped_by == "converged":
+        _print_converged(exp, result, n_trials)
     if result.stopped_by == "cap" and result.ran < n_trials:
         _print_capped(exp.config.budget.max_trials, result.ran, n_trials)
     elif result.stopped_by == "timeout":
@@ -202,6 +208,16 @@ def _print_capped(max_trials: int | None, ran: int, n_trials: int) -> None:
     """The study's cap, not this run's trial budget, ended the run."""
     click.echo(f"budget       the study's cap is reached (budget.max_trials {max_trials}, counting trials finished or "
                f"running anywhere): {ran} of {_trials(n_trials)} ran here; raise budget.max_trials to go on")
+
+
+def _print_converged(exp: Experiment, result: SweepResult, n_trials: int) -> None:
+    """budget.stop_when: converged ended the search with slots left: the rule's verdict, from the study."""
+    from pet_sweep.sweep.converge import stored_verdict  # heavy: optuna
+    from pet_sweep.sweep.storage import open_study  # heavy: optuna
+
+    verdict = stored_verdict(open_study(exp, create=False))
+    click.echo(f"budget       the search {verdict.text() if verdict else 'converged'}; {result.ran} of "
+               f"{_trials(n_trials)} ran, {result.left} left unused")
 
 
 def _print_timeout(timeout: float | None, ran: int, n_trials: int, command: str) -> None:

@@ -27,6 +27,7 @@ from pet_sweep.config import Experiment
 from pet_sweep.errors import ConfigError
 from pet_sweep.sweep.budget import Budget, WorkerRole, cap_reached
 from pet_sweep.sweep.confirm import best_config_text, completed_runs
+from pet_sweep.sweep.converge import converged_in
 from pet_sweep.sweep.lifecycle import clean_leftovers, fail_orphans
 from pet_sweep.sweep.loop import run_sweep, split_callbacks
 from pet_sweep.sweep.parent import close_dead_runs, close_parent_run, open_parent_run, tracker_when_needed
@@ -256,7 +257,8 @@ def supervise(exp: Experiment, n_workers: int, gpus: list[str] | None, *,
     used = budget.used(trials)
     timed_out = exp.config.budget.timeout is not None and time.monotonic() - started >= exp.config.budget.timeout
     stopped_by = why_stopped(exits, interrupted, short=used < budget.n_trials,
-                             capped=cap_reached(trials, exp.config.budget.max_trials), timed_out=timed_out)
+                             capped=cap_reached(trials, exp.config.budget.max_trials), timed_out=timed_out,
+                             converged=converged_in(study, roles[0].invocation))
     return SweepResult(exp.study_name, parent, ran=used, finished=budget.finished(trials), best=best_of(study),
                        stopped_by=stopped_by, left=budget.left(trials),
                        best_config=best_config_text(completed_runs(trials, exp.config.seed)))
@@ -274,11 +276,12 @@ def _say_what_went_wrong(exits: list[WorkerExit], closed: int, orphans: list[int
              "failed now, queued to run again in the next `pet-sweep run`")
 
 
-def why_stopped(exits: list[WorkerExit], interrupted: bool, *, short: bool, capped: bool, timed_out: bool
-                ) -> StoppedBy:
+def why_stopped(exits: list[WorkerExit], interrupted: bool, *, short: bool, capped: bool, timed_out: bool,
+                converged: bool = False) -> StoppedBy:
     """Why the workers stopped. Fewer trials than the budget: the study's cap (read from the
-    storage), else the time budget (the workers' clocks started after the supervisor's: if
-    they timed out, so did it), else the workers ended early."""
+    storage), else a converged search (its verdict is in the study), else the time budget (the
+    workers' clocks started after the supervisor's: if they timed out, so did it), else the
+    workers ended early."""
     if interrupted:
         return "interrupt"
     if not any(e.returncode == 0 for e in exits):
@@ -287,4 +290,6 @@ def why_stopped(exits: list[WorkerExit], interrupted: bool, *, short: bool, capp
         return "budget"
     if capped:
         return "cap"
+    if converged:
+        return "converged"
     return "timeout" if timed_out else "workers"

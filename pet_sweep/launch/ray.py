@@ -185,6 +185,8 @@ class Ended:
             return "budget"
         if "cap" in said or cap_reached(trials, exp.config.budget.max_trials):
             return "cap"
+        if "converged" in said:
+            return "converged"
         return "timeout" if "timeout" in said else "workers"
 
 

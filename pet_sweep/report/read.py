@@ -255,6 +255,12 @@ def load_report(exp: Experiment) -> ReportBundle:
                           n_classes=n_classes(records), test_split=exp.config.data.test_pct > 0,
                           importance_note=note, always_inert=always_inert(exp.space), objectives=objectives,
                           cost_book=cost_book(exp, study, records))
+    from pet_sweep.sweep.converge import stored_verdict  # heavy: optuna
+
+    verdict = stored_verdict(study)  # budget.stop_when: converged, at its last evaluation
+    if verdict is not None:
+        report.notes.append(f"budget.stop_when: converged: {verdict.text()}" + (
+            "; the search stopped there" if verdict.converged else "; more trials may still find a better config"))
     incomplete = tracking.incomplete_trials(exp.study_name, {r.number: r.state for r in records})
     if incomplete:
         report.notes.append(f"the MLflow record of trial(s) {', '.join(map(str, incomplete))} is incomplete "

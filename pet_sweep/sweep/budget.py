@@ -164,8 +164,9 @@ class Budget:
         return sum(1 for t in trials if t.user_attrs.get(INVOCATION_ATTR) == self.role.invocation
                    and t.state in (TrialState.COMPLETE, TrialState.PRUNED))
 
-    def next_step(self, study: optuna.Study) -> Literal["run", "wait", "stop"]:
-        """What a free worker does now (call it holding the claim lock)."""
+    def next_step(self, study: optuna.Study, search_over: bool = False) -> Literal["run", "wait", "stop"]:
+        """What a free worker does now (call it holding the claim lock). `search_over`: the search has
+        converged (`sweep.converge`), so only queued trials still run, within the budget."""
         trials = study.get_trials(deepcopy=False)
         self.capped = cap_full = False
         if self.max_trials is not None:
@@ -180,7 +181,7 @@ class Budget:
         # another seed, the baseline) takes a slot like a new one, and none beyond the budget
         if not cap_full and waiting and (is_retry(waiting[0]) or self.used(trials) < self.n_trials):
             return "run"
-        if self.used(trials) < self.n_trials:
+        if self.used(trials) < self.n_trials and not search_over:
             if not cap_full:
                 return "run"
             # the cap is full: stay while those trials run, to retry one whose worker dies
@@ -193,7 +194,8 @@ class Budget:
         # Stay while another worker's trial runs: if that worker dies, its trial is
         # failed after the grace period and retried, and someone must be there to run it.
         # Without heartbeats (journal storage) a dead worker's trial is never failed.
-        self.waiting_on = f"for trial(s) {_numbers(mine)} (this run's budget is used)"
+        self.waiting_on = f"for trial(s) {_numbers(mine)} (this run's " + \
+            ("search has converged)" if search_over else "budget is used)")
         return "wait" if mine and self.heartbeats else "stop"
 
     def hold(self, why: str) -> Literal["wait"]:

@@ -127,9 +127,10 @@ class Confirmer:
                      and INVOCATION_ATTR not in t.user_attrs)
         return budget.n_trials - budget.used(trials) - queued
 
-    def top_up(self, study: optuna.Study, budget: Budget) -> bool:
+    def top_up(self, study: optuna.Study, budget: Budget, search_over: bool = False) -> bool:
         """Queue what the selection needs now; True: hold, a new searched trial would take the slots kept
-        for a confirmation (a searched trial still running may earn them)."""
+        for a confirmation (a searched trial still running may earn them). `search_over`: the search has
+        converged, so the confirmations are due now, as at the budget's end."""
         trials = study.get_trials(deepcopy=False)
         room, done = self.room(trials, budget), taken(trials, self.seed)
         self.holding = ""
@@ -142,10 +143,10 @@ class Confirmer:
                 room -= len(missing)
         runs = completed_runs(trials, self.seed)
         self.say_resolution(runs)
-        return self._confirm(study, trials, runs, done, room)
+        return self._confirm(study, trials, runs, done, room, search_over)
 
     def _confirm(self, study: optuna.Study, trials: list[FrozenTrial], runs: list[Run],
-                 done: set[tuple[str, int]], room: int) -> bool:
+                 done: set[tuple[str, int]], room: int, search_over: bool = False) -> bool:
         repeats = self.seeds[1:]
         if not repeats or self.sel.confirm_top == 0 or room < len(repeats):
             return False
@@ -161,7 +162,7 @@ class Confirmer:
             challengers = firsts[:1] if len(firsts) >= max(1, self.n_search // 2) else []
         else:
             challengers = [r for r in firsts if r.error < incumbent.mean]
-        end_game = room <= unspent * len(repeats)
+        end_game = search_over or room <= unspent * len(repeats)
         chosen = challengers[:1] or (firsts[:1] if end_game else [])
         if chosen:
             source = next(t for t in trials if t.number == chosen[0].number)

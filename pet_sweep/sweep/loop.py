@@ -21,6 +21,7 @@ from pet_sweep.config import Experiment
 from pet_sweep.errors import Preempted, TrackingAway, TrialFailed
 from pet_sweep.sweep.budget import Budget, Claim, WorkerRole, this_process
 from pet_sweep.sweep.confirm import Confirmer, best_config_text, completed_runs, first_resolution, selection_metrics
+from pet_sweep.sweep.converge import Convergence
 from pet_sweep.sweep.keep import KeepWinner
 from pet_sweep.sweep.lifecycle import clean_leftovers
 from pet_sweep.sweep.objective import Objective, TrialListener
@@ -81,10 +82,11 @@ def run_sweep(exp: Experiment, *, echo: Callable[[str], None] = print,
         objective = Objective(exp, data, tracker, parent, epoch_listeners, trial_listeners,
                               anchors=anchors, checkpoints=checkpoints, fastai_cbs=fastai_cbs, training=training)
         confirmer = Confirmer(exp, anchors, data.n_valid, echo if role.index == 0 else lambda line: None)
+        convergence = Convergence(exp, role.invocation, data.n_valid)
         if role.index == 0:
             echo(f"resolution   {first_resolution(data.n_valid, completed_runs(study.get_trials(), exp.config.seed))}")
         freeze_long_lived_objects()
-        stopped_by = _run_trials(exp, study, objective, budget, trial_ended, started, echo, confirmer)
+        stopped_by = _run_trials(exp, study, objective, budget, trial_ended, started, echo, confirmer, convergence)
         status = "FINISHED"
     except KeyboardInterrupt as err:
         status, stopped_by = "KILLED", "interrupt"
@@ -151,10 +153,11 @@ def _open_parent_run(exp: Experiment, study: optuna.Study, tracker: Tracker, ech
 
 def _run_trials(exp: Experiment, study: optuna.Study, objective: Objective, budget: Budget,
                 trial_ended: TrialEnded, started: float, echo: Callable[[str], None],
-                confirmer: Confirmer) -> StoppedBy:
+                confirmer: Confirmer, convergence: Convergence) -> StoppedBy:
     """Run one trial at a time, each in a slot claimed from the budget, or wait while another
-    worker's trial runs, until the budget, the study's cap or budget.timeout ends it (returned).
-    Before each claim the confirmer queues the baseline and the repeats the selection needs."""
+    worker's trial runs, until the budget, the study's cap, budget.timeout or a converged search
+    ends it (returned). Before each claim the confirmer queues the baseline and the repeats the
+    selection needs (at once, when the search has converged)."""
     timeout, faults = exp.config.budget.timeout, exp.config.faults
     callbacks = [trial_ended, *([KeepWinner(exp, objective, echo)] if exp.config.keep_winner else [])]
     waiting, first = False, True
@@ -163,12 +166,17 @@ def _run_trials(exp: Experiment, study: optuna.Study, objective: Objective, budg
         first = False
         _check_tracking(objective.tracker, exp.config.tracking.max_outage)
         with budget.claim() as claim:
-            hold = confirmer.top_up(study, budget)
-            step = budget.next_step(study)
+            search_over = convergence.search_over(study)
+            if convergence.verdict is not None:  # evaluated now, by this worker
+                echo(f"terminator   {convergence.verdict.text()}")
+            hold = confirmer.top_up(study, budget, search_over)
+            step = budget.next_step(study, search_over)
             if hold and step == "run" and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 step = budget.hold(confirmer.holding)
             if step == "stop":
-                return "cap" if budget.capped else "budget"
+                if budget.capped:
+                    return "cap"
+                return "converged" if search_over and budget.left(study.get_trials(deepcopy=False)) else "budget"
             waiting, was_waiting = step == "wait", waiting
             if step == "run":
                 take_slot = functools.partial(_take_slot, role=budget.role, claim=claim)

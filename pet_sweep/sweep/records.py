@@ -229,8 +229,9 @@ EpochListener = Callable[[EpochRecord], None]
 
 # Why a sweep stopped: every slot of its budget used; budget.timeout; budget.max_trials (the
 # study's cap); Ctrl-C or SIGTERM; or, with --workers, the workers exited with slots left;
-# or the MLflow tracking server stayed away past tracking.max_outage.
-StoppedBy = Literal["budget", "timeout", "cap", "interrupt", "workers", "tracking"]
+# or the MLflow tracking server stayed away past tracking.max_outage; or budget.stop_when: converged
+# ended the search with slots left.
+StoppedBy = Literal["budget", "timeout", "cap", "interrupt", "workers", "tracking", "converged"]
 
 
 @dataclass
