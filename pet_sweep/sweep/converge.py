@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from pet_sweep.config import Experiment
@@ -83,7 +84,7 @@ def converged_in(study: optuna.Study, invocation: str) -> bool:
 
 def check_available() -> None:
     """The evaluators this rule needs are in the installed Optuna (they leave it in 6.0)."""
-    try:
+    try:  # heavy (the GP imports torch), and gone in Optuna 6
         from optuna.terminator import RegretBoundEvaluator, StaticErrorEvaluator  # noqa: F401
     except ImportError:
         raise PetSweepError(f"budget.stop_when: converged needs optuna.terminator, which Optuna {optuna.__version__} "
@@ -147,7 +148,7 @@ def noise_of(best_error: float, n_valid: int, trials: list[FrozenTrial], run_see
 def evaluate(searched: list[FrozenTrial], trials: list[FrozenTrial], n_valid: int, invocation: str,
              seed: int | None, run_seed: int) -> Verdict | None:
     """The rule on `searched`; None when the bound cannot be fitted (a space with nothing searched)."""
-    from optuna.study import StudyDirection
+    # heavy (the GP imports torch), and gone in Optuna 6 (check_available says so at the start)
     from optuna.terminator import RegretBoundEvaluator, StaticErrorEvaluator
 
     best = min(searched, key=lambda t: (error_of(t), t.number))
