@@ -108,12 +108,14 @@ class Tracker:
     """Writes a sweep and its trials to one MLflow tracking store."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, spool: Path | None = None,
-                 max_outage: float | None = None) -> None:
+                 max_outage: float | None = None, check: bool = True) -> None:
         """`spool`: on an ``http(s)://`` server, where writes wait while it is away (`tracking_spool`);
-        without one every write goes to the server, and fails with it."""
+        without one every write goes to the server, and fails with it. `check`: refuse a server that
+        does not answer /health in seconds (`check_server`); a supervised worker's supervisor did."""
         from mlflow.exceptions import MlflowException  # heavy: mlflow
 
-        check_server(tracking_uri)
+        if check:
+            check_server(tracking_uri)
         db = sqlite_path(tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,24 @@ def answers(tracking_uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
         return False
 
 
+def undelivered(err: BaseException) -> bool:
+    """Did the write get no answer of the server's own? It timed out (a server too busy to answer in
+    MLFLOW_HTTP_REQUEST_TIMEOUT), failed in the client before an answer, or got a 5xx. Such a write is
+    spooled and sent again, even while /health answers: at 128 workers an MLflow server answered
+    /health at once and timed out creating runs, and each of those trials had failed. Only a 4xx (the
+    server refused this write) is not. A write that timed out may have been applied: sent again, a
+    created run may exist twice; the copy is closed with the sweep's other stale runs."""
+    from mlflow.exceptions import MlflowException, RestException  # heavy: mlflow
+
+    if isinstance(err, RestException):
+        return err.get_http_status_code() >= 500
+    if isinstance(err, MlflowException):
+        text = str(err)
+        return ("failed with timeout exception" in text or "failed with exception" in text
+                or err.get_http_status_code() >= 500)
+    return isinstance(err, OSError)  # requests' ConnectionError and Timeout, socket errors
+
+
 def apply(client: Any, op: Op, ids: Mapping[str, str]) -> str | None:
     """Send one write to MLflow (a run id in it that was spooled is replaced by its real one);
     a created run's id is returned."""
@@ -245,7 +263,7 @@ class Gate:
                 try:
                     return apply(self._mlflow, op, self._ids())
                 except Exception as err:  # noqa: BLE001 - MlflowException, requests' errors: asked below
-                    if answers(self.uri):
+                    if not undelivered(err) and answers(self.uri):
                         raise  # the server is there and refused this write: a bug to see, as before
                     self._went_down(err)
             if self._spool is None:

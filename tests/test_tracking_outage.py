@@ -116,6 +116,61 @@ def test_a_spool_replays_in_order_once_and_goes_on_where_a_failure_stopped_it(tm
     assert spool.pending() == 0
 
 
+def test_a_write_that_got_no_answer_is_kept_and_sent_again_while_health_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 128 workers an MLflow server answered /health at once while its run creations timed out; a
+    write that got no answer of the server's own (a timeout, a client-side failure, a 5xx) waits in the
+    spool, where it failed the trial before. A 4xx (the server refused this write) still raises."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    from pet_sweep import tracking_spool
+    from pet_sweep.tracking_spool import Gate, undelivered
+
+    timeout = MlflowException("API request to http://h/api/2.0/mlflow/runs/create failed with timeout exception "
+                              "HTTPConnectionPool(host='h', port=1): Read timed out. (read timeout=15).")
+    race = MlflowException("API request to http://h/api/2.0/mlflow/runs/log-batch failed with exception "
+                           "'_MLFLOW_TELEMETRY_SESSION_ID'")
+    refused = RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad param"})
+    busy = RestException({"error_code": "INTERNAL_ERROR", "message": "database is locked"})
+    assert [undelivered(e) for e in (timeout, race, busy, ConnectionError("refused"), refused, ValueError("bug"))] \
+        == [True, True, True, True, False, False]
+
+    class Client:  # create_run times out once, then works
+        def __init__(self) -> None:
+            self.failures: list[BaseException] = [timeout]
+            self.created: list[str] = []
+
+        def create_run(self, experiment_id: str, **kwargs: Any) -> Any:
+            if self.failures:
+                raise self.failures.pop()
+            self.created.append(kwargs["run_name"])
+            return type("Run", (), {"info": type("Info", (), {"run_id": "real1"})})
+
+    monkeypatch.setattr(tracking_spool, "answers", lambda uri, timeout=0: True)  # /health answers throughout
+    monkeypatch.setattr(tracking_spool, "PROBE_S", 0.05)
+    client, said = Client(), []
+    gate = Gate(client, "http://127.0.0.1:1", tmp_path, notify=said.append)
+    op = {"op": "create_run", "experiment_id": "1", "run_name": "trial-0", "tags": {}, "time": 1}
+    local = gate.write(op)
+    assert local is not None and local.startswith(LOCAL_PREFIX) and client.created == []
+    wait_for(lambda: client.created, 10, "the kept write to be sent")
+    assert client.created == ["trial-0"] and gate.resolve(local) == "real1"
+    client.failures.append(refused)
+    with pytest.raises(RestException):
+        gate.write(op)
+    gate.close()
+    assert any("answers again" in line for line in said), said
+
+
+def test_importing_pet_sweep_keeps_mlflow_telemetry_off_unless_the_user_chose() -> None:
+    code = "import os, pet_sweep; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    for given, expected in ((None, "true"), ("false", "false")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env=env if given is None else {**env, "MLFLOW_DISABLE_TELEMETRY": given})
+        assert out.stdout.strip() == expected, out.stderr
+
+
 @pytest.mark.train
 @pytest.mark.slow
 def test_a_server_killed_mid_sweep_and_restarted_gets_every_trial(

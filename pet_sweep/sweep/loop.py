@@ -129,13 +129,17 @@ def _open(exp: Experiment, role: WorkerRole, training: Training,
           echo: Callable[[str], None]) -> tuple[optuna.Study, Tracker, Any, list[WarmConfig]]:
     """The study, the MLflow tracker, the data and the warm-start configs, checked and opened
     in the order that leaves no store behind when a check fails."""
-    check_server(exp.tracking_uri)  # an MLflow server that is down: said in seconds, before the data
+    # an MLflow server that is down: said in seconds, before the data. Not in a supervised worker: its
+    # supervisor asked, and a server slow to answer 128 workers starting at once is no reason to die
+    supervised = role.parent_run_id is not None
+    if not supervised:
+        check_server(exp.tracking_uri)
     # before any store: a missing data folder, or an objective this device cannot measure,
     # must not leave a study or run behind
     data = training.open_data(exp, role)
     if role.index == 0:  # one line per sweep, not per worker
         echo(f"data         {data.describe(exp.config.data)}")
-    tracker = tracker_when_needed(exp)
+    tracker = tracker_when_needed(exp, check=not supervised)
     stale = StaleTrialHandler(exp.config.faults.max_retry, tracker=tracker, echo=echo)
     study = open_study(exp, on_stale=stale)  # a bad storage URL: before the MLflow store
     check_split(study, exp, data.fingerprint, echo)  # another split: refused before any run is opened

@@ -18,16 +18,16 @@ from pet_sweep.tracking import PARENT_RUN_ATTR, Tracker, redact_url
 from pet_sweep.tracking_spool import spool_dir
 
 
-def tracker_when_needed(exp: Experiment) -> Callable[[], Tracker]:
+def tracker_when_needed(exp: Experiment, check: bool = True) -> Callable[[], Tracker]:
     """The experiment's MLflow tracker, opened at the first call and the same one after.
 
     Opening it creates the tracking store, so a command opens it only once the checks
     that come first (the data, the Optuna storage, the split) have passed; the handler
-    of stale trials, built with the storage before that, gets it this way.
+    of stale trials, built with the storage before that, gets it this way. `check`: see `Tracker`.
     """
     return functools.cache(functools.partial(Tracker, exp.tracking_uri, exp.tracking_experiment,
                                              spool_dir(exp.storage_url, exp.tracking_uri),
-                                             exp.config.tracking.max_outage))
+                                             exp.config.tracking.max_outage, check))
 
 
 def open_parent_run(exp: Experiment, study: optuna.Study, tracker: Tracker) -> str:
