@@ -17,16 +17,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import time
-import urllib.error
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
-from urllib.parse import urlsplit
 
 from pet_sweep.errors import ConfigError, StudyError
 from pet_sweep.tracking_kept import KeptModels, model_file, no_artifact_bars, register_version
 from pet_sweep.tracking_read import RUN_STATUS, RunRecord, SweepRuns
-from pet_sweep.tracking_spool import Gate, apply, is_server, sync_spool
+from pet_sweep.tracking_spool import WHERE_TRACKING, Gate, apply, check_server, is_server, sync_spool, undelivered
 
 # the URL helpers live in `urls` (the spool needs them too); callers import them from this door
 from pet_sweep.urls import REDACTED, is_redacted, open_http, redact_url, redact_url_in, require_password, sqlite_path
@@ -74,34 +73,7 @@ def _client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-WHERE_TRACKING = "tracking.uri, --tracking-uri or PET_SWEEP_TRACKING_URI"
-_ANSWERED: set[str] = set()  # servers that answered in this process: asked once, not by every caller
-
-
-def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
-    """Refuse at once an ``http(s)://`` tracking server that does not answer.
-
-    MLflow's client retries a refused connection for minutes (7 tries, growing
-    back-off) before it raises, and only then would a run find out. Any HTTP
-    answer, even an error status, means a server is there; only a connection that
-    fails or times out is refused. MLflow keeps its own retries for the sweep itself,
-    so a server that restarts mid-sweep is waited for (and one that answered once in
-    this process is not asked again: `run` checks before building the data, `Tracker` after).
-    """
-    if urlsplit(tracking_uri).scheme not in ("http", "https") or tracking_uri in _ANSWERED:
-        return
-    try:
-        with open_http(tracking_uri.rstrip("/") + "/health", timeout=timeout):
-            _ANSWERED.add(tracking_uri)
-            return
-    except urllib.error.HTTPError:
-        _ANSWERED.add(tracking_uri)
-        return  # an answer: a server (perhaps behind a proxy or asking for a login) is there
-    except (OSError, ValueError) as err:  # URLError, refused, timed out, bad host
-        reason = getattr(err, "reason", err)
-        raise StudyError(f"cannot reach the MLflow tracking server {redact_url(tracking_uri)} "
-                         f"({redact_url_in(str(reason), tracking_uri)}); "
-                         f"start it, or point {WHERE_TRACKING} at one that runs") from None
+WORKER_PATIENCE_S = 300.0  # how long a supervised worker asks a busy server for the experiment
 
 
 class Tracker:
@@ -122,7 +94,7 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self._client = _client(tracking_uri)
         try:
-            existing = self._client.get_experiment_by_name(experiment_name)
+            existing = self._experiment(experiment_name, patient=not check)
         except MlflowException as err:  # refused login, a server that is not MLflow, an unknown scheme
             first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             raise StudyError(f"cannot use the MLflow tracking store {redact_url(tracking_uri)}: "
@@ -142,6 +114,20 @@ class Tracker:
         if spool is not None and is_server(tracking_uri):
             sync_spool(spool, self._client)  # what a run that ended with the server away left
             self._gate = Gate(self._client, tracking_uri, spool, max_outage)
+
+    def _experiment(self, name: str, patient: bool) -> Any:
+        """The MLflow experiment `name`, or None. `patient` (a supervised worker, whose supervisor made
+        sure the server is there): a request the server does not answer (`undelivered`: busy with the
+        other workers starting) is asked again for up to WORKER_PATIENCE_S, rather than ending the
+        worker (6 of 128 simulated workers died so, on IncompleteRead)."""
+        deadline = time.monotonic() + WORKER_PATIENCE_S
+        while True:
+            try:
+                return self._client.get_experiment_by_name(name)
+            except Exception as err:  # noqa: BLE001 - MlflowException, requests' errors: sorted by undelivered
+                if not (patient and undelivered(err) and time.monotonic() < deadline):
+                    raise
+            time.sleep(random.uniform(1.0, 5.0))  # spread out: not 128 workers asking again at once
 
     def _write(self, op: dict[str, Any]) -> str | None:
         """Every write goes here: to the server, or to the spool while it is away."""

@@ -33,7 +33,9 @@ import urllib.error
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
+from pet_sweep.errors import StudyError
 from pet_sweep.urls import open_http, redact_url, redact_url_in, sqlite_path
 
 PROBE_S = 5.0          # seconds between the watcher's /health probes
@@ -88,6 +90,36 @@ def undelivered(err: BaseException) -> bool:
         return ("failed with timeout exception" in text or "failed with exception" in text
                 or err.get_http_status_code() >= 500)
     return isinstance(err, OSError)  # requests' ConnectionError and Timeout, socket errors
+
+
+WHERE_TRACKING = "tracking.uri, --tracking-uri or PET_SWEEP_TRACKING_URI"
+_ANSWERED: set[str] = set()  # servers that answered in this process: asked once, not by every caller
+
+
+def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
+    """Refuse at once an ``http(s)://`` tracking server that does not answer.
+
+    MLflow's client retries a refused connection for minutes (7 tries, growing
+    back-off) before it raises, and only then would a run find out. Any HTTP
+    answer, even an error status, means a server is there; only a connection that
+    fails or times out is refused. MLflow keeps its own retries for the sweep itself,
+    so a server that restarts mid-sweep is waited for (and one that answered once in
+    this process is not asked again: `run` checks before building the data, `Tracker` after).
+    """
+    if urlsplit(tracking_uri).scheme not in ("http", "https") or tracking_uri in _ANSWERED:
+        return
+    try:
+        with open_http(tracking_uri.rstrip("/") + "/health", timeout=timeout):
+            _ANSWERED.add(tracking_uri)
+            return
+    except urllib.error.HTTPError:
+        _ANSWERED.add(tracking_uri)
+        return  # an answer: a server (perhaps behind a proxy or asking for a login) is there
+    except (OSError, ValueError) as err:  # URLError, refused, timed out, bad host
+        reason = getattr(err, "reason", err)
+        raise StudyError(f"cannot reach the MLflow tracking server {redact_url(tracking_uri)} "
+                         f"({redact_url_in(str(reason), tracking_uri)}); "
+                         f"start it, or point {WHERE_TRACKING} at one that runs") from None
 
 
 def apply(client: Any, op: Op, ids: Mapping[str, str]) -> str | None:

@@ -162,6 +162,37 @@ def test_a_write_that_got_no_answer_is_kept_and_sent_again_while_health_answers(
     assert any("answers again" in line for line in said), said
 
 
+def test_a_supervised_worker_asks_a_busy_server_again_and_a_lone_run_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from pet_sweep import tracking
+    from pet_sweep.errors import StudyError
+
+    broken = MlflowException("API request to http://h/api/2.0/mlflow/experiments/get-by-name failed with exception "
+                             "('Connection broken: IncompleteRead(0 bytes read, 395 more expected)')")
+
+    class Client:
+        def __init__(self) -> None:
+            self.asked = 0
+
+        def get_experiment_by_name(self, name: str) -> Any:
+            self.asked += 1
+            if self.asked < 3:
+                raise broken
+            return type("Exp", (), {"experiment_id": "7", "tags": {tracking.EXPERIMENT_KIND_TAG[0]: "x"}})
+
+    client = Client()
+    monkeypatch.setattr(tracking, "_client", lambda uri: client)
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    worker = tracking.Tracker("http://127.0.0.1:1", "pet-sweep/x", check=False)
+    assert (worker.experiment_id, client.asked) == ("7", 3)
+    client.asked = 0
+    monkeypatch.setattr(tracking, "check_server", lambda uri, timeout=10.0: None)  # /health answered
+    with pytest.raises(StudyError, match="IncompleteRead"):  # a run on its own: said at once, as before
+        tracking.Tracker("http://127.0.0.1:1", "pet-sweep/x")
+    assert client.asked == 1
+
+
 def test_importing_pet_sweep_keeps_mlflow_telemetry_off_unless_the_user_chose() -> None:
     code = "import os, pet_sweep; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
