@@ -92,7 +92,7 @@ def check_available() -> None:
 
 
 class Convergence:
-    """The rule for one invocation's workers: `check` under the claim lock, before each claim."""
+    """The rule for one invocation's workers: `search_over` under the claim lock, before each claim."""
 
     def __init__(self, exp: Experiment, invocation: str, n_valid: int) -> None:
         self.enabled = exp.config.budget.stop_when == "converged"
@@ -112,14 +112,15 @@ class Convergence:
         self.verdict = None
         if not self.enabled:
             return False
-        searched = searched_trials(study.get_trials(deepcopy=False))
+        trials = study.get_trials(deepcopy=False)  # read once: every worker asks before each claim
+        searched = searched_trials(trials)
         stored = stored_verdict(study)
         if stored is not None and stored.invocation == self.invocation and (
                 stored.converged or stored.n_trials == len(searched)):
             return stored.converged
         if len(searched) < self.min_trials or len(searched) == self._unfitted:
             return False
-        self.verdict = evaluate(searched, study.get_trials(deepcopy=False), self.n_valid, self.invocation,
+        self.verdict = evaluate(searched, trials, self.n_valid, self.invocation,
                                 self.seed, self.run_seed)
         if self.verdict is None:
             self._unfitted = len(searched)  # not again until another trial completes
